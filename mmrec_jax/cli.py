@@ -1,0 +1,29 @@
+"""Command-line helpers shared by train.py, the benchmarks and the module entry points."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+
+from mmrec_jax.config import ConfigError, load_config, split_overrides
+
+
+def parse_config_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """Parses `--config FILE [--config.KEY=VALUE ...]` plus the parser's own flags.
+
+    The parser must define `--config`. On a bad file, key or value this prints the
+    error naming it and exits with status 2, like argparse does for its own flags.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        others, overrides = split_overrides(argv)
+        args = parser.parse_args(others)
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return args, config

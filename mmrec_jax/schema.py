@@ -1,0 +1,241 @@
+"""The batch schema: what the input pipeline yields and the model consumes.
+
+A batch holds B interaction rows and one block of U items. Item content is never copied
+into rows: each row points at its candidate item (and its history items) by slot in the
+item block, so every item's content towers run once per batch.
+
+    batch = {
+        "user_id":      int32   (B,)     user ID-vocabulary index; 0 = out of vocabulary
+        "user_index":   int32   (B,)     user's row in the dataset's user table (metrics only)
+        "item_slot":    int32   (B,)     candidate item's slot in batch["items"]
+        "history_slot": int32   (B, H)   history items' slots, most recent first   [history]
+        "history_mask": bool    (B, H)   True where a history entry is real        [history]
+        "label":        float32 (B,)     1 engaged, 0 not
+        "weight":       float32 (B,)     1 for real rows, 0 for padding rows
+        "items": {
+            "item_id":        int32   (U,)       item ID-vocabulary index; 0 = out of vocabulary
+            "item_index":     int32   (U,)       item's row in the dataset's item table
+            "text_ids":       int32   (U, L)     BERT token ids                  [text, trained]
+            "text_mask":      int32   (U, L)     1 for real tokens               [text, trained]
+            "text_embedding": float32 (U, Dt)    cached pooled BERT output       [text, frozen]
+            "image":          uint8   (U, S, S, 3)  RGB pixels                   [image]
+            "audio":          float32 (U, T)     mono waveform in [-1, 1]        [audio]
+            "has_text":       bool    (U,)       False: the item has no text     [text]
+            "has_image":      bool    (U,)       False: the item has no image    [image]
+            "has_audio":      bool    (U,)       False: the item has no audio    [audio]
+        },
+    }
+
+Fields marked [tower] are present exactly when that tower is enabled (text needs
+`text_ids` and `text_mask` when BERT is trained, `text_embedding` when it is frozen). A
+modality an item lacks is marked by its `has_*` flag; its content array then holds zeros
+that the model must ignore.
+
+`encode_items` of the model takes the `items` dict alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+# Towers a model can enable (config.model.towers).
+TOWERS = ("text", "image", "audio", "id", "history")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One array of the batch: its dtype and its shape as symbols or numbers."""
+
+    name: str
+    dtype: str
+    shape: tuple  # entries are ints or symbol names resolved by `batch_dims`
+    doc: str
+
+
+class BatchError(ValueError):
+    """A batch that does not follow the schema."""
+
+
+def parse_towers(towers: str | tuple | list) -> tuple[str, ...]:
+    """Parses `config.model.towers` ("text,image,id") into a tuple of known tower names."""
+    names = towers.split(",") if isinstance(towers, str) else list(towers)
+    names = tuple(n.strip() for n in names if n.strip())
+    unknown = [n for n in names if n not in TOWERS]
+    if unknown or not names:
+        raise BatchError(
+            f"config.model.towers={towers!r}: unknown or empty tower list {unknown}; "
+            f"choose a comma-separated subset of {', '.join(TOWERS)}."
+        )
+    return names
+
+
+def text_is_trained(text_mode: str) -> bool:
+    """Whether the text tower runs BERT in the model (else it reads cached embeddings)."""
+    modes = ("frozen", "finetune", "finetune_top_n")
+    if text_mode not in modes:
+        raise BatchError(f"config.model.text.mode={text_mode!r}; choose one of {modes}.")
+    return text_mode != "frozen"
+
+
+def row_fields(towers: tuple[str, ...]) -> list[FieldSpec]:
+    """Per-row fields for the enabled towers."""
+    fields = [
+        FieldSpec("user_id", "int32", ("B",), "user ID-vocabulary index, 0 = OOV"),
+        FieldSpec("user_index", "int32", ("B",), "user's row in the dataset's user table"),
+        FieldSpec("item_slot", "int32", ("B",), "candidate item's slot in items"),
+        FieldSpec("label", "float32", ("B",), "1 engaged, 0 not"),
+        FieldSpec("weight", "float32", ("B",), "1 real row, 0 padding"),
+    ]
+    if "history" in towers:
+        fields += [
+            FieldSpec("history_slot", "int32", ("B", "H"), "history items' slots"),
+            FieldSpec("history_mask", "bool", ("B", "H"), "True where history is real"),
+        ]
+    return fields
+
+
+def item_fields(towers: tuple[str, ...], text_mode: str = "frozen") -> list[FieldSpec]:
+    """Item-block fields for the enabled towers."""
+    fields = [
+        FieldSpec("item_id", "int32", ("U",), "item ID-vocabulary index, 0 = OOV"),
+        FieldSpec("item_index", "int32", ("U",), "item's row in the dataset's item table"),
+    ]
+    if "text" in towers:
+        if text_is_trained(text_mode):
+            fields += [
+                FieldSpec("text_ids", "int32", ("U", "L"), "BERT token ids"),
+                FieldSpec("text_mask", "int32", ("U", "L"), "1 for real tokens"),
+            ]
+        else:
+            fields.append(
+                FieldSpec("text_embedding", "float32", ("U", "Dt"), "cached BERT embedding")
+            )
+        fields.append(FieldSpec("has_text", "bool", ("U",), "item has text"))
+    if "image" in towers:
+        fields += [
+            FieldSpec("image", "uint8", ("U", "S", "S", 3), "RGB pixels"),
+            FieldSpec("has_image", "bool", ("U",), "item has an image"),
+        ]
+    if "audio" in towers:
+        fields += [
+            FieldSpec("audio", "float32", ("U", "T"), "mono waveform in [-1, 1]"),
+            FieldSpec("has_audio", "bool", ("U",), "item has audio"),
+        ]
+    return fields
+
+
+def _check_field(
+    where: str, spec: FieldSpec, array, dims: dict[str, int], expected_dims: Mapping[str, int]
+) -> None:
+    shape = tuple(getattr(array, "shape", ()))
+    if len(shape) != len(spec.shape):
+        raise BatchError(
+            f"Batch field {where}{spec.name!r} ({spec.doc}) must have shape "
+            f"{spec.shape}; got {shape}."
+        )
+    for axis, (symbol, size) in enumerate(zip(spec.shape, shape, strict=True)):
+        if isinstance(symbol, int):
+            want = symbol
+        elif symbol in expected_dims:
+            want = expected_dims[symbol]
+        elif symbol in dims:
+            want = dims[symbol]
+        else:
+            dims[symbol] = size
+            continue
+        if size != want:
+            raise BatchError(
+                f"Batch field {where}{spec.name!r} ({spec.doc}) must have shape {spec.shape} "
+                f"with {symbol}={want}; got {shape} (axis {axis} is {size})."
+            )
+    dtype = np.dtype(getattr(array, "dtype", None))
+    want_dtype = np.dtype(spec.dtype)
+    if dtype.kind != want_dtype.kind:
+        raise BatchError(
+            f"Batch field {where}{spec.name!r} must be {spec.dtype}; got {dtype} ({spec.doc})."
+        )
+
+
+def validate_batch(
+    batch: Mapping,
+    towers: tuple[str, ...] | str,
+    text_mode: str = "frozen",
+    expected_dims: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Checks a batch against the schema for the enabled towers.
+
+    Works on numpy arrays, jax arrays and `jax.ShapeDtypeStruct`s.
+
+    Args:
+      batch: the batch dict (rows plus an "items" dict).
+      towers: enabled towers, a tuple or the config string.
+      text_mode: config.model.text.mode.
+      expected_dims: sizes some symbols must have, e.g. {"S": 56, "T": 4000, "L": 32}.
+
+    Returns:
+      The sizes of the symbols B, U, H, L, Dt, S, T found in the batch.
+
+    Raises:
+      BatchError: naming the missing or misshaped field, with expected and actual shapes.
+    """
+    towers = parse_towers(towers)
+    expected_dims = dict(expected_dims or {})
+    dims: dict[str, int] = {}
+    for spec in row_fields(towers):
+        if spec.name not in batch:
+            raise BatchError(
+                f"Batch is missing the required field {spec.name!r} ({spec.doc}), shape "
+                f"{spec.shape}, for towers {','.join(towers)}."
+            )
+        _check_field("", spec, batch[spec.name], dims, expected_dims)
+    if "items" not in batch:
+        raise BatchError("Batch is missing the required 'items' dict (the item block).")
+    items = batch["items"]
+    validate_items(items, towers, text_mode, expected_dims, dims)
+    return dims
+
+
+def validate_items(
+    items: Mapping,
+    towers: tuple[str, ...] | str,
+    text_mode: str = "frozen",
+    expected_dims: Mapping[str, int] | None = None,
+    dims: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """Checks an item block (batch["items"], or the input of `encode_items`).
+
+    Returns the symbol sizes found; raises `BatchError` like `validate_batch`.
+    """
+    towers = parse_towers(towers)
+    dims = {} if dims is None else dims
+    for spec in item_fields(towers, text_mode):
+        if spec.name not in items:
+            raise BatchError(
+                f"Item block is missing the required field {spec.name!r} ({spec.doc}), shape "
+                f"{spec.shape}, for towers {','.join(towers)} (text mode {text_mode!r})."
+            )
+        _check_field("items.", spec, items[spec.name], dims, dict(expected_dims or {}))
+    return dims
+
+
+def item_capacity(
+    batch_size: int, history_len: int, num_items: int, multiple: int = 1, use_history: bool = True
+) -> int:
+    """Slots in the item block: enough for every candidate and history item of a batch.
+
+    Args:
+      batch_size: rows per batch (per process).
+      history_len: H.
+      num_items: items in the dataset's item table (an upper bound on distinct items).
+      multiple: round up to this (the number of devices the block is sharded over).
+      use_history: whether history items take slots.
+
+    Returns:
+      U, a multiple of `multiple`.
+    """
+    per_row = 1 + (history_len if use_history else 0)
+    capacity = min(batch_size * per_row, num_items)
+    return -(-capacity // multiple) * multiple

@@ -1,0 +1,25 @@
+"""Trains, evaluates and checkpoints a multimodal recommender.
+
+    python train.py --config configs/default.py --workdir runs/demo \
+        [--config.train.batch_size=64 ...]
+
+A workdir that already holds checkpoints is resumed from the latest one.
+"""
+
+import argparse
+
+from mmrec_jax.cli import parse_config_args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/default.py")
+    parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
+    args, config = parse_config_args(parser)
+    from mmrec_jax import train
+
+    train.train_and_evaluate(config, args.workdir)
+
+
+if __name__ == "__main__":
+    main()
