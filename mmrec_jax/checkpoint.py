@@ -1,0 +1,182 @@
+"""Orbax checkpoints of the train state plus the data iterator, with safe fallbacks.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. `state` is the pytree
+(params, opt_state, step, rng), `data` the input iterator's JSON state (so a resumed run
+sees exactly the next batch), `meta` the run config and metrics as JSON.
+
+Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
+process killed mid-save leaves no folder that looks finished. A finished checkpoint that
+later fails to restore (a damaged disk, a deleted file) is reported and the previous one
+is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+logger = logging.getLogger(__name__)
+
+# The validation metric that picks the best checkpoint (higher is better).
+BEST_METRIC = "validation_auc"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be restored."""
+
+
+class Checkpointer:
+    """Saves and restores train state; keeps the last `keep` checkpoints and the best.
+
+    Args:
+      workdir: the run folder; checkpoints go to `workdir/checkpoints`.
+      keep: how many of the latest checkpoints to keep (the best is kept besides).
+      async_save: write in a background thread while training continues.
+    """
+
+    def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
+        self.directory = Path(workdir).resolve() / "checkpoints"
+        policy = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=max(keep, 1)),
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            # Makes Orbax store each checkpoint's metrics beside it (best_step reads them).
+            best_fn=lambda metrics: metrics[BEST_METRIC],
+            best_mode="max",
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    def all_steps(self) -> list[int]:
+        """Steps of the finished checkpoints, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """The step with the best validation AUC, or None before any evaluation."""
+        best, best_value = None, -math.inf
+        for step in self.all_steps():
+            value = (self.manager.metrics(step) or {}).get(BEST_METRIC)
+            if value is not None and value > best_value:
+                best, best_value = step, value
+        return best
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict | None,
+        meta: dict,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Starts saving a checkpoint (asynchronously unless disabled).
+
+        Args:
+          step: the step the state has reached.
+          state: the train state pytree.
+          data_state: the input iterator's `get_state()`, JSON-serialisable.
+          meta: JSON metadata (the run config, the dataset's name ...).
+          metrics: validation metrics of this state, if it was just evaluated;
+            `BEST_METRIC` among them makes it a candidate for the best checkpoint.
+        """
+        if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
+            raise ValueError(f"Refusing to save non-finite metrics at step {step}: {metrics}")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state or {}),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """Restores one checkpoint into the shapes and shardings of `abstract_state`.
+
+        Returns:
+          (state, data_state, meta).
+        """
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+    def restore_meta(self, step: int) -> dict:
+        """Restores only the JSON metadata of a checkpoint (the run config)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore_latest_good(
+        self, abstract_state: Any, steps: list[int] | None = None
+    ) -> tuple[int, Any, dict, dict] | None:
+        """Restores the newest checkpoint that restores cleanly.
+
+        A checkpoint that fails is reported with its step and error, and the one before
+        it is tried.
+
+        Returns:
+          (step, state, data_state, meta), or None when the folder holds no checkpoint.
+
+        Raises:
+          CheckpointError: checkpoints exist but none restores.
+        """
+        steps = self.all_steps() if steps is None else steps
+        if not steps:
+            return None
+        failures = []
+        for step in reversed(steps):
+            try:
+                state, data_state, meta = self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001 -- any failure means "damaged"
+                message = (
+                    f"Checkpoint {self.directory / str(step)} is damaged and was skipped "
+                    f"({type(error).__name__}: {str(error)[:300]})."
+                )
+                logger.warning(message)
+                print(f"WARNING: {message}", flush=True)
+                failures.append(step)
+                continue
+            if failures:
+                print(f"Resuming from the previous good checkpoint, step {step}.", flush=True)
+            return step, state, data_state, meta
+        raise CheckpointError(
+            f"None of the checkpoints in {self.directory} (steps {steps}) could be restored. "
+            "Move the folder away to start afresh."
+        )
+
+    def wait(self) -> None:
+        """Blocks until any asynchronous save has been written and committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s (with shardings) describing a state pytree."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        state,
+    )

@@ -1,0 +1,107 @@
+"""Orbax checkpoints: round trip, best/latest retention, damaged and half-written ones."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmrec_jax import sharding
+from mmrec_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+
+
+def _state(mesh, value):
+    def init():
+        return {
+            "params": {"w": jnp.full((16, 8), value, jnp.float32), "b": jnp.arange(8.0)},
+            "step": jnp.asarray(int(value), jnp.int32),
+        }
+
+    state, _ = sharding.create_sharded(init, mesh, True)
+    return state
+
+
+def test_round_trip_keeps_values_shardings_and_data_state(tmp_path):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    state = _state(mesh, 3.0)
+    checkpointer.save(3, state, {"epoch": 1, "index": 7}, {"config": "x"})
+    checkpointer.wait()
+    step, restored, data_state, meta = checkpointer.restore_latest_good(abstract_like(state))
+    checkpointer.close()
+    assert step == 3 and data_state == {"epoch": 1, "index": 7} and meta == {"config": "x"}
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert restored["params"]["w"].sharding == state["params"]["w"].sharding
+
+
+def test_keeps_latest_and_best(tmp_path):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=2, async_save=False)
+    aucs = {1: 0.6, 2: 0.9, 3: 0.7, 4: 0.65, 5: 0.66}
+    for step, auc in aucs.items():
+        checkpointer.save(step, _state(mesh, step), {}, {}, {"validation_auc": auc})
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [2, 4, 5]
+    assert checkpointer.best_step() == 2
+    checkpointer.close()
+
+
+def test_damaged_latest_falls_back_to_previous(tmp_path, capsys):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    for step in (1, 2):
+        checkpointer.save(step, _state(mesh, step), {"step": step}, {})
+    checkpointer.close()
+    # Damage the newest checkpoint's array data.
+    state_dir = tmp_path / "checkpoints" / "2" / "state"
+    for path in state_dir.rglob("*"):
+        if path.is_file() and "metadata" not in path.name:
+            path.write_bytes(b"garbage")
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    step, restored, data_state, _ = checkpointer.restore_latest_good(
+        abstract_like(_state(mesh, 0.0))
+    )
+    checkpointer.close()
+    assert step == 1 and data_state == {"step": 1}
+    assert float(restored["params"]["w"][0, 0]) == 1.0
+    assert "damaged" in capsys.readouterr().out
+
+
+def test_half_written_checkpoint_is_never_taken(tmp_path):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    checkpointer.save(1, _state(mesh, 1.0), {}, {})
+    checkpointer.close()
+    # What a process killed mid-save leaves: Orbax's temporary folder for step 2.
+    partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234"
+    shutil.copytree(tmp_path / "checkpoints" / "1", partial)
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    assert checkpointer.all_steps() == [1]
+    checkpointer.close()
+
+
+def test_nothing_restorable_is_an_error(tmp_path):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    checkpointer.save(1, _state(mesh, 1.0), {}, {})
+    checkpointer.close()
+    shutil.rmtree(tmp_path / "checkpoints" / "1" / "state")
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    with pytest.raises(CheckpointError, match="could be restored"):
+        checkpointer.restore_latest_good(abstract_like(_state(mesh, 0.0)))
+
+
+def test_fsdp_shards_large_arrays_only():
+    mesh = sharding.make_mesh()
+    abstract = {
+        "big": jax.ShapeDtypeStruct((1024, 64), jnp.float32),
+        "odd": jax.ShapeDtypeStruct((1023, 33), jnp.float32),
+        "small": jax.ShapeDtypeStruct((8,), jnp.float32),
+    }
+    shardings = sharding.state_shardings(mesh, abstract, fsdp=True)
+    assert shardings["big"].spec == jax.sharding.PartitionSpec("data", None)
+    assert shardings["odd"].spec == jax.sharding.PartitionSpec()
+    assert shardings["small"].spec == jax.sharding.PartitionSpec()
+    replicated = sharding.state_shardings(mesh, abstract, fsdp=False)
+    assert replicated["big"].spec == jax.sharding.PartitionSpec()
