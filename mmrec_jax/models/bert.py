@@ -1,0 +1,377 @@
+"""BERT in Flax Linen, with Hugging Face's Flax parameter layout.
+
+The parameter tree matches the one `transformers`' (4.x) `FlaxBertModel` used, so
+checkpoints map onto it by name (see `bert_weights.py`):
+
+    embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+    embeddings/LayerNorm/{scale,bias}
+    encoder/layer/{i}/attention/self/{query,key,value}/{kernel,bias}
+    encoder/layer/{i}/attention/output/{dense/{kernel,bias},LayerNorm/{scale,bias}}
+    encoder/layer/{i}/intermediate/dense/{kernel,bias}
+    encoder/layer/{i}/output/{dense/{kernel,bias},LayerNorm/{scale,bias}}
+    pooler/dense/{kernel,bias}
+
+`dtype` is the compute dtype and `param_dtype` the parameters' dtype, so bfloat16
+compute over float32 parameters works. Attention goes through
+`jax.nn.dot_product_attention`, which lets XLA pick fused kernels on GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# config.json activations we implement: name -> function.
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The architecture of a BERT, read from a Hugging Face `config.json`.
+
+    `has_pooler` is not a `config.json` field: it says whether the checkpoint holds
+    pooler weights (models saved from a masked-LM head often do not). Without them
+    the module has no pooler and returns `None` as the pooled output.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    has_pooler: bool = True
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"BERT config hidden_act={self.hidden_act!r} is not supported; "
+                f"use one of {sorted(_ACTIVATIONS)}."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BERT config hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}."
+            )
+
+    @classmethod
+    def from_dict(cls, config: dict, has_pooler: bool = True) -> BertConfig:
+        """Builds the config from a `config.json` dict; unknown keys are ignored.
+
+        Raises:
+          ValueError: the config describes a model this BERT does not implement
+            (relative position embeddings, a decoder, an unknown activation).
+        """
+        position_type = config.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(
+                f"BERT config position_embedding_type={position_type!r} is not supported; "
+                "only 'absolute' position embeddings are implemented."
+            )
+        if config.get("is_decoder") or config.get("add_cross_attention"):
+            raise ValueError("BERT config describes a decoder; only the encoder is implemented.")
+        names = {f.name for f in dataclasses.fields(cls)} - {"has_pooler"}
+        kwargs = {k: config[k] for k in names if config.get(k) is not None}
+        return cls(**kwargs, has_pooler=has_pooler)
+
+    def to_dict(self) -> dict:
+        """The `config.json` dict `transformers.BertModel.from_pretrained` reads."""
+        config = dataclasses.asdict(self)
+        del config["has_pooler"]
+        return {
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "position_embedding_type": "absolute",
+            **config,
+        }
+
+
+def load_bert_config(name_or_path: str | os.PathLike) -> BertConfig:
+    """Reads the `BertConfig` of a hub id or a local folder.
+
+    Whether the checkpoint has pooler weights is read from its weight index (key names
+    only, no weights loaded).
+
+    Args:
+      name_or_path: a hub id (resolved by `mmrec_jax.hub.resolve_pretrained`) or a folder
+        holding `config.json`.
+    """
+    from mmrec_jax.hub import resolve_pretrained
+    from mmrec_jax.models.bert_weights import checkpoint_has_pooler
+
+    folder = resolve_pretrained(name_or_path)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return BertConfig.from_dict(config, has_pooler=checkpoint_has_pooler(folder))
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+
+        def embed(num, name):
+            return nn.Embed(
+                num,
+                cfg.hidden_size,
+                embedding_init=init,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        length = input_ids.shape[1]
+        positions = jnp.arange(length)[None, :]  # (1, L)
+        x = embed(cfg.vocab_size, "word_embeddings")(input_ids)  # (B, L, H)
+        x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+        x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        x = nn.LayerNorm(
+            epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="LayerNorm",
+        )(x)  # fmt: skip
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+def _dense(config: BertConfig, features: int, dtype, param_dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention over the unmasked keys: query/key/value projections."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        cfg = self.config
+        batch, length, hidden = x.shape
+        heads = cfg.num_attention_heads
+        head_dim = hidden // heads
+
+        def project(name):  # (B, L, N, Dh)
+            y = _dense(cfg, hidden, self.dtype, self.param_dtype, name)(x)
+            return y.reshape(batch, length, heads, head_dim)
+
+        q, k, v = project("query"), project("key"), project("value")
+        mask = mask[:, None, None, :]  # (B, 1, 1, L): which keys each query may see
+        rate = cfg.attention_probs_dropout_prob
+        if deterministic or rate == 0.0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, L, N, Dh)
+        else:
+            # dot_product_attention has no dropout on the attention probabilities, so
+            # training with attention dropout spells the same math out.
+            logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(head_dim)
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            probs = nn.Dropout(rate)(probs, deterministic=False)  # (B, N, L, L)
+            out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+        return out.reshape(batch, length, hidden)  # (B, L, H)
+
+
+class BertDenseLayerNorm(nn.Module):
+    """Dense, dropout, residual and LayerNorm: BERT's attention and layer outputs."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool):
+        cfg = self.config
+        x = _dense(cfg, cfg.hidden_size, self.dtype, self.param_dtype, "dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return nn.LayerNorm(
+            epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="LayerNorm",
+        )(x + residual)  # fmt: skip
+
+
+class BertAttention(nn.Module):
+    """Self-attention followed by its output projection and LayerNorm."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        y = BertSelfAttention(**kw, name="self")(x, mask, deterministic)
+        return BertDenseLayerNorm(**kw, name="output")(y, x, deterministic)
+
+
+class BertIntermediate(nn.Module):
+    """The feed-forward block's expansion and activation."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        x = _dense(cfg, cfg.intermediate_size, self.dtype, self.param_dtype, "dense")(x)
+        return _ACTIVATIONS[cfg.hidden_act](x)
+
+
+class BertLayer(nn.Module):
+    """One encoder layer: attention, then the feed-forward block."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = BertAttention(**kw, name="attention")(x, mask, deterministic)
+        y = BertIntermediate(**kw, name="intermediate")(x)
+        return BertDenseLayerNorm(**kw, name="output")(y, x, deterministic)
+
+
+class BertLayers(nn.Module):
+    """The stack of encoder layers, named "0".."N-1" (the `encoder/layer` scope).
+
+    With `trainable_top_n`, the hidden state entering the top N layers goes through
+    `jax.lax.stop_gradient`: everything below gets exactly-zero gradients and its
+    backward pass is never computed.
+    """
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    trainable_top_n: int | None = None
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        num_layers = self.config.num_hidden_layers
+        first_trained = None if self.trainable_top_n is None else num_layers - self.trainable_top_n
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        for i in range(num_layers):
+            if i == first_trained:
+                x = jax.lax.stop_gradient(x)
+            x = BertLayer(**kw, name=str(i))(x, mask, deterministic)
+        if first_trained == num_layers:
+            x = jax.lax.stop_gradient(x)
+        return x
+
+
+class BertEncoder(nn.Module):
+    """The `encoder` scope holding the layer stack."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    trainable_top_n: int | None = None
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        return BertLayers(
+            self.config, self.dtype, self.param_dtype, self.trainable_top_n, name="layer"
+        )(x, mask, deterministic)
+
+
+class BertPooler(nn.Module):
+    """tanh(Dense(first token's hidden state))."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        return jnp.tanh(_dense(cfg, cfg.hidden_size, self.dtype, self.param_dtype, "dense")(x))
+
+
+class Bert(nn.Module):
+    """A BERT encoder with Hugging Face's Flax parameter layout.
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype (e.g. bfloat16 on GPU/TPU).
+      param_dtype: parameter dtype.
+      trainable_top_n: None trains everything; N in [0, num_hidden_layers] stops the
+        gradient below the top N encoder layers (the embeddings are then never trained).
+    """
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    trainable_top_n: int | None = None
+
+    @nn.compact
+    def __call__(
+        self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Encodes token ids.
+
+        Args:
+          input_ids: int (B, L) token ids.
+          attention_mask: (B, L), 1 (or True) for real tokens, 0 for padding.
+          token_type_ids: int (B, L) segment ids; None means all zeros.
+          deterministic: False applies the config's dropout (needs a "dropout" rng).
+
+        Returns:
+          last_hidden_state (B, L, H) in `dtype`, and the pooled output (B, H) (None
+          when `config.has_pooler` is False).
+        """
+        cfg = self.config
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"BERT input_ids must be (B, L) with an attention_mask of the same shape; got "
+                f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape}."
+            )
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"BERT input has {input_ids.shape[1]} tokens; this model takes at most "
+                f"max_position_embeddings={cfg.max_position_embeddings}. Truncate the texts."
+            )
+        top_n = self.trainable_top_n
+        if top_n is not None and not 0 <= top_n <= cfg.num_hidden_layers:
+            raise ValueError(
+                f"trainable_top_n={top_n} must lie in [0, {cfg.num_hidden_layers}] "
+                "(the number of encoder layers)."
+            )
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = BertEmbeddings(**kw, name="embeddings")(input_ids, token_type_ids, deterministic)
+        mask = jnp.asarray(attention_mask).astype(bool)  # (B, L)
+        x = BertEncoder(**kw, trainable_top_n=top_n, name="encoder")(x, mask, deterministic)
+        pooled = BertPooler(**kw, name="pooler")(x[:, 0]) if cfg.has_pooler else None
+        return x, pooled

@@ -1,0 +1,172 @@
+"""The recommender's text tower: a BERT item embedding projected to the fusion width.
+
+Three modes (config.model.text.mode):
+
+- `frozen`: BERT never trains. Its pooled output is computed once per item
+  (`mmrec_jax.data.text_cache`) and arrives as `items["text_embedding"]`; the tower
+  holds only the projection, no BERT parameters.
+- `finetune`: BERT runs on `items["text_ids"]` / `items["text_mask"]` and every layer
+  trains.
+- `finetune_top_n`: as `finetune`, but the gradient stops below the top `top_n`
+  encoder layers; `frozen_text_param` tells the optimizer which parameters those are.
+
+The BERT submodule is named "bert", so its parameters live at
+`params[<tower name>]["bert"]` in the layout of `mmrec_jax.models.bert`, ready to be
+replaced by `load_pretrained`'s parameters. Items without text (`has_text` False) are
+masked downstream by the fusion, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmrec_jax.models.bert import Bert, BertConfig
+
+# Pooling choices of config.model.text.pooling.
+POOLINGS = ("cls", "mean", "pooler")
+# Training modes of config.model.text.mode.
+MODES = ("frozen", "finetune", "finetune_top_n")
+
+
+def pool(hidden: jax.Array, mask: jax.Array, pooled: jax.Array | None, pooling: str) -> jax.Array:
+    """Pools BERT's output into one vector per text.
+
+    Args:
+      hidden: (N, L, H) last hidden state.
+      mask: (N, L) 1 for real tokens.
+      pooled: (N, H) BERT's pooler output, or None if the model has no pooler.
+      pooling: "cls" (first token), "mean" (mean over real tokens; 0 for a text with
+        none) or "pooler" (BERT's pooler output).
+
+    Returns:
+      (N, H) in hidden's dtype.
+    """
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        weights = mask.astype(jnp.float32)[..., None]  # (N, L, 1)
+        total = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)  # (N, H)
+        count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)  # (N, 1)
+        return (total / count).astype(hidden.dtype)
+    if pooling == "pooler":
+        if pooled is None:
+            raise ValueError(
+                "config.model.text.pooling='pooler' but the checkpoint has no pooler weights; "
+                "use pooling 'cls' or 'mean'."
+            )
+        return pooled
+    raise ValueError(f"config.model.text.pooling={pooling!r}; choose one of {POOLINGS}.")
+
+
+def _check_text_config(text_config: ml_collections.ConfigDict, num_layers: int | None) -> None:
+    if text_config.mode not in MODES:
+        raise ValueError(f"config.model.text.mode={text_config.mode!r}; choose one of {MODES}.")
+    if text_config.pooling not in POOLINGS:
+        raise ValueError(
+            f"config.model.text.pooling={text_config.pooling!r}; choose one of {POOLINGS}."
+        )
+    if text_config.mode == "finetune_top_n" and num_layers is not None:
+        if not 0 <= text_config.top_n <= num_layers:
+            raise ValueError(
+                f"config.model.text.top_n={text_config.top_n} must lie in [0, {num_layers}] "
+                "(the BERT's number of encoder layers) for mode 'finetune_top_n'."
+            )
+
+
+def frozen_text_param(
+    path: tuple[str, ...], text_config: ml_collections.ConfigDict, num_layers: int
+) -> bool:
+    """Whether a BERT parameter is frozen (gets no update and no weight decay).
+
+    Args:
+      path: the parameter's path inside the BERT params tree, e.g.
+        ("encoder", "layer", "3", "attention", "self", "query", "kernel").
+      text_config: config.model.text (mode, top_n, pooling).
+      num_layers: the BERT's number of encoder layers.
+
+    Returns:
+      True in `frozen` mode; in `finetune_top_n` for the embeddings and the encoder
+      layers below the top `top_n`. The pooler is trained only when pooling is
+      "pooler" (otherwise the output never depends on it).
+    """
+    _check_text_config(text_config, num_layers)
+    if text_config.mode == "frozen":
+        return True
+    if path[0] == "pooler":
+        return text_config.pooling != "pooler"
+    if text_config.mode == "finetune":
+        return False
+    if path[0] == "embeddings":
+        return True
+    if path[:2] == ("encoder", "layer"):
+        return int(path[2]) < num_layers - text_config.top_n
+    raise ValueError(f"Unknown BERT parameter path {'/'.join(path)}.")
+
+
+class TextTower(nn.Module):
+    """Item text -> (U, width) fusion token.
+
+    Attributes:
+      config: config.model.text (model, mode, top_n, pooling).
+      width: the fusion width (output size).
+      bert_config: the BERT architecture; required unless mode is "frozen".
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    config: ml_collections.ConfigDict
+    width: int
+    bert_config: BertConfig | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, items: dict, train: bool = False) -> jax.Array:
+        """Embeds the item block's texts.
+
+        Args:
+          items: the item block (see `mmrec_jax.schema`): `text_embedding` (U, Dt) in
+            frozen mode, else `text_ids` and `text_mask` (U, L).
+          train: applies BERT's dropout (needs a "dropout" rng) in the trained modes.
+
+        Returns:
+          (U, width) in `dtype`.
+        """
+        cfg = self.config
+        num_layers = None if self.bert_config is None else self.bert_config.num_hidden_layers
+        _check_text_config(cfg, num_layers)
+        if cfg.mode == "frozen":
+            if "text_embedding" not in items:
+                raise ValueError(
+                    "TextTower in mode 'frozen' needs items['text_embedding'] (U, Dt), the "
+                    "cached BERT embeddings (mmrec_jax.data.text_cache.text_embeddings)."
+                )
+            x = jnp.asarray(items["text_embedding"], self.dtype)  # (U, Dt)
+        else:
+            if self.bert_config is None:
+                raise ValueError(
+                    f"TextTower in mode {cfg.mode!r} needs bert_config "
+                    "(mmrec_jax.models.bert.load_bert_config(config.model.text.model))."
+                )
+            if "text_ids" not in items or "text_mask" not in items:
+                raise ValueError(
+                    f"TextTower in mode {cfg.mode!r} needs items['text_ids'] and "
+                    "items['text_mask'] (U, L) int32 token ids and mask."
+                )
+            bert = Bert(
+                self.bert_config,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                trainable_top_n=cfg.top_n if cfg.mode == "finetune_top_n" else None,
+                name="bert",
+            )
+            mask = items["text_mask"]  # (U, L)
+            hidden, pooled = bert(items["text_ids"], mask, deterministic=not train)
+            x = pool(hidden, mask, pooled, cfg.pooling)  # (U, H)
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
