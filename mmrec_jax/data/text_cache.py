@@ -1,0 +1,211 @@
+"""Frozen-mode text embeddings: one pooled BERT vector per item, cached on disk.
+
+`text_embeddings` runs BERT once over every item text in jit-compiled batches of one
+fixed size and stores the (N, Dt) float32 result in `cache_dir`, named by a fingerprint:
+sha256 over the weight files, the tokenizer files, `config.json`, max_len, pooling and
+every item text. Any change gives a new fingerprint and a rebuild; an unchanged rerun
+loads the file. Files are written atomically (temp file, then `os.replace`), and a JSON
+sidecar holds the array's sha256, so a corrupted or truncated cache is detected, reported
+with a warning and rebuilt, never used.
+
+`tokenize_texts` is the tokenization the input pipeline uses for the trained text modes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmrec_jax.hub import resolve_pretrained
+from mmrec_jax.models.bert_weights import TOKENIZER_FILES, load_pretrained, weight_files
+from mmrec_jax.models.text import POOLINGS, pool
+
+# Bump when the stored format or the computation changes, so old caches are not reused.
+_CACHE_VERSION = 1
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str | None], max_len: int) -> tuple[np.ndarray, ...]:
+    """Tokenizes texts, truncated and padded to exactly `max_len` tokens.
+
+    Args:
+      tokenizer: a Hugging Face BERT tokenizer.
+      texts: N texts; None is tokenized as the empty text.
+      max_len: tokens per text, [CLS] and [SEP] included.
+
+    Returns:
+      ids (N, max_len) int32 and mask (N, max_len) int32 (1 for real tokens).
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len} must be at least 2 ([CLS] and [SEP]).")
+    enc = tokenizer(
+        [text or "" for text in texts],
+        padding="max_length",
+        truncation=True,
+        max_length=max_len,
+        return_tensors="np",
+    )
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def _file_sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _fingerprint(
+    folder: Path, texts: Sequence[str | None], pooling: str, max_len: int
+) -> tuple[str, str]:
+    """sha256 over everything the embeddings depend on, and over the weight files alone."""
+    weights = hashlib.sha256()
+    digest = hashlib.sha256(f"mmrec-text-cache-v{_CACHE_VERSION}".encode())
+    for file in weight_files(folder):
+        file_sha = _file_sha256(file)
+        weights.update(file_sha)
+        digest.update(file.name.encode() + b"\0" + file_sha)
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + _file_sha256(folder / name))
+    digest.update(f"\0pooling={pooling}\0max_len={max_len}\0n={len(texts)}\0".encode())
+    for text in texts:
+        if text is None:
+            digest.update(b"\1")
+        else:
+            raw = text.encode("utf-8")
+            digest.update(b"\2" + len(raw).to_bytes(8, "little") + raw)
+    return digest.hexdigest(), weights.hexdigest()
+
+
+def _compute_embeddings(
+    folder: Path, texts: Sequence[str | None], pooling: str, max_len: int, batch_size: int
+) -> np.ndarray:
+    """Runs BERT over the non-empty texts in fixed-size batches; empty texts get zeros."""
+    bert, params, tokenizer = load_pretrained(folder)
+    width = bert.config.hidden_size
+    out = np.zeros((len(texts), width), np.float32)
+    rows = np.array([i for i, text in enumerate(texts) if text], dtype=np.int64)
+    if rows.size == 0:
+        return out
+    ids, mask = tokenize_texts(tokenizer, [texts[i] for i in rows], max_len)  # (M, L)
+    batch = min(batch_size, rows.size)
+    padded = -(-rows.size // batch) * batch
+    ids = np.pad(ids, ((0, padded - rows.size), (0, 0)))
+    mask = np.pad(mask, ((0, padded - rows.size), (0, 0)))
+
+    @jax.jit
+    def embed(params, ids, mask):  # (b, L) -> (b, H)
+        hidden, pooled = bert.apply({"params": params}, ids, mask)
+        return pool(hidden, mask, pooled, pooling)
+
+    chunks = []
+    for start in tqdm(range(0, padded, batch), desc="text embeddings", unit="batch"):
+        chunks.append(embed(params, ids[start : start + batch], mask[start : start + batch]))
+    out[rows] = np.concatenate([np.asarray(c, np.float32) for c in chunks])[: rows.size]
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(array_path: Path, meta_path: Path, fingerprint: str, n: int) -> np.ndarray | None:
+    """The cached array if it is present, complete and intact; None otherwise."""
+    if not array_path.exists() and not meta_path.exists():
+        return None
+    problem = None
+    try:
+        meta = json.loads(meta_path.read_text())
+        data = array_path.read_bytes()
+        if meta.get("fingerprint") != fingerprint:
+            problem = "its sidecar names another fingerprint"
+        elif hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            problem = "its checksum does not match (corrupted or truncated)"
+        else:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+            if array.dtype != np.float32 or array.ndim != 2 or array.shape[0] != n:
+                problem = f"it holds {array.dtype} {array.shape}, not float32 ({n}, Dt)"
+    except (OSError, ValueError, KeyError) as error:
+        problem = f"it cannot be read ({type(error).__name__}: {error})"
+    if problem is None:
+        return array
+    warnings.warn(
+        f"Text embedding cache {array_path} is unusable: {problem}; rebuilding it.",
+        stacklevel=3,
+    )
+    return None
+
+
+def text_embeddings(
+    texts: Sequence[str | None],
+    model_name: str,
+    pooling: str,
+    max_len: int,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Pooled BERT embeddings of item texts, from the disk cache when it is current.
+
+    Args:
+      texts: N item texts; None or "" for items without text (they get zeros; the model
+        ignores them through `has_text`).
+      model_name: a hub id or a local BERT folder (config.model.text.model).
+      pooling: "cls", "mean" or "pooler" (config.model.text.pooling).
+      max_len: tokens per text (config.data.max_text_len).
+      cache_dir: folder for the cache files (created if needed), e.g. beside the dataset.
+      batch_size: texts per jit-compiled BERT call.
+
+    Returns:
+      (N, Dt) float32, Dt the BERT's hidden size.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    folder = resolve_pretrained(model_name)
+    fingerprint, weights_sha = _fingerprint(folder, texts, pooling, max_len)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    array_path = cache_dir / f"text_embeddings_{fingerprint[:24]}.npy"
+    meta_path = array_path.with_suffix(".json")
+    cached = _load_cached(array_path, meta_path, fingerprint, len(texts))
+    if cached is not None:
+        return cached
+    array = _compute_embeddings(folder, texts, pooling, max_len, batch_size)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    data = buffer.getvalue()
+    meta = {
+        "fingerprint": fingerprint,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "shape": list(array.shape),
+        "dtype": "float32",
+        "model": str(model_name),
+        "weights_sha256": weights_sha,
+        "pooling": pooling,
+        "max_len": max_len,
+        "num_texts": len(texts),
+    }
+    _atomic_write(array_path, data)
+    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    return array
