@@ -221,6 +221,34 @@ def validate_items(
     return dims
 
 
+# Row fields the model reads (the rest are for the loss and the metrics).
+SCORE_FIELDS = ("user_id", "item_slot", "history_slot", "history_mask")
+
+
+def validate_score_rows(
+    rows: Mapping, towers: tuple[str, ...] | str, dims: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Checks the row fields the model's `score` reads: `SCORE_FIELDS` for the towers.
+
+    Unlike `validate_batch` it needs no `label`, `weight` or `user_index`, so serving code
+    can score (user, item) pairs without them.
+
+    Returns the symbol sizes found; raises `BatchError` like `validate_batch`.
+    """
+    towers = parse_towers(towers)
+    dims = {} if dims is None else dims
+    for spec in row_fields(towers):
+        if spec.name not in SCORE_FIELDS:
+            continue
+        if spec.name not in rows:
+            raise BatchError(
+                f"Rows are missing the required field {spec.name!r} ({spec.doc}), shape "
+                f"{spec.shape}, for towers {','.join(towers)}."
+            )
+        _check_field("", spec, rows[spec.name], dims, {})
+    return dims
+
+
 def item_capacity(
     batch_size: int, history_len: int, num_items: int, multiple: int = 1, use_history: bool = True
 ) -> int:

@@ -1,0 +1,86 @@
+"""The image tower: the original design's small conv net over RGB images.
+
+Per block: 3x3 conv (same padding), ReLU, 2x2 max-pool; then flatten, a dense layer
+with ReLU (the original's 512-wide output) and a projection to the fusion width. The
+original is Conv 3->64, Conv 64->128 on 56x56 inputs, Dense 128*14*14 -> 512
+(`configs/seed.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmrec_jax.models.layers import max_pool
+
+# Per-channel RGB statistics used to normalise pixels (the ImageNet values).
+_RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_RGB_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize_pixels(image: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 RGB pixels (..., 3) in [0, 255] -> per-channel standardised floats."""
+    x = image.astype(jnp.float32) / 255.0
+    return ((x - _RGB_MEAN) / _RGB_STD).astype(dtype)
+
+
+class ImageTower(nn.Module):
+    """Conv tower for (U, S, S, 3) uint8 images.
+
+    Attributes:
+      config: `config.model.image` (size, channels, hidden).
+      width: output width (the fusion token width).
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    config: ml_collections.ConfigDict
+    width: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image: jax.Array) -> jax.Array:
+        """Encodes images.
+
+        Args:
+          image: (U, S, S, 3) uint8 RGB, S = config.size.
+
+        Returns:
+          (U, width).
+        """
+        size = self.config.size
+        if image.shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"Image tower expects images of shape (U, {size}, {size}, 3) "
+                f"(config.model.image.size={size}); got {image.shape}."
+            )
+        if size >> len(self.config.channels) < 1:
+            raise ValueError(
+                f"config.model.image.size={size} is too small for "
+                f"{len(self.config.channels)} 2x2 pooling blocks; use fewer channels entries."
+            )
+        x = normalize_pixels(image, self.dtype)  # (U, S, S, 3)
+        for i, channels in enumerate(self.config.channels):
+            x = nn.Conv(
+                channels,
+                (3, 3),
+                padding="SAME",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"conv{i}",
+            )(x)
+            x = max_pool(nn.relu(x), 2)  # (U, S / 2^(i+1), S / 2^(i+1), C_i)
+        x = x.reshape(x.shape[0], -1)  # (U, S' * S' * C)
+        x = nn.Dense(
+            self.config.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden"
+        )(x)
+        x = nn.relu(x)  # (U, hidden)
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="project")(
+            x
+        )  # (U, width)

@@ -1,0 +1,261 @@
+"""The recommender: the one place where the towers meet.
+
+    model = build_model(config.model)
+    variables = model.init(rng, batch)                   # batch: see mmrec_jax.schema
+    logits = model.apply(variables, batch, train=False)  # (B,)
+    encoded = model.apply(variables, items, method=model.encode_items)
+    logits = model.apply(variables, rows, encoded, method=model.score)
+
+Item towers (text, image, audio, item ID) run once per item of the batch's item block
+and give M item tokens per item; `score` gathers them for each row's candidate by slot,
+adds the user tokens (user ID, attention over the history items' embeddings) and fuses
+them into one logit. Splitting `encode_items` from `score` lets full-catalogue ranking
+encode every item once and then score users x items.
+
+Parameters sit under one top-level name per part: `text` (its BERT at
+`params["text"]["bert"]`), `image`, `audio`, `item_id`, `user_id`, `history`, `fusion`;
+`PARAM_TOWERS` maps them to the tower names of `config.model.towers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmrec_jax import schema
+from mmrec_jax.models.audio import AudioTower
+from mmrec_jax.models.bert import BertConfig, load_bert_config
+from mmrec_jax.models.fusion import Fusion
+from mmrec_jax.models.image import ImageTower
+from mmrec_jax.models.layers import masked_mean
+from mmrec_jax.models.text import TextTower
+from mmrec_jax.models.user import HistoryAttention, IdEmbedding
+
+# Item-modality tokens in their order in the fusion: (tower, token name).
+ITEM_TOKENS = (("text", "text"), ("image", "image"), ("audio", "audio"), ("id", "item_id"))
+# User tokens after the item tokens: (tower, token name).
+USER_TOKENS = (("id", "user_id"), ("history", "history"))
+# Top-level parameter name -> the tower it belongs to (fusion is shared by all).
+PARAM_TOWERS = {
+    "text": "text",
+    "image": "image",
+    "audio": "audio",
+    "item_id": "id",
+    "user_id": "id",
+    "history": "history",
+    "fusion": "fusion",
+}
+
+
+def token_names(towers: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(item token names, user token names) of a tower set, in fusion order."""
+    items = tuple(name for tower, name in ITEM_TOKENS if tower in towers)
+    users = tuple(name for tower, name in USER_TOKENS if tower in towers)
+    return items, users
+
+
+class Recommender(nn.Module):
+    """Scores (user, item) rows with the towers enabled in `config.towers`.
+
+    Attributes:
+      config: `config.model` (towers, width, dtype, param_dtype, num_users, num_items,
+        text, image, audio, user, fusion).
+      bert_config: the text tower's BERT architecture; required when the text tower
+        runs BERT (mode finetune or finetune_top_n), see `build_model`.
+    """
+
+    config: ml_collections.ConfigDict
+    bert_config: BertConfig | None = None
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        """The enabled towers, parsed from `config.towers`."""
+        return schema.parse_towers(self.config.towers)
+
+    def setup(self):
+        cfg = self.config
+        towers = self.towers
+        item_tokens, _ = token_names(towers)
+        if not item_tokens:
+            raise ValueError(
+                f"config.model.towers={cfg.towers!r} has no item tower; add at least one of "
+                "text, image, audio or id (history needs item embeddings to attend over)."
+            )
+        if "id" in towers:
+            for key in ("num_users", "num_items"):
+                if cfg[key] < 1:
+                    raise ValueError(
+                        f"config.model.{key}={cfg[key]} but the id tower needs the vocabulary "
+                        "size; the training code fills it from the dataset, or set it."
+                    )
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        if "text" in towers:
+            self.text = TextTower(cfg.text, cfg.width, self.bert_config, **kw)
+        if "image" in towers:
+            self.image = ImageTower(cfg.image, cfg.width, **kw)
+        if "audio" in towers:
+            self.audio = AudioTower(cfg.audio, cfg.width, **kw)
+        if "id" in towers:
+            self.item_id = IdEmbedding(cfg.num_items, cfg.width, **kw)
+            self.user_id = IdEmbedding(cfg.num_users, cfg.width, **kw)
+        if "history" in towers:
+            self.history = HistoryAttention(cfg.user.num_heads, **kw)
+        self.fusion = Fusion(cfg.fusion, len(item_tokens), **kw)
+
+    def _expected_dims(self) -> dict[str, int]:
+        dims = {}
+        if "image" in self.towers:
+            dims["S"] = self.config.image.size
+        if "audio" in self.towers:
+            dims["T"] = self.config.audio.clip_samples
+        return dims
+
+    def encode_items(self, items: Mapping, train: bool = False) -> dict[str, jax.Array]:
+        """Runs each enabled item tower once over an item block.
+
+        Args:
+          items: the item block (`batch["items"]`, see `mmrec_jax.schema`), U items.
+          train: enables dropout inside the towers (rng stream "dropout").
+
+        Returns:
+          {"tokens": (U, M, D) item-modality tokens (zeros where absent),
+           "mask": (U, M) bool, True where the item has that modality,
+           "embedding": (U, D) masked mean of the tokens, the item's summary vector}.
+        """
+        schema.validate_items(
+            items, self.towers, self.config.text.mode, expected_dims=self._expected_dims()
+        )
+        num_items = items["item_id"].shape[0]
+        tokens, masks = [], []
+        for name in token_names(self.towers)[0]:
+            if name == "text":
+                tokens.append(self.text(items, train))
+                masks.append(items["has_text"])
+            elif name == "image":
+                tokens.append(self.image(items["image"]))
+                masks.append(items["has_image"])
+            elif name == "audio":
+                tokens.append(self.audio(items["audio"]))
+                masks.append(items["has_audio"])
+            else:
+                tokens.append(self.item_id(items["item_id"]))
+                masks.append(jnp.ones((num_items,), bool))
+        dtype = jnp.dtype(self.config.dtype)
+        mask = jnp.stack([jnp.asarray(m, bool) for m in masks], axis=1)  # (U, M)
+        stacked = jnp.stack([t.astype(dtype) for t in tokens], axis=1)  # (U, M, D)
+        stacked = jnp.where(mask[..., None], stacked, 0)
+        return {"tokens": stacked, "mask": mask, "embedding": masked_mean(stacked, mask, 1)}
+
+    def score(self, rows: Mapping, encoded: Mapping, train: bool = False) -> jax.Array:
+        """Scores rows against an encoded item block.
+
+        Args:
+          rows: `user_id` (B,), `item_slot` (B,) and, with the history tower,
+            `history_slot` (B, H) and `history_mask` (B, H); slots index the item block.
+          encoded: the output of `encode_items` for that item block.
+          train: enables dropout and modality dropout (rng stream "dropout").
+
+        Returns:
+          (B,) float32 logits.
+        """
+        schema.validate_score_rows(rows, self.towers)
+        slot = rows["item_slot"]  # (B,)
+        tokens = [encoded["tokens"][slot]]  # [(B, M, D)]
+        masks = [encoded["mask"][slot]]  # [(B, M)]
+        batch = slot.shape[0]
+        if "id" in self.towers:
+            tokens.append(self.user_id(rows["user_id"])[:, None, :])  # (B, 1, D)
+            masks.append(jnp.ones((batch, 1), bool))
+        if "history" in self.towers:
+            candidate = encoded["embedding"][slot]  # (B, D)
+            history = encoded["embedding"][rows["history_slot"]]  # (B, H, D)
+            token, present = self.history(candidate, history, rows["history_mask"])
+            tokens.append(token[:, None, :])  # (B, 1, D)
+            masks.append(present[:, None])
+        dtype = jnp.dtype(self.config.dtype)
+        tokens = jnp.concatenate([t.astype(dtype) for t in tokens], axis=1)  # (B, T, D)
+        mask = jnp.concatenate(masks, axis=1)  # (B, T)
+        return self.fusion(tokens, mask, train)
+
+    def __call__(self, batch: Mapping, train: bool = False) -> jax.Array:
+        """Scores a batch: `score(batch, encode_items(batch["items"]))`.
+
+        Args:
+          batch: rows plus the "items" block, validated against `mmrec_jax.schema`.
+          train: enables dropout and modality dropout (rng stream "dropout").
+
+        Returns:
+          (B,) float32 logits.
+        """
+        schema.validate_batch(
+            batch, self.towers, self.config.text.mode, expected_dims=self._expected_dims()
+        )
+        return self.score(batch, self.encode_items(batch["items"], train), train)
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> Recommender:
+    """Builds the recommender for `config.model`.
+
+    Reads the BERT architecture (`config.json` only, no weights) when the text tower
+    runs BERT. `num_users` / `num_items` must be set when the id tower is enabled.
+    """
+    towers = schema.parse_towers(model_config.towers)
+    bert_config = None
+    if "text" in towers and schema.text_is_trained(model_config.text.mode):
+        bert_config = load_bert_config(model_config.text.model)
+    return Recommender(model_config, bert_config)
+
+
+def _params_of(variables: Mapping) -> Mapping:
+    return variables["params"] if "params" in variables else variables
+
+
+def count_params_by_tower(params: Mapping) -> dict[str, int]:
+    """Parameter counts per tower.
+
+    Args:
+      params: the model's params (or variables holding "params").
+
+    Returns:
+      {tower: count} for the towers that have parameters ("id" sums the user and item
+      ID tables; "fusion" is the shared fusion), in `PARAM_TOWERS` order, plus "total".
+    """
+    counts: dict[str, int] = {}
+    for key, subtree in _params_of(params).items():
+        tower = PARAM_TOWERS.get(key, key)
+        size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(subtree))
+        counts[tower] = counts.get(tower, 0) + size
+    order = list(dict.fromkeys(PARAM_TOWERS.values()))
+    result = {t: counts[t] for t in order if t in counts}
+    result.update({t: n for t, n in counts.items() if t not in result})
+    result["total"] = sum(counts.values())
+    return result
+
+
+def format_param_counts(params: Mapping) -> str:
+    """`count_params_by_tower` as a small text table."""
+    counts = count_params_by_tower(params)
+    total = max(counts["total"], 1)
+    lines = [f"{'tower':<10}{'params':>14}{'share':>8}"]
+    for tower, count in counts.items():
+        lines.append(f"{tower:<10}{count:>14,}{100.0 * count / total:>7.1f}%")
+    return "\n".join(lines)
+
+
+def print_param_counts(params: Mapping) -> None:
+    """Prints `format_param_counts` (called at the start of training)."""
+    print(format_param_counts(params), flush=True)
+
+
+def tower_labels(params: Mapping) -> Mapping:
+    """A tree like `params` whose leaves are tower names, e.g. for `optax.multi_transform`."""
+    labels = {}
+    for key, subtree in _params_of(params).items():
+        tower = PARAM_TOWERS.get(key, key)
+        labels[key] = jax.tree_util.tree_map(lambda _, tower=tower: tower, subtree)
+    return labels

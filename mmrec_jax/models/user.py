@@ -1,0 +1,95 @@
+"""User modelling: ID embeddings with an out-of-vocabulary bucket, and history attention.
+
+A user (or item) ID-vocabulary index is 0 for IDs unseen in training: they all share
+one learned OOV embedding. Ids outside the vocabulary are mapped to 0 too, so an
+evaluation set with new users cannot index out of range.
+
+History attention (DIN / BST style): the candidate item's content embedding attends
+over the embeddings of the items the user engaged with before (up to H, most recent
+first, masked where the history is shorter). The history items are described by their
+content (the same towers that encode the candidate), so a new item, or a new user with
+a history, still gets a meaningful user token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmrec_jax.models.layers import MultiHeadAttention
+
+
+class IdEmbedding(nn.Module):
+    """Embedding of ID-vocabulary indices with index 0 as the out-of-vocabulary bucket.
+
+    Attributes:
+      num_ids: IDs in the vocabulary, without the OOV bucket (the table has
+        `num_ids + 1` rows).
+      width: embedding width.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    num_ids: int
+    width: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """(...,) int indices in [0, num_ids] (others count as OOV) -> (..., width)."""
+        if self.num_ids < 1:
+            raise ValueError(
+                f"ID embedding needs a vocabulary size >= 1; got {self.num_ids}. Set "
+                "config.model.num_users / num_items (the training code fills them from "
+                "the dataset)."
+            )
+        ids = jnp.where((ids < 0) | (ids > self.num_ids), 0, ids)
+        return nn.Embed(
+            self.num_ids + 1,
+            self.width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="embedding",
+        )(ids)
+
+
+class HistoryAttention(nn.Module):
+    """Attention from the candidate item over the user's history items.
+
+    Attributes:
+      num_heads: attention heads (`config.model.user.num_heads`).
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    num_heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, candidate: jax.Array, history: jax.Array, history_mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Summarises the history as seen from the candidate.
+
+        Args:
+          candidate: (B, D) candidate item embeddings.
+          history: (B, H, D) history item embeddings.
+          history_mask: (B, H) bool, True where the history entry is real.
+
+        Returns:
+          token: (B, D) the history token, zeros for rows without any history.
+          present: (B,) bool, whether the row has any history.
+        """
+        norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        query = nn.LayerNorm(name="query_norm", **norm)(candidate)[:, None, :]  # (B, 1, D)
+        keys = nn.LayerNorm(name="history_norm", **norm)(history)  # (B, H, D)
+        token = MultiHeadAttention(self.num_heads, name="attention", **norm)(
+            query, keys, history_mask
+        )[:, 0, :]  # (B, D)
+        present = jnp.any(history_mask, axis=1)  # (B,)
+        return jnp.where(present[:, None], token, 0), present
