@@ -250,12 +250,3 @@ def format_param_counts(params: Mapping) -> str:
 def print_param_counts(params: Mapping) -> None:
     """Prints `format_param_counts` (called at the start of training)."""
     print(format_param_counts(params), flush=True)
-
-
-def tower_labels(params: Mapping) -> Mapping:
-    """A tree like `params` whose leaves are tower names, e.g. for `optax.multi_transform`."""
-    labels = {}
-    for key, subtree in _params_of(params).items():
-        tower = PARAM_TOWERS.get(key, key)
-        labels[key] = jax.tree_util.tree_map(lambda _, tower=tower: tower, subtree)
-    return labels
