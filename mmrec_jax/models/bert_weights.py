@@ -154,32 +154,27 @@ def checkpoint_has_pooler(folder: str | os.PathLike) -> bool:
     return any((torch_key_to_path(k) or ((),))[0][:1] == ("pooler",) for k in keys)
 
 
-def _read_checkpoint(folder: Path) -> tuple[dict[tuple[str, ...], tuple[str, np.ndarray]], list]:
-    """Reads a checkpoint as {our path: (checkpoint key, array in our layout)}.
+def _read_checkpoint(folder: Path) -> tuple[dict[tuple[str, ...], tuple], list[str]]:
+    """Reads a checkpoint as {our path: (checkpoint key, array as stored, transpose?)}.
 
     Returns:
       The weights, and the checkpoint keys that matched no parameter path.
     """
     main = _weight_format(folder)
-    weights: dict[tuple[str, ...], tuple[str, np.ndarray]] = {}
-    unmatched = []
     if main.name == "flax_model.msgpack":
         flat = flax.traverse_util.flatten_dict(_flax_tree(main))
-        for path, array in flat.items():
-            weights[tuple(path)] = ("/".join(path), np.asarray(array))
-        return weights, unmatched
+        return {tuple(p): ("/".join(p), np.asarray(a), False) for p, a in flat.items()}, []
     tensors = {}
     for file in weight_files(folder):
         if file.suffix == ".safetensors":
             tensors.update(load_file(file))
+    weights, unmatched = {}, []
     for key, array in tensors.items():
         mapped = torch_key_to_path(key)
-        if mapped is None:
-            if not _SKIP.search(key):
-                unmatched.append(key)
-            continue
-        path, transpose = mapped
-        weights[path] = (key, array.T if transpose else array)
+        if mapped is not None:
+            weights[mapped[0]] = (key, array, mapped[1])
+        elif not _SKIP.search(key):
+            unmatched.append(key)
     return weights, unmatched
 
 
@@ -208,23 +203,26 @@ def load_params(bert: Bert, folder: str | os.PathLike) -> dict:
     expected = jax.eval_shape(lambda: bert.init(jax.random.key(0), ids, ids))["params"]
     expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected))
     weights, unmatched = _read_checkpoint(folder)
+    flax_format = _weight_format(folder).name == "flax_model.msgpack"
     params = {}
     for path, spec in expected.items():
+        shape = tuple(spec.shape)
         if path not in weights:
-            key = path_to_torch_key(path)[0]
+            key, transpose = ("/".join(path), False) if flax_format else path_to_torch_key(path)
             raise CheckpointError(
-                f"Checkpoint {str(folder)!r} is missing the weight {key!r} (parameter "
-                f"{'/'.join(path)}, shape {tuple(spec.shape)}); it is required by config.json."
+                f"Checkpoint {str(folder)!r} is missing the weight {key!r} of shape "
+                f"{shape[::-1] if transpose else shape} (parameter {'/'.join(path)}), which "
+                "its config.json requires."
             )
-        key, array = weights.pop(path)
-        if tuple(array.shape) != tuple(spec.shape):
+        key, array, transpose = weights.pop(path)
+        want = shape[::-1] if transpose else shape  # in the checkpoint's layout
+        if tuple(array.shape) != want:
             raise CheckpointError(
-                f"Checkpoint {str(folder)!r} weight {key!r} has shape {tuple(array.shape)} "
-                f"(in our layout) but parameter {'/'.join(path)} needs shape "
-                f"{tuple(spec.shape)} per config.json."
+                f"Checkpoint {str(folder)!r} weight {key!r} has shape {tuple(array.shape)}, but "
+                f"its config.json needs shape {want} (parameter {'/'.join(path)})."
             )
-        params[path] = jnp.asarray(array, dtype=bert.param_dtype)
-    unmatched += [key for key, _ in weights.values()]
+        params[path] = jnp.asarray(array.T if transpose else array, dtype=bert.param_dtype)
+    unmatched += [key for key, _, _ in weights.values()]
     if unmatched:
         logger.warning(
             "Checkpoint %s: ignored %d weights that BertModel does not use: %s",
