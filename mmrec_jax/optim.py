@@ -1,7 +1,8 @@
 """The optimizer: AdamW with warmup and cosine decay, clipping, per-tower rates, accumulation.
 
 Parameters are labelled by their top-level module (the tower: text, image, audio, ...).
-Each label gets AdamW with the shared schedule times its `train.tower_lr_scale`;
+Each label gets AdamW with the shared schedule times its `train.tower_lr_scale` (a
+scale named for a tower that the model has switched off is ignored);
 frozen parameters get `optax.set_to_zero()` (no update, no weight decay, no moments).
 """
 
@@ -12,6 +13,8 @@ from collections.abc import Callable, Mapping
 import jax
 import ml_collections
 import optax
+
+from mmrec_jax import schema
 
 FROZEN = "frozen"
 
@@ -67,6 +70,7 @@ def build_optimizer(
     params: Mapping,
     total_steps: int,
     is_frozen: Callable[[tuple[str, ...]], bool] | None = None,
+    param_towers: Mapping[str, str] | None = None,
 ) -> tuple[optax.GradientTransformation, Callable]:
     """Builds the optimizer for `params`.
 
@@ -76,6 +80,8 @@ def build_optimizer(
       params: the parameter tree (only its structure is used).
       total_steps: optimizer updates in the run (the cosine's length).
       is_frozen: path -> True for parameters that must never change.
+      param_towers: top-level parameter name -> tower name, so that a scale given for a
+        tower (e.g. "id") applies to all its parameter groups (e.g. item_id, user_id).
 
     Returns:
       (optimizer, schedule): with `grad_accum_steps > 1` the optimizer is wrapped in
@@ -84,19 +90,21 @@ def build_optimizer(
     schedule = learning_rate_schedule(train_config, total_steps)
     labels = param_labels(params, is_frozen)
     scales = parse_lr_scales(train_config.tower_lr_scale)
+    param_towers = dict(param_towers or {})
     names = sorted({leaf for leaf in jax.tree.leaves(labels)})
-    unknown = sorted(set(scales) - set(names))
+    known = set(names) | set(param_towers) | set(param_towers.values()) | set(schema.TOWERS)
+    unknown = sorted(set(scales) - known)
     if unknown:
         raise ValueError(
-            f"config.train.tower_lr_scale names {unknown}, which the model does not have; "
-            f"its towers are {[n for n in names if n != FROZEN]}."
+            f"config.train.tower_lr_scale names {unknown}, which are no towers; "
+            f"known: {sorted(known - {FROZEN})}."
         )
     transforms = {}
     for name in names:
         if name == FROZEN:
             transforms[name] = optax.set_to_zero()
             continue
-        scale = scales.get(name, 1.0)
+        scale = scales.get(name, scales.get(param_towers.get(name, name), 1.0))
         transforms[name] = optax.adamw(
             lambda step, scale=scale: schedule(step) * scale,
             weight_decay=train_config.weight_decay,

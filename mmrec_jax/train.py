@@ -1,9 +1,547 @@
-"""The training loop (see the Training issue): not implemented yet."""
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Builds (or opens) the dataset, creates the model and optimizer state already sharded on
+the mesh, resumes from the newest good checkpoint in `workdir`, trains with one jitted
+step per batch, evaluates on validation, checkpoints (the data iterator too), and at the
+end reports every split beside the dataset's oracle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mmrec_jax import checkpoint as checkpoint_lib
+from mmrec_jax import metrics as metrics_lib
+from mmrec_jax import optim, predict, reporting, schema, sharding
+from mmrec_jax.config import config_from_dict, config_to_json
+from mmrec_jax.data import pipeline
+from mmrec_jax.models import recommender
+
+# Splits reported at the end, in this order, when the dataset has them.
+REPORT_SPLITS = ("train", "validation", "test", "test_cold")
 
 
-def train_and_evaluate(config, workdir: str) -> None:
-    """Trains and evaluates `config` in `workdir`."""
-    raise NotImplementedError(
-        "Training is not implemented yet: the train loop lands with the Training work. "
-        "The configs, data and models can already be used from Python."
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class _StopRequest:
+    """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits."""
+
+    signum: int | None = None
+
+    def __call__(self, signum, _frame) -> None:
+        self.signum = signum
+
+
+def resolve_config(
+    config: ml_collections.ConfigDict, info: Any, verbose: bool = True
+) -> ml_collections.ConfigDict:
+    """Fills the dataset-dependent fields of a config.
+
+    Sets `model.num_users` / `model.num_items` from the dataset's ID vocabularies (when 0)
+    and drops content towers for modalities the dataset does not have.
+
+    Returns:
+      A copy of `config`.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    model = config.model
+    if model.num_users == 0:
+        model.num_users = int(info.num_users)
+    if model.num_items == 0:
+        model.num_items = int(info.num_items)
+    towers = schema.parse_towers(model.towers)
+    content = {"text", "image", "audio"}
+    missing = [t for t in towers if t in content and t not in set(info.modalities)]
+    if missing:
+        kept = [t for t in towers if t not in missing]
+        if not kept:
+            raise ValueError(
+                f"config.model.towers={model.towers!r}, but dataset {info.name!r} has none of "
+                f"these modalities (it has {sorted(info.modalities)}). Choose towers it has."
+            )
+        if verbose:
+            print(f"Dataset {info.name!r} has no {', '.join(missing)}: those towers are off.")
+        model.towers = ",".join(kept)
+    return config
+
+
+def _process_index_and_count() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
+
+
+def _bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted mean binary cross-entropy with logits; padding rows have weight 0."""
+    losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_train_step(model: Any, optimizer: optax.GradientTransformation):
+    """The pure train step: `(state, batch) -> (state, metrics)`."""
+
+    def train_step(state, batch):
+        dropout_rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, batch, train=True, rngs={"dropout": dropout_rng}
+            )
+            return _bce_loss(logits, batch["label"], batch["weight"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+        }
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def steps_per_epoch(info: Any, config: ml_collections.ConfigDict) -> int:
+    """Optimizer calls per pass over the training split."""
+    examples = int(info.split_sizes["train"])
+    if info.positives_only and config.data.negatives_per_positive > 0:
+        examples *= 1 + config.data.negatives_per_positive
+    steps = examples // config.train.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} is larger than the training "
+            f"split ({examples} examples). Lower the batch size."
+        )
+    return steps
+
+
+def _text_is_frozen_fn(config: ml_collections.ConfigDict):
+    """path -> frozen? for the optimizer, from the text tower's rules."""
+    if "text" not in schema.parse_towers(config.model.towers):
+        return None
+    if config.model.text.mode != "finetune_top_n":
+        return None
+    from mmrec_jax.models.bert import load_bert_config
+    from mmrec_jax.models.text import frozen_text_param
+
+    num_layers = load_bert_config(config.model.text.model).num_hidden_layers
+
+    def is_frozen(path: tuple[str, ...]) -> bool:
+        if len(path) < 2 or path[0] != "text" or path[1] != "bert":
+            return False
+        return frozen_text_param(path[2:], config.model.text, num_layers)
+
+    return is_frozen
+
+
+def _insert_pretrained_text(params: dict, config: ml_collections.ConfigDict) -> dict:
+    """Replaces the random BERT of a trained text tower with the pretrained weights."""
+    if "text" not in schema.parse_towers(config.model.towers):
+        return params
+    if not schema.text_is_trained(config.model.text.mode):
+        return params
+    from mmrec_jax.models.bert_weights import load_pretrained
+
+    _, bert_params, _ = load_pretrained(config.model.text.model)
+    current = params["text"]["bert"]
+    pretrained = jax.tree.map(lambda old, new: jnp.asarray(new, old.dtype), current, bert_params)
+    shardings = jax.tree.map(lambda x: x.sharding, current)
+    params = dict(params)
+    params["text"] = dict(params["text"])
+    params["text"]["bert"] = jax.device_put(pretrained, shardings)
+    return params
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item") else x))
+
+
+def evaluate_split(predict_fn, params, config, split: str, mesh, info) -> dict[str, float] | None:
+    """AUC, GAUC, logloss, accuracy and ECE of `params` on `split` (None if it is empty)."""
+    if int(info.split_sizes.get(split, 0)) == 0:
+        return None
+    process_index, process_count = _process_index_and_count()
+    batches = pipeline.make_batches(
+        config, split, train=False, process_index=process_index, process_count=process_count
     )
+    rows = predict.predict_batches(predict_fn, params, batches, mesh)
+    return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """A train state on the mesh with what created it."""
+
+    state: dict  # {"params", "opt_state", "step", "rng"}
+    shardings: dict  # the same tree of NamedShardings
+    optimizer: optax.GradientTransformation
+    schedule: Any
+
+
+def build_train_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    mesh: jax.sharding.Mesh,
+    example_batch: dict,
+    total_updates: int,
+    abstract: bool = False,
+) -> TrainSetup:
+    """Creates the train state already sharded (or only its shapes, with `abstract`).
+
+    Parameters are initialised under `jax.jit(..., out_shardings=...)` so each device
+    creates only its own shards; a trained text tower then gets the pretrained BERT.
+
+    Args:
+      config: the resolved run config.
+      model: `recommender.build_model(config.model)`.
+      mesh: the device mesh.
+      example_batch: a global batch (its shapes fix the parameter shapes).
+      total_updates: optimizer updates in the run (the schedule's length).
+      abstract: return `jax.ShapeDtypeStruct`s with shardings instead of arrays (for
+        restoring a checkpoint without computing an initialisation).
+    """
+    rng = jax.random.key(config.seed)
+    init_rng, dropout_rng = jax.random.split(rng)
+
+    def init_params(key, batch):
+        return model.init({"params": key, "dropout": key}, batch, train=False)["params"]
+
+    fsdp = config.train.fsdp
+    replicated = sharding.replicated(mesh)
+    if abstract:
+        params = jax.eval_shape(init_params, init_rng, example_batch)
+        param_shardings = sharding.state_shardings(mesh, params, fsdp)
+    else:
+        params, param_shardings = sharding.create_sharded(
+            init_params, mesh, fsdp, init_rng, example_batch
+        )
+        params = _insert_pretrained_text(params, config)
+    optimizer, schedule = optim.build_optimizer(
+        config.train,
+        params,
+        total_updates,
+        _text_is_frozen_fn(config),
+        recommender.PARAM_TOWERS,
+    )
+    if abstract:
+        opt_state = jax.eval_shape(optimizer.init, params)
+        opt_shardings = sharding.state_shardings(mesh, opt_state, fsdp)
+    else:
+        opt_state, opt_shardings = sharding.create_sharded(optimizer.init, mesh, fsdp, params)
+    shardings = {
+        "params": param_shardings,
+        "opt_state": opt_shardings,
+        "step": replicated,
+        "rng": replicated,
+    }
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(dropout_rng),
+    }
+    if abstract:
+        state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+    else:
+        state = jax.device_put(state, shardings)
+    return TrainSetup(state, shardings, optimizer, schedule)
+
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The resolved config a run in `workdir` trained with (its config.json)."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not a training workdir. Pass the --workdir "
+            "that train.py was run with."
+        )
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def restore_params(
+    workdir: str | Path, which: str | int = "best", devices: list | None = None
+) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+    """Loads the parameters of a checkpoint of a finished or running training run.
+
+    Args:
+      workdir: the run's folder.
+      which: "best" (by validation AUC; the latest if never evaluated), "latest", or a step.
+      devices: mesh devices (default: all).
+
+    Returns:
+      (config, model, params, step): the resolved run config, the model built from it,
+      its parameters on the mesh (replicated or FSDP as trained), and the step loaded.
+    """
+    config = load_run_config(workdir)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}; train first.")
+    if which == "best":
+        step = checkpointer.best_step() or steps[-1]
+    elif which == "latest":
+        step = steps[-1]
+    else:
+        step = int(which)
+        if step not in steps:
+            raise ValueError(f"No checkpoint at step {step} in {workdir}; it has {steps}.")
+    mesh = sharding.make_mesh(devices)
+    model = recommender.build_model(config.model)
+    batches = pipeline.make_batches(config, "validation", train=False)
+    example = sharding.global_batch(mesh, next(iter(batches)))
+    abstract = build_train_state(config, model, mesh, example, 1, abstract=True).state
+    state, _, _ = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    return config, model, state["params"], step
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, devices: list | None = None
+) -> dict:
+    """Trains `config` in `workdir`, resuming from its newest good checkpoint.
+
+    Args:
+      config: a run config (see configs/default.py).
+      workdir: folder for checkpoints, metrics.jsonl, TensorBoard events, plots and
+        summary.json.
+      devices: devices of the mesh (default: all devices of all processes).
+
+    Returns:
+      The summary: {split: {"model": metrics, "oracle": oracle metrics or None}}.
+
+    Raises:
+      TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
+      SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
+    """
+    sharding.maybe_initialize_distributed()
+    process_index, process_count = _process_index_and_count()
+    is_chief = process_index == 0
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    if is_chief:
+        pipeline.ensure_dataset(config.data)
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dataset ready")
+    info = pipeline.load_dataset_info(config.data)
+    config = resolve_config(config, info, verbose=is_chief)
+    if is_chief:
+        (workdir / "config.json").write_text(config_to_json(config))
+
+    mesh = sharding.make_mesh(devices)
+    if config.train.batch_size % (mesh.size) != 0:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} must be divisible by the "
+            f"number of devices ({mesh.size})."
+        )
+    model = recommender.build_model(config.model)
+    epoch_steps = steps_per_epoch(info, config)
+    total_steps = config.train.num_steps or config.train.num_epochs * epoch_steps
+    updates = max(total_steps // max(config.train.grad_accum_steps, 1), 1)
+
+    train_batches = pipeline.make_batches(
+        config, "train", train=True, process_index=process_index, process_count=process_count
+    )
+    first_local = next(iter(train_batches))
+    example = sharding.global_batch(mesh, first_local)
+    setup = build_train_state(config, model, mesh, example, updates)
+    state, state_shardings = setup.state, setup.shardings
+    param_shardings = state_shardings["params"]
+    optimizer, schedule = setup.optimizer, setup.schedule
+    replicated = sharding.replicated(mesh)
+    if is_chief:
+        recommender.print_param_counts(state["params"])
+
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    restored = checkpointer.restore_latest_good(checkpoint_lib.abstract_like(state))
+    start_step = 0
+    data_state = None
+    if restored is not None:
+        start_step, state, data_state, _ = restored
+        if is_chief:
+            print(f"Resuming from checkpoint step {start_step} in {checkpointer.directory}.")
+    train_batches = pipeline.make_batches(
+        config, "train", train=True, process_index=process_index, process_count=process_count
+    )
+    train_iter = iter(train_batches)
+    if data_state:
+        train_iter.set_state(data_state)
+
+    step_fn = make_train_step(model, optimizer)
+
+    def train_step(state, batch):
+        state = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
+        new_state, step_metrics = step_fn(state, batch)
+        return dict(new_state, rng=jax.random.key_data(new_state["rng"])), step_metrics
+
+    jit_step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, sharding.batch_shardings(mesh, first_local)),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    predict_fn = predict.make_predict_fn(model, mesh, param_shardings)
+    writer = reporting.MetricsWriter(workdir, enabled=is_chief)
+    meta = {"config": json.loads(config_to_json(config)), "dataset": info.name}
+
+    stop = _StopRequest()
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked
+    last_saved = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
+    best_auc, evals_without_gain = -math.inf, 0
+    examples_per_step = config.train.batch_size
+
+    def check_pending() -> dict[str, float]:
+        """Fetches the pending step metrics; raises on the first non-finite loss."""
+        if not pending:
+            return {}
+        host = jax.device_get([m for _, m in pending])
+        for (step, _), values in zip(pending, host, strict=True):
+            if not np.isfinite(values["loss"]):
+                where = (
+                    f"the last good checkpoint is step {last_saved} in {checkpointer.directory}"
+                    if last_saved is not None
+                    else "no checkpoint was saved before it"
+                )
+                raise TrainingDiverged(
+                    f"The training loss became {values['loss']} at step {step}; {where}. "
+                    "Lower config.train.learning_rate (or raise warmup_steps) and rerun; "
+                    "the run resumes from that checkpoint."
+                )
+        means = {k: float(np.mean([v[k] for v in host])) for k in host[0]}
+        pending.clear()
+        return means
+
+    def save(step: int, metrics: dict | None = None) -> None:
+        nonlocal last_saved
+        check_pending()
+        checkpointer.save(step, state, _json_safe(train_iter.get_state()), meta, metrics)
+        last_saved = step
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not is_chief,
+        dynamic_ncols=True,
+    )
+    step = start_step
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < total_steps:
+            if stop.signum is not None:
+                save(step)
+                checkpointer.wait()
+                progress.close()
+                name = signal.Signals(stop.signum).name
+                print(
+                    f"\n{name} received: saved checkpoint step {step} in "
+                    f"{checkpointer.directory}. Rerun the same command to resume."
+                )
+                raise SystemExit(128 + stop.signum)
+            local_batch = next(train_iter)
+            state, step_metrics = jit_step(state, sharding.global_batch(mesh, local_batch))
+            step += 1
+            window_steps += 1
+            pending.append((step, step_metrics))
+            progress.update(1)
+            if step % config.train.log_every == 0 or step == total_steps:
+                means = check_pending()
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps / max(elapsed, 1e-9)
+                logged = {f"train/{k}": v for k, v in means.items()}
+                logged["train/learning_rate"] = float(
+                    schedule(step // config.train.grad_accum_steps)
+                )
+                logged["train/steps_per_s"] = rate
+                logged["train/examples_per_s"] = rate * examples_per_step
+                writer.write(step, logged)
+                progress.set_postfix(
+                    loss=f"{means['loss']:.4f}", ex_s=f"{rate * examples_per_step:.0f}"
+                )
+                window_start, window_steps = time.perf_counter(), 0
+            evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
+            if evaluate_now or step == total_steps:
+                check_pending()
+                result = evaluate_split(
+                    predict_fn, state["params"], config, "validation", mesh, info
+                )
+                if result is not None:
+                    writer.write(step, {f"validation/{k}": v for k, v in result.items()})
+                    progress.write(
+                        f"step {step}: validation auc {result['auc']:.4f} "
+                        f"logloss {result['logloss']:.4f}"
+                    )
+                    save(step, {checkpoint_lib.BEST_METRIC: result["auc"]})
+                    if result["auc"] > best_auc:
+                        best_auc, evals_without_gain = result["auc"], 0
+                    else:
+                        evals_without_gain += 1
+                    patience = config.train.early_stopping_patience
+                    if patience and evals_without_gain >= patience:
+                        progress.write(f"Early stopping at step {step}: no gain in {patience}.")
+                        break
+                elif step == total_steps:
+                    save(step)
+                window_start, window_steps = time.perf_counter(), 0
+            elif step % config.train.checkpoint_every == 0:
+                save(step)
+        if step == total_steps and last_saved != step:
+            save(step)
+        checkpointer.wait()
+    finally:
+        progress.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    summary = _final_report(config, workdir, checkpointer, state, predict_fn, mesh, info)
+    checkpointer.close()
+    writer.close()
+    return summary
+
+
+def _final_report(config, workdir, checkpointer, state, predict_fn, mesh, info) -> dict:
+    """Evaluates the best checkpoint on every split; writes summary.json and the plots."""
+    is_chief = jax.process_index() == 0
+    params = state["params"]
+    best = checkpointer.best_step()
+    if best is not None and best != int(jax.device_get(state["step"])):
+        restored, _, _ = checkpointer.restore(best, checkpoint_lib.abstract_like(state))
+        params = restored["params"]
+    summary = {}
+    for split in REPORT_SPLITS:
+        result = evaluate_split(predict_fn, params, config, split, mesh, info)
+        if result is None:
+            continue
+        oracle = (info.oracle or {}).get(split)
+        summary[split] = {"model": result, "oracle": oracle}
+    if is_chief:
+        table = reporting.summary_table(summary)
+        print(f"\nResults (checkpoint step {best if best is not None else 'final'}):\n{table}")
+        payload = {"checkpoint_step": best, "splits": summary}
+        (Path(workdir) / "summary.json").write_text(json.dumps(payload, indent=2))
+        plots = reporting.plot_curves(workdir)
+        print(f"Wrote {Path(workdir) / 'summary.json'} and {', '.join(p.name for p in plots)}.")
+    return summary

@@ -1,0 +1,132 @@
+"""What a run tells people: metrics files, TensorBoard events, a summary table, plots.
+
+Only process 0 writes; every other process gets writers that do nothing, so callers
+need no `if process_index == 0` of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends metrics to `workdir/metrics.jsonl` and TensorBoard event files.
+
+    Args:
+      workdir: the run folder.
+      enabled: False on processes other than 0 (then nothing is written).
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Records scalar `metrics` (names like "train/loss") at `step`."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        for name, value in metrics.items():
+            self._tensorboard.add_scalar(name, float(value), int(step))
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the event files."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The records of `workdir/metrics.jsonl`, in order (empty if there are none)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def summary_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Formats {split: {"model": {...}, "oracle": {...}}} as a text table.
+
+    Columns: each model metric, then each oracle metric as "oracle <name>".
+    """
+    metric_names: list[str] = []
+    oracle_names: list[str] = []
+    for entry in summary.values():
+        for name in entry.get("model", {}):
+            if name not in metric_names:
+                metric_names.append(name)
+        for name in entry.get("oracle") or {}:
+            if name not in oracle_names:
+                oracle_names.append(name)
+    header = ["split", *metric_names, *(f"oracle {n}" for n in oracle_names)]
+    rows = [header]
+    for split, entry in summary.items():
+        model = entry.get("model", {})
+        oracle = entry.get("oracle") or {}
+        rows.append(
+            [split]
+            + [_format(model.get(n)) for n in metric_names]
+            + [_format(oracle.get(n)) for n in oracle_names]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def plot_curves(workdir: str | Path) -> list[Path]:
+    """Writes `loss.png` and `auc.png` from `metrics.jsonl`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    written = []
+    panels = {
+        "loss.png": ("loss", ["train/loss", "validation/logloss"]),
+        "auc.png": ("AUC", ["validation/auc"]),
+    }
+    for filename, (ylabel, names) in panels.items():
+        figure, axis = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for name in names:
+            points = [(r["step"], r[name]) for r in records if name in r]
+            if points:
+                steps, values = zip(*points, strict=True)
+                axis.plot(steps, values, marker="o" if len(points) < 30 else None, label=name)
+                drawn = True
+        if drawn:
+            axis.set_xlabel("step")
+            axis.set_ylabel(ylabel)
+            axis.grid(alpha=0.3)
+            axis.legend()
+            path = Path(workdir) / filename
+            figure.tight_layout()
+            figure.savefig(path, dpi=100)
+            written.append(path)
+        plt.close(figure)
+    return written
