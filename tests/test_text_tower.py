@@ -1,0 +1,139 @@
+"""The text tower: pooling, the three training modes and which parameters they train."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mmrec_jax.models.bert import BertConfig
+from mmrec_jax.models.text import TextTower, frozen_text_param, pool
+
+BERT = BertConfig(
+    vocab_size=30,
+    hidden_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=24,
+    max_position_embeddings=16,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+WIDTH = 8
+
+
+def _text_config(mode: str, pooling: str = "mean", top_n: int = 1) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {"model": "tiny", "mode": mode, "top_n": top_n, "pooling": pooling}
+    )
+
+
+def _items(num: int = 4, length: int = 6) -> dict:
+    rng = np.random.default_rng(0)
+    mask = (np.arange(length)[None, :] < np.array([6, 3, 1, 4])[:num, None]).astype(np.int32)
+    ids = rng.integers(1, BERT.vocab_size, size=(num, length)).astype(np.int32) * mask
+    return {"text_ids": ids, "text_mask": mask, "has_text": np.ones(num, bool)}
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "pooler"])
+def test_pool_matches_numpy(pooling):
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(4, 5, 3)).astype(np.float32)
+    pooled = rng.normal(size=(4, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    got = np.asarray(pool(jnp.asarray(hidden), jnp.asarray(mask), jnp.asarray(pooled), pooling))
+    if pooling == "cls":
+        want = hidden[:, 0]
+    elif pooling == "pooler":
+        want = pooled
+    else:
+        want = np.zeros((4, 3), np.float32)
+        for row in range(4):
+            real = hidden[row][mask[row] == 1]
+            if len(real):
+                want[row] = real.mean(axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_pool_rejects_unknown_pooling():
+    with pytest.raises(ValueError, match="pooling"):
+        pool(jnp.zeros((1, 2, 3)), jnp.ones((1, 2)), None, "max")
+    with pytest.raises(ValueError, match="no pooler"):
+        pool(jnp.zeros((1, 2, 3)), jnp.ones((1, 2)), None, "pooler")
+
+
+def test_frozen_mode_has_no_bert_params():
+    tower = TextTower(_text_config("frozen"), WIDTH)
+    items = {"text_embedding": np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)}
+    params = tower.init(jax.random.key(0), items)["params"]
+    assert set(params) == {"proj", "norm"}
+    assert params["proj"]["kernel"].shape == (12, WIDTH)
+    assert tower.apply({"params": params}, items).shape == (5, WIDTH)
+    with pytest.raises(ValueError, match="text_embedding"):
+        tower.apply({"params": params}, _items())
+
+
+def _grads(mode: str, pooling: str, top_n: int = 1):
+    tower = TextTower(_text_config(mode, pooling, top_n), WIDTH, BERT)
+    items = _items()
+    params = tower.init(jax.random.key(0), items)["params"]
+    target = jax.random.normal(jax.random.key(1), (4, WIDTH))
+
+    def loss(params):
+        return jnp.sum(tower.apply({"params": params}, items, train=True) * target)
+
+    grad_fn = jax.grad(loss)
+    return params, grad_fn, flax.traverse_util.flatten_dict(grad_fn(params)["bert"])
+
+
+@pytest.mark.parametrize(
+    "mode,pooling,top_n",
+    [("finetune_top_n", "mean", 1), ("finetune_top_n", "pooler", 2), ("finetune", "cls", 1)],
+)
+def test_gradients_are_exactly_zero_where_frozen(mode, pooling, top_n):
+    _, _, grads = _grads(mode, pooling, top_n)
+    config = _text_config(mode, pooling, top_n)
+    assert any(path[0] == "embeddings" for path in grads) and ("pooler", "dense", "kernel") in grads
+    for path, grad in grads.items():
+        frozen = frozen_text_param(path, config, BERT.num_hidden_layers)
+        if frozen:
+            assert not np.any(np.asarray(grad)), path
+        elif path[-2:] != ("key", "bias"):  # softmax ignores a bias shared by all keys
+            assert np.any(np.asarray(grad) != 0), path
+    layers_trained = {
+        p[2] for p in grads if p[0] == "encoder" and not frozen_text_param(p, config, 3)
+    }
+    want = {str(i) for i in range(3 - top_n, 3)} if mode == "finetune_top_n" else {"0", "1", "2"}
+    assert layers_trained == want
+
+
+def test_frozen_layers_backward_is_not_computed():
+    def matmuls(mode):
+        params, grad_fn, _ = _grads(mode, "mean", top_n=1)
+        return str(jax.make_jaxpr(grad_fn)(params)).count("dot_general")
+
+    # Forward and backward of 3 layers vs forward of 3 and backward of the top one only.
+    assert matmuls("finetune_top_n") < matmuls("finetune")
+
+
+def test_frozen_text_param_table():
+    config = _text_config("finetune_top_n", "cls", top_n=2)
+    frozen = lambda *path: frozen_text_param(path, config, 4)  # noqa: E731
+    assert frozen("embeddings", "word_embeddings", "embedding")
+    assert frozen("encoder", "layer", "1", "output", "dense", "kernel")
+    assert not frozen("encoder", "layer", "2", "output", "dense", "kernel")
+    assert frozen("pooler", "dense", "kernel")
+    assert frozen_text_param(("embeddings", "LayerNorm", "scale"), _text_config("frozen"), 4)
+    with pytest.raises(ValueError, match="top_n"):
+        frozen_text_param(("pooler",), _text_config("finetune_top_n", top_n=5), 4)
+
+
+def test_trained_modes_need_bert_config_and_tokens():
+    with pytest.raises(ValueError, match="bert_config"):
+        TextTower(_text_config("finetune"), WIDTH).init(jax.random.key(0), _items())
+    with pytest.raises(ValueError, match="text_ids"):
+        tower = TextTower(_text_config("finetune"), WIDTH, BERT)
+        tower.init(jax.random.key(0), {"text_embedding": np.zeros((2, 16), np.float32)})
