@@ -1,0 +1,136 @@
+"""The frozen-mode text embedding cache: correct values, reuse, rebuilds, corruption."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+from _tiny_bert import make_tiny_bert, torch_outputs
+
+from mmrec_jax.data import text_cache
+from mmrec_jax.data.text_cache import text_embeddings, tokenize_texts
+
+TEXTS = [
+    "a cat video",
+    None,
+    "the quick brown fox jumps over the lazy dog about a song of rain",
+    "",
+    "music",
+    "a dog video at night",
+    "song of the night",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_bert_cache")
+    return folder, make_tiny_bert(folder, seed=5)
+
+
+@pytest.fixture
+def computations(monkeypatch):
+    """Counts how often BERT actually runs over the texts."""
+    calls = []
+    compute = text_cache._compute_embeddings
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(text_cache, "_compute_embeddings", counting)
+    return calls
+
+
+def _reference(model, folder, texts, max_len, pooling):
+    """PyTorch BertModel + numpy pooling, text by text, without padding."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+    for i, text in enumerate(texts):
+        if not text:
+            continue
+        enc = tokenizer([text], truncation=True, max_length=max_len, return_tensors="np")
+        hidden, pooled = torch_outputs(model, enc["input_ids"], enc["attention_mask"])
+        out[i] = {"mean": hidden[0].mean(0), "cls": hidden[0, 0], "pooler": pooled[0]}[pooling]
+    return out
+
+
+def _cache_files(cache_dir):
+    return sorted(p for p in cache_dir.iterdir() if p.suffix in (".npy", ".json"))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "pooler"])
+def test_cache_equals_direct_computation(tiny, tmp_path, pooling):
+    folder, model = tiny
+    got = text_embeddings(TEXTS, str(folder), pooling, max_len=8, cache_dir=tmp_path, batch_size=4)
+    assert got.shape == (len(TEXTS), 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _reference(model, folder, TEXTS, 8, pooling), atol=1e-4)
+    assert not got[1].any() and not got[3].any()
+
+
+def test_rerun_reuses_and_changes_rebuild(tiny, tmp_path, computations):
+    folder, _ = tiny
+    args = dict(model_name=str(folder), pooling="mean", cache_dir=tmp_path, batch_size=4)
+    first = text_embeddings(TEXTS, max_len=8, **args)
+    files = _cache_files(tmp_path)
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    again = text_embeddings(TEXTS, max_len=8, **args)
+    assert len(computations) == 1
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
+    np.testing.assert_array_equal(first, again)
+
+    text_embeddings(TEXTS, max_len=6, **args)
+    assert len(computations) == 2
+    text_embeddings(TEXTS[:-1] + ["another song"], max_len=8, **args)
+    assert len(computations) == 3
+    text_embeddings(TEXTS, max_len=8, **{**args, "pooling": "cls"})
+    assert len(computations) == 4
+    text_embeddings(TEXTS, max_len=8, **args)  # the first cache is still there
+    assert len(computations) == 4
+
+
+def test_changed_weights_rebuild(tiny, tmp_path, computations):
+    folder, _ = tiny
+    other = tmp_path / "model"
+    shutil.copytree(folder, other)
+    args = dict(texts=TEXTS, model_name=str(other), pooling="mean", max_len=8)
+    first = text_embeddings(**args, cache_dir=tmp_path / "cache")
+    make_tiny_bert(other, seed=6)  # same names and shapes, other values
+    second = text_embeddings(**args, cache_dir=tmp_path / "cache")
+    assert len(computations) == 2
+    assert not np.allclose(first, second)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_sidecar"])
+def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path, computations, damage):
+    folder, _ = tiny
+    args = dict(texts=TEXTS, model_name=str(folder), pooling="mean", max_len=8)
+    first = text_embeddings(**args, cache_dir=tmp_path)
+    array_file = next(p for p in _cache_files(tmp_path) if p.suffix == ".npy")
+    data = array_file.read_bytes()
+    if damage == "truncate":
+        array_file.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_byte":
+        array_file.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])
+    else:
+        array_file.with_suffix(".json").unlink()
+    with pytest.warns(UserWarning, match="unusable"):
+        rebuilt = text_embeddings(**args, cache_dir=tmp_path)
+    assert len(computations) == 2
+    np.testing.assert_array_equal(rebuilt, first)
+    assert array_file.read_bytes() == data  # the rebuilt file is whole again
+    text_embeddings(**args, cache_dir=tmp_path)
+    assert len(computations) == 2
+
+
+def test_tokenize_texts_pads_to_max_len(tiny):
+    folder, _ = tiny
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ids, mask = tokenize_texts(tokenizer, TEXTS, max_len=8)
+    assert ids.shape == mask.shape == (len(TEXTS), 8)
+    assert ids.dtype == mask.dtype == np.int32
+    assert mask[2].all()  # truncated to max_len
+    assert mask[1].sum() == 2  # None: [CLS] [SEP]
+    want = tokenizer("a cat video")["input_ids"]
+    assert ids[0, : len(want)].tolist() == want and not ids[0, len(want) :].any()
