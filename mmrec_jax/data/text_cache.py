@@ -109,10 +109,11 @@ def _compute_embeddings(
         hidden, pooled = bert.apply({"params": params}, ids, mask)
         return pool(hidden, mask, pooled, pooling)
 
-    chunks = []
+    chunks = []  # fetched batch by batch, so the progress bar shows finished work
     for start in tqdm(range(0, padded, batch), desc="text embeddings", unit="batch"):
-        chunks.append(embed(params, ids[start : start + batch], mask[start : start + batch]))
-    out[rows] = np.concatenate([np.asarray(c, np.float32) for c in chunks])[: rows.size]
+        chunk = embed(params, ids[start : start + batch], mask[start : start + batch])
+        chunks.append(np.asarray(chunk, np.float32))
+    out[rows] = np.concatenate(chunks)[: rows.size]
     return out
 
 
