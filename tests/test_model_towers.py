@@ -1,0 +1,335 @@
+"""Tests of the recommender's building blocks against independent references."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import scipy.signal
+
+from mmrec_jax.models import audio as audio_lib
+from mmrec_jax.models.fusion import Fusion, modality_dropout
+from mmrec_jax.models.image import ImageTower
+from mmrec_jax.models.layers import MultiHeadAttention, masked_mean, max_pool
+from mmrec_jax.models.user import HistoryAttention, IdEmbedding
+
+# Parameter init key; XLA's RngBitGenerator is much cheaper to compile than threefry.
+INIT_KEY = jax.random.key(0, impl="rbg")
+
+
+# --- pooling -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (3, 11, 4)])
+def test_max_pool_matches_flax_max_pool(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    window = (2,) * (len(shape) - 2)
+
+    def ours(x):
+        return max_pool(x, 2)
+
+    def reference(x):
+        return nn.max_pool(x, window, strides=window, padding="VALID")
+
+    np.testing.assert_array_equal(ours(x), reference(x))
+    # Random normal inputs have no ties, so the gradients must agree exactly too.
+    cotangent = jax.random.normal(jax.random.key(1), reference(x).shape)
+    grad_ours = jax.vjp(ours, x)[1](cotangent)[0]
+    grad_ref = jax.vjp(reference, x)[1](cotangent)[0]
+    np.testing.assert_array_equal(grad_ours, grad_ref)
+
+
+def test_max_pool_rejects_too_small_input():
+    with pytest.raises(ValueError, match="larger than the spatial shape"):
+        max_pool(jnp.zeros((1, 1, 4, 3)), 2)
+
+
+def test_masked_mean_ignores_masked_entries_even_nan():
+    x = np.array([[[1.0], [3.0], [np.nan]], [[5.0], [np.inf], [7.0]]], np.float32)
+    mask = np.array([[True, True, False], [False, False, False]])
+    out = masked_mean(jnp.asarray(x), jnp.asarray(mask), axis=1)
+    np.testing.assert_array_equal(out, [[2.0], [0.0]])
+
+
+def test_attention_matches_numpy_reference():
+    batch, t, s, width, heads = 2, 3, 5, 8, 2
+    q = np.random.default_rng(0).normal(size=(batch, t, width)).astype(np.float32)
+    kv = np.random.default_rng(1).normal(size=(batch, s, width)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], bool)
+    layer = MultiHeadAttention(heads)
+    params = layer.init(INIT_KEY, q, kv, mask)["params"]
+    out = layer.apply({"params": params}, q, kv, mask)
+
+    p = jax.tree.map(np.asarray, params)
+    query = np.einsum("btd,dnh->btnh", q, p["query"]["kernel"]) + p["query"]["bias"]
+    key = np.einsum("bsd,dnh->bsnh", kv, p["key"]["kernel"]) + p["key"]["bias"]
+    value = np.einsum("bsd,dnh->bsnh", kv, p["value"]["kernel"]) + p["value"]["bias"]
+    logits = np.einsum("btnh,bsnh->bnts", query, key) / np.sqrt(width // heads)
+    logits = np.where(mask[:, None, None, :], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum("bnts,bsnh->btnh", weights, value)
+    expected = np.einsum("btnh,nhd->btd", attended, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- image ---------------------------------------------------------------------------
+
+
+def _image_config(size=8, channels=(4, 8), hidden=16):
+    return ml_collections.ConfigDict(dict(size=size, channels=channels, hidden=hidden))
+
+
+def test_image_tower_shape_and_param_count():
+    cfg = _image_config(size=12, channels=(4, 6), hidden=10)
+    tower = ImageTower(cfg, width=7)
+    images = np.random.default_rng(0).integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+    variables = tower.init(INIT_KEY, images)
+    assert tower.apply(variables, images).shape == (3, 7)
+    # Conv 3->4 and 4->6 (3x3 + bias), 12 -> 6 -> 3 pixels, Dense 3*3*6 -> 10, Dense 10 -> 7.
+    expected = (27 * 4 + 4) + (36 * 6 + 6) + (54 * 10 + 10) + (10 * 7 + 7)
+    count = sum(x.size for x in jax.tree.leaves(variables))
+    assert count == expected
+
+
+def test_image_tower_matches_torch_style_reference():
+    """The conv stack equals a numpy conv/relu/pool computation with the same weights."""
+    cfg = _image_config(size=4, channels=(2,), hidden=3)
+    tower = ImageTower(cfg, width=2)
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    params = jax.tree.map(np.asarray, tower.init(INIT_KEY, images)["params"])
+    mean = np.array([0.485, 0.456, 0.406])
+    std = np.array([0.229, 0.224, 0.225])
+    x = (images / 255.0 - mean) / std  # (N, 4, 4, 3)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernel = params["conv0"]["kernel"]  # (3, 3, 3, 2)
+    conv = np.zeros((2, 4, 4, 2))
+    for i in range(4):
+        for j in range(4):
+            patch = padded[:, i : i + 3, j : j + 3, :]
+            conv[:, i, j, :] = np.einsum("nabc,abco->no", patch, kernel)
+    conv = np.maximum(conv + params["conv0"]["bias"], 0)
+    pooled = conv.reshape(2, 2, 2, 2, 2, 2).max(axis=(2, 4)).reshape(2, -1)
+    hidden = np.maximum(pooled @ params["hidden"]["kernel"] + params["hidden"]["bias"], 0)
+    expected = hidden @ params["project"]["kernel"] + params["project"]["bias"]
+    out = tower.apply({"params": params}, images)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_image_tower_rejects_wrong_size():
+    tower = ImageTower(_image_config(size=8), width=4)
+    with pytest.raises(ValueError, match="config.model.image.size=8"):
+        tower.init(INIT_KEY, np.zeros((1, 10, 10, 3), np.uint8))
+
+
+# --- audio ---------------------------------------------------------------------------
+
+
+def _slaney_mel(hz):
+    """Slaney's Auditory Toolbox mel scale, written out independently of the model."""
+    hz = float(hz)
+    if hz < 1000.0:
+        return 3.0 * hz / 200.0
+    return 15.0 + 27.0 * np.log(hz / 1000.0) / np.log(6.4)
+
+
+def _slaney_hz(mel):
+    mel = float(mel)
+    if mel < 15.0:
+        return 200.0 * mel / 3.0
+    return 1000.0 * 6.4 ** ((mel - 15.0) / 27.0)
+
+
+def _reference_filterbank(sample_rate, n_fft, mel_bins):
+    """Triangles between mel-spaced edges, area-normalised, one frequency at a time."""
+    top = _slaney_mel(sample_rate / 2)
+    edges = [_slaney_hz(top * i / (mel_bins + 1)) for i in range(mel_bins + 2)]
+    bank = np.zeros((n_fft // 2 + 1, mel_bins))
+    for m in range(mel_bins):
+        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
+        for k in range(n_fft // 2 + 1):
+            f = k * sample_rate / n_fft
+            if lo <= f <= mid:
+                value = (f - lo) / (mid - lo)
+            elif mid < f <= hi:
+                value = (hi - f) / (hi - mid)
+            else:
+                value = 0.0
+            bank[k, m] = value * 2.0 / (hi - lo)
+    return bank, edges
+
+
+def test_mel_filterbank_matches_reference():
+    ours = audio_lib.mel_filterbank(8000, 256, 20)
+    reference, _ = _reference_filterbank(8000, 256, 20)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_log_mel_matches_scipy_stft_reference():
+    sample_rate, n_fft, hop, mel_bins = 8000, 128, 32, 16
+    wave = np.random.default_rng(0).uniform(-1, 1, (2, 1000)).astype(np.float32)
+    ours = np.asarray(audio_lib.log_mel_spectrogram(wave, sample_rate, n_fft, hop, mel_bins))
+    window = scipy.signal.get_window("hann", n_fft)  # periodic
+    _, _, spectrum = scipy.signal.stft(
+        wave.astype(np.float64),
+        window=window,
+        nperseg=n_fft,
+        noverlap=n_fft - hop,
+        boundary="zeros",
+        padded=False,
+    )  # (2, n_fft // 2 + 1, frames), scaled by 1 / sum(window)
+    power = np.abs(spectrum * window.sum()) ** 2
+    bank, _ = _reference_filterbank(sample_rate, n_fft, mel_bins)
+    expected = np.log(np.maximum(np.einsum("ukf,km->ufm", power, bank), 1e-10))
+    assert ours.shape == expected.shape == (2, 1 + 1000 // hop, mel_bins)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("tone_hz", [440.0, 1000.0, 2500.0])
+def test_log_mel_peak_is_the_tone_bin(tone_hz):
+    sample_rate, n_fft, hop, mel_bins = 8000, 256, 128, 24
+    t = np.arange(4000) / sample_rate
+    wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)[None]
+    spec = np.asarray(audio_lib.log_mel_spectrogram(wave, sample_rate, n_fft, hop, mel_bins))
+    peak = int(np.argmax(spec[0, 2:-2].mean(axis=0)))  # frames away from the zero padding
+    _, edges = _reference_filterbank(sample_rate, n_fft, mel_bins)
+    centers = np.array(edges[1:-1])
+    assert edges[peak] < tone_hz < edges[peak + 2]  # the peak filter covers the tone
+    assert peak == int(np.argmin(np.abs(centers - tone_hz)))
+
+
+def test_log_mel_floor_on_silence():
+    spec = audio_lib.log_mel_spectrogram(np.zeros((1, 512), np.float32), 8000, 64, 32, 8)
+    np.testing.assert_allclose(spec, np.log(1e-10), rtol=1e-6)
+
+
+def _audio_config(frontend, clip_samples, **kw):
+    base = dict(
+        frontend=frontend,
+        sample_rate=8000,
+        clip_samples=clip_samples,
+        n_fft=64,
+        hop_length=32,
+        mel_bins=8,
+        channels=(4, 6),
+        hidden=10,
+    )
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_raw_audio_tower_is_the_seed_conv1d_stack():
+    cfg = _audio_config("raw", 56, channels=(64, 128), hidden=512)
+    tower = audio_lib.AudioTower(cfg, width=16)
+    wave = np.random.default_rng(0).uniform(-1, 1, (2, 56)).astype(np.float32)
+    variables = tower.init(INIT_KEY, wave)
+    params = variables["params"]
+    # The seed: Conv1d(1, 64, 3), Conv1d(64, 128, 3), Linear(128 * 14, 512).
+    assert params["conv0"]["kernel"].shape == (3, 1, 64)
+    assert params["conv1"]["kernel"].shape == (3, 64, 128)
+    assert params["hidden"]["kernel"].shape == (128 * 14, 512)
+    assert tower.apply(variables, wave).shape == (2, 16)
+
+
+def test_logmel_audio_tower_shape():
+    cfg = _audio_config("logmel", 256)
+    tower = audio_lib.AudioTower(cfg, width=5)
+    wave = np.random.default_rng(0).uniform(-1, 1, (3, 256)).astype(np.float32)
+    variables = tower.init(INIT_KEY, wave)
+    # 1 + 256 // 32 = 9 frames -> 4 -> 2 after two pools, 6 channels.
+    assert variables["params"]["hidden"]["kernel"].shape == (2 * 6, 10)
+    assert tower.apply(variables, wave).shape == (3, 5)
+
+
+def test_audio_tower_rejects_bad_input():
+    tower = audio_lib.AudioTower(_audio_config("raw", 56), width=4)
+    with pytest.raises(ValueError, match="clip_samples"):
+        tower.init(INIT_KEY, np.zeros((1, 60), np.float32))
+    tower = audio_lib.AudioTower(_audio_config("mfcc", 56), width=4)
+    with pytest.raises(ValueError, match="frontend='mfcc'"):
+        tower.init(INIT_KEY, np.zeros((1, 56), np.float32))
+
+
+# --- user ----------------------------------------------------------------------------
+
+
+def test_id_embedding_maps_unknown_ids_to_the_oov_row():
+    layer = IdEmbedding(num_ids=5, width=3)
+    ids = np.array([0, 1, 5, 6, -1, 100], np.int32)
+    variables = layer.init(INIT_KEY, ids)
+    table = variables["params"]["embedding"]["embedding"]
+    assert table.shape == (6, 3)
+    out = layer.apply(variables, ids)
+    np.testing.assert_array_equal(out, table[np.array([0, 1, 5, 0, 0, 0])])
+
+
+def test_id_embedding_needs_a_vocabulary():
+    with pytest.raises(ValueError, match="num_users / num_items"):
+        IdEmbedding(num_ids=0, width=3).init(INIT_KEY, np.zeros(2, np.int32))
+
+
+def test_history_attention_ignores_padding_and_empty_histories():
+    rng = np.random.default_rng(0)
+    candidate = rng.normal(size=(3, 8)).astype(np.float32)
+    history = rng.normal(size=(3, 4, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], bool)
+    layer = HistoryAttention(num_heads=2)
+    variables = layer.init(INIT_KEY, candidate, history, mask)
+    token, present = layer.apply(variables, candidate, history, mask)
+    changed = history.copy()
+    changed[~mask] = rng.normal(size=changed[~mask].shape) * 100
+    token2, _ = layer.apply(variables, candidate, changed, mask)
+    np.testing.assert_array_equal(token, token2)
+    np.testing.assert_array_equal(present, [True, True, False])
+    np.testing.assert_array_equal(token[2], 0.0)
+    # A real history entry does matter.
+    changed = history.copy()
+    changed[0, 0] = rng.normal(size=8)
+    assert not np.allclose(layer.apply(variables, candidate, changed, mask)[0][0], token[0])
+
+
+# --- fusion --------------------------------------------------------------------------
+
+
+def test_modality_dropout_never_drops_all_item_tokens_nor_user_tokens():
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 0, 0, 1, 0], [0, 1, 0, 1, 1]], bool)
+    for seed in range(20):
+        out = np.asarray(modality_dropout(jax.random.key(seed), mask, 3, rate=0.7))
+        assert not np.any(out & ~np.asarray(mask))  # only drops
+        assert np.all(out[:, :3].any(axis=1))  # never all present item tokens
+        np.testing.assert_array_equal(out[:, 3:], mask[:, 3:])  # user tokens stay
+    rates = [modality_dropout(jax.random.key(s), mask[:1], 3, 0.3)[0, :3] for s in range(300)]
+    assert 0.55 < float(np.mean(rates)) < 0.85  # ~0.7 kept (plus the all-dropped fallback)
+
+
+def _fusion(num_item_tokens=2, modality_rate=0.0):
+    cfg = ml_collections.ConfigDict(
+        dict(num_layers=2, num_heads=2, mlp_dim=8, dropout=0.0, modality_dropout=modality_rate)
+    )
+    return Fusion(cfg, num_item_tokens)
+
+
+def test_fusion_ignores_masked_tokens_and_scores_each_row():
+    tokens = np.random.default_rng(0).normal(size=(3, 4, 8)).astype(np.float32)
+    mask = np.array([[1, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0]], bool)
+    fusion = _fusion()
+    variables = fusion.init(INIT_KEY, tokens, mask)
+    logits = fusion.apply(variables, tokens, mask)
+    assert logits.shape == (3,) and logits.dtype == jnp.float32
+    changed = np.where(mask[..., None], tokens, 1e3).astype(np.float32)
+    np.testing.assert_array_equal(fusion.apply(variables, changed, mask), logits)
+    changed = tokens.copy()
+    changed[:, 0] = np.random.default_rng(1).normal(size=(3, 8))
+    assert not np.allclose(fusion.apply(variables, changed, mask)[:2], logits[:2])
+
+
+def test_fusion_modality_dropout_only_in_training():
+    tokens = np.random.default_rng(0).normal(size=(16, 4, 8)).astype(np.float32)
+    mask = np.ones((16, 4), bool)
+    fusion = _fusion(num_item_tokens=3, modality_rate=0.5)
+    variables = fusion.init(INIT_KEY, tokens, mask)
+    eval_logits = fusion.apply(variables, tokens, mask)
+    a = fusion.apply(variables, tokens, mask, True, rngs={"dropout": jax.random.key(1)})
+    b = fusion.apply(variables, tokens, mask, True, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, eval_logits)

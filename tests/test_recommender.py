@@ -1,0 +1,336 @@
+"""Tests of the assembled recommender: tower subsets, masking, gradients, validation."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from mmrec_jax import schema
+from mmrec_jax.models import bert_weights
+from mmrec_jax.models.bert import Bert, BertConfig
+from mmrec_jax.models.recommender import (
+    Recommender,
+    build_model,
+    count_params_by_tower,
+    format_param_counts,
+)
+
+ALL = "text,image,audio,id,history"
+B, U, H, DT, L = 5, 7, 3, 6, 5
+NUM_USERS, NUM_ITEMS = 6, 9
+
+
+def tiny_config(towers=ALL, text_mode="frozen", dtype="float32"):
+    """config.model shrunk to a few parameters per tower."""
+    cfg = default.get_config().model
+    cfg.towers = towers
+    cfg.width = 8
+    cfg.dtype = dtype
+    cfg.num_users = NUM_USERS
+    cfg.num_items = NUM_ITEMS
+    cfg.text.mode = text_mode
+    cfg.image.size = 8
+    cfg.image.channels = (2, 3)
+    cfg.image.hidden = 6
+    cfg.audio.clip_samples = 96
+    cfg.audio.n_fft = 32
+    cfg.audio.hop_length = 16
+    cfg.audio.mel_bins = 4
+    cfg.audio.channels = (3,)
+    cfg.audio.hidden = 6
+    cfg.user.num_heads = 2
+    cfg.fusion.num_layers = 1
+    cfg.fusion.num_heads = 2
+    cfg.fusion.mlp_dim = 8
+    return cfg
+
+
+def init_key(seed=0):
+    """A PRNG key whose random-bit generator compiles fast (init compiles 2-3x quicker)."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def random_params(model, batch, seed=0):
+    """Random parameters of `model`'s shapes, without compiling its init."""
+    shapes = jax.eval_shape(model.init, init_key(), batch)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.5 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+
+
+def make_batch(cfg, seed=0, history=True):
+    """A random batch following mmrec_jax.schema for `cfg`'s towers."""
+    rng = np.random.default_rng(seed)
+    towers = schema.parse_towers(cfg.towers)
+    items = {
+        "item_id": rng.integers(0, NUM_ITEMS + 1, U).astype(np.int32),
+        "item_index": np.arange(U, dtype=np.int32),
+    }
+    if "text" in towers:
+        if cfg.text.mode == "frozen":
+            items["text_embedding"] = rng.normal(size=(U, DT)).astype(np.float32)
+        else:
+            items["text_ids"] = rng.integers(1, 30, (U, L)).astype(np.int32)
+            items["text_mask"] = (np.arange(L)[None] < rng.integers(1, L + 1, (U, 1))).astype(
+                np.int32
+            )
+        items["has_text"] = np.ones(U, bool)
+    if "image" in towers:
+        size = cfg.image.size
+        items["image"] = rng.integers(0, 256, (U, size, size, 3)).astype(np.uint8)
+        items["has_image"] = np.ones(U, bool)
+    if "audio" in towers:
+        items["audio"] = rng.uniform(-1, 1, (U, cfg.audio.clip_samples)).astype(np.float32)
+        items["has_audio"] = np.ones(U, bool)
+    batch = {
+        "user_id": rng.integers(0, NUM_USERS + 1, B).astype(np.int32),
+        "user_index": np.arange(B, dtype=np.int32),
+        "item_slot": rng.permutation(U)[:B].astype(np.int32),
+        "label": rng.integers(0, 2, B).astype(np.float32),
+        "weight": np.ones(B, np.float32),
+        "items": items,
+    }
+    if "history" in towers and history:
+        batch["history_slot"] = rng.integers(0, U, (B, H)).astype(np.int32)
+        mask = np.arange(H)[None] < rng.integers(1, H + 1, (B, 1))
+        mask[0] = False  # a user without history
+        batch["history_mask"] = mask
+    return batch
+
+
+@functools.cache
+def full_model():
+    """The all-towers model (frozen text, log-mel audio), its variables and a jitted apply."""
+    model = Recommender(tiny_config())
+    variables = jax.jit(model.init)(init_key(), make_batch(model.config))
+    return model, variables, jax.jit(functools.partial(model.apply, train=False))
+
+
+def _replace_items(batch, **fields):
+    return {**batch, "items": {**batch["items"], **fields}}
+
+
+@pytest.mark.parametrize(
+    "towers",
+    ["text", "image", "audio", "id", "text,image,audio,id", ALL, "image,history", "id,history"],
+)
+def test_output_shape_for_every_tower_combination(towers):
+    cfg = tiny_config(towers)
+    model = Recommender(cfg)
+    batch = make_batch(cfg)
+    logits, variables = jax.eval_shape(model.init_with_output, init_key(), batch)
+    assert logits.shape == (B,) and logits.dtype == jnp.float32
+    expected = {
+        "text": {"text"},
+        "image": {"image"},
+        "audio": {"audio"},
+        "id": {"item_id", "user_id"},
+        "history": {"history"},
+    }
+    names = {"fusion"}.union(*(expected[t] for t in schema.parse_towers(towers)))
+    assert set(variables["params"]) == names
+
+
+def test_jit_and_eager_give_the_same_logits():
+    model, variables, apply = full_model()
+    batch = make_batch(model.config, seed=1)
+    eager = model.apply(variables, batch)
+    np.testing.assert_allclose(apply(variables, batch), eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flag,field,new_content",
+    [
+        ("has_text", "text_embedding", lambda x, r: r.normal(size=x.shape).astype(x.dtype)),
+        ("has_image", "image", lambda x, r: r.integers(0, 256, x.shape).astype(x.dtype)),
+        ("has_audio", "audio", lambda x, r: r.uniform(-1, 1, x.shape).astype(x.dtype)),
+    ],
+)
+def test_absent_modality_content_is_ignored_present_is_used(flag, field, new_content):
+    model, variables, apply = full_model()
+    batch = make_batch(model.config, seed=2)
+    rng = np.random.default_rng(3)
+    changed = new_content(batch["items"][field], rng)
+    # Present: the content matters.
+    assert not np.allclose(
+        apply(variables, batch), apply(variables, _replace_items(batch, **{field: changed}))
+    )
+    # Absent on every item (candidates and history items): the content does not matter.
+    absent = _replace_items(batch, **{flag: np.zeros(U, bool)})
+    before = apply(variables, absent)
+    after = apply(variables, _replace_items(absent, **{field: changed}))
+    np.testing.assert_array_equal(before, after)
+
+
+def test_history_padding_does_not_change_the_output():
+    model, variables, apply = full_model()
+    batch = make_batch(model.config, seed=4)
+    mask = batch["history_mask"]
+    assert (~mask).any() and mask.any()
+    slots = batch["history_slot"].copy()
+    slots[~mask] = (slots[~mask] + 1 + np.arange((~mask).sum())) % U
+    np.testing.assert_array_equal(
+        apply(variables, batch), apply(variables, {**batch, "history_slot": slots})
+    )
+    # A real history entry does change the output of its row.
+    row, col = np.argwhere(mask)[0]
+    slots = batch["history_slot"].copy()
+    slots[row, col] = (slots[row, col] + 1) % U
+    changed = apply(variables, {**batch, "history_slot": slots})
+    assert not np.allclose(changed[row], apply(variables, batch)[row])
+
+
+def test_encode_items_then_score_ranks_a_catalogue():
+    model, variables, apply = full_model()
+    batch = make_batch(model.config, seed=5)
+    encoded = jax.jit(functools.partial(model.apply, method=model.encode_items))(
+        variables, batch["items"]
+    )
+    assert encoded["tokens"].shape == (U, 4, 8)
+    assert encoded["mask"].shape == (U, 4)
+    assert encoded["embedding"].shape == (U, 8)
+    # Every user of the batch against every item of the block, without re-encoding items.
+    users = np.repeat(np.arange(B), U)
+    rows = {
+        "user_id": batch["user_id"][users],
+        "item_slot": np.tile(np.arange(U, dtype=np.int32), B),
+        "history_slot": batch["history_slot"][users],
+        "history_mask": batch["history_mask"][users],
+    }
+    score = jax.jit(functools.partial(model.apply, method=model.score))
+    grid = score(variables, rows, encoded).reshape(B, U)
+    np.testing.assert_allclose(
+        grid[np.arange(B), batch["item_slot"]], apply(variables, batch), rtol=1e-5, atol=1e-6
+    )
+
+
+def _grads(model, variables, batch):
+    def loss(params):
+        return jnp.sum(model.apply({"params": params}, batch))
+
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+
+def test_gradients_reach_every_parameter_with_frozen_text():
+    model, variables, _ = full_model()
+    grads = _grads(model, variables, make_batch(model.config, seed=6))
+    flat = flax.traverse_util.flatten_dict(grads)
+    zero = [k for k, g in flat.items() if not np.any(np.asarray(g))]
+    assert not zero, f"parameters without gradient: {zero}"
+    assert "bert" not in grads["text"]  # frozen: the text tower holds only its projection
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_folder(tmp_path_factory):
+    """A 2-layer random BERT checkpoint folder (config.json + model.safetensors)."""
+    bert_config = BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
+    ids = np.ones((1, L), np.int32)
+    shapes = jax.eval_shape(Bert(bert_config).init, init_key(), ids, ids)["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: 0.5 * rng.normal(size=s.shape).astype(np.float32), shapes)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    bert_weights.save_pretrained(params, bert_config, folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("mode,pooling", [("finetune_top_n", "cls"), ("finetune", "pooler")])
+def test_gradients_in_trained_text_modes(tiny_bert_folder, mode, pooling):
+    cfg = tiny_config("text,id", text_mode=mode)
+    cfg.text.model = tiny_bert_folder
+    cfg.text.top_n = 1
+    cfg.text.pooling = pooling
+    model = build_model(cfg)
+    batch = make_batch(cfg, seed=7)
+    grads = _grads(model, {"params": random_params(model, batch)}, batch)
+    bert = flax.traverse_util.flatten_dict(grads["text"]["bert"])
+    for path, grad in bert.items():
+        trained = mode == "finetune" or (path[:3] == ("encoder", "layer", "1"))
+        if path[0] == "pooler":
+            trained = pooling == "pooler"
+        if trained:
+            assert np.any(np.asarray(grad)), f"no gradient for trained BERT parameter {path}"
+        else:
+            assert not np.any(np.asarray(grad)), f"gradient for frozen BERT parameter {path}"
+    others = {k: v for k, v in grads.items() if k != "text"}
+    others["text_proj"] = grads["text"]["proj"]
+    for path, grad in flax.traverse_util.flatten_dict(others).items():
+        assert np.any(np.asarray(grad)), f"no gradient for {path}"
+
+
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (lambda b: {k: v for k, v in b.items() if k != "item_slot"}, "item_slot"),
+        (lambda b: {**b, "history_mask": b["history_mask"][:, :2]}, "history_mask"),
+        (lambda b: _replace_items(b, image=b["items"]["image"][:, :4]), "image"),
+        (lambda b: _replace_items(b, audio=b["items"]["audio"][:, :50]), "audio"),
+        (
+            lambda b: {**b, "items": {k: v for k, v in b["items"].items() if k != "has_text"}},
+            "has_text",
+        ),
+        (lambda b: _replace_items(b, text_embedding=b["items"]["text_embedding"][0]), "text_"),
+    ],
+)
+def test_bad_batch_fails_naming_the_field(edit, field):
+    cfg = tiny_config()
+    model = Recommender(cfg)
+    bad = edit(make_batch(cfg))
+    with pytest.raises(schema.BatchError, match=f"'{field}"):
+        jax.eval_shape(model.init, init_key(), bad)
+
+
+def test_config_errors_name_the_key():
+    cfg = tiny_config("text,id")
+    cfg.num_users = 0
+    with pytest.raises(ValueError, match="config.model.num_users=0"):
+        jax.eval_shape(Recommender(cfg).init, init_key(), make_batch(cfg))
+    cfg = tiny_config("history")
+    with pytest.raises(ValueError, match="no item tower"):
+        jax.eval_shape(Recommender(cfg).init, init_key(), make_batch(cfg))
+
+
+def test_bfloat16_compute_with_float32_params():
+    model, variables, apply = full_model()
+    model16 = Recommender(tiny_config(dtype="bfloat16"))
+    batch = make_batch(model.config, seed=8)
+    params16 = jax.eval_shape(model16.init, init_key(), batch)["params"]
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
+    logits16 = jax.jit(model16.apply)(variables, batch)
+    assert logits16.dtype == jnp.float32
+    np.testing.assert_allclose(logits16, apply(variables, batch), atol=0.1)
+
+
+def test_training_mode_uses_dropout_rng():
+    model, variables, _ = full_model()
+    batch = make_batch(model.config, seed=9)
+    train = jax.jit(functools.partial(model.apply, train=True))
+    a = train(variables, batch, rngs={"dropout": jax.random.key(1)})
+    b = train(variables, batch, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(a, train(variables, batch, rngs={"dropout": jax.random.key(1)}))
+    assert not np.allclose(a, b)
+
+
+def test_param_counts_per_tower():
+    model, variables, _ = full_model()
+    counts = count_params_by_tower(variables)
+    cfg = model.config
+    assert counts["total"] == sum(x.size for x in jax.tree.leaves(variables))
+    assert counts["id"] == (NUM_USERS + 1 + NUM_ITEMS + 1) * cfg.width
+    # Conv 3->2, conv 2->3 (3x3 + bias); 8 -> 4 -> 2 pixels; dense 2*2*3 -> 6; dense 6 -> 8.
+    assert counts["image"] == (27 * 2 + 2) + (18 * 3 + 3) + (12 * 6 + 6) + (6 * 8 + 8)
+    # Frozen text: Dense DT -> width and a LayerNorm.
+    assert counts["text"] == DT * 8 + 8 + 2 * 8
+    assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
+    table = format_param_counts(variables)
+    for tower in ("text", "image", "audio", "id", "history", "fusion", "total"):
+        assert tower in table
