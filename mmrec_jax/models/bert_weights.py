@@ -68,7 +68,7 @@ _SKIP = re.compile(r"(^|\.)position_ids$|^cls\.|^(bert\.)?embeddings\.token_type
 # Prefix of pretraining checkpoints (BertForPreTraining, BertForMaskedLM, ...).
 _PREFIX = "bert."
 
-# Files that carry the tokenizer; copied by fingerprints and written by save_pretrained.
+# Files that carry the tokenizer (hashed into the text cache fingerprint).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
