@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.num_workers = 0
     # Batches prepared ahead of the train step.
     data.prefetch = 2
+    # Decode all item images/audio into memory up to this size (MiB); above it, per batch.
+    data.max_item_memory_mib = 4096
     # mmrec_synthetic sizes, used when the dataset is built on first use.
     data.synthetic = synthetic = ml_collections.ConfigDict()
     # Users in the synthetic dataset.
@@ -39,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
     synthetic.num_items = 1200
     # Seed of the synthetic dataset (a different seed is a different dataset).
     synthetic.seed = 0
+    # Share of the synthetic items never seen in training (they form the test_cold split).
+    synthetic.cold_item_share = 0.2
+    # Share of the synthetic items lacking each modality (independently per modality).
+    synthetic.missing_share = 0.1
 
     # The model: which towers, their sizes and the compute dtype.
     config.model = model = ml_collections.ConfigDict()

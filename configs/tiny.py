@@ -8,7 +8,8 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     """Returns the default config shrunk to test size."""
     config = default.get_config()
-    # A small synthetic dataset, built in a second or two.
+    # A small synthetic dataset, built in a second or two, in its own folder.
+    config.data.data_dir = "data/tiny"
     config.data.synthetic.num_users = 60
     config.data.synthetic.num_items = 80
     config.data.max_text_len = 16
