@@ -282,6 +282,16 @@ class MmrecBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._content = content
         super().__init__(**kwargs)
 
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        """None: these builders download nothing, so they have no checksums file to find.
+
+        (TFDS's own lookup of the module's package resources fails for editable installs
+        without the importlib_resources backport.)
+        """
+        return None
+
     def _make_content(self) -> DatasetContent:
         raise RuntimeError(
             f"Dataset {self.name!r} is written by its importer; it cannot be generated here."

@@ -1,0 +1,666 @@
+"""`mmrec_local`: your own interactions and item content as a TFDS dataset.
+
+    python -m mmrec_jax.data.local --input DIR --output DATA_DIR [--name NAME]
+        [--split leave_last|random|cold_items] [--positive_threshold 4.0] [--skip_invalid]
+
+DIR holds
+
+- `interactions.csv` (or `.jsonl` / `.parquet`): `user_id`, `item_id`, and `label` (0/1)
+  or `rating` (a number; `rating >= --positive_threshold` is a positive), optional
+  `timestamp` (a number, or an ISO 8601 date and time). Without `label` and `rating` every
+  row is a positive: the pipeline samples negatives (config.data.negatives_per_positive).
+- `items.csv` (or `.jsonl` / `.parquet`): `item_id` and any of `text` (or several
+  columns `text_*`, or the columns named by `--text_columns`, joined into one text),
+  `image` (a path relative to DIR, JPEG or PNG, any size and mode) and `audio` (a path,
+  WAV, FLAC or OGG, any sample rate and channel count). An empty cell means the item
+  lacks that modality.
+
+Images are stored as RGB PNGs at most `--max_image_side` pixels on their longer side,
+audio as mono 16-bit WAV at `--audio_sample_rate` Hz, cut to `--max_audio_seconds`; the
+pipeline resizes and resamples them to the model's sizes.
+
+Every bad row is reported with its file and line (`items.csv:7: ...`): an interaction
+naming an unknown item, a duplicate item id, a missing or undecodable image or audio
+file, a non-numeric label or rating, a bad timestamp, an empty id, an unreadable JSON
+line; an empty file is an error too. Without `--skip_invalid` the import fails listing
+them all. With it, the rows are skipped (for a bad image or audio file, only that file:
+the item keeps its other content and lacks that modality) and the counts of each kind
+are printed. Nothing is dropped silently.
+
+Splits (`--split`): `leave_last` (the default when timestamps exist): per user with at
+least 3 interactions, the last one (by time, ties by file order) is test and the one
+before validation. `random` (the default otherwise): a seeded `--eval_share` of the
+interactions each for validation and test. `cold_items`: a seeded `--cold_item_share` of
+the items never appear in train (all their interactions are test_cold); the rest is
+split leave_last (random without timestamps). With every method, test interactions with
+items that never occur in train move to test_cold, so test holds only items seen in
+training.
+
+The importer ends by printing the command that trains on what it built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmrec_jax.data import builder, media
+
+DEFAULT_NAME = "mmrec_local"
+SPLIT_METHODS = ("leave_last", "random", "cold_items")
+TABLE_SUFFIXES = {
+    "interactions": (".csv", ".jsonl", ".parquet"),
+    "items": (".csv", ".jsonl", ".parquet"),
+}
+
+
+class ImportFailed(ValueError):
+    """The input has problems (each named with its file and line) or a wrong structure."""
+
+
+@dataclasses.dataclass
+class ImportOptions:
+    """How an import turns input rows into a dataset (the command-line flags)."""
+
+    # Dataset name (snake_case).
+    name: str = DEFAULT_NAME
+    # leave_last, random or cold_items; None: leave_last with timestamps, else random.
+    split: str | None = None
+    # Ratings at or above this are positives.
+    positive_threshold: float = 4.0
+    # Skip bad rows (and bad media files) instead of failing.
+    skip_invalid: bool = False
+    # Seed of the random and cold_items splits.
+    seed: int = 0
+    # History entries stored per interaction.
+    history_len: int = builder.DEFAULT_HISTORY_LEN
+    # Longer side of stored images in pixels.
+    max_image_side: int = 128
+    # Sample rate of stored audio in Hz.
+    audio_sample_rate: int = 16000
+    # Longest stored audio clip in seconds.
+    max_audio_seconds: float = 10.0
+    # random split: share of interactions for validation, and for test.
+    eval_share: float = 0.1
+    # cold_items split: share of the items held out of training.
+    cold_item_share: float = 0.1
+    # Item text columns to join (None: "text", else every "text_*" column).
+    text_columns: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass
+class Row:
+    """One input row: its values and where it came from ("items.csv:7")."""
+
+    values: dict[str, Any]
+    where: str
+
+
+@dataclasses.dataclass
+class RawItem:
+    """An item as read from the input, before its media are checked."""
+
+    key: str
+    text: str
+    image: Path | None
+    audio: Path | None
+    where: str
+
+
+@dataclasses.dataclass
+class RawInteraction:
+    """An interaction as read from the input."""
+
+    user: str
+    item: str
+    label: float | None  # from a label column
+    rating: float | None  # from a rating column
+    timestamp: int | None
+    where: str
+
+
+class Problems:
+    """Bad rows found in the input, each with its location, grouped by kind."""
+
+    def __init__(self):
+        self.entries: list[tuple[str, str, str]] = []  # (where, kind, detail)
+
+    def add(self, where: str, kind: str, detail: str) -> None:
+        self.entries.append((where, kind, detail))
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def counts(self) -> dict[str, int]:
+        return dict(collections.Counter(kind for _, kind, _ in self.entries))
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
+
+    def lines(self) -> list[str]:
+        return [f"{where}: {kind}: {detail}" for where, kind, detail in self.entries]
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def find_table(folder: Path, stem: str) -> Path:
+    """FOLDER/STEM.csv, .jsonl or .parquet (exactly one of them)."""
+    found = [
+        folder / f"{stem}{s}" for s in TABLE_SUFFIXES[stem] if (folder / f"{stem}{s}").is_file()
+    ]
+    if not found:
+        names = " or ".join(f"{stem}{s}" for s in TABLE_SUFFIXES[stem])
+        raise ImportFailed(f"{folder} has no {names}.")
+    if len(found) > 1:
+        raise ImportFailed(
+            f"{folder} has {' and '.join(p.name for p in found)}; keep only one of them."
+        )
+    return found[0]
+
+
+def _cell(value: Any) -> str:
+    """A cell as stripped text ("" for missing values; lists joined with ', ')."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value if _cell(v))
+    return str(value).strip()
+
+
+def read_table(path: Path, problems: Problems) -> tuple[list[str], list[Row]]:
+    """Reads a CSV, JSON Lines or Parquet table into rows that know their location.
+
+    Returns:
+      (column names, rows). An empty file is recorded as a problem and gives no rows.
+    """
+    rows: list[Row] = []
+    if path.stat().st_size == 0:
+        problems.add(path.name, "empty file", "the file has no content")
+        return [], rows
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                problems.add(path.name, "empty file", "the file has no header")
+                return [], rows
+            columns = [c.strip() for c in header]
+            line = reader.line_num + 1
+            for values in reader:
+                if any(v.strip() for v in values):
+                    rows.append(
+                        Row(dict(zip(columns, values, strict=False)), f"{path.name}:{line}")
+                    )
+                line = reader.line_num + 1
+    elif path.suffix == ".jsonl":
+        columns = []
+        with open(path, encoding="utf-8") as f:
+            for number, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                where = f"{path.name}:{number}"
+                try:
+                    values = json.loads(text)
+                except json.JSONDecodeError as error:
+                    problems.add(where, "bad JSON line", str(error))
+                    continue
+                if not isinstance(values, dict):
+                    problems.add(where, "bad JSON line", "a line must hold one JSON object")
+                    continue
+                columns += [k for k in values if k not in columns]
+                rows.append(Row(values, where))
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        columns = list(table.column_names)
+        for number, values in enumerate(table.to_pylist(), start=1):
+            rows.append(Row(values, f"{path.name} row {number}"))
+    if not rows:
+        problems.add(path.name, "empty file", "the file has no data rows")
+    return columns, rows
+
+
+def _require(path: Path, columns: Sequence[str], required: Iterable[str]) -> None:
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ImportFailed(
+            f"{path.name} lacks the column(s) {', '.join(missing)} (it has "
+            f"{', '.join(columns) or 'none'})."
+        )
+
+
+def _text_columns(columns: Sequence[str], wanted: Sequence[str] | None, path: Path) -> list[str]:
+    if wanted:
+        _require(path, columns, wanted)
+        return list(wanted)
+    if "text" in columns:
+        return ["text"]
+    return [c for c in columns if c.startswith("text_")]
+
+
+def read_items(folder: Path, options: ImportOptions, problems: Problems) -> list[RawItem]:
+    """The item rows of FOLDER/items.*, with media paths resolved against FOLDER."""
+    path = find_table(folder, "items")
+    columns, rows = read_table(path, problems)
+    if not rows:
+        return []
+    _require(path, columns, ["item_id"])
+    text_columns = _text_columns(columns, options.text_columns, path)
+    items = []
+    for row in rows:
+        key = _cell(row.values.get("item_id"))
+        if not key:
+            problems.add(row.where, "empty item_id", "the row has no item_id")
+            continue
+        text = ". ".join(t for t in (_cell(row.values.get(c)) for c in text_columns) if t)
+        paths = {}
+        for m in ("image", "audio"):
+            value = _cell(row.values.get(m))
+            paths[m] = (folder / value) if value else None
+        items.append(RawItem(key, text, paths["image"], paths["audio"], row.where))
+    return items
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _timestamp(text: str) -> int:
+    try:
+        return int(round(_number(text)))
+    except ValueError:
+        stamp = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+        return int(stamp.timestamp())
+
+
+def read_interactions(folder: Path, problems: Problems) -> tuple[list[RawInteraction], dict]:
+    """The interaction rows of FOLDER/interactions.* and which columns they had."""
+    path = find_table(folder, "interactions")
+    columns, rows = read_table(path, problems)
+    if not rows:
+        return [], {}
+    _require(path, columns, ["user_id", "item_id"])
+    has = {c: c in columns for c in ("label", "rating", "timestamp")}
+    out = []
+    for row in rows:
+        values = {k: _cell(v) for k, v in row.values.items()}
+        user, item = values.get("user_id", ""), values.get("item_id", "")
+        if not user:
+            problems.add(row.where, "empty user_id", "the row has no user_id")
+            continue
+        if not item:
+            problems.add(row.where, "empty item_id", "the row has no item_id")
+            continue
+        label = rating = stamp = None
+        if has["label"]:
+            text = values.get("label", "")
+            try:
+                label = _number(text)
+            except ValueError:
+                if text.lower() in ("true", "false"):
+                    label = float(text.lower() == "true")
+                else:
+                    problems.add(row.where, "non-numeric label", f"label {text!r} is not 0 or 1")
+                    continue
+            if label not in (0.0, 1.0):
+                problems.add(row.where, "non-numeric label", f"label {text!r} is not 0 or 1")
+                continue
+        elif has["rating"]:
+            text = values.get("rating", "")
+            try:
+                rating = _number(text)
+            except ValueError:
+                problems.add(row.where, "non-numeric rating", f"rating {text!r} is not a number")
+                continue
+        if has["timestamp"]:
+            text = values.get("timestamp", "")
+            try:
+                stamp = _timestamp(text)
+            except (ValueError, OverflowError, OSError):
+                problems.add(
+                    row.where,
+                    "bad timestamp",
+                    f"timestamp {text!r} is neither a number nor an ISO 8601 date and time",
+                )
+                continue
+        out.append(RawInteraction(user, item, label, rating, stamp, row.where))
+    return out, has
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _load_media(
+    items: list[RawItem], options: ImportOptions, problems: Problems, verbose: bool
+) -> tuple[list[bytes], list[bytes]]:
+    """Each item's normalized image and audio bytes (b"" when absent or bad)."""
+    images, audios = [], []
+    verbose = verbose and any(i.image or i.audio for i in items)
+    max_samples = int(round(options.max_audio_seconds * options.audio_sample_rate))
+    start = time.perf_counter()
+    if verbose:
+        print(f"Checking {len(items)} items' images and audio...", flush=True)
+    for done, item in enumerate(items, start=1):
+        for m, path, out in (("image", item.image, images), ("audio", item.audio, audios)):
+            if path is None:
+                out.append(b"")
+                continue
+            if not path.is_file():
+                problems.add(item.where, f"missing {m} file", f"{path} does not exist")
+                out.append(b"")
+                continue
+            try:
+                data = path.read_bytes()
+                if m == "image":
+                    out.append(media.normalize_image(data, options.max_image_side))
+                else:
+                    out.append(media.normalize_audio(data, options.audio_sample_rate, max_samples))
+            except media.MediaError as error:
+                problems.add(item.where, f"undecodable {m}", f"{path}: {error}")
+                out.append(b"")
+        if verbose and (done % 2000 == 0 or (done == len(items) and done >= 2000)):
+            print(f"  media: {done}/{len(items)} items ({time.perf_counter() - start:.0f} s)")
+    return images, audios
+
+
+def _split_codes(
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray,
+    method: str,
+    options: ImportOptions,
+    num_items: int,
+    has_time: bool,
+) -> np.ndarray:
+    """Split code (index into builder.SPLITS) per interaction."""
+    n = users.shape[0]
+    rng = np.random.default_rng(options.seed)
+    codes = np.zeros(n, np.int8)
+    if method == "cold_items":
+        used = np.unique(items)
+        count = max(1, int(round(options.cold_item_share * used.shape[0])))
+        cold = np.zeros(num_items, bool)
+        cold[rng.permutation(used)[:count]] = True
+        codes[cold[items]] = 3
+        rest = ~cold[items]
+        rest_method = "leave_last" if has_time else "random"
+        codes[rest] = _split_codes(
+            users[rest], items[rest], times[rest], rest_method, options, num_items, has_time
+        )
+        return codes
+    if method == "random":
+        draw = rng.random(n)
+        codes[draw < 2 * options.eval_share] = 2
+        codes[draw < options.eval_share] = 1
+        return codes
+    order = np.lexsort((np.arange(n), times, users))
+    sorted_users = users[order]
+    # Position of each interaction counted from its user's last one (0 = last).
+    ends = np.r_[np.flatnonzero(np.diff(sorted_users)), n - 1]
+    counts = np.diff(np.r_[-1, ends])
+    from_end = np.repeat(ends, counts) - np.arange(n)
+    enough = np.repeat(counts, counts) >= 3
+    sorted_codes = np.where(enough & (from_end == 0), 2, np.where(enough & (from_end == 1), 1, 0))
+    codes[order] = sorted_codes
+    return codes
+
+
+def build_content(
+    raw_items: list[RawItem],
+    raw_interactions: list[RawInteraction],
+    columns: dict,
+    options: ImportOptions,
+    problems: Problems,
+    source: str,
+    verbose: bool = True,
+) -> builder.DatasetContent:
+    """Validates rows and media, splits, and prepares a dataset (the importers' shared path).
+
+    Raises:
+      ImportFailed: there are problems and `options.skip_invalid` is False, or nothing
+        valid is left.
+    """
+    builder.check_name(options.name)
+    if options.split is not None and options.split not in SPLIT_METHODS:
+        raise ImportFailed(f"--split {options.split!r}; choose one of {', '.join(SPLIT_METHODS)}.")
+
+    index: dict[str, int] = {}
+    items: list[RawItem] = []
+    for item in raw_items:
+        if item.key in index:
+            first = items[index[item.key]].where
+            problems.add(
+                item.where, "duplicate item id", f"item_id {item.key!r} already at {first}"
+            )
+            continue
+        index[item.key] = len(items)
+        items.append(item)
+    images, audios = _load_media(items, options, problems, verbose)
+
+    kept: list[RawInteraction] = []
+    for inter in raw_interactions:
+        if inter.item not in index:
+            problems.add(
+                inter.where, "unknown item", f"item_id {inter.item!r} is not in the items file"
+            )
+            continue
+        kept.append(inter)
+
+    if problems:
+        if not options.skip_invalid:
+            raise ImportFailed(
+                "\n".join(problems.lines())
+                + f"\n{len(problems.entries)} problem(s) in the input ({problems.summary()}). "
+                "Fix them, or pass --skip_invalid to skip those rows (a bad image or audio "
+                "file is then left out and the item keeps its other content)."
+            )
+        if verbose:
+            for line in problems.lines():
+                print(f"  skipped {line}")
+            print(f"Skipped {len(problems.entries)} invalid entries: {problems.summary()}.")
+    if not items:
+        raise ImportFailed("No valid items: the items file is empty or every row is invalid.")
+    if not kept:
+        raise ImportFailed("No valid interactions: the file is empty or every row is invalid.")
+
+    user_index: dict[str, int] = {}
+    for inter in kept:
+        user_index.setdefault(inter.user, len(user_index))
+    users = np.array([user_index[i.user] for i in kept], np.int32)
+    item_rows = np.array([index[i.item] for i in kept], np.int32)
+    has_time = bool(columns.get("timestamp"))
+    times = np.array(
+        [i.timestamp if has_time else position for position, i in enumerate(kept)], np.int64
+    )
+    if columns.get("label"):
+        labels, label_source = np.array([i.label for i in kept], np.float32), "label"
+    elif columns.get("rating"):
+        ratings = np.array([i.rating for i in kept], np.float32)
+        labels = (ratings >= options.positive_threshold).astype(np.float32)
+        label_source = f"rating >= {options.positive_threshold:g}"
+    else:
+        labels, label_source = np.ones(len(kept), np.float32), "implicit (every row a positive)"
+    method = options.split or ("leave_last" if has_time else "random")
+    if method == "leave_last" and not has_time and verbose:
+        print("No timestamp column: leave_last takes each user's file order as time order.")
+    codes = _split_codes(users, item_rows, times, method, options, len(items), has_time)
+    in_train = np.zeros(len(items), bool)
+    in_train[item_rows[codes == 0]] = True
+    codes[(codes == 2) & ~in_train[item_rows]] = 3
+
+    table = builder.ItemTable(
+        keys=[i.key for i in items], texts=[i.text for i in items], images=images, audios=audios
+    )
+    interactions = builder.InteractionTable(
+        user=users, item=item_rows, label=labels, timestamp=times, split=codes
+    )
+    has_audio = any(audios)
+    metadata = {
+        "source": source,
+        "split_method": method,
+        "labels": label_source,
+        "positive_threshold": options.positive_threshold,
+        "skipped": problems.counts(),
+        "max_image_side": options.max_image_side if any(images) else None,
+        "audio_sample_rate": options.audio_sample_rate if has_audio else None,
+        "audio_max_samples": (
+            int(round(options.max_audio_seconds * options.audio_sample_rate)) if has_audio else None
+        ),
+        "seed": options.seed,
+    }
+    return builder.prepare(
+        options.name, table, list(user_index), interactions, options.history_len, metadata
+    )
+
+
+def train_command(name: str, data_dir: str | Path) -> str:
+    """The command that trains on an imported dataset."""
+    return (
+        f"python train.py --config configs/local.py --workdir runs/{name} "
+        f"--config.data.name={name} --config.data.data_dir={data_dir}"
+    )
+
+
+def format_summary(content: builder.DatasetContent) -> str:
+    """What was built, as text."""
+    meta = content.metadata
+    sizes = ", ".join(f"{s} {meta['split_sizes'][s]}" for s in builder.SPLITS)
+    modalities = ", ".join(f"{m} {meta['items_with'][m]}" for m in builder.MODALITIES)
+    sampled = " (positives only: negatives are sampled)" if meta["positives_only"] else ""
+    return (
+        f"{meta['name']}: {meta['num_user_rows']} users, {meta['num_item_rows']} items "
+        f"({meta['num_items']} in training); items with {modalities}; labels "
+        f"{meta['labels']}{sampled}; {meta['split_method']} split: {sizes}"
+    )
+
+
+def write(
+    content: builder.DatasetContent, output: str | Path, overwrite: bool, verbose: bool
+) -> Path:
+    """Writes an imported dataset and prints what was built and how to train on it."""
+    if verbose:
+        print(f"Writing {content.name} to {builder.dataset_dir(output, content.name)} ...")
+    target = builder.write_dataset(content, output, overwrite=overwrite)
+    if verbose:
+        print(format_summary(content))
+        print("Train on it with:")
+        print(f"  {train_command(content.name, output)}")
+    return target
+
+
+def import_folder(
+    input_dir: str | Path,
+    output: str | Path,
+    options: ImportOptions | None = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Path:
+    """Imports DIR (interactions + items files) into DATA_DIR/NAME.
+
+    Returns:
+      DATA_DIR/NAME.
+
+    Raises:
+      ImportFailed: bad input, every problem named with its file and line.
+      builder.DatasetExistsError: the dataset exists and `overwrite` is False.
+    """
+    options = options or ImportOptions()
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise ImportFailed(f"--input {str(folder)!r} is not a folder.")
+    problems = Problems()
+    raw_items = read_items(folder, options, problems)
+    raw_interactions, columns = read_interactions(folder, problems)
+    empty = [w for w, kind, _ in problems.entries if kind == "empty file"]
+    if empty:
+        raise ImportFailed(
+            "\n".join(problems.lines()) + f"\nNothing to import from {', '.join(empty)}."
+        )
+    content = build_content(
+        raw_items, raw_interactions, columns, options, problems, str(folder.resolve()), verbose
+    )
+    return write(content, output, overwrite, verbose)
+
+
+def add_common_flags(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """Flags shared by the local and MovieLens importers."""
+    parser.add_argument("--output", required=True, help="data folder (DATA_DIR)")
+    parser.add_argument("--name", default=default_name, help="dataset name (snake_case)")
+    parser.add_argument("--split", choices=SPLIT_METHODS, default=None, help="split method")
+    parser.add_argument(
+        "--positive_threshold", type=float, default=4.0, help="ratings >= this are positives"
+    )
+    parser.add_argument("--skip_invalid", action="store_true", help="skip bad rows, report counts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random splits")
+    parser.add_argument(
+        "--history_len", type=int, default=builder.DEFAULT_HISTORY_LEN, help="history stored"
+    )
+    parser.add_argument("--eval_share", type=float, default=0.1, help="random split share")
+    parser.add_argument("--cold_item_share", type=float, default=0.1, help="cold_items split share")
+
+
+def options_from_args(args: argparse.Namespace, **more: Any) -> ImportOptions:
+    """ImportOptions from parsed common flags (and any more fields)."""
+    return ImportOptions(
+        name=args.name,
+        split=args.split,
+        positive_threshold=args.positive_threshold,
+        skip_invalid=args.skip_invalid,
+        seed=args.seed,
+        history_len=args.history_len,
+        eval_share=args.eval_share,
+        cold_item_share=args.cold_item_share,
+        **more,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Import interactions and item content from a folder as a TFDS dataset."
+    )
+    parser.add_argument("--input", required=True, help="folder with interactions.* and items.*")
+    add_common_flags(parser, DEFAULT_NAME)
+    parser.add_argument("--text_columns", default="", help="item text columns, comma-separated")
+    parser.add_argument("--max_image_side", type=int, default=128, help="stored image size")
+    parser.add_argument("--audio_sample_rate", type=int, default=16000, help="stored audio rate")
+    parser.add_argument("--max_audio_seconds", type=float, default=10.0, help="stored audio length")
+    args = parser.parse_args(argv)
+    text_columns = tuple(c.strip() for c in args.text_columns.split(",") if c.strip()) or None
+    options = options_from_args(
+        args,
+        max_image_side=args.max_image_side,
+        audio_sample_rate=args.audio_sample_rate,
+        max_audio_seconds=args.max_audio_seconds,
+        text_columns=text_columns,
+    )
+    try:
+        import_folder(args.input, args.output, options, overwrite=args.overwrite)
+    except (ImportFailed, builder.DatasetExistsError, ValueError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
