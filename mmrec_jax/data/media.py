@@ -23,7 +23,6 @@ import warnings
 import numpy as np
 import soundfile
 from PIL import Image, UnidentifiedImageError
-from scipy import signal
 
 
 class MediaError(ValueError):
@@ -133,6 +132,8 @@ def resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """Resamples a mono waveform from `rate` to `target_rate` Hz (polyphase filter)."""
     if rate == target_rate:
         return np.asarray(wave, np.float32)
+    from scipy import signal  # imported here: slow to import, and only resampling needs it
+
     divisor = math.gcd(int(rate), int(target_rate))
     out = signal.resample_poly(wave, target_rate // divisor, rate // divisor)
     return np.clip(out, -1.0, 1.0).astype(np.float32)

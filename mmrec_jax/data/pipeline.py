@@ -739,6 +739,12 @@ def make_batches(
     )
     workers = int(config.data.num_workers)
     if workers > 0:
+        from absl import flags
+
+        # Grain's worker processes read absl flags; programs without absl.app (train.py,
+        # tests) have not parsed them, so use their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=workers, per_worker_buffer_size=max(prefetch, 1)

@@ -1,0 +1,351 @@
+"""The Grain pipeline: schema, item blocks, order, resume, multi-process slices, negatives."""
+
+import io
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mmrec_jax import schema
+from mmrec_jax.config import load_config
+from mmrec_jax.data import builder, local, pipeline, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TOWERS = "image,audio,id,history"
+BATCH = 16
+
+
+def make_config(data_dir, name="mmrec_synthetic", **overrides):
+    pairs = [
+        ("data.data_dir", str(data_dir)),
+        ("data.name", name),
+        ("model.towers", TOWERS),
+        ("train.batch_size", str(BATCH)),
+        ("data.synthetic.num_users", "40"),
+        ("data.synthetic.num_items", "60"),
+        ("data.synthetic.seed", "1"),
+    ]
+    pairs += [(k.replace("__", "."), str(v)) for k, v in overrides.items()]
+    return load_config(ROOT / "configs" / "tiny.py", pairs)
+
+
+def records(data_dir, name, config=None):
+    full = name if config is None else f"{name}/{config}"
+    return {
+        split: [source[i] for i in range(len(source))]
+        for split, source in tfds.data_source(full, data_dir=str(data_dir)).items()
+    }
+
+
+def take(iterator, count):
+    return list(itertools.islice(iterator, count))
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == "items":
+                assert_same_batches([a[key]], [b[key]])
+            else:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def rows_of(batch):
+    """(user_index, candidate item row, label, weight, history item rows) per row."""
+    items = batch["items"]["item_index"]
+    out = []
+    for r in range(batch["label"].shape[0]):
+        history = tuple(
+            int(items[s])
+            for s, m in zip(batch["history_slot"][r], batch["history_mask"][r], strict=True)
+            if m
+        )
+        out.append(
+            (
+                int(batch["user_index"][r]),
+                int(items[batch["item_slot"][r]]),
+                float(batch["label"][r]),
+                float(batch["weight"][r]),
+                history,
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("pipeline")
+    pipeline.ensure_dataset(make_config(data_dir).data)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def implicit(tmp_path_factory):
+    """A positives-only, text-only dataset with cold items, built by the local importer."""
+    folder = tmp_path_factory.mktemp("implicit_input")
+    rng = np.random.default_rng(7)
+    items = ["item_id,text"] + [f"m{i},movie number {i} about topic {i % 5}" for i in range(50)]
+    (folder / "items.csv").write_text("\n".join(items) + "\n")
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(30):
+        chosen = rng.choice(50, size=int(rng.integers(8, 16)), replace=False)
+        lines += [f"u{user},m{item},{1000 + 10 * k}" for k, item in enumerate(chosen)]
+    (folder / "interactions.csv").write_text("\n".join(lines) + "\n")
+    data_dir = tmp_path_factory.mktemp("implicit")
+    options = local.ImportOptions(name="implicit", split="cold_items", cold_item_share=0.2)
+    local.import_folder(folder, data_dir, options, verbose=False)
+    return data_dir
+
+
+def test_first_use_builds_the_synthetic_dataset(tmp_path, capsys):
+    config = make_config(tmp_path, data__synthetic__num_users=20, data__synthetic__num_items=30)
+    pipeline.ensure_dataset(config.data)
+    assert "oracle AUC" in capsys.readouterr().out
+    info = pipeline.load_dataset_info(config.data)
+    assert info.num_user_rows == 20 and info.num_item_rows == 30
+    assert set(info.oracle) == set(builder.SPLITS)
+    pipeline.ensure_dataset(config.data)  # built: nothing to do
+    assert "oracle" not in capsys.readouterr().out
+    other = make_config(tmp_path, data__synthetic__num_users=21, data__synthetic__num_items=30)
+    with pytest.raises(ValueError, match="num_users: built 20, configured 21"):
+        pipeline.ensure_dataset(other.data)
+
+
+def test_missing_imported_dataset_names_the_importer(tmp_path):
+    config = make_config(tmp_path, name="my_shop")
+    with pytest.raises(pipeline.DatasetNotBuiltError, match="mmrec_jax.data.local"):
+        pipeline.ensure_dataset(config.data)
+    with pytest.raises(pipeline.DatasetNotBuiltError, match="my_shop"):
+        pipeline.load_dataset_info(config.data)
+
+
+def test_batches_follow_the_schema_and_point_at_the_right_items(syn):
+    config = make_config(syn)
+    item_records = records(syn, "mmrec_synthetic", "items")["items"]
+    expected = records(syn, "mmrec_synthetic")["validation"]
+    batches = list(pipeline.make_batches(config, "validation", train=False))
+    assert len(batches) == -(-len(expected) // BATCH)
+    rows, user_ids = [], []
+    for batch in batches:
+        dims = schema.validate_batch(
+            batch, TOWERS, expected_dims={"B": BATCH, "H": 4, "S": 56, "T": 4000}
+        )
+        assert dims["U"] % 8 == 0  # a multiple of the 8 local devices
+        items = batch["items"]
+        for slot, row in enumerate(items["item_index"]):
+            if row < 0:  # padding slot
+                assert items["item_id"][slot] == 0
+                assert not items["has_image"][slot] and not items["has_audio"][slot]
+                assert not items["image"][slot].any() and not items["audio"][slot].any()
+                continue
+            record = item_records[row]
+            assert items["item_id"][slot] == record["item_id"]
+            assert items["has_image"][slot] == record["has_image"]
+            assert items["has_audio"][slot] == record["has_audio"]
+            if record["has_image"]:
+                image = Image.open(io.BytesIO(record["image"])).convert("RGB")
+                np.testing.assert_array_equal(items["image"][slot], np.asarray(image))
+            else:
+                assert not items["image"][slot].any()
+            if record["has_audio"]:
+                wave, _ = soundfile.read(io.BytesIO(record["audio"]), dtype="float32")
+                np.testing.assert_allclose(items["audio"][slot], wave, atol=1e-6)
+        rows += rows_of(batch)
+        user_ids += batch["user_id"].tolist()
+    real = [r for r in rows if r[3] == 1.0]
+    assert user_ids[: len(expected)] == [r["user_id"] for r in expected]
+    assert len(real) == len(expected)
+    assert all(r[3] == 0.0 for r in rows[len(expected) :])
+    for row, record in zip(real, expected, strict=True):
+        history = tuple(h for h in record["history"][:4] if h >= 0)
+        assert row == (record["user_index"], record["item_index"], record["label"], 1.0, history)
+
+
+def test_training_order_is_a_fresh_permutation_every_epoch(syn):
+    config = make_config(syn)
+    train = records(syn, "mmrec_synthetic")["train"]
+    n = len(train)
+    batches = list(pipeline.make_batches(config, "train", train=True, num_epochs=2))
+    assert len(batches) == (2 * n) // BATCH  # whole batches only, across the epoch boundary
+    keys = [(r[0], r[1]) for b in batches for r in rows_of(b)]
+    every = {(r["user_index"], r["item_index"]) for r in train}
+    first, second = keys[:n], keys[n : 2 * n]
+    assert set(first) == every and len(set(first)) == n  # one epoch: each example once
+    assert set(second[: len(keys) - n]) <= every
+    assert first[:50] != second[:50]
+    again = take(pipeline.make_batches(config, "train", train=True, num_epochs=2), 3)
+    assert_same_batches(again, batches[:3])
+    reseeded = take(pipeline.make_batches(make_config(syn, seed=5), "train", train=True), 1)
+    assert rows_of(reseeded[0]) != rows_of(batches[0])
+
+
+@pytest.mark.parametrize("stop", [3, "epoch_end"])
+def test_restored_iterator_yields_the_same_following_batches(syn, stop):
+    config = make_config(syn, data__prefetch=3)
+    n = len(records(syn, "mmrec_synthetic")["train"])
+    stop = n // BATCH - 1 if stop == "epoch_end" else stop
+    iterator = pipeline.make_batches(config, "train", train=True)
+    take(iterator, stop)
+    state = iterator.get_state()
+    following = take(iterator, 4)
+    resumed = pipeline.make_batches(config, "train", train=True, start_state=state)
+    assert_same_batches(take(resumed, 4), following)
+    fresh = take(pipeline.make_batches(config, "train", train=True), stop + 4)
+    assert_same_batches(fresh[stop:], following)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_two_processes_concatenate_to_the_one_process_batches(syn, train):
+    config = make_config(syn)
+    count = 6 if train else None
+    single = pipeline.make_batches(config, "test", train=train)
+    parts = [
+        pipeline.make_batches(config, "test", train=train, process_index=p, process_count=2)
+        for p in range(2)
+    ]
+    single = take(single, count) if train else list(single)
+    halves = [take(p, count) if train else list(p) for p in parts]
+    assert len(halves[0]) == len(halves[1]) == len(single)
+    for whole, first, second in zip(single, *halves, strict=True):
+        assert first["label"].shape == (BATCH // 2,)
+        capacity = first["items"]["item_id"].shape[0]
+        assert first["item_slot"].max() < capacity <= second["item_slot"].min()
+        merged = {key: np.concatenate([first[key], second[key]]) for key in first if key != "items"}
+        merged["items"] = {
+            key: np.concatenate([first["items"][key], second["items"][key]])
+            for key in first["items"]
+        }
+        schema.validate_batch(merged, TOWERS, expected_dims={"B": BATCH})
+        assert rows_of(merged) == rows_of(whole)
+
+
+def test_text_tokens_in_trained_mode(syn):
+    from transformers import AutoTokenizer
+
+    from mmrec_jax.hub import resolve_pretrained
+
+    config = make_config(syn, model__towers="text,id", model__text__mode="finetune")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(config.model.text.model))
+    item_records = records(syn, "mmrec_synthetic", "items")["items"]
+    batch = next(pipeline.make_batches(config, "test_cold", train=False))
+    schema.validate_batch(batch, "text,id", "finetune", expected_dims={"L": 16})
+    items = batch["items"]
+    for slot, row in enumerate(items["item_index"]):
+        text = item_records[row]["text"].decode() if row >= 0 else ""
+        want = tokenizer(text, max_length=16, truncation=True, padding="max_length")
+        np.testing.assert_array_equal(items["text_ids"][slot], want["input_ids"])
+        np.testing.assert_array_equal(items["text_mask"][slot], want["attention_mask"])
+        assert items["has_text"][slot] == (row >= 0 and bool(item_records[row]["has_text"]))
+
+
+def test_decoding_per_block_matches_the_in_memory_table(syn):
+    config = make_config(syn)
+    lazy_config = make_config(syn, data__max_item_memory_mib=0)
+    store = pipeline.ItemStore(lazy_config)
+    assert not store.in_memory and pipeline.ItemStore(config).in_memory
+    lazy = take(pipeline.make_batches(lazy_config, "train", train=True, item_store=store), 3)
+    assert_same_batches(lazy, take(pipeline.make_batches(config, "train", train=True), 3))
+
+
+def test_user_store_history_and_positives(syn):
+    config = make_config(syn)
+    store = pipeline.ItemStore(config)
+    train = records(syn, "mmrec_synthetic")["train"]
+    history, mask = store.users.latest_history(4)
+    offsets, rows = store.users.train_positives
+    for user in range(store.info.num_user_rows):
+        positives = sorted(
+            (r for r in train if r["user_index"] == user and r["label"] == 1),
+            key=lambda r: r["timestamp"],
+            reverse=True,
+        )
+        latest = [r["item_index"] for r in positives[:4]]
+        assert mask[user].sum() == len(latest)
+        np.testing.assert_array_equal(history[user][mask[user]], latest)
+        np.testing.assert_array_equal(
+            rows[offsets[user] : offsets[user + 1]], sorted({r["item_index"] for r in positives})
+        )
+
+
+def test_negatives_avoid_every_positive_and_are_deterministic(implicit):
+    config = make_config(implicit, name="implicit", model__towers="id,history")
+    info = pipeline.load_dataset_info(config.data)
+    assert info.positives_only and info.split_sizes["test_cold"] > 0
+    with pytest.raises(ValueError, match="negatives_per_positive"):
+        pipeline.make_batches(config, "train", train=True)
+    config = make_config(
+        implicit, name="implicit", model__towers="id,history", data__negatives_per_positive=3
+    )
+    everything = records(implicit, "implicit")
+    engaged = {}
+    for split_rows in everything.values():
+        for r in split_rows:
+            engaged.setdefault(r["user_index"], set()).add(r["item_index"])
+    store = pipeline.ItemStore(config)
+    n = len(everything["train"]) * 4
+    epochs = []
+    for _ in range(2):
+        rows = [
+            r
+            for b in take(pipeline.make_batches(config, "train", train=True), 2 * (n // BATCH))
+            for r in rows_of(b)
+        ]
+        epochs.append(rows)
+    assert epochs[0] == epochs[1]  # deterministic
+    first, second = epochs[0][:n], epochs[0][n : 2 * n]
+    for rows in (first, second[: (2 * n // BATCH) * BATCH - n]):
+        negatives = [r for r in rows if r[2] == 0.0]
+        assert all(r[1] not in engaged[r[0]] for r in negatives)
+        assert all(store.item_id[r[1]] > 0 for r in negatives)  # the training catalogue
+    assert len([r for r in first if r[2] == 0.0]) == 3 * len([r for r in first if r[2] == 1.0])
+    negatives_by_epoch = [sorted(r for r in rows if r[2] == 0.0) for rows in (first, second)]
+    assert negatives_by_epoch[0] != negatives_by_epoch[1][: len(negatives_by_epoch[0])]
+    cold = [r for b in pipeline.make_batches(config, "test_cold", train=False) for r in rows_of(b)]
+    cold = [r for r in cold if r[3] == 1.0]
+    assert len(cold) == 4 * info.split_sizes["test_cold"]
+    cold_negatives = [r for r in cold if r[2] == 0.0]
+    assert all(store.item_id[r[1]] == 0 and r[1] not in engaged[r[0]] for r in cold_negatives)
+    again = [r for b in pipeline.make_batches(config, "test_cold", train=False) for r in rows_of(b)]
+    assert [r for r in again if r[3] == 1.0] == cold
+
+
+def test_available_towers_follow_the_dataset(implicit):
+    info = pipeline.load_dataset_info(make_config(implicit, name="implicit").data)
+    assert info.modalities == ("text",)
+    assert pipeline.available_towers("text,image,audio,id,history", info) == "text,id,history"
+    with pytest.raises(ValueError, match="lacks"):
+        pipeline.available_towers("image,audio", info)
+
+
+def test_grain_worker_processes_give_the_same_batches(syn):
+    config = make_config(syn)
+    plain = take(pipeline.make_batches(config, "train", train=True), 6)
+    workers = make_config(syn, data__num_workers=2)
+    iterator = pipeline.make_batches(workers, "train", train=True)
+    try:
+        assert_same_batches(take(iterator, 3), plain[:3])
+        state = iterator.get_state()
+    finally:
+        iterator.close()
+    resumed = pipeline.make_batches(workers, "train", train=True, start_state=state)
+    try:
+        assert_same_batches(take(resumed, 3), plain[3:])
+    finally:
+        resumed.close()
+
+
+def test_bad_arguments_are_named(syn):
+    config = make_config(syn)
+    with pytest.raises(ValueError, match="divisible"):
+        pipeline.make_batches(config, "train", train=True, process_count=3)
+    with pytest.raises(ValueError, match="history_len"):
+        pipeline.make_batches(make_config(syn, data__history_len=60), "train", train=True)
+    with pytest.raises(ValueError, match="Unknown split"):
+        pipeline.make_batches(config, "tests", train=False)
+    assert synthetic.NAME == config.data.name
