@@ -1,0 +1,708 @@
+"""Evaluating a checkpoint: click metrics on a split and ranking over the full catalogue.
+
+    python -m mmrec_jax.evaluate --workdir runs/default [--split test] [--split test_cold]
+        [--checkpoint best|latest|STEP] [--k 10,20] [--ablate]
+
+Click prediction (AUC, GAUC, logloss, accuracy, ECE) scores the split's rows as the
+training loop does. Ranking scores every user that has a positive in the split against
+every item of the catalogue: each item is encoded once (`encode_items`, jit-compiled,
+item blocks split over the devices), then a (users x items) grid of rows per call is
+scored from those encoded items (`score`) and reduced to each user's top K on the device
+(`top_k_items`), with the user's training positives excluded and the split's positives
+as the relevant items. The results are printed beside the dataset's oracle and written
+to `WORKDIR/eval/<split>.json`. `--ablate` re-scores the split with each content
+modality marked absent in turn and reports the AUC each one is worth.
+
+Every step is a function (`encode_catalogue`, `catalogue_scores`, `rank_catalogue`,
+`split_click_metrics`, `evaluate_params`), so other code (the training summary) can call
+them with a model and parameters in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmrec_jax import metrics as metrics_lib
+from mmrec_jax import predict, schema, sharding
+
+# Content modalities `--ablate` marks absent in turn (those the model's towers have).
+ABLATABLE = ("text", "image", "audio")
+
+# Default cut-offs of the ranking metrics.
+DEFAULT_KS = (10, 20)
+
+# Items per `encode_items` call, and (user, item) rows per ranking call; both are rounded
+# up to a multiple of the device count.
+ITEMS_PER_CALL = 512
+ROWS_PER_CALL = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class UserTable:
+    """What ranking and serving need about each user of the dataset's user table.
+
+    Per-user item sets are CSR pairs (offsets (U + 1,), item rows): user u's items are
+    `items[offsets[u]:offsets[u + 1]]`.
+
+    Attributes:
+      user_id: (U,) int32 ID-vocabulary index (0 = out of vocabulary).
+      history: (U, H) int32 the user's latest history, as rows of the item table.
+      history_mask: (U, H) bool, True where a history entry is real.
+      train_positives: CSR of the items the user engaged with in the train split (what
+        evaluation excludes from the ranking).
+      engaged: CSR of the items the user engaged with in any split (what serving
+        excludes).
+    """
+
+    user_id: np.ndarray
+    history: np.ndarray
+    history_mask: np.ndarray
+    train_positives: tuple[np.ndarray, np.ndarray]
+    engaged: tuple[np.ndarray, np.ndarray]
+
+    def __post_init__(self):
+        users = self.user_id.shape[0]
+        if self.history.shape[0] != users or self.history_mask.shape != self.history.shape:
+            raise ValueError(
+                f"UserTable: user_id has {users} users but history {self.history.shape} and "
+                f"history_mask {self.history_mask.shape}; pass (U,), (U, H), (U, H)."
+            )
+        for name in ("train_positives", "engaged"):
+            if getattr(self, name)[0].shape != (users + 1,):
+                raise ValueError(
+                    f"UserTable: {name} offsets must have shape ({users + 1},), got "
+                    f"{getattr(self, name)[0].shape}."
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalogue:
+    """The dataset as ranking and export see it: every item and every user.
+
+    Attributes:
+      info: the dataset's `DatasetInfo` (split sizes, oracle metrics).
+      num_items: N, items in the item table.
+      item_block: item rows (n,) -> the item block of exactly those items, in order.
+      item_ids: (N,) original item ids, in item-table order.
+      user_ids: (U,) original user ids, in user-table order.
+      users: the `UserTable` (ID index, latest history, training positives).
+      item_store: the `pipeline.ItemStore` the blocks come from (shared with the
+        split's batches so the items are decoded once).
+    """
+
+    info: Any
+    num_items: int
+    item_block: Callable[[np.ndarray], Mapping]
+    item_ids: np.ndarray
+    user_ids: np.ndarray
+    users: UserTable
+    item_store: Any = None
+
+
+def open_catalogue(config: Any) -> Catalogue:
+    """Reads the item and user tables of a run's dataset (items decoded once, in memory).
+
+    Args:
+      config: the resolved run config (its data, model towers and history length).
+    """
+    from mmrec_jax.data import pipeline
+
+    info = pipeline.load_dataset_info(config.data)
+    store = pipeline.ItemStore(config, info)
+    history, history_mask = store.users.latest_history(int(config.data.history_len))
+    users = UserTable(
+        user_id=store.users.user_id,
+        history=history,
+        history_mask=history_mask,
+        train_positives=store.users.train_positives,
+        engaged=store.users.engaged,
+    )
+    return Catalogue(
+        info=info,
+        num_items=info.num_item_rows,
+        item_block=lambda rows: store.block(rows, len(rows)),
+        item_ids=np.asarray(info.item_ids),
+        user_ids=np.asarray(info.user_ids),
+        users=users,
+        item_store=store,
+    )
+
+
+def csr_from_pairs(rows: np.ndarray, cols: np.ndarray, num_rows: int) -> tuple[np.ndarray, ...]:
+    """(offsets (num_rows + 1,), sorted unique cols per row) from (row, col) pairs."""
+    rows = np.asarray(rows, np.int64)
+    cols = np.asarray(cols, np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+        raise ValueError(f"Row indices must lie in [0, {num_rows}).")
+    pairs = np.unique(np.stack([rows, cols], axis=1), axis=0) if rows.size else np.zeros((0, 2))
+    offsets = np.zeros(num_rows + 1, np.int64)
+    np.add.at(offsets, pairs[:, 0].astype(np.int64) + 1, 1)
+    return np.cumsum(offsets), pairs[:, 1].astype(np.int32)
+
+
+def _dense_rows(csr: tuple[np.ndarray, np.ndarray], rows: np.ndarray, num_cols: int) -> np.ndarray:
+    """(len(rows), num_cols) bool, True at the CSR entries of each of `rows`."""
+    offsets, cols = csr
+    dense = np.zeros((rows.shape[0], num_cols), bool)
+    for i, row in enumerate(rows):
+        dense[i, cols[offsets[row] : offsets[row + 1]]] = True
+    return dense
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _local_part(global_rows: np.ndarray) -> np.ndarray:
+    """This process's share of a global chunk (processes own equal consecutive parts)."""
+    count, index = jax.process_count(), jax.process_index()
+    per = global_rows.shape[0] // count
+    return global_rows[index * per : (index + 1) * per]
+
+
+def _replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+    """Host numpy arrays (equal on every process) as arrays replicated over the mesh."""
+    spec = sharding.replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(x.shape, spec, lambda index: x[index]), tree
+    )
+
+
+def encode_catalogue(
+    model: Any,
+    params: Any,
+    item_block: Callable[[np.ndarray], Mapping],
+    num_items: int,
+    mesh: jax.sharding.Mesh,
+    items_per_call: int = ITEMS_PER_CALL,
+) -> dict[str, np.ndarray]:
+    """Encodes every item of the item table once (`encode_items`, jit, split over devices).
+
+    Args:
+      model: the `Recommender`.
+      params: its parameters (on the mesh, or host arrays).
+      item_block: item rows (n,) -> the item block of exactly those items in that order
+        (`mmrec_jax.schema` item fields, n entries each), as numpy arrays.
+      num_items: N, the items in the item table.
+      mesh: the device mesh; each call's item block is split over its `data` axis.
+      items_per_call: items per jit call (rounded up to a multiple of the device count).
+
+    Returns:
+      {"tokens": (N, M, D), "mask": (N, M) bool, "embedding": (N, D)} as numpy arrays on
+      every process, in item-table order.
+    """
+    chunk = _round_up(min(items_per_call, _round_up(num_items, mesh.size)), mesh.size)
+
+    @jax.jit
+    def encode(params, items):
+        return model.apply({"params": params}, items, method="encode_items")
+
+    parts = []
+    for start in range(0, num_items, chunk):
+        rows = np.arange(start, min(start + chunk, num_items))
+        padded = np.concatenate([rows, np.full(chunk - rows.size, rows[-1])])  # (chunk,)
+        block = item_block(_local_part(padded))
+        encoded = sharding.to_host(encode(params, sharding.global_batch(mesh, block)))
+        parts.append({key: value[: rows.size] for key, value in encoded.items()})
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _grid_logits(model: Any, params: Any, encoded: Mapping, users: Mapping) -> jax.Array:
+    """(Bu, N) logits of Bu users against all N encoded items, one `score` call."""
+    num_users = users["user_id"].shape[0]
+    num_items = encoded["mask"].shape[0]
+    rows = {
+        "user_id": jnp.repeat(users["user_id"], num_items),  # (Bu * N,)
+        "item_slot": jnp.tile(jnp.arange(num_items, dtype=jnp.int32), num_users),
+    }
+    if "history_slot" in users:
+        rows["history_slot"] = jnp.repeat(users["history_slot"], num_items, axis=0)
+        rows["history_mask"] = jnp.repeat(users["history_mask"], num_items, axis=0)
+    logits = model.apply({"params": params}, rows, encoded, method="score")  # (Bu * N,)
+    return logits.astype(jnp.float32).reshape(num_users, num_items)
+
+
+def _user_chunks(
+    users: UserTable, user_rows: np.ndarray, num_items: int, mesh, history: bool, rows_per_call
+):
+    """Yields (global rows, their count, sharded user arrays, this process's local rows)."""
+    per_call = _round_up(max(1, rows_per_call // max(num_items, 1)), mesh.size)
+    per_call = min(per_call, _round_up(user_rows.size, mesh.size))
+    for start in range(0, user_rows.size, per_call):
+        rows = user_rows[start : start + per_call]
+        padded = np.concatenate([rows, np.full(per_call - rows.size, rows[-1])])
+        local = _local_part(padded)
+        arrays = {"user_id": users.user_id[local].astype(np.int32)}
+        if history:
+            arrays["history_slot"] = users.history[local].astype(np.int32)
+            arrays["history_mask"] = users.history_mask[local].astype(bool)
+        yield rows, sharding.global_batch(mesh, arrays), local
+
+
+def _uses_history(model: Any) -> bool:
+    return "history" in schema.parse_towers(model.config.towers)
+
+
+def catalogue_scores(
+    model: Any,
+    params: Any,
+    encoded: Mapping[str, np.ndarray],
+    users: UserTable,
+    user_rows: Sequence[int],
+    mesh: jax.sharding.Mesh,
+    rows_per_call: int = ROWS_PER_CALL,
+) -> np.ndarray:
+    """Logits of users against every item: the scores `rank_catalogue` ranks.
+
+    Args:
+      model, params: the model and its parameters.
+      encoded: `encode_catalogue`'s output.
+      users: the user table.
+      user_rows: rows of the user table to score.
+      mesh: the device mesh; each call's users are split over its `data` axis.
+      rows_per_call: (user, item) rows per jit call.
+
+    Returns:
+      (len(user_rows), N) float32 logits.
+    """
+    user_rows = np.asarray(user_rows, np.int64)
+    num_items = encoded["mask"].shape[0]
+    items = _replicated(mesh, dict(encoded))
+    grid = jax.jit(lambda p, e, u: _grid_logits(model, p, e, u))
+    out = []
+    for rows, arrays, _ in _user_chunks(
+        users, user_rows, num_items, mesh, _uses_history(model), rows_per_call
+    ):
+        out.append(sharding.to_host(grid(params, items, arrays))[: rows.size])
+    return np.concatenate(out)
+
+
+def rank_catalogue(
+    model: Any,
+    params: Any,
+    encoded: Mapping[str, np.ndarray],
+    users: UserTable,
+    relevant: tuple[np.ndarray, np.ndarray],
+    ks: Sequence[int],
+    mesh: jax.sharding.Mesh,
+    rows_per_call: int = ROWS_PER_CALL,
+) -> dict[str, float | int]:
+    """Full-catalogue HR, Recall, NDCG, MRR and MAP at each K, averaged over users.
+
+    Each user with a relevant item is scored against all N items in (users x items)
+    grids; excluded items (the user's training positives) get -inf and the
+    top max(K) are taken on the device (`metrics.top_k_items`); the metrics are those of
+    `metrics.ranking_metrics` (an excluded item is never relevant).
+
+    Args:
+      model, params: the model and its parameters.
+      encoded: `encode_catalogue`'s output.
+      users: the user table.
+      relevant: CSR (offsets (U + 1,), item rows) of each user's relevant items (the
+        split's positives).
+      ks: cut-offs, each in [1, N].
+      mesh: the device mesh.
+      rows_per_call: (user, item) rows per jit call.
+
+    Returns:
+      {"hr@K", "recall@K", "ndcg@K", "mrr@K", "map@K"} for each K, and "users": the
+      number of users averaged over.
+
+    Raises:
+      ValueError: a K outside [1, N], or no user has a relevant item that is not excluded.
+    """
+    num_items = encoded["mask"].shape[0]
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1 or max(ks) > num_items:
+        raise ValueError(f"--k values {ks} must lie in [1, {num_items}] (the catalogue size).")
+    top = max(ks)
+    offsets = relevant[0]
+    user_rows = np.flatnonzero(np.diff(offsets) > 0)  # users with a relevant item
+    if user_rows.size == 0:
+        raise ValueError("Ranking metrics are undefined: the split has no positive.")
+    items = _replicated(mesh, dict(encoded))
+
+    def rank(params, encoded, users, exclude):
+        logits = _grid_logits(model, params, encoded, users)  # (Bu, N)
+        return metrics_lib.top_k_items(logits, top, exclude)[1]  # (Bu, K)
+
+    rank = jax.jit(rank)
+    data = sharding.data_sharding(mesh)
+    per_user: dict[str, list[np.ndarray]] = {}
+    for rows, arrays, local in _user_chunks(
+        users, user_rows, num_items, mesh, _uses_history(model), rows_per_call
+    ):
+        exclude = _dense_rows(users.train_positives, local, num_items)  # (local Bu, N)
+        exclude = jax.make_array_from_process_local_data(data, exclude)
+        top_items = sharding.to_host(rank(params, items, arrays, exclude))[: rows.size]
+        chunk = metrics_lib.per_user_ranking_metrics(
+            top_items,
+            _dense_rows(relevant, rows, num_items),
+            ks,
+            _dense_rows(users.train_positives, rows, num_items),
+        )
+        for name, values in chunk.items():
+            per_user.setdefault(name, []).append(values)
+    counted = int(sum(v.size for v in next(iter(per_user.values()))))
+    if counted == 0:
+        raise ValueError(
+            "Ranking metrics are undefined: every positive of the split is an item the "
+            "user already engaged with in training."
+        )
+    results: dict[str, float | int] = {
+        name: float(np.mean(np.concatenate(values))) for name, values in per_user.items()
+    }
+    results["users"] = counted
+    return results
+
+
+# ------------------------------------------------------------------------ click metrics
+
+
+def make_split_fn(model: Any) -> Callable:
+    """A jitted `(params, batch) -> {"logit", "label", "weight", "user_index", "item_index"}`.
+
+    `item_index` is each row's candidate item as a row of the item table, so one pass
+    over a split gives both the click metrics and the relevant items of the ranking.
+    """
+
+    def rows(params, batch):
+        logits = model.apply({"params": params}, batch, train=False)  # (B,)
+        return {
+            "logit": logits.astype(jnp.float32),
+            "label": batch["label"],
+            "weight": batch["weight"],
+            "user_index": batch["user_index"],
+            "item_index": batch["items"]["item_index"][batch["item_slot"]],
+        }
+
+    return jax.jit(rows)
+
+
+def mark_absent(batch: Mapping, modalities: Sequence[str]) -> dict:
+    """A copy of a (numpy) batch in which every item lacks `modalities` (has_* False)."""
+    items = dict(batch["items"])
+    for modality in modalities:
+        flag = f"has_{modality}"
+        if flag not in items:
+            raise ValueError(f"The batch has no {flag!r}: the model has no {modality} tower.")
+        items[flag] = np.zeros_like(items[flag])
+    return {**batch, "items": items}
+
+
+def score_split(
+    split_fn: Callable,
+    params: Any,
+    config: Any,
+    split: str,
+    mesh: jax.sharding.Mesh,
+    absent: Sequence[str] = (),
+    item_store: Any = None,
+) -> dict[str, np.ndarray]:
+    """Scores every row of a split (this process's share of it, gathered from all).
+
+    Args:
+      split_fn: `make_split_fn(model)`.
+      params: the model's parameters.
+      config: the resolved run config.
+      split: the split's name.
+      mesh: the device mesh.
+      absent: content modalities to mark absent in every item (`mark_absent`).
+      item_store: a `pipeline.ItemStore` of this config to share (default: a new one).
+
+    Returns:
+      `split_fn`'s fields as 1-D numpy arrays over the split's real rows.
+    """
+    from mmrec_jax.data import pipeline
+
+    batches = pipeline.make_batches(
+        config,
+        split,
+        train=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        item_store=item_store,
+    )
+    if absent:
+        batches = (mark_absent(batch, absent) for batch in batches)
+    return predict.predict_batches(split_fn, params, batches, mesh)
+
+
+def click_metrics_of(rows: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """AUC, GAUC (by user), logloss, accuracy and ECE of `score_split`'s rows."""
+    return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def content_modalities(model: Any) -> tuple[str, ...]:
+    """The content modalities the model has a tower for (those `--ablate` removes)."""
+    towers = schema.parse_towers(model.config.towers)
+    return tuple(m for m in ABLATABLE if m in towers)
+
+
+def evaluate_params(
+    config: Any,
+    model: Any,
+    params: Any,
+    splits: Sequence[str],
+    mesh: jax.sharding.Mesh,
+    ks: Sequence[int] = DEFAULT_KS,
+    ablate: bool = False,
+    catalogue: Catalogue | None = None,
+) -> dict[str, dict]:
+    """Every metric of `params` on each split.
+
+    Args:
+      config: the resolved run config.
+      model: the `Recommender`.
+      params: its parameters (on `mesh`).
+      splits: split names; empty splits are left out.
+      mesh: the device mesh.
+      ks: ranking cut-offs.
+      ablate: also score each split with each content modality marked absent.
+      catalogue: `open_catalogue(config)`, if already open.
+
+    Returns:
+      {split: {"click": {...}, "ranking": {...} or None, "ranked_users": int,
+      "rows": {"examples", "positive_rate"}, "oracle": {...} or None,
+      "ablation": {modality: {..., "auc_drop"}} (with `ablate`)}}. Ranking is None for
+      "train": its positives are the excluded items.
+    """
+    catalogue = catalogue or open_catalogue(config)
+    info = catalogue.info
+    split_fn = make_split_fn(model)
+    encoded = None
+    results = {}
+    for split in splits:
+        if int(info.split_sizes.get(split, 0)) == 0:
+            continue
+        rows = score_split(split_fn, params, config, split, mesh, (), catalogue.item_store)
+        entry: dict[str, Any] = {
+            "click": click_metrics_of(rows),
+            "ranking": None,
+            "rows": {
+                "examples": int(rows["label"].shape[0]),
+                "positive_rate": float(np.mean(rows["label"] > 0.5)),
+            },
+        }
+        if split != "train":
+            if encoded is None:
+                encoded = encode_catalogue(
+                    model, params, catalogue.item_block, catalogue.num_items, mesh
+                )
+            positive = rows["label"] > 0.5
+            relevant = csr_from_pairs(
+                rows["user_index"][positive],
+                rows["item_index"][positive],
+                catalogue.users.user_id.shape[0],
+            )
+            ranking = rank_catalogue(model, params, encoded, catalogue.users, relevant, ks, mesh)
+            entry["ranked_users"] = int(ranking.pop("users"))
+            entry["ranking"] = ranking
+        entry["oracle"] = (getattr(info, "oracle", None) or {}).get(split)
+        if ablate:
+            entry["ablation"] = {}
+            for modality in content_modalities(model):
+                absent = click_metrics_of(
+                    score_split(
+                        split_fn, params, config, split, mesh, (modality,), catalogue.item_store
+                    )
+                )
+                absent["auc_drop"] = entry["click"]["auc"] - absent["auc"]
+                entry["ablation"][modality] = absent
+        results[split] = entry
+    return results
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def format_results(results: Mapping[str, Mapping]) -> str:
+    """The metrics of each split as a text table, each split beside its oracle."""
+
+    def values(entry: Mapping) -> dict:
+        return {**entry["click"], **(entry.get("ranking") or {}), **entry.get("rows", {})}
+
+    names: list[str] = []
+    for entry in results.values():
+        for group in (values(entry), entry.get("oracle") or {}):
+            names += [n for n in group if n not in names]
+    header = ["metric"]
+    for split, entry in results.items():
+        header += [split] + ([f"{split} oracle"] if entry.get("oracle") else [])
+    table = [header]
+    for name in names:
+        row = [name]
+        for entry in results.values():
+            row.append(_cell(values(entry).get(name)))
+            if entry.get("oracle"):
+                row.append(_cell(entry["oracle"].get(name)))
+        table.append(row)
+    users = ["ranked users"]
+    for entry in results.values():
+        users += [_cell(entry.get("ranked_users"))] + ([""] if entry.get("oracle") else [])
+    table.append(users)
+    lines = _aligned(table)
+    for split, entry in results.items():
+        if entry.get("ablation"):
+            rows = [["without", "auc", "auc drop", "logloss"]]
+            for modality, values in entry["ablation"].items():
+                rows.append([modality] + [_cell(values[n]) for n in ("auc", "auc_drop", "logloss")])
+            lines += ["", f"Modality ablation on {split} (AUC {entry['click']['auc']:.4f}):"]
+            lines += _aligned(rows)
+    return "\n".join(lines)
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in table
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
+
+
+def evaluate_run(
+    workdir: str | Path,
+    splits: Sequence[str] | None = None,
+    checkpoint: str | int = "best",
+    ks: Sequence[int] = DEFAULT_KS,
+    ablate: bool = False,
+    devices: list | None = None,
+) -> dict[str, dict]:
+    """Evaluates a checkpoint of a run; writes `workdir/eval/<split>.json` for each split.
+
+    Args:
+      workdir: the training run's folder.
+      splits: split names, or None for test and test_cold; "all" for every split.
+      checkpoint: "best", "latest" or a step.
+      ks: ranking cut-offs.
+      ablate: also report the AUC lost without each content modality.
+      devices: mesh devices (default: all).
+
+    Returns:
+      `evaluate_params`' results, each with "checkpoint_step" and "k" added.
+    """
+    from mmrec_jax import train
+
+    config, model, params, step = train.restore_params(workdir, checkpoint, devices)
+    mesh = sharding.make_mesh(devices)
+    catalogue = open_catalogue(config)
+    splits = resolve_splits(splits, catalogue.info)
+    results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
+    out = Path(workdir) / "eval"
+    for split, entry in results.items():
+        entry.update(split=split, checkpoint=str(checkpoint), checkpoint_step=int(step))
+        entry["k"] = [int(k) for k in ks]
+        if jax.process_index() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{split}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    return results
+
+
+def resolve_splits(splits: Sequence[str] | None, info: Any) -> list[str]:
+    """Split names from the command line: None -> test, test_cold; "all" -> every split.
+
+    Raises:
+      ValueError: a split the dataset does not have.
+    """
+    from mmrec_jax.train import REPORT_SPLITS
+
+    available = [s for s in REPORT_SPLITS if int(info.split_sizes.get(s, 0)) > 0]
+    if not splits:
+        return [s for s in ("test", "test_cold") if s in available] or available[-1:]
+    names: list[str] = []
+    for value in splits:
+        for name in (n.strip() for n in value.split(",") if n.strip()):
+            for split in available if name == "all" else [name]:
+                if split not in available:
+                    raise ValueError(
+                        f"--split {split!r}: the dataset has no such (non-empty) split; "
+                        f"choose from {', '.join(available)} or all."
+                    )
+                if split not in names:
+                    names.append(split)
+    return names
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k {text!r}: give comma-separated integers") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k {text!r}: give positive integers, e.g. 10,20")
+    return ks
+
+
+def _parse_checkpoint(text: str) -> str | int:
+    if text in ("best", "latest"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"--checkpoint {text!r}: use best, latest or a step")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mmrec_jax.evaluate`: see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mmrec_jax.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--workdir", required=True, help="the training run's folder")
+    parser.add_argument(
+        "--split",
+        action="append",
+        help="split to evaluate (repeatable, or comma-separated, or all); "
+        "default: test and test_cold",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=_parse_checkpoint,
+        default="best",
+        help="best (validation AUC), latest, or a step",
+    )
+    parser.add_argument(
+        "--k", type=_parse_ks, default=DEFAULT_KS, help="ranking cut-offs (default 10,20)"
+    )
+    parser.add_argument(
+        "--ablate", action="store_true", help="report the AUC lost without each modality"
+    )
+    args = parser.parse_args(argv)
+    try:
+        results = evaluate_run(args.workdir, args.split, args.checkpoint, args.k, args.ablate)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if not results:
+        parser.exit(2, f"{parser.prog}: error: none of the splits has any rows.\n")
+    step = next(iter(results.values()))["checkpoint_step"]
+    print(f"{args.workdir}, checkpoint step {step} ({args.checkpoint}):\n")
+    print(format_results(results))
+    written = ", ".join(str(Path(args.workdir) / "eval" / f"{s}.json") for s in results)
+    print(f"\nWrote {written}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Reading an export folder written by `python -m mmrec_jax.export`.
+
+    import mmrec_jax
+    model, variables = mmrec_jax.load_exported("export/")
+    logits = model.apply(variables, batch, train=False)   # batch: see mmrec_jax.schema
+
+The folder's layout (file names are the constants below):
+
+    export.json              what was exported: format, checkpoint step, shapes; written
+                             last, so a folder without it is not a complete export
+    config.json              the full resolved run config
+    params.safetensors       every parameter, key = "/"-joined path, float32
+    item_ids.npy             (N,) original item ids, in item-table order
+    item_embeddings.npy      (N, D) each item's summary vector (`encode_items`' embedding)
+    item_tokens.npy          (N, M, D) each item's modality tokens (`encode_items`' tokens)
+    item_token_mask.npy      (N, M) True where the item has that modality
+    user_ids.npy             (U,) original user ids, in user-table order
+    user_id_index.npy        (U,) each user's ID-vocabulary index (0 = out of vocabulary)
+    user_history.npy         (U, H) each user's latest history, as rows of the item table
+    user_history_mask.npy    (U, H) True where a history entry is real
+    user_engaged_offsets.npy (U + 1,) user u engaged with items
+    user_engaged_items.npy   (E,)     engaged_items[offsets[u]:offsets[u + 1]] (item rows)
+    text_model/              the text tower's BERT as a Hugging Face folder (when the run
+                             has a text tower), with its tokenizer
+    tokenizer/               the tokenizer files (when the run has a text tower)
+    README.md                how to load it
+
+Nothing here needs the dataset: `mmrec_jax.recommend` serves from the folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmrec_jax import schema
+from mmrec_jax.config import config_from_dict
+
+# Version of the layout above; bumped when it changes incompatibly.
+EXPORT_FORMAT = 1
+
+MANIFEST_FILE = "export.json"
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+TEXT_MODEL_DIR = "text_model"
+TOKENIZER_DIR = "tokenizer"
+README_FILE = "README.md"
+
+# Table name -> file: what `load_tables` reads.
+TABLE_FILES = {
+    "item_ids": "item_ids.npy",
+    "item_embeddings": "item_embeddings.npy",
+    "item_tokens": "item_tokens.npy",
+    "item_token_mask": "item_token_mask.npy",
+    "user_ids": "user_ids.npy",
+    "user_id_index": "user_id_index.npy",
+    "user_history": "user_history.npy",
+    "user_history_mask": "user_history_mask.npy",
+    "user_engaged_offsets": "user_engaged_offsets.npy",
+    "user_engaged_items": "user_engaged_items.npy",
+}
+
+# Separator of the parameter paths in the safetensors keys.
+KEY_SEPARATOR = "/"
+
+
+class ExportError(ValueError):
+    """A folder that is not a complete, readable export."""
+
+
+def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
+    """A params tree as {"text/proj/kernel": float32 numpy array}.
+
+    Args:
+      params: the model's params (no "params" wrapper); jax or numpy leaves, sharded
+        arrays are gathered.
+
+    Raises:
+      ValueError: a module or parameter name contains the separator "/".
+    """
+    flat = flax.traverse_util.flatten_dict(dict(params))
+    tensors = {}
+    for path, value in flat.items():
+        bad = [name for name in path if KEY_SEPARATOR in str(name)]
+        if bad:
+            raise ValueError(f"Parameter name {bad[0]!r} contains {KEY_SEPARATOR!r}.")
+        array = np.asarray(jax.device_get(value), dtype=np.float32)
+        tensors[KEY_SEPARATOR.join(str(name) for name in path)] = np.ascontiguousarray(array)
+    return tensors
+
+
+def unflatten_params(tensors: Mapping[str, np.ndarray]) -> dict:
+    """The inverse of `flatten_params`: {"a/b/c": array} -> nested dicts."""
+    return flax.traverse_util.unflatten_dict(
+        {tuple(key.split(KEY_SEPARATOR)): value for key, value in tensors.items()}
+    )
+
+
+def _require_export(path: Path) -> dict:
+    """The manifest of a complete export folder, or an `ExportError` saying what is wrong."""
+    if not path.is_dir():
+        raise ExportError(
+            f"Export folder {str(path)!r} does not exist. Create one with "
+            "`python -m mmrec_jax.export --workdir RUN --out EXPORT`."
+        )
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ExportError(
+            f"{str(path)!r} has no {MANIFEST_FILE}: it is not a complete export (an export "
+            "writes that file last). Export again with `python -m mmrec_jax.export`."
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ExportError(
+            f"{str(path)!r} has export format {manifest.get('format')!r}; this version of "
+            f"mmrec_jax reads format {EXPORT_FORMAT}. Export the run again."
+        )
+    return manifest
+
+
+def load_export_config(path: str | Path) -> ml_collections.ConfigDict:
+    """The run config of an export, pointed at the export's own text model folder.
+
+    `config.model.text.model` names the pretrained BERT the run started from; when the
+    export holds the text tower's BERT (`text_model/`), it is set to that folder, so the
+    model builds from the export alone.
+    """
+    path = Path(path)
+    _require_export(path)
+    config = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    if (path / TEXT_MODEL_DIR / "config.json").is_file():
+        config.model.text.model = str((path / TEXT_MODEL_DIR).resolve())
+    return config
+
+
+def example_batch(config: ml_collections.ConfigDict, text_dim: int | None = None) -> dict:
+    """A one-row batch of zeros in the schema of `config` (for shapes, not for scores).
+
+    Args:
+      config: a run config (model towers and sizes, data.history_len, data.max_text_len).
+      text_dim: Dt, the cached text embedding width (frozen text mode only).
+    """
+    towers = schema.parse_towers(config.model.towers)
+    dims = {
+        "B": 1,
+        "U": 1,
+        "H": int(config.data.history_len),
+        "L": int(config.data.max_text_len),
+        "Dt": int(text_dim or 1),
+        "S": int(config.model.image.size),
+        "T": int(config.model.audio.clip_samples),
+    }
+
+    def zeros(spec: schema.FieldSpec) -> np.ndarray:
+        shape = tuple(dims[s] if isinstance(s, str) else s for s in spec.shape)
+        return np.zeros(shape, spec.dtype)
+
+    batch = {spec.name: zeros(spec) for spec in schema.row_fields(towers)}
+    batch["items"] = {
+        spec.name: zeros(spec) for spec in schema.item_fields(towers, config.model.text.mode)
+    }
+    return batch
+
+
+def _check_params(model: Any, config: ml_collections.ConfigDict, params: dict, where: Path):
+    """Raises `ExportError` naming any parameter missing, unexpected or misshaped."""
+    text_dim = None
+    if "text" in params and "proj" in params["text"] and "bert" not in params["text"]:
+        text_dim = params["text"]["proj"]["kernel"].shape[0]
+    batch = example_batch(config, text_dim)
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False)["params"])
+    expected = {
+        KEY_SEPARATOR.join(path): tuple(leaf.shape)
+        for path, leaf in flax.traverse_util.flatten_dict(expected).items()
+    }
+    found = {
+        KEY_SEPARATOR.join(path): tuple(leaf.shape)
+        for path, leaf in flax.traverse_util.flatten_dict(params).items()
+    }
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [k for k in expected if k in found and expected[k] != found[k]]
+    if missing or extra or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:5]}")
+        if extra:
+            details.append(f"unexpected {extra[:5]}")
+        if wrong:
+            details.append(
+                "misshaped " + ", ".join(f"{k} {found[k]} != {expected[k]}" for k in wrong[:5])
+            )
+        raise ExportError(
+            f"{where / PARAMS_FILE} does not fit the model of {where / CONFIG_FILE}: "
+            f"{'; '.join(details)}. Export the run again."
+        )
+
+
+def load_exported(path: str | Path) -> tuple[Any, dict]:
+    """Loads an export's model and variables.
+
+    Args:
+      path: a folder written by `python -m mmrec_jax.export`.
+
+    Returns:
+      (model, variables): the `Recommender` built from the export's config and
+      {"params": params} as jax arrays of `config.model.param_dtype`, so that
+      `model.apply(variables, batch, train=False)` gives the checkpoint's logits.
+
+    Raises:
+      ExportError: the folder is missing, incomplete, or its parameters do not fit its
+        config.
+    """
+    from safetensors.numpy import load_file
+
+    from mmrec_jax.models.recommender import build_model
+
+    path = Path(path)
+    config = load_export_config(path)
+    model = build_model(config.model)
+    param_dtype = jnp.dtype(config.model.param_dtype)
+    params = unflatten_params(load_file(path / PARAMS_FILE))
+    _check_params(model, config, params, path)
+    params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
+    return model, {"params": params}
+
+
+def load_tables(path: str | Path) -> dict[str, np.ndarray]:
+    """The item and user tables of an export (see the module docstring), as numpy arrays."""
+    path = Path(path)
+    _require_export(path)
+    tables = {}
+    for name, file in TABLE_FILES.items():
+        if not (path / file).is_file():
+            raise ExportError(f"Export {str(path)!r} is missing {file}. Export the run again.")
+        tables[name] = np.load(path / file, allow_pickle=False)
+    return tables

@@ -1,0 +1,179 @@
+"""Top-K recommendations for a user, served from an export folder alone.
+
+    python -m mmrec_jax.recommend --export export/ --user USER_ID [--k 10]
+    python -m mmrec_jax.recommend --export export/ --list_users
+
+The user's ID embedding and latest history (from the export's user table) are scored
+against every item of the export's encoded item table with the model's `score`, in
+jit-compiled chunks of items; the items the user already engaged with are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmrec_jax import exported, schema
+from mmrec_jax import metrics as metrics_lib
+
+# Items scored per jit call (the last chunk is padded to this size).
+ITEMS_PER_CALL = 4096
+
+
+class UnknownUserError(KeyError):
+    """A user id that is not in the export's user table."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    """One recommended item."""
+
+    item_id: object  # the original item id
+    logit: float
+    probability: float
+
+
+class ExportedRecommender:
+    """Loads an export once and answers top-K queries.
+
+    Args:
+      path: a folder written by `python -m mmrec_jax.export`.
+      items_per_call: items scored per jit call.
+    """
+
+    def __init__(self, path: str | Path, items_per_call: int = ITEMS_PER_CALL):
+        self.path = Path(path)
+        self.model, self.variables = exported.load_exported(self.path)
+        self.tables = exported.load_tables(self.path)
+        self.history = "history" in schema.parse_towers(self.model.config.towers)
+        num_items = self.tables["item_ids"].shape[0]
+        self.items_per_call = min(items_per_call, num_items)
+        self.encoded = {
+            "tokens": jnp.asarray(self.tables["item_tokens"]),
+            "mask": jnp.asarray(self.tables["item_token_mask"]),
+            "embedding": jnp.asarray(self.tables["item_embeddings"]),
+        }
+        self._index = {self._key(u): i for i, u in enumerate(self.tables["user_ids"].tolist())}
+        self._score = jax.jit(self._score_chunk)
+
+    @staticmethod
+    def _key(user_id) -> str:
+        return str(user_id)
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        """The original ids of the users this export knows."""
+        return self.tables["user_ids"]
+
+    def user_row(self, user_id) -> int:
+        """The row of `user_id` (an original id, as given or as text) in the user table.
+
+        Raises:
+          UnknownUserError: the export has no such user.
+        """
+        row = self._index.get(self._key(user_id))
+        if row is None:
+            ids = self.user_ids
+            examples = ", ".join(str(u) for u in ids[:5].tolist())
+            raise UnknownUserError(
+                f"Unknown user {user_id!r}: export {str(self.path)!r} has no such user among "
+                f"its {ids.shape[0]} users (ids like {examples}). List them all with "
+                f"`python -m mmrec_jax.recommend --export {self.path} --list_users`."
+            )
+        return row
+
+    def _score_chunk(self, variables, encoded, user_id, history, history_mask, slots):
+        rows = {"user_id": jnp.broadcast_to(user_id, slots.shape), "item_slot": slots}
+        if self.history:
+            rows["history_slot"] = jnp.broadcast_to(history, (*slots.shape, history.shape[0]))
+            rows["history_mask"] = jnp.broadcast_to(history_mask, (*slots.shape, history.shape[0]))
+        return self.model.apply(variables, rows, encoded, method="score").astype(jnp.float32)
+
+    def scores(self, user_id) -> np.ndarray:
+        """(N,) logits of the user against every item of the export, in item-table order."""
+        row = self.user_row(user_id)
+        num_items = self.tables["item_ids"].shape[0]
+        chunk = self.items_per_call
+        user = jnp.asarray(self.tables["user_id_index"][row], jnp.int32)
+        history = jnp.asarray(self.tables["user_history"][row], jnp.int32)  # (H,)
+        history_mask = jnp.asarray(self.tables["user_history_mask"][row], bool)
+        out = []
+        for start in range(0, num_items, chunk):
+            slots = np.arange(start, start + chunk, dtype=np.int32) % num_items  # (chunk,)
+            logits = self._score(self.variables, self.encoded, user, history, history_mask, slots)
+            out.append(np.asarray(logits)[: min(chunk, num_items - start)])
+        return np.concatenate(out)
+
+    def engaged_items(self, user_id) -> np.ndarray:
+        """Rows of the item table the user already engaged with."""
+        row = self.user_row(user_id)
+        offsets = self.tables["user_engaged_offsets"]
+        return self.tables["user_engaged_items"][offsets[row] : offsets[row + 1]]
+
+    def recommend(self, user_id, k: int = 10) -> list[Recommendation]:
+        """The user's top-K items by score, best first, engaged items excluded.
+
+        Fewer than K come back when fewer items are left after the exclusion.
+
+        Raises:
+          UnknownUserError: the export has no such user.
+          ValueError: k < 1.
+        """
+        if k < 1:
+            raise ValueError(f"k={k} must be at least 1.")
+        logits = self.scores(user_id)  # (N,)
+        exclude = np.zeros(logits.shape, bool)
+        exclude[self.engaged_items(user_id)] = True
+        k = min(k, int((~exclude).sum()))
+        if k == 0:
+            return []
+        top_logits, top_items = metrics_lib.top_k_items(logits[None], k, exclude[None])
+        item_ids = self.tables["item_ids"]
+        return [
+            Recommendation(item_ids[i].item(), float(s), float(0.5 + 0.5 * np.tanh(0.5 * s)))
+            for s, i in zip(np.asarray(top_logits[0]), np.asarray(top_items[0]), strict=True)
+        ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mmrec_jax.recommend`: see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mmrec_jax.recommend", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--export", required=True, help="a folder from mmrec_jax.export")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="the user's original id")
+    who.add_argument("--list_users", action="store_true", help="print every known user id")
+    parser.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    args = parser.parse_args(argv)
+    try:
+        recommender = ExportedRecommender(args.export)
+        if args.list_users:
+            print("\n".join(str(u) for u in recommender.user_ids.tolist()))
+            return 0
+        results = recommender.recommend(args.user, args.k)
+    except (UnknownUserError, exported.ExportError, ValueError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    engaged = recommender.engaged_items(args.user).size
+    print(f"Top {len(results)} items for user {args.user} ({engaged} engaged items excluded):")
+    width = max([len(str(r.item_id)) for r in results] + [4])
+    print(f"{'rank':>4}  {'item':<{width}}  {'probability':>11}  {'logit':>8}")
+    for rank, result in enumerate(results, 1):
+        print(
+            f"{rank:>4}  {str(result.item_id):<{width}}  {result.probability:>11.4f}  "
+            f"{result.logit:>8.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
