@@ -292,6 +292,12 @@ class MmrecBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """
         return None
 
+    def _log_download_bytes(self) -> None:
+        """Silent: TFDS would announce a download; these builders download nothing."""
+
+    def _log_download_done(self) -> None:
+        """Silent: the importers print their own summary."""
+
     def _make_content(self) -> DatasetContent:
         raise RuntimeError(
             f"Dataset {self.name!r} is written by its importer; it cannot be generated here."

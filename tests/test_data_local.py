@@ -1,0 +1,461 @@
+"""Importers (local folder, MovieLens) and real-world media decoding."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mmrec_jax import schema
+from mmrec_jax.config import load_config
+from mmrec_jax.data import builder, local, media, movielens, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+ML_SMALL = Path("/work/shared/data/ml-latest-small")
+if not ML_SMALL.is_dir():  # the same data beside a checkout elsewhere
+    ML_SMALL = ROOT.parent / "shared" / "data" / "ml-latest-small"
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sound(wave: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def tone(rate: int, seconds: float, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return np.sin(2 * np.pi * freq * t)
+
+
+def records(data_dir, name, config=None):
+    full = name if config is None else f"{name}/{config}"
+    return {
+        split: [source[i] for i in range(len(source))]
+        for split, source in tfds.data_source(full, data_dir=str(data_dir)).items()
+    }
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------------- media
+
+
+def test_images_of_any_mode_become_rgb():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        media.decode_image(png(Image.fromarray(gray, "L")), 20), np.stack([gray] * 3, -1)
+    )
+    rgba = rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)
+    alpha = rgba[..., 3:].astype(np.float64) / 255
+    on_white = rgba[..., :3] * alpha + 255 * (1 - alpha)
+    decoded = media.decode_image(png(Image.fromarray(rgba, "RGBA")), 20).astype(np.float64)
+    assert np.abs(decoded - on_white).max() <= 1.0
+    palette = Image.new("P", (20, 20))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    indices = (rng.random((20, 20)) < 0.5).astype(np.uint8)
+    palette.putdata(indices.ravel().tolist())
+    palette.info["transparency"] = 1  # index 1 (blue) is transparent: white on output
+    want = np.where(indices[..., None] == 0, [255, 0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(media.decode_image(png(palette), 20), want)
+    deep = rng.integers(0, 65536, (20, 20)).astype(np.uint16)
+    decoded = media.decode_image(png(Image.fromarray(deep)), 20)
+    np.testing.assert_array_equal(decoded[..., 1], np.clip(np.rint(deep / 257), 0, 255))
+    photo = np.zeros((120, 240, 3), np.uint8)
+    photo[:, :120] = [200, 30, 30]
+    photo[:, 120:] = [30, 30, 200]
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=95)
+    small = media.decode_image(buffer.getvalue(), 56)
+    assert small.shape == (56, 56, 3)
+    assert np.abs(small[:, :20].astype(int) - [200, 30, 30]).max() < 12
+    assert np.abs(small[:, -20:].astype(int) - [30, 30, 200]).max() < 12
+    stored = Image.open(io.BytesIO(media.normalize_image(buffer.getvalue(), 100)))
+    assert stored.format == "PNG" and stored.mode == "RGB" and stored.size == (100, 50)
+    with pytest.raises(media.MediaError, match="not a readable image"):
+        media.decode_image(b"\x89PNG broken", 56)
+
+
+@pytest.mark.parametrize(
+    "fmt,subtype,rate,atol",
+    [("WAV", "FLOAT", 44100, 0.01), ("FLAC", None, 22050, 0.01), ("OGG", "VORBIS", 48000, 0.05)],
+)
+def test_audio_of_any_rate_and_channels_becomes_mono_at_the_model_rate(fmt, subtype, rate, atol):
+    left, right = 0.6 * tone(rate, 0.7), 0.2 * tone(rate, 0.7)
+    data = sound(np.stack([left, right], 1), rate, fmt, subtype)
+    wave = media.decode_audio(data, 8000, 4000)
+    assert wave.shape == (4000,) and wave.dtype == np.float32
+    # Mixed down to the mean of the channels, resampled: 0.4 * a 440 Hz sine at 8 kHz.
+    expected = 0.4 * tone(8000, 0.5)
+    np.testing.assert_allclose(wave[200:-200], expected[200:-200], atol=atol)
+    padded = media.decode_audio(data, 8000, 8000)  # 0.7 s of sound, then zeros
+    assert np.abs(padded[5800:]).max() == 0.0 and np.abs(padded[:5400]).max() > 0.3
+    with pytest.raises(media.MediaError, match="not a readable audio file"):
+        media.decode_audio(b"RIFF....WAVEfmt garbage", 8000, 4000)
+
+
+# --------------------------------------------------------------------------- local folder
+
+
+def media_folder(folder: Path) -> None:
+    """Items with every image and audio kind, and interactions with labels and times."""
+    rng = np.random.default_rng(1)
+    (folder / "media").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8), "L").save(
+        folder / "media/gray.png"
+    )
+    Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA").save(
+        folder / "media/rgba.png"
+    )
+    Image.new("P", (50, 50), 3).save(folder / "media/palette.png")
+    Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(
+        folder / "media/photo.jpg", quality=90
+    )
+    stereo = np.stack([tone(44100, 1.0), tone(44100, 1.0, 660)], 1) * 0.5
+    (folder / "media/stereo.wav").write_bytes(sound(stereo, 44100, "WAV", "PCM_16"))
+    (folder / "media/clip.flac").write_bytes(sound(tone(22050, 0.3) * 0.5, 22050, "FLAC"))
+    (folder / "media/clip.ogg").write_bytes(sound(tone(48000, 0.4) * 0.5, 48000, "OGG"))
+    write_csv(
+        folder / "items.csv",
+        ["item_id", "text", "image", "audio"],
+        [
+            ["a", "A grey picture with a tone", "media/gray.png", "media/stereo.wav"],
+            ["b", "A see-through square", "media/rgba.png", "media/clip.flac"],
+            ["c", "", "media/palette.png", "media/clip.ogg"],
+            ["d", "A photo, no sound", "media/photo.jpg", ""],
+            ["e", "Only words here", "", ""],
+            ["f", "Never rated", "", "media/clip.ogg"],
+        ],
+    )
+    rows = []
+    for user in range(6):
+        for k, item in enumerate(np.roll(list("abcde"), user)):
+            rows.append([f"user{user}", item, (user + k) % 2, 1000 * user + 10 * k])
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], rows)
+
+
+def test_folder_with_every_media_kind_imports_and_feeds_the_pipeline(tmp_path, capsys):
+    media_folder(tmp_path / "in")
+    local.main(
+        ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "data"), "--name", "shop"]
+    )
+    out = capsys.readouterr().out
+    assert local.train_command("shop", tmp_path / "data") in out
+    splits = tfds.data_source("shop", data_dir=str(tmp_path / "data"))
+    assert {"train", "validation", "test"} <= set(splits)
+    items = {
+        builder.text(r["item_key"]): r for r in records(tmp_path / "data", "shop", "items")["items"]
+    }
+    assert [bool(items[k]["has_image"]) for k in "abcdef"] == [1, 1, 1, 1, 0, 0]
+    assert [bool(items[k]["has_audio"]) for k in "abcdef"] == [1, 1, 1, 0, 0, 1]
+    assert [bool(items[k]["has_text"]) for k in "abcdef"] == [1, 1, 0, 1, 1, 1]
+    assert items["f"]["item_id"] == 0  # in the catalogue, never in training
+    photo = Image.open(io.BytesIO(items["d"]["image"]))
+    assert photo.mode == "RGB" and photo.size == (85, 128)  # longer side 128
+    wave, rate = soundfile.read(io.BytesIO(items["a"]["audio"]))
+    assert rate == 16000 and wave.ndim == 1 and wave.shape[0] == 16000
+    config = load_config(
+        ROOT / "configs" / "local.py",
+        [
+            ("data.name", "shop"),
+            ("data.data_dir", str(tmp_path / "data")),
+            ("model.towers", "image,audio,id,history"),
+            ("train.batch_size", "8"),
+        ],
+    )
+    info = pipeline.load_dataset_info(config.data)
+    assert info.modalities == ("text", "image", "audio") and not info.positives_only
+    batch = next(pipeline.make_batches(config, "train", train=True))
+    schema.validate_batch(batch, config.model.towers, expected_dims={"S": 56, "T": 4000})
+
+
+def bad_folder(folder: Path) -> None:
+    """One corrupt image, one missing audio file, one interaction with an unknown item."""
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    (folder / "tone.wav").write_bytes(sound(tone(16000, 0.2), 16000, "WAV"))
+    write_csv(
+        folder / "items.csv",
+        ["item_id", "text", "image", "audio"],
+        [
+            ["i1", "first", "good.png", "tone.wav"],
+            ["i2", "second", "broken.png", "tone.wav"],
+            ["i3", "third", "good.png", "sounds/missing.wav"],
+            ["i4", "fourth", "", ""],
+        ],
+    )
+    rows = [[f"u{u}", f"i{k}", 1, 100 * u + k] for u in range(3) for k in (1, 2, 3, 4)]
+    rows.insert(3, ["u9", "i99", 1, 5])
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], rows)
+
+
+def test_bad_rows_fail_naming_each_one(tmp_path):
+    bad_folder(tmp_path / "in")
+    with pytest.raises(local.ImportFailed) as failure:
+        local.import_folder(tmp_path / "in", tmp_path / "data", local.ImportOptions(name="bad"))
+    message = str(failure.value)
+    assert "items.csv:3: undecodable image" in message and "broken.png" in message
+    assert "items.csv:4: missing audio file" in message and "missing.wav" in message
+    assert "interactions.csv:5: unknown item" in message and "'i99'" in message
+    assert "3 problem(s)" in message and "--skip_invalid" in message
+    assert not builder.is_built(tmp_path / "data", "bad")
+
+
+def test_skip_invalid_builds_and_reports_the_three_skips(tmp_path, capsys):
+    bad_folder(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "data"), "--name", "bad"]
+    with pytest.raises(SystemExit) as exit_info:
+        local.main(argv)
+    assert exit_info.value.code == 2
+    assert "unknown item" in capsys.readouterr().err
+    local.main([*argv, "--skip_invalid"])
+    out = capsys.readouterr().out
+    assert (
+        "Skipped 3 invalid entries: 1 undecodable image, 1 missing audio file, 1 unknown item"
+        in out
+    )
+    items = {
+        builder.text(r["item_key"]): r for r in records(tmp_path / "data", "bad", "items")["items"]
+    }
+    assert not items["i2"]["has_image"] and items["i2"]["has_audio"] and items["i2"]["has_text"]
+    assert items["i3"]["has_image"] and not items["i3"]["has_audio"]
+    total = sum(len(v) for v in records(tmp_path / "data", "bad").values())
+    assert total == 12  # the unknown item's row alone is gone
+    meta = builder.read_metadata(tmp_path / "data", "bad")
+    assert meta["skipped"] == {"undecodable image": 1, "missing audio file": 1, "unknown item": 1}
+
+
+def test_other_bad_rows_are_named_with_their_line(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id", "text"], [["a", "x"], ["b", "y"], ["a", "z"]])
+    write_csv(
+        folder / "interactions.csv",
+        ["user_id", "item_id", "label", "timestamp"],
+        [["u", "a", "yes", 1], ["u", "b", 2, 2], ["", "a", 1, 3], ["u", "a", 1, "soon"]],
+    )
+    with pytest.raises(local.ImportFailed) as failure:
+        local.import_folder(folder, tmp_path / "data", local.ImportOptions(name="x"))
+    message = str(failure.value)
+    assert "items.csv:4: duplicate item id: item_id 'a' already at items.csv:2" in message
+    assert "interactions.csv:2: non-numeric label: label 'yes' is not 0 or 1" in message
+    assert "interactions.csv:3: non-numeric label: label '2' is not 0 or 1" in message
+    assert "interactions.csv:4: empty user_id" in message
+    assert "interactions.csv:5: bad timestamp" in message
+    (folder / "interactions.csv").write_text("")
+    with pytest.raises(local.ImportFailed, match="interactions.csv: empty file"):
+        local.import_folder(folder, tmp_path / "data", local.ImportOptions(name="x"))
+
+
+def test_jsonl_and_parquet_inputs_with_several_text_columns(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = [
+        json.dumps({"item_id": f"m{i}", "text_title": f"Title {i}", "text_body": f"Body {i}"})
+        for i in range(8)
+    ]
+    lines.insert(2, "{not json")
+    (folder / "items.jsonl").write_text("\n".join(lines) + "\n")
+    users = [f"u{u}" for u in range(4) for _ in range(6)]
+    items = [f"m{(u * 3 + k) % 8}" for u in range(4) for k in range(6)]
+    pq.write_table(pa.table({"user_id": users, "item_id": items}), folder / "interactions.parquet")
+    options = local.ImportOptions(name="pq", split="random")
+    with pytest.raises(local.ImportFailed, match="items.jsonl:3: bad JSON line"):
+        local.import_folder(folder, tmp_path / "data", options)
+    options.skip_invalid = True
+    local.import_folder(folder, tmp_path / "data", options, verbose=False)
+    item_rows = records(tmp_path / "data", "pq", "items")["items"]
+    assert builder.text(item_rows[0]["text"]) == "Title 0. Body 0"
+    meta = builder.read_metadata(tmp_path / "data", "pq")
+    assert meta["positives_only"] and meta["split_method"] == "random"
+    assert sum(meta["split_sizes"].values()) == 24
+
+
+def test_split_methods(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(
+        folder / "items.csv", ["item_id", "text"], [[f"m{i}", f"movie {i}"] for i in range(30)]
+    )
+    rng = np.random.default_rng(3)
+    rows = []
+    for user in range(20):
+        for item in rng.choice(30, size=int(rng.integers(2, 9)), replace=False):
+            rows.append(
+                [f"u{user}", f"m{item}", float(rng.integers(1, 6)), int(rng.integers(0, 10**6))]
+            )
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "rating", "timestamp"], rows)
+    by_user = {}
+    for user, item, rating, stamp in rows:
+        by_user.setdefault(user, []).append((stamp, item, rating))
+
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="last"), verbose=False)
+    got = records(tmp_path / "d", "last")
+    meta = builder.read_metadata(tmp_path / "d", "last")
+    user_keys, item_keys = meta["user_ids"], meta["item_ids"]
+    for split in ("test", "validation"):
+        position = -1 if split == "test" else -2
+        for r in got[split]:
+            events = sorted(by_user[user_keys[r["user_index"]]])
+            assert len(events) >= 3
+            assert item_keys[r["item_index"]] == events[position][1]
+    tested = {(r["user_index"]) for s in ("test", "test_cold") for r in got.get(s, [])}
+    assert tested == {meta["user_ids"].index(u) for u, e in by_user.items() if len(e) >= 3}
+    all_rows = [r for split_rows in got.values() for r in split_rows]
+    for r in all_rows:
+        rating = dict((i, x) for _, i, x in by_user[user_keys[r["user_index"]]])[
+            item_keys[r["item_index"]]
+        ]
+        assert r["label"] == float(rating >= 4.0)
+
+    options = local.ImportOptions(name="cold", split="cold_items", cold_item_share=0.2)
+    local.import_folder(folder, tmp_path / "d", options, verbose=False)
+    got = records(tmp_path / "d", "cold")
+    train_items = {r["item_index"] for r in got["train"]}
+    assert got["test_cold"] and all(r["item_index"] not in train_items for r in got["test_cold"])
+    assert all(r["item_index"] in train_items and r["item_id"] > 0 for r in got["test"])
+    assert all(r["item_id"] == 0 for r in got["test_cold"])
+
+
+# ------------------------------------------------------------------------------ MovieLens
+
+
+def ml_subset(folder: Path, max_user: int = 15, max_movie: int = 150) -> None:
+    """ml-latest-small restricted to its first users and movies, same file layout."""
+    folder.mkdir(parents=True)
+    for name, keep in (
+        ("movies.csv", lambda r: int(r["movieId"]) <= max_movie),
+        ("ratings.csv", lambda r: int(r["userId"]) <= max_user and int(r["movieId"]) <= max_movie),
+        ("tags.csv", lambda r: int(r["movieId"]) <= max_movie),
+    ):
+        with open(ML_SMALL / name, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if keep(r)]
+            header = reader.fieldnames
+        with open(folder / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, header)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def test_movielens_subset_converts_and_trains(tmp_path, capsys):
+    ml_subset(tmp_path / "ml")
+    argv = ["--input", str(tmp_path / "ml"), "--output", str(tmp_path / "data")]
+    movielens.main(argv)
+    assert local.train_command("movielens", tmp_path / "data") in capsys.readouterr().out
+    splits = tfds.data_source("movielens", data_dir=str(tmp_path / "data"))
+    assert {"train", "validation", "test"} <= set(splits)
+    with open(tmp_path / "ml" / "movies.csv", newline="") as f:
+        movies = list(csv.DictReader(f))
+    with open(tmp_path / "ml" / "tags.csv", newline="") as f:
+        tags = {}
+        for r in csv.DictReader(f):
+            tags.setdefault(r["movieId"], []).append(r["tag"])
+    items = records(tmp_path / "data", "movielens", "items")["items"]
+    assert len(items) == len(movies)
+    for movie, item in zip(movies, items, strict=True):
+        text = builder.text(item["text"])
+        assert builder.text(item["item_key"]) == movie["movieId"]
+        assert text.startswith(movie["title"])
+        assert all(g in text for g in movie["genres"].split("|") if "no genres" not in g)
+        assert all(t in text for t in tags.get(movie["movieId"], [])[:5])
+    with open(tmp_path / "ml" / "ratings.csv", newline="") as f:
+        ratings = list(csv.DictReader(f))
+    info = pipeline.load_dataset_info(
+        load_config(
+            ROOT / "configs" / "local.py",
+            [("data.name", "movielens"), ("data.data_dir", str(tmp_path / "data"))],
+        ).data
+    )
+    assert sum(info.split_sizes.values()) == len(ratings)
+    assert info.modalities == ("text",) and not info.positives_only
+
+    # Train a few steps on its batches (the model's functional API, frozen MiniLM texts).
+    import jax
+    import optax
+
+    from mmrec_jax.models.recommender import build_model
+
+    overrides = [
+        ("data.name", "movielens"),
+        ("data.data_dir", str(tmp_path / "data")),
+        ("data.max_text_len", "16"),
+        ("model.num_users", str(info.num_users)),
+        ("model.num_items", str(info.num_items)),
+        ("model.towers", pipeline.available_towers("text,image,audio,id,history", info)),
+        ("model.width", "32"),
+        ("model.fusion.num_layers", "1"),
+        ("model.fusion.mlp_dim", "32"),
+        ("train.batch_size", "64"),
+    ]
+    config = load_config(ROOT / "configs" / "local.py", overrides)
+    assert config.model.towers == "text,id,history"
+    batches = pipeline.make_batches(config, "train", train=True, multiple=1)
+    model = build_model(config.model)
+    first = next(batches)
+    params = model.init(jax.random.key(0), first)["params"]
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch, rng):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, batch, train=True, rngs={"dropout": rng})
+            return optax.sigmoid_binary_cross_entropy(logits, batch["label"]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for k in range(6):
+        params, opt_state, loss = step(params, opt_state, first, jax.random.key(k))
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_ml100k_layout(tmp_path):
+    folder = tmp_path / "ml100k"
+    folder.mkdir()
+    genres = "\n".join(f"{g}|{i}" for i, g in enumerate(movielens.ML100K_GENRES)) + "\n"
+    (folder / "u.genre").write_text(genres, encoding="latin-1")
+    flags = ["0"] * 19
+    action = flags.copy()
+    action[1] = "1"
+    lines = [
+        "|".join(["1", "Toy Story (1995)", "01-Jan-1995", "", "http://x", *flags]),
+        "|".join(["2", "Café Society (1995)", "01-Jan-1995", "", "http://y", *action]),
+        "|".join(["3", "GoldenEye (1995)", "01-Jan-1995", "", "http://z", *action]),
+    ]
+    (folder / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    data = [
+        f"{u}\t{i}\t{(u + i) % 5 + 1}\t{880000000 + 10 * i + u}" for u in (1, 2) for i in (1, 2, 3)
+    ]
+    data.append("3\t2\tfour\t880000999")
+    (folder / "u.data").write_text("\n".join(data) + "\n")
+    options = local.ImportOptions(name="ml100k", skip_invalid=True)
+    movielens.import_movielens(folder, tmp_path / "data", options, verbose=False)
+    items = records(tmp_path / "data", "ml100k", "items")["items"]
+    assert builder.text(items[1]["text"]) == "Café Society (1995). Genres: Action"
+    meta = builder.read_metadata(tmp_path / "data", "ml100k")
+    assert meta["skipped"] == {"non-numeric rating": 1}
+    assert sum(meta["split_sizes"].values()) == 6
