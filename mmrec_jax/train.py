@@ -9,6 +9,7 @@ end reports every split beside the dataset's oracle.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -64,19 +65,13 @@ def resolve_config(
         model.num_users = int(info.num_users)
     if model.num_items == 0:
         model.num_items = int(info.num_items)
-    towers = schema.parse_towers(model.towers)
-    content = {"text", "image", "audio"}
-    missing = [t for t in towers if t in content and t not in set(info.modalities)]
-    if missing:
-        kept = [t for t in towers if t not in missing]
-        if not kept:
-            raise ValueError(
-                f"config.model.towers={model.towers!r}, but dataset {info.name!r} has none of "
-                f"these modalities (it has {sorted(info.modalities)}). Choose towers it has."
-            )
-        if verbose:
-            print(f"Dataset {info.name!r} has no {', '.join(missing)}: those towers are off.")
-        model.towers = ",".join(kept)
+    towers = pipeline.available_towers(model.towers, info)
+    if towers != ",".join(schema.parse_towers(model.towers)) and verbose:
+        print(
+            f"Dataset {info.name!r} has only {', '.join(info.modalities) or 'no content'}: "
+            f"training towers {towers}."
+        )
+    model.towers = towers
     return config
 
 
@@ -111,23 +106,10 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation):
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return new_state, {"loss": loss, "grad_norm": grad_norm}
 
     return train_step
-
-
-def steps_per_epoch(info: Any, config: ml_collections.ConfigDict) -> int:
-    """Optimizer calls per pass over the training split."""
-    examples = int(info.split_sizes["train"])
-    if info.positives_only and config.data.negatives_per_positive > 0:
-        examples *= 1 + config.data.negatives_per_positive
-    steps = examples // config.train.batch_size
-    if steps == 0:
-        raise ValueError(
-            f"config.train.batch_size={config.train.batch_size} is larger than the training "
-            f"split ({examples} examples). Lower the batch size."
-        )
-    return steps
 
 
 def _text_is_frozen_fn(config: ml_collections.ConfigDict):
@@ -171,15 +153,21 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item") else x))
 
 
-def evaluate_split(predict_fn, params, config, split: str, mesh, info) -> dict[str, float] | None:
-    """AUC, GAUC, logloss, accuracy and ECE of `params` on `split` (None if it is empty)."""
+def evaluate_split(predict_fn, params, loader, split: str, mesh, info) -> dict[str, float] | None:
+    """AUC, GAUC, logloss, accuracy and ECE of `params` on `split` (None if it is empty).
+
+    Args:
+      predict_fn: from `predict.make_predict_fn`.
+      params: the parameters on the mesh.
+      loader: `(split, train=False) -> batch iterator`, e.g. a partial of
+        `pipeline.make_batches` with this process's index and a shared item store.
+      split: the split's name.
+      mesh: the device mesh.
+      info: the dataset's `DatasetInfo`.
+    """
     if int(info.split_sizes.get(split, 0)) == 0:
         return None
-    process_index, process_count = _process_index_and_count()
-    batches = pipeline.make_batches(
-        config, split, train=False, process_index=process_index, process_count=process_count
-    )
-    rows = predict.predict_batches(predict_fn, params, batches, mesh)
+    rows = predict.predict_batches(predict_fn, params, loader(split, train=False), mesh)
     return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
 
 
@@ -354,14 +342,24 @@ def train_and_evaluate(
             f"number of devices ({mesh.size})."
         )
     model = recommender.build_model(config.model)
-    epoch_steps = steps_per_epoch(info, config)
+    epoch_steps = pipeline.num_batches(config, "train", train=True, info=info)
+    if epoch_steps == 0:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} is larger than the training "
+            f"split of {info.name!r}. Lower the batch size."
+        )
     total_steps = config.train.num_steps or config.train.num_epochs * epoch_steps
     updates = max(total_steps // max(config.train.grad_accum_steps, 1), 1)
 
-    train_batches = pipeline.make_batches(
-        config, "train", train=True, process_index=process_index, process_count=process_count
+    item_store = pipeline.ItemStore(config, info)
+    loader = functools.partial(
+        pipeline.make_batches,
+        config,
+        process_index=process_index,
+        process_count=process_count,
+        item_store=item_store,
     )
-    first_local = next(iter(train_batches))
+    first_local = next(iter(loader("train", train=True)))
     example = sharding.global_batch(mesh, first_local)
     setup = build_train_state(config, model, mesh, example, updates)
     state, state_shardings = setup.state, setup.shardings
@@ -379,10 +377,7 @@ def train_and_evaluate(
         start_step, state, data_state, _ = restored
         if is_chief:
             print(f"Resuming from checkpoint step {start_step} in {checkpointer.directory}.")
-    train_batches = pipeline.make_batches(
-        config, "train", train=True, process_index=process_index, process_count=process_count
-    )
-    train_iter = iter(train_batches)
+    train_iter = loader("train", train=True)
     if data_state:
         train_iter.set_state(data_state)
 
@@ -486,7 +481,7 @@ def train_and_evaluate(
             if evaluate_now or step == total_steps:
                 check_pending()
                 result = evaluate_split(
-                    predict_fn, state["params"], config, "validation", mesh, info
+                    predict_fn, state["params"], loader, "validation", mesh, info
                 )
                 if result is not None:
                     writer.write(step, {f"validation/{k}": v for k, v in result.items()})
@@ -516,13 +511,13 @@ def train_and_evaluate(
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    summary = _final_report(config, workdir, checkpointer, state, predict_fn, mesh, info)
+    summary = _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info)
     checkpointer.close()
     writer.close()
     return summary
 
 
-def _final_report(config, workdir, checkpointer, state, predict_fn, mesh, info) -> dict:
+def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) -> dict:
     """Evaluates the best checkpoint on every split; writes summary.json and the plots."""
     is_chief = jax.process_index() == 0
     params = state["params"]
@@ -532,10 +527,12 @@ def _final_report(config, workdir, checkpointer, state, predict_fn, mesh, info) 
         params = restored["params"]
     summary = {}
     for split in REPORT_SPLITS:
-        result = evaluate_split(predict_fn, params, config, split, mesh, info)
+        result = evaluate_split(predict_fn, params, loader, split, mesh, info)
         if result is None:
             continue
         oracle = (info.oracle or {}).get(split)
+        if oracle is not None:
+            oracle = {k: float(oracle[k]) for k in ("auc", "logloss") if k in oracle}
         summary[split] = {"model": result, "oracle": oracle}
     if is_chief:
         table = reporting.summary_table(summary)

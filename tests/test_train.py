@@ -1,0 +1,192 @@
+"""The training loop: end to end, device-count invariance, exact resume, divergence."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mmrec_jax import reporting, train
+from mmrec_jax.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One tiny synthetic dataset (and its text cache) shared by this module's runs."""
+    return tmp_path_factory.mktemp("data")
+
+
+def tiny_config(data_dir, **overrides):
+    pairs = [("data.data_dir", str(data_dir))]
+    pairs += [(key, str(value)) for key, value in overrides.items()]
+    return load_config(TINY, [(k.replace("__", "."), v) for k, v in pairs])
+
+
+def _losses(workdir) -> dict[int, float]:
+    return {
+        r["step"]: r["train/loss"] for r in reporting.read_metrics(workdir) if "train/loss" in r
+    }
+
+
+def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
+    config = tiny_config(data_dir)
+    summary = train.train_and_evaluate(config, tmp_path)
+    out = capsys.readouterr().out
+    assert {"train", "validation", "test", "test_cold"} <= set(summary)
+    for split, entry in summary.items():
+        assert 0.0 <= entry["model"]["auc"] <= 1.0, split
+        assert np.isfinite(entry["model"]["logloss"]), split
+        assert entry["oracle"] is not None and "auc" in entry["oracle"], split
+    payload = json.loads((tmp_path / "summary.json").read_text())
+    assert payload["splits"]["test"]["model"]["auc"] == summary["test"]["model"]["auc"]
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "auc.png").is_file()
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert "oracle auc" in out and "test_cold" in out
+    records = reporting.read_metrics(tmp_path)
+    assert any("validation/auc" in r for r in records)
+    assert any("train/examples_per_s" in r for r in records)
+
+
+def test_one_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
+    config = tiny_config(data_dir, train__num_steps=20, train__log_every=5)
+    train.train_and_evaluate(config, tmp_path / "one", devices=jax.devices()[:1])
+    train.train_and_evaluate(config, tmp_path / "eight", devices=jax.devices()[:8])
+    one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+    assert sorted(one) == sorted(eight) and 20 in one
+    for step in one:
+        assert abs(one[step] - eight[step]) <= 1e-5 * abs(one[step]), (step, one, eight)
+
+
+def _train_cmd(workdir, data_dir, *extra):
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(TINY),
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        *extra,
+    ]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _final_params(workdir):
+    _, _, params, _ = train.restore_params(workdir, "latest")
+    return jax.tree.map(np.asarray, params)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    steps = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10"]
+    steps += ["--config.train.eval_every=0"]
+    # Build the dataset and cache once before timing anything.
+    subprocess.run(
+        _train_cmd(tmp_path / "full", data_dir, *steps), env=_env(), check=True, timeout=600
+    )
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_cmd(killed, data_dir, *steps),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    checkpoints = killed / "checkpoints"
+    while time.time() < deadline and process.poll() is None:
+        done = (
+            [p for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
+        )
+        if done:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    records = reporting.read_metrics(killed)
+    assert not records or records[-1]["step"] < 40
+    subprocess.run(_train_cmd(killed, data_dir, *steps), env=_env(), check=True, timeout=600)
+    full, resumed = _final_params(tmp_path / "full"), _final_params(killed)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_absurd_learning_rate_stops_with_nan_message(data_dir, tmp_path):
+    config = tiny_config(
+        data_dir,
+        train__learning_rate=1e30,
+        train__num_steps=40,
+        train__checkpoint_every=2,
+        train__eval_every=0,
+        train__log_every=1,
+        train__warmup_steps=0,
+        train__grad_clip_norm=0.0,
+    )
+    with pytest.raises(train.TrainingDiverged) as info:
+        train.train_and_evaluate(config, tmp_path)
+    message = str(info.value)
+    assert "at step" in message
+    if "no checkpoint" not in message:
+        assert "last good checkpoint is step" in message
+        config_restored, _, params, step = train.restore_params(tmp_path, "latest")
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+        assert f"step {step}" in message
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(data_dir, tmp_path):
+    args = ["--config.train.num_steps=10", "--config.train.log_every=5"]
+    args += ["--config.train.eval_every=0", "--config.train.checkpoint_every=100"]
+    single = tmp_path / "single"
+    subprocess.run(_train_cmd(single, data_dir, *args), env=_env(), check=True, timeout=600)
+    port = _free_port()
+    multi = tmp_path / "multi"
+    processes = [
+        subprocess.Popen(
+            _train_cmd(multi, data_dir, *args),
+            env=_env(
+                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(index),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    one, two = _losses(single), _losses(multi)
+    assert sorted(one) == sorted(two) and 10 in one
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one, two)
