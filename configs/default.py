@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     image.channels = (32, 64)
     # Width of the dense layer after the conv blocks.
     image.hidden = 256
+    # Conv kernel gradient: xla (XLA's convolution) or im2col (matrix multiplies over
+    # cache-sized batch chunks; can be faster on CPU for large item blocks).
+    image.conv_kernel_grad = "xla"
 
     # Audio tower: conv blocks over the raw waveform or its log-mel spectrogram.
     model.audio = audio = ml_collections.ConfigDict()

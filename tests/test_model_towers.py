@@ -9,9 +9,10 @@ import pytest
 import scipy.signal
 
 from mmrec_jax.models import audio as audio_lib
+from mmrec_jax.models import layers
 from mmrec_jax.models.fusion import Fusion, modality_dropout
 from mmrec_jax.models.image import ImageTower
-from mmrec_jax.models.layers import MultiHeadAttention, masked_mean, max_pool
+from mmrec_jax.models.layers import Conv, MultiHeadAttention, masked_mean, max_pool
 from mmrec_jax.models.user import HistoryAttention, IdEmbedding
 
 # Parameter init key; XLA's RngBitGenerator is much cheaper to compile than threefry.
@@ -43,6 +44,37 @@ def test_max_pool_matches_flax_max_pool(shape):
 def test_max_pool_rejects_too_small_input():
     with pytest.raises(ValueError, match="larger than the spatial shape"):
         max_pool(jnp.zeros((1, 1, 4, 3)), 2)
+
+
+@pytest.mark.parametrize(
+    "kernel_grad,shape,kernel_size",
+    [
+        ("im2col", (5, 6, 7, 3), (3, 3)),
+        ("im2col", (5, 9, 2), (3,)),
+        ("xla", (5, 6, 7, 3), (3, 3)),
+    ],
+)
+def test_conv_matches_flax_conv_and_its_gradients(monkeypatch, kernel_grad, shape, kernel_size):
+    # A small chunk budget makes the im2col gradient scan over padded batch chunks.
+    monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", 2 * 4 * 9 * 3 * 7 * 6)
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = Conv(4, kernel_size, kernel_grad=kernel_grad)
+    reference = nn.Conv(4, kernel_size, padding="SAME")
+    params = reference.init(INIT_KEY, x)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+
+    def loss(module, params, x):
+        out = module.apply(params, x)
+        return jnp.sum(out * jnp.cos(out))
+
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-6)
+    grads = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
+    for got, want in zip(
+        jax.tree.leaves(grads(ours, params, x)),
+        jax.tree.leaves(grads(reference, params, x)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_masked_mean_ignores_masked_entries_even_nan():
@@ -77,8 +109,10 @@ def test_attention_matches_numpy_reference():
 # --- image ---------------------------------------------------------------------------
 
 
-def _image_config(size=8, channels=(4, 8), hidden=16):
-    return ml_collections.ConfigDict(dict(size=size, channels=channels, hidden=hidden))
+def _image_config(size=8, channels=(4, 8), hidden=16, conv_kernel_grad="xla"):
+    return ml_collections.ConfigDict(
+        dict(size=size, channels=channels, hidden=hidden, conv_kernel_grad=conv_kernel_grad)
+    )
 
 
 def test_image_tower_shape_and_param_count():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import max_pool
+from mmrec_jax.models.layers import Conv, max_pool
 
 # Per-channel RGB statistics used to normalise pixels (the ImageNet values).
 _RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -33,7 +33,7 @@ class ImageTower(nn.Module):
     """Conv tower for (U, S, S, 3) uint8 images.
 
     Attributes:
-      config: `config.model.image` (size, channels, hidden).
+      config: `config.model.image` (size, channels, hidden, conv_kernel_grad).
       width: output width (the fusion token width).
       dtype: compute dtype.
       param_dtype: parameter dtype.
@@ -67,10 +67,10 @@ class ImageTower(nn.Module):
             )
         x = normalize_pixels(image, self.dtype)  # (U, S, S, 3)
         for i, channels in enumerate(self.config.channels):
-            x = nn.Conv(
+            x = Conv(
                 channels,
                 (3, 3),
-                padding="SAME",
+                kernel_grad=self.config.conv_kernel_grad,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"conv{i}",
