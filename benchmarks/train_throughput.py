@@ -1,0 +1,215 @@
+"""Throughput of the jit-compiled train step (or of the forward pass) on one batch shape.
+
+    timeout 900 .venv/bin/python benchmarks/train_throughput.py --config configs/seed.py \\
+        --config.model.text.model=sentence-transformers/all-MiniLM-L6-v2 \\
+        --config.train.batch_size=32 [--steps 10] [--inference] [--pipeline]
+
+Builds the model and its sharded train state exactly as training does
+(`mmrec_jax.train.build_train_state`, the pretrained BERT included), jits
+`mmrec_jax.train.make_train_step` with the training loop's shardings and donation, and
+times `--steps` steps after `--warmup` untimed ones. Batches are random, of the config's
+shapes (`mmrec_jax.schema`): `train.batch_size` rows and an item block of `--items`
+items (default: one item per row, as in the original design, where every sample carries
+its own item; the history slots then point at items of that block). `--pipeline` feeds
+the real input pipeline instead (`mmrec_jax.data.pipeline.make_batches`, the dataset is
+built on first use); its item block holds every candidate and history item of the batch,
+and the step time then includes fetching the batch. `--inference` times the jitted
+forward pass of `mmrec_jax.predict.make_predict_fn` instead (dropout off, no gradients).
+
+FLOPs are the model's matmul and convolution FLOPs counted from its shapes
+(`mmrec_jax.flops`), cross-checked against XLA's cost analysis of the compiled step
+(which also counts elementwise work, the optimizer's included). The peak is the best
+float32 `jnp.dot` rate measured in the same run, before and after the timed steps.
+
+The step must compile exactly once: the benchmark counts XLA compilations of it and
+exits with an error after printing its results if there was a second. Prints one JSON
+line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import common
+import jax
+
+from mmrec_jax import flops as flops_lib
+from mmrec_jax import predict, schema, sharding
+from mmrec_jax import train as train_lib
+from mmrec_jax.models import recommender
+
+# The jitted functions' names, as the compile counter sees them.
+STEP_NAME = "benchmark_train_step"
+PREDICT_NAME = "predict"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/seed.py")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help="items in the item block (default: one per row; 0: the pipeline's capacity, "
+        "every candidate and history item distinct)",
+    )
+    parser.add_argument("--pipeline", action="store_true", help="real input pipeline")
+    parser.add_argument("--inference", action="store_true", help="forward pass only")
+    parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak")
+    return parser
+
+
+def _batches(args, config, mesh):
+    """(config, first local batch, iterator of local batches, item block size)."""
+    if args.pipeline:
+        from mmrec_jax.data import pipeline
+
+        pipeline.ensure_dataset(config.data)
+        info = pipeline.load_dataset_info(config.data)
+        config = train_lib.resolve_config(config, info)
+        iterator = iter(pipeline.make_batches(config, "train", train=True))
+        first = next(iterator)
+        return config, first, iterator, first["items"]["item_id"].shape[0]
+    common.fill_vocab(config)
+    rows = int(config.train.batch_size)
+    if args.items == 0:
+        towers = schema.parse_towers(config.model.towers)
+        items = schema.item_capacity(
+            rows, config.data.history_len, config.model.num_items, mesh.size, "history" in towers
+        )
+    else:
+        items = rows if args.items is None else args.items
+    batch = common.random_batch(config, rows, items)
+    return config, batch, None, items
+
+
+def main(argv=None) -> None:
+    args, config = common.parse_args(_parser(), argv)
+    counter = common.CompileCounter()
+    mesh = sharding.make_mesh()
+    config, local, iterator, items = _batches(args, config, mesh)
+    rows = int(config.train.batch_size)
+    batch = sharding.global_batch(mesh, local)
+    model = recommender.build_model(config.model)
+    setup = train_lib.build_train_state(config, model, mesh, batch, max(args.steps, 1) * 10)
+    state = setup.state
+
+    if args.inference:
+        name = PREDICT_NAME
+        jitted = predict.make_predict_fn(model, mesh, setup.shardings["params"])
+        params = state["params"]
+
+        def run(batch):
+            return jax.block_until_ready(jitted(params, batch))
+
+    else:
+        name = STEP_NAME
+        step_fn = train_lib.make_train_step(model, setup.optimizer)
+
+        def benchmark_train_step(state, batch):  # as in mmrec_jax.train.train_and_evaluate
+            state = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
+            new_state, metrics = step_fn(state, batch)
+            return dict(new_state, rng=jax.random.key_data(new_state["rng"])), metrics
+
+        jitted = jax.jit(
+            benchmark_train_step,
+            in_shardings=(setup.shardings, sharding.batch_shardings(mesh, local)),
+            out_shardings=(setup.shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+
+        def run(batch):
+            nonlocal state
+            state, metrics = jitted(state, batch)
+            return jax.block_until_ready((state, metrics))
+
+    peak_before = None if args.no_peak else common.matmul_peak()
+    start = time.perf_counter()
+    run(batch)
+    first_call_s = time.perf_counter() - start
+    compile_s = counter.compile_seconds(name)
+    for _ in range(args.warmup):
+        run(batch)
+    data_times = []
+
+    def timed_step():
+        nonlocal batch
+        if iterator is not None:
+            fetch = time.perf_counter()
+            batch = sharding.global_batch(mesh, next(iterator))
+            data_times.append(time.perf_counter() - fetch)
+        run(batch)
+
+    times = common.time_calls(timed_step, args.steps)
+    compiles = counter.count(name)
+    cache_size = jitted._cache_size() if hasattr(jitted, "_cache_size") else None
+    peak_after = None if args.no_peak else common.matmul_peak()
+
+    lowered = jitted.lower(state["params"], batch) if args.inference else jitted.lower(state, batch)
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    dims = common.batch_dims(config, rows, items)
+    shape = flops_lib.BatchShape(
+        rows=rows,
+        items=items,
+        text_len=dims["L"],
+        history_len=dims["H"],
+        text_dim=dims.get("Dt", 0),
+    )
+    counted = flops_lib.count_flops(config.model, shape, model.bert_config)
+    counted = counted["forward" if args.inference else "train"]
+    median = statistics.median(times)
+    gflops_per_s = counted["total"] / median / 1e9
+    peaks = [p["gflops_per_s"] for p in (peak_before, peak_after) if p]
+    peak = max(peaks) if peaks else None
+    result = {
+        "benchmark": "train_throughput",
+        "mode": "inference" if args.inference else "train",
+        "config": args.config,
+        "overrides": [a for a in (argv if argv is not None else sys.argv[1:]) if "=" in a],
+        "text_mode": config.model.text.mode,
+        "towers": config.model.towers,
+        "dtype": config.model.dtype,
+        "rows": rows,
+        "items": items,
+        "tokens": dims["L"],
+        "input": "pipeline" if args.pipeline else "random",
+        "steps": args.steps,
+        "samples_per_s": round(rows / median, 2),
+        "step_ms_median": round(median * 1e3, 1),
+        "step_ms_min": round(min(times) * 1e3, 1),
+        "step_ms_max": round(max(times) * 1e3, 1),
+        "data_ms_median": round(statistics.median(data_times) * 1e3, 1) if data_times else None,
+        "compile_s": round(compile_s, 2),
+        "first_call_s": round(first_call_s, 2),
+        "compiles": compiles,
+        "jit_cache_size": cache_size,
+        "gflop_per_sample": round(counted["total"] / rows / 1e9, 4),
+        "gflop_per_sample_by_part": {
+            k: round(v / rows / 1e9, 4) for k, v in counted.items() if k != "total"
+        },
+        "xla_gflop_per_sample": round(xla_flops / rows / 1e9, 4),
+        "counted_over_xla": round(counted["total"] / xla_flops, 3) if xla_flops else None,
+        "gflops_per_s": round(gflops_per_s, 1),
+        "peak_gflops_per_s": peak,
+        "peak_shape": (peak_after or peak_before or {}).get("shape"),
+        "peak_before_after": peaks,
+        "fraction_of_peak": round(gflops_per_s / peak, 3) if peak else None,
+        "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
+        **common.machine(),
+    }
+    print(json.dumps(result), flush=True)
+    if compiles != 1:
+        sys.exit(f"The {name} function compiled {compiles} times; it must compile once.")
+
+
+if __name__ == "__main__":
+    main()
