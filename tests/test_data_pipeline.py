@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,11 @@ def test_first_use_builds_the_synthetic_dataset(tmp_path, capsys):
     other = make_config(tmp_path, data__synthetic__num_users=21, data__synthetic__num_items=30)
     with pytest.raises(ValueError, match="num_users: built 20, configured 21"):
         pipeline.ensure_dataset(other.data)
+    # An interrupted build (interactions never written) is generated again.
+    shutil.rmtree(builder.config_dir(tmp_path, "mmrec_synthetic", "interactions"))
+    pipeline.ensure_dataset(config.data)
+    assert "incomplete" in capsys.readouterr().out
+    assert builder.is_built(tmp_path, "mmrec_synthetic")
 
 
 def test_missing_imported_dataset_names_the_importer(tmp_path):

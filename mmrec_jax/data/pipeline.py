@@ -157,7 +157,11 @@ def ensure_dataset(data_config) -> None:
                 "folder to regenerate it."
             )
         return
-    synthetic.build(data_dir, **wanted)
+    # A folder left by an interrupted build is incomplete: replace it.
+    partial = builder.dataset_dir(data_dir, name).exists()
+    if partial:
+        print(f"{builder.dataset_dir(data_dir, name)} is incomplete; generating it again.")
+    synthetic.build(data_dir, **wanted, overwrite=partial)
 
 
 def _synthetic_args(data_config) -> dict[str, Any]:
