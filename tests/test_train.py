@@ -19,6 +19,9 @@ from mmrec_jax.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
 
+# Keep this module on one xdist worker: its runs share a dataset and a reference run.
+pytestmark = pytest.mark.xdist_group("train")
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -97,37 +100,45 @@ def _final_params(workdir):
     return jax.tree.map(np.asarray, params)
 
 
+# Arguments of the subprocess runs: short, checkpointing often, no evaluation.
+RUN_ARGS = [
+    "--config.train.num_steps=30",
+    "--config.train.checkpoint_every=10",
+    "--config.train.eval_every=0",
+    "--config.train.log_every=5",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """An uninterrupted single-process run on 2 devices (it also builds the dataset)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    subprocess.run(_train_cmd(workdir, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
+    return workdir
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, tmp_path):
-    steps = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10"]
-    steps += ["--config.train.eval_every=0"]
-    # Build the dataset and cache once before timing anything.
-    subprocess.run(
-        _train_cmd(tmp_path / "full", data_dir, *steps), env=_env(), check=True, timeout=600
-    )
+def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        _train_cmd(killed, data_dir, *steps),
+        _train_cmd(killed, data_dir, *RUN_ARGS),
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     checkpoints = killed / "checkpoints"
     while time.time() < deadline and process.poll() is None:
-        done = (
-            [p for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
-        )
-        if done:
+        if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     records = reporting.read_metrics(killed)
-    assert not records or records[-1]["step"] < 40
-    subprocess.run(_train_cmd(killed, data_dir, *steps), env=_env(), check=True, timeout=600)
-    full, resumed = _final_params(tmp_path / "full"), _final_params(killed)
+    assert not records or records[-1]["step"] < 30
+    subprocess.run(_train_cmd(killed, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
+    full, resumed = _final_params(reference_run), _final_params(killed)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -161,16 +172,12 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(data_dir, tmp_path):
-    args = ["--config.train.num_steps=10", "--config.train.log_every=5"]
-    args += ["--config.train.eval_every=0", "--config.train.checkpoint_every=100"]
-    single = tmp_path / "single"
-    subprocess.run(_train_cmd(single, data_dir, *args), env=_env(), check=True, timeout=600)
+def test_two_processes_match_one(data_dir, reference_run, tmp_path):
     port = _free_port()
     multi = tmp_path / "multi"
     processes = [
         subprocess.Popen(
-            _train_cmd(multi, data_dir, *args),
+            _train_cmd(multi, data_dir, *RUN_ARGS),
             env=_env(
                 XLA_FLAGS="--xla_force_host_platform_device_count=1",
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -183,10 +190,10 @@ def test_two_processes_match_one(data_dir, tmp_path):
         )
         for index in range(2)
     ]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    outputs = [p.communicate(timeout=900)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
-    one, two = _losses(single), _losses(multi)
-    assert sorted(one) == sorted(two) and 10 in one
+    one, two = _losses(reference_run), _losses(multi)
+    assert sorted(one) == sorted(two) and 30 in one
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one, two)
