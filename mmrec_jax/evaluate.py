@@ -288,6 +288,15 @@ def catalogue_scores(
     return np.concatenate(out)
 
 
+def _check_ks(ks: Sequence[int], num_items: int) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1 or max(ks) > num_items:
+        raise ValueError(
+            f"Ranking cut-offs k={list(ks)} must lie in [1, {num_items}] (the catalogue size)."
+        )
+    return ks
+
+
 def rank_catalogue(
     model: Any,
     params: Any,
@@ -323,9 +332,7 @@ def rank_catalogue(
       ValueError: a K outside [1, N], or no user has a relevant item that is not excluded.
     """
     num_items = encoded["mask"].shape[0]
-    ks = tuple(int(k) for k in ks)
-    if not ks or min(ks) < 1 or max(ks) > num_items:
-        raise ValueError(f"--k values {ks} must lie in [1, {num_items}] (the catalogue size).")
+    ks = _check_ks(ks, num_items)
     top = max(ks)
     offsets = relevant[0]
     user_rows = np.flatnonzero(np.diff(offsets) > 0)  # users with a relevant item
@@ -483,6 +490,7 @@ def evaluate_params(
     """
     catalogue = catalogue or open_catalogue(config)
     info = catalogue.info
+    _check_ks(ks, catalogue.num_items)
     split_fn = make_split_fn(model)
     encoded = None
     results = {}
@@ -606,11 +614,15 @@ def evaluate_run(
       `evaluate_params`' results, each with "checkpoint_step" and "k" added.
     """
     from mmrec_jax import train
+    from mmrec_jax.data import pipeline
 
+    # Bad arguments fail before anything is loaded.
+    info = pipeline.load_dataset_info(train.load_run_config(workdir).data)
+    splits = resolve_splits(splits, info)
+    _check_ks(ks, info.num_item_rows)
     config, model, params, step = train.restore_params(workdir, checkpoint, devices)
     mesh = sharding.make_mesh(devices)
     catalogue = open_catalogue(config)
-    splits = resolve_splits(splits, catalogue.info)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
     out = Path(workdir) / "eval"
     for split, entry in results.items():

@@ -136,8 +136,8 @@ def write_export(
         "user_engaged_offsets": users.engaged[0].astype(np.int64),
         "user_engaged_items": users.engaged[1].astype(np.int32),
     }
-    for name, array in tables.items():
-        np.save(folder / exported.TABLE_FILES[name], array, allow_pickle=False)
+    for table, array in tables.items():
+        np.save(folder / exported.TABLE_FILES[table], array, allow_pickle=False)
     readme = _README.format(
         workdir=workdir,
         step=step,
@@ -158,6 +158,15 @@ def write_export(
         "tables": {k: list(v.shape) for k, v in tables.items()},
     }
     (folder / exported.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _default_permissions(folder: Path) -> None:
+    """Gives the staged folder the permissions of ordinary new files (mkdtemp's are 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def export_run(
@@ -204,6 +213,7 @@ def export_run(
         write_export(
             staging, config, model, params, step, catalogue, encoded, str(workdir), out.name
         )
+        _default_permissions(staging)
         if out.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, retired / out.name)

@@ -1,0 +1,182 @@
+"""`mmrec_jax.evaluate` on a tiny trained run: full-catalogue ranking, the CLI, ablation."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from _trained_run import GROUP, restored_checkpoint, trained_run
+
+from mmrec_jax import evaluate, sharding, train
+from mmrec_jax.data import builder, pipeline
+
+pytestmark = pytest.mark.xdist_group(GROUP)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def restored(tmp_path_factory):
+    """(config, model, params, catalogue, encoded catalogue, mesh) of the best checkpoint."""
+    config, model, params = restored_checkpoint(tmp_path_factory)
+    mesh = sharding.make_mesh()
+    catalogue = evaluate.open_catalogue(config)
+    encoded = evaluate.encode_catalogue(
+        model, params, catalogue.item_block, catalogue.num_items, mesh, items_per_call=16
+    )
+    return config, model, params, catalogue, encoded, mesh
+
+
+def _records(config, table: str, split: str) -> list[dict]:
+    source = builder.open_source(config.data.data_dir, config.data.name, table, split)
+    return source.__getitems__(list(range(len(source))))
+
+
+def test_catalogue_scores_equal_the_full_model_per_user(restored):
+    """The (users x items) grid from encoded items equals `model.apply` on whole batches."""
+    config, model, params, catalogue, encoded, mesh = restored
+    users = np.array([0, 3, 5, 11, 17])
+    scores = evaluate.catalogue_scores(
+        model, params, encoded, catalogue.users, users, mesh, rows_per_call=64
+    )
+    n = catalogue.num_items
+    items = catalogue.item_store.block(np.arange(n), n)
+    history, mask = catalogue.item_store.users.latest_history(config.data.history_len)
+    apply = jax.jit(lambda p, b: model.apply({"params": p}, b, train=False))
+    for row, user in enumerate(users):
+        batch = {
+            "user_id": np.full(n, catalogue.users.user_id[user], np.int32),
+            "user_index": np.full(n, user, np.int32),
+            "item_slot": np.arange(n, dtype=np.int32),
+            "history_slot": np.repeat(history[user][None], n, axis=0),
+            "history_mask": np.repeat(mask[user][None], n, axis=0),
+            "label": np.zeros(n, np.float32),
+            "weight": np.ones(n, np.float32),
+            "items": items,
+        }
+        np.testing.assert_allclose(scores[row], apply(params, batch), rtol=1e-5, atol=1e-5)
+
+
+def _brute_force_ranking(scores, relevant, exclude, ks):
+    """Per-user loops over a full sort: the textbook definitions, nothing vectorised."""
+    per_user = {f"{m}@{k}": [] for k in ks for m in ("hr", "recall", "ndcg", "mrr", "map")}
+    for user in range(scores.shape[0]):
+        rel = {i for i in relevant[user] if i not in exclude[user]}
+        if not rel:
+            continue
+        candidates = [i for i in range(scores.shape[1]) if i not in exclude[user]]
+        ranked = sorted(candidates, key=lambda i: (-scores[user, i], i))
+        for k in ks:
+            hits = [1.0 if i in rel else 0.0 for i in ranked[:k]]
+            dcg = sum(h / np.log2(r + 2) for r, h in enumerate(hits))
+            idcg = sum(1 / np.log2(r + 2) for r in range(min(len(rel), k)))
+            first = next((r for r, h in enumerate(hits) if h), None)
+            precisions = [sum(hits[: r + 1]) / (r + 1) for r in range(len(hits))]
+            per_user[f"hr@{k}"].append(float(any(hits)))
+            per_user[f"recall@{k}"].append(sum(hits) / len(rel))
+            per_user[f"ndcg@{k}"].append(dcg / idcg)
+            per_user[f"mrr@{k}"].append(0.0 if first is None else 1 / (first + 1))
+            per_user[f"map@{k}"].append(
+                sum(p * h for p, h in zip(precisions, hits, strict=True)) / min(len(rel), k)
+            )
+    return {name: float(np.mean(values)) for name, values in per_user.items()}, len(
+        per_user[f"hr@{ks[0]}"]
+    )
+
+
+@pytest.mark.parametrize("split", ["test", "test_cold"])
+def test_full_catalogue_ranking_equals_brute_force(restored, split):
+    config, model, params, catalogue, encoded, mesh = restored
+    num_users = catalogue.users.user_id.shape[0]
+    # The split's positives and each user's train positives, read straight from the records.
+    relevant = [set() for _ in range(num_users)]
+    for r in _records(config, builder.INTERACTIONS, split):
+        if r["label"] > 0.5:
+            relevant[int(r["user_index"])].add(int(r["item_index"]))
+    exclude = [set() for _ in range(num_users)]
+    for r in _records(config, builder.INTERACTIONS, "train"):
+        if r["label"] > 0.5:
+            exclude[int(r["user_index"])].add(int(r["item_index"]))
+    scores = evaluate.catalogue_scores(
+        model, params, encoded, catalogue.users, np.arange(num_users), mesh
+    )
+    ks = (1, 5, 10)
+    expected, counted = _brute_force_ranking(scores, relevant, exclude, ks)
+    pairs = [(u, i) for u in range(num_users) for i in relevant[u]]
+    csr = evaluate.csr_from_pairs(*np.array(pairs).T, num_users)
+    # Few users per call: several calls, the last one padded.
+    result = evaluate.rank_catalogue(
+        model, params, encoded, catalogue.users, csr, ks, mesh, rows_per_call=300
+    )
+    assert result.pop("users") == counted
+    assert result.keys() == expected.keys()
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir, capsys):
+    assert evaluate.main(["--workdir", str(workdir), "--k", "5,10", "--ablate"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("metric"))
+    assert header.split() == [
+        "metric",
+        "test",
+        "test",
+        "oracle",
+        "test_cold",
+        "test_cold",
+        "oracle",
+    ]
+    metrics = ["auc", "gauc", "logloss", "accuracy", "ece"] + [
+        f"{m}@{k}" for k in (5, 10) for m in ("hr", "recall", "ndcg", "mrr", "map")
+    ]
+    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    for name in metrics:  # a value for test and for test_cold
+        test, _, test_cold, _ = lines[name]
+        assert np.isfinite([float(test), float(test_cold)]).all(), name
+    for name in ("auc", "logloss"):  # and the oracle's beside them
+        assert np.isfinite([float(lines[name][1]), float(lines[name][3])]).all(), name
+    assert "Modality ablation on test " in out and "Modality ablation on test_cold " in out
+    # Click metrics equal those of the training loop's own evaluation of the same checkpoint.
+    summary = json.loads((workdir / "summary.json").read_text())["splits"]
+    for split in ("test", "test_cold"):
+        result = json.loads((workdir / "eval" / f"{split}.json").read_text())
+        assert result["split"] == split and result["k"] == [5, 10]
+        assert set(result["ranking"]) == set(metrics[5:])
+        for name in ("auc", "logloss"):
+            assert result["oracle"][name] == summary[split]["oracle"][name], (split, name)
+        for name, value in summary[split]["model"].items():
+            assert result["click"][name] == pytest.approx(value, abs=1e-6), (split, name)
+        assert set(result["ablation"]) == {"text"}  # the run's only content modality
+        ablated = result["ablation"]["text"]
+        assert ablated["auc_drop"] == pytest.approx(result["click"]["auc"] - ablated["auc"])
+        assert ablated["logloss"] != result["click"]["logloss"]  # the text was really removed
+
+
+def test_mark_absent_clears_only_the_flag_and_copies():
+    batch = {"label": np.ones(2), "items": {"has_text": np.ones(3, bool), "image": np.ones(3)}}
+    absent = evaluate.mark_absent(batch, ["text"])
+    assert not absent["items"]["has_text"].any() and batch["items"]["has_text"].all()
+    np.testing.assert_array_equal(absent["items"]["image"], batch["items"]["image"])
+    with pytest.raises(ValueError, match="no 'has_audio'"):
+        evaluate.mark_absent(batch, ["audio"])
+
+
+def test_bad_split_and_k_are_clear_errors(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(workdir), "--split", "tset"])
+    assert exit_info.value.code == 2
+    assert "--split 'tset'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--workdir", str(workdir), "--split", "test", "--k", "10,500"])
+    assert "catalogue size" in capsys.readouterr().err
+
+
+def test_resolve_splits(workdir):
+    info = pipeline.load_dataset_info(train.load_run_config(workdir).data)
+    assert evaluate.resolve_splits(None, info) == ["test", "test_cold"]
+    assert evaluate.resolve_splits(["all"], info) == ["train", "validation", "test", "test_cold"]
+    assert evaluate.resolve_splits(["test_cold", "test,test_cold"], info) == ["test_cold", "test"]

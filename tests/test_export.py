@@ -1,0 +1,216 @@
+"""Export -> load_exported -> the checkpoint's logits; the files alone; recommend."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import flax
+import jax
+import numpy as np
+import pytest
+import transformers
+from _tiny_bert import make_tiny_bert, torch_outputs
+from _trained_run import GROUP, restored_checkpoint, trained_run
+from safetensors.numpy import load_file, save_file
+
+import mmrec_jax
+from mmrec_jax import export, exported, recommend
+from mmrec_jax.config import load_config
+from mmrec_jax.data import builder, pipeline
+from mmrec_jax.models.bert import Bert, load_bert_config
+from mmrec_jax.models.bert_weights import save_pretrained
+
+pytestmark = pytest.mark.xdist_group(GROUP)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def export_dir(workdir, tmp_path_factory):
+    return export.export_run(workdir, tmp_path_factory.mktemp("exports") / "export")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(config, model, params) of the checkpoint the export came from (the best)."""
+    return restored_checkpoint(tmp_path_factory)
+
+
+def test_load_exported_gives_the_checkpoint_logits(export_dir, checkpoint):
+    config, model, params = checkpoint
+    loaded_model, variables = mmrec_jax.load_exported(export_dir)
+    batch = next(iter(pipeline.make_batches(config, "test", train=False)))
+    expected = jax.jit(lambda p, b: model.apply({"params": p}, b, train=False))(params, batch)
+    logits = jax.jit(lambda v, b: loaded_model.apply(v, b, train=False))(variables, batch)
+    np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
+    assert mmrec_jax.load_exported is exported.load_exported
+
+
+def test_safetensors_file_alone_holds_every_parameter(export_dir, checkpoint):
+    _, _, params = checkpoint
+    tensors = load_file(export_dir / "params.safetensors")
+    flat = flax.traverse_util.flatten_dict(jax.device_get(params))
+    assert set(tensors) == {"/".join(path) for path in flat}
+    assert any(key.startswith("text/bert/encoder/layer/") for key in tensors)
+    for path, value in flat.items():
+        array = tensors["/".join(path)]
+        assert array.dtype == np.float32
+        np.testing.assert_array_equal(array, np.asarray(value, np.float32))
+
+
+def test_text_tower_opens_with_transformers_and_matches(export_dir):
+    _, variables = mmrec_jax.load_exported(export_dir)
+    torch_bert = transformers.BertModel.from_pretrained(str(export_dir / "text_model"))
+    torch_bert.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(export_dir / "tokenizer"))
+    enc = tokenizer(
+        ["a cat video", "the quick brown fox jumps over the lazy dog"],
+        padding=True,
+        return_tensors="np",
+    )
+    hidden, pooled = torch_outputs(torch_bert, enc["input_ids"], enc["attention_mask"])
+    bert_params = variables["params"]["text"]["bert"]
+    ours = Bert(load_bert_config(export_dir / "text_model"))
+    our_hidden, our_pooled = jax.jit(ours.apply)(
+        {"params": bert_params}, enc["input_ids"], enc["attention_mask"]
+    )
+    np.testing.assert_allclose(our_hidden, hidden, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(our_pooled, pooled, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_text_tower_exports_the_pretrained_bert(tmp_path):
+    """In frozen mode the parameters hold no BERT: the export writes the one it used."""
+    original = make_tiny_bert(tmp_path / "bert", seed=3)
+    config = load_config(
+        Path(__file__).parents[1] / "configs" / "tiny.py",
+        [("model.text.model", str(tmp_path / "bert")), ("model.text.mode", "frozen")],
+    )
+    bert_params, bert_config = export._text_model(config, None, {})
+    save_pretrained(bert_params, bert_config, tmp_path / "text_model")
+    reloaded = transformers.BertModel.from_pretrained(str(tmp_path / "text_model"))
+    reloaded.eval()
+    ids = np.array([[2, 5, 6, 7, 3]])
+    mask = np.ones_like(ids)
+    for ours, reference in zip(
+        torch_outputs(reloaded, ids, mask), torch_outputs(original, ids, mask), strict=True
+    ):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_item_table_and_manifest(export_dir, checkpoint, workdir):
+    config, _, _ = checkpoint
+    info = pipeline.load_dataset_info(config.data)
+    manifest = json.loads((export_dir / "export.json").read_text())
+    tables = exported.load_tables(export_dir)
+    n = info.num_item_rows
+    assert tables["item_ids"].tolist() == list(info.item_ids)
+    assert tables["user_ids"].tolist() == list(info.user_ids)
+    assert tables["item_embeddings"].shape == (n, config.model.width)
+    assert manifest["num_items"] == n and manifest["checkpoint_step"] >= 1
+    # The embedding is the mean of the item's present modality tokens.
+    tokens, mask = tables["item_tokens"], tables["item_token_mask"]
+    mean = (tokens * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
+    np.testing.assert_allclose(tables["item_embeddings"], mean, rtol=1e-5, atol=1e-6)
+    run_config = json.loads((workdir / "config.json").read_text())
+    assert json.loads((export_dir / "config.json").read_text()) == run_config
+
+
+def test_incomplete_or_damaged_exports_are_refused(export_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(export_dir, partial)
+    (partial / "export.json").unlink()
+    with pytest.raises(exported.ExportError, match="not a complete export"):
+        mmrec_jax.load_exported(partial)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(export_dir, damaged)
+    tensors = load_file(damaged / "params.safetensors")
+    del tensors["fusion/head/kernel" if "fusion/head/kernel" in tensors else sorted(tensors)[-1]]
+    save_file(tensors, damaged / "params.safetensors")
+    with pytest.raises(exported.ExportError, match="missing"):
+        mmrec_jax.load_exported(damaged)
+
+
+def test_interrupted_export_leaves_the_old_export_and_no_partial_folder(
+    workdir, export_dir, monkeypatch
+):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export.export_run(workdir, export_dir)
+    before = sorted(p.name for p in export_dir.iterdir())
+
+    def interrupted(folder, *args):
+        (folder / "params.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_run(workdir, export_dir, overwrite=True)
+    assert sorted(p.name for p in export_dir.iterdir()) == before
+    assert sorted(p.name for p in export_dir.parent.iterdir()) == [export_dir.name]
+    mmrec_jax.load_exported(export_dir)
+
+
+def _user_records(config) -> list[dict]:
+    source = builder.open_source(config.data.data_dir, config.data.name, builder.USERS, "users")
+    return source.__getitems__(list(range(len(source))))
+
+
+def test_recommend_excludes_engaged_items_and_matches_brute_force(
+    export_dir, checkpoint, monkeypatch
+):
+    config, model, params = checkpoint
+    users = _user_records(config)
+    store = pipeline.ItemStore(config)
+    n = store.num_item_rows
+    items = store.block(np.arange(n), n)
+    user = next(u for u, r in enumerate(users) if 0 < len(r["engaged"]) < n - 5)
+    record = users[user]
+    # Serving must not touch the dataset.
+    for name in ("ItemStore", "load_dataset_info", "make_batches"):
+        monkeypatch.setattr(pipeline, name, lambda *a, **k: pytest.fail("dataset opened"))
+    recommender = recommend.ExportedRecommender(export_dir, items_per_call=16)
+    results = recommender.recommend(record["user_key"].decode(), k=5)
+
+    history = record["history"][: config.data.history_len]
+    batch = {
+        "user_id": np.full(n, record["user_id"], np.int32),
+        "user_index": np.full(n, user, np.int32),
+        "item_slot": np.arange(n, dtype=np.int32),
+        "history_slot": np.repeat(np.maximum(history, 0)[None], n, axis=0).astype(np.int32),
+        "history_mask": np.repeat((history >= 0)[None], n, axis=0),
+        "label": np.zeros(n, np.float32),
+        "weight": np.ones(n, np.float32),
+        "items": items,
+    }
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, batch))
+    engaged = set(record["engaged"].tolist())
+    ranked = sorted((i for i in range(n) if i not in engaged), key=lambda i: (-logits[i], i))
+    item_ids = recommender.tables["item_ids"].tolist()
+    assert [r.item_id for r in results] == [item_ids[i] for i in ranked[:5]]
+    np.testing.assert_allclose([r.logit for r in results], logits[ranked[:5]], atol=1e-5)
+    assert not {r.item_id for r in results} & {item_ids[i] for i in engaged}
+    probabilities = [r.probability for r in results]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_recommend_cli_and_unknown_user(export_dir, capsys):
+    user = str(exported.load_tables(export_dir)["user_ids"][0])
+    assert recommend.main(["--export", str(export_dir), "--user", user, "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"Top 3 items for user {user}" in out and len(out.strip().splitlines()) == 5
+    with pytest.raises(SystemExit) as exit_info:
+        recommend.main(["--export", str(export_dir), "--user", "no_such_user"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Unknown user 'no_such_user'" in err and "--list_users" in err
+    with pytest.raises(recommend.UnknownUserError):
+        recommend.ExportedRecommender(export_dir).recommend("no_such_user")
+
+
+def test_import_mmrec_jax_stays_cheap():
+    code = "import sys, mmrec_jax; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
