@@ -2,9 +2,12 @@
 
 These are the model's fast paths on XLA's CPU backend as well as plain layers:
 
-- `max_pool` is a reshape-and-max, whose backward is about 4x faster than the
-  `reduce_window` / `select_and_scatter` pair behind `flax.linen.max_pool`, with an
-  identical forward.
+- `max_pool` is the elementwise maximum of the window's strided slices, with a custom
+  backward pass that routes each gradient to its window's maximum by elementwise
+  selects. XLA's `reduce_window` / `select_and_scatter` pair behind
+  `flax.linen.max_pool` is slow on CPU, and so is the autodiff of a reshape-and-max (a
+  small-axis reduction and a broadcast per window); this computes the same values and,
+  for ties, the same even split of the gradient as that reshape-and-max.
 - `Conv` (stride 1, same padding) can compute its kernel gradient as im2col matrix
   multiplies over cache-sized chunks of the batch (`conv_same`'s custom VJP), with
   XLA's convolution for the forward pass and the input gradient. Measured on a 2-core
@@ -26,12 +29,60 @@ import jax
 import jax.numpy as jnp
 
 
+def _window_slices(x: jax.Array, window: int) -> tuple[list[jax.Array], list[int]]:
+    """The strided slices of `x` at each offset of a non-overlapping window.
+
+    Returns:
+      ([x[:, o1::w, o2::w, ..., :] cropped to whole windows, for every offset in
+      row-major order], the pooled size of each spatial axis).
+    """
+    spatial = x.shape[1:-1]
+    pooled = [s // window for s in spatial]
+    slices = []
+    for offset in itertools.product(range(window), repeat=len(spatial)):  # row-major
+        index = (slice(o, o + p * window, window) for o, p in zip(offset, pooled, strict=True))
+        slices.append(x[(slice(None), *index, slice(None))])  # (N, *pooled, C)
+    return slices, pooled
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, window: int) -> jax.Array:
+    return functools.reduce(jnp.maximum, _window_slices(x, window)[0])
+
+
+def _max_pool_fwd(x, window):
+    pooled = _max_pool(x, window)
+    return pooled, (x, pooled)
+
+
+def _max_pool_bwd(window, residuals, grad):
+    x, pooled = residuals
+    slices, sizes = _window_slices(x, window)
+    hits = [piece == pooled for piece in slices]  # where each offset holds the maximum
+    ties = functools.reduce(jnp.add, [hit.astype(grad.dtype) for hit in hits])  # >= 1
+    share = grad / ties  # (N, *pooled, C)
+    parts = jnp.stack([jnp.where(hit, share, 0) for hit in hits], axis=-2)  # (N, *p, w^n, C)
+    n = len(sizes)
+    parts = parts.reshape(*parts.shape[:-2], *([window] * n), parts.shape[-1])
+    # (N, p1, ..., pn, w1, ..., wn, C) -> (N, p1, w1, ..., pn, wn, C): the input's layout.
+    order = [0, *(a for i in range(n) for a in (1 + i, 1 + n + i)), 1 + 2 * n]
+    whole = [size * window for size in sizes]
+    grad_x = jnp.transpose(parts, order).reshape(x.shape[0], *whole, x.shape[-1])
+    remainder = [(0, s - w) for s, w in zip(x.shape[1:-1], whole, strict=True)]
+    return (jnp.pad(grad_x, [(0, 0), *remainder, (0, 0)]),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
-    """Non-overlapping max pooling over every spatial axis, as a reshape and a max.
+    """Non-overlapping max pooling over every spatial axis.
 
     Equals `nn.max_pool(x, (window,) * n, strides=(window,) * n, padding="VALID")`: a
     trailing remainder of an axis that does not fill a window is dropped (as PyTorch's
-    `MaxPool` does).
+    `MaxPool` does). The gradient goes to each window's maximum, split evenly between
+    tied maxima (as the autodiff of `jnp.max` does); see the module docstring for why
+    it has its own backward pass.
 
     Args:
       x: (N, *spatial, C), e.g. (N, H, W, C) images or (N, T, C) sequences.
@@ -48,14 +99,7 @@ def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
             f"max_pool window {window} is larger than the spatial shape {spatial}; "
             "use a larger input or fewer pooling blocks."
         )
-    pooled = [s // window for s in spatial]
-    x = x[(slice(None), *(slice(0, p * window) for p in pooled), slice(None))]
-    split = [x.shape[0]]
-    for p in pooled:
-        split += [p, window]
-    split.append(x.shape[-1])
-    x = x.reshape(split)  # (N, s1/w, w, s2/w, w, ..., C)
-    return jnp.max(x, axis=tuple(2 + 2 * i for i in range(len(spatial))))
+    return _max_pool(x, window)
 
 
 def _same_padding(kernel_size: tuple[int, ...]) -> list[tuple[int, int]]:
