@@ -236,7 +236,9 @@ def _grid_logits(model: Any, params: Any, encoded: Mapping, users: Mapping) -> j
 def _user_chunks(
     users: UserTable, user_rows: np.ndarray, num_items: int, mesh, history: bool, rows_per_call
 ):
-    """Yields (global rows, their count, sharded user arrays, this process's local rows)."""
+    """Yields (global rows, sharded user arrays, this process's local rows) per call."""
+    if user_rows.size == 0:
+        raise ValueError("No users to score: pass at least one row of the user table.")
     per_call = _round_up(max(1, rows_per_call // max(num_items, 1)), mesh.size)
     per_call = min(per_call, _round_up(user_rows.size, mesh.size))
     for start in range(0, user_rows.size, per_call):
@@ -550,9 +552,9 @@ def format_results(results: Mapping[str, Mapping]) -> str:
         return {**entry["click"], **(entry.get("ranking") or {}), **entry.get("rows", {})}
 
     names: list[str] = []
-    for entry in results.values():
-        for group in (values(entry), entry.get("oracle") or {}):
-            names += [n for n in group if n not in names]
+    for group in ("click", "ranking", "rows", "oracle"):  # in this order, whatever the split
+        for entry in results.values():
+            names += [n for n in entry.get(group) or {} if n not in names]
     header = ["metric"]
     for split, entry in results.items():
         header += [split] + ([f"{split} oracle"] if entry.get("oracle") else [])
