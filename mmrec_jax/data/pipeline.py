@@ -359,7 +359,7 @@ class ItemStore:
         self.users = UserStore.load(self.info)
 
     def _decode_into(self, arrays: dict, slot: int, record: Mapping, modalities) -> None:
-        """Decodes `record`'s image/audio into `arrays[...][slot]` (bad bytes: absent)."""
+        """Decodes `record`'s image/audio (validated when the dataset was built) into `arrays`."""
         for m in modalities:
             if not record[f"has_{m}"]:
                 continue
