@@ -181,6 +181,10 @@ def auc(labels, scores, weights=None) -> float:
     return float(total / (positive * negative))
 
 
+class UndefinedMetricError(ValueError):
+    """A metric that the input does not define (e.g. GAUC when no user has both classes)."""
+
+
 def gauc(user_ids, labels, scores) -> float:
     """Group AUC: per-user AUC averaged with weights equal to the user's impressions.
 
@@ -210,7 +214,7 @@ def gauc(user_ids, labels, scores) -> float:
     )
     valid = (positive > 0) & (negative > 0)  # (G,)
     if not valid.any():
-        raise ValueError(
+        raise UndefinedMetricError(
             "GAUC is undefined: no user has both a positive and a negative impression."
         )
     per_user = total[valid] / (positive[valid] * negative[valid])
@@ -310,12 +314,14 @@ def click_metrics(
       labels: (N,) binary labels.
       logits: (N,) predicted logits; give exactly one of `logits` and `probs`.
       probs: (N,) predicted probabilities in [0, 1].
-      user_ids: optional (N,) user of each impression; adds "gauc".
+      user_ids: optional (N,) user of each impression; adds "gauc" (None when no user
+        has both a positive and a negative, e.g. one held-out row per user).
       threshold: probability at or above which `accuracy` predicts a positive.
       num_bins: number of bins of `expected_calibration_error`.
 
     Returns:
-      {"auc", "gauc" (only with user_ids), "logloss", "accuracy", "ece"} as floats.
+      {"auc", "gauc" (only with user_ids; None if undefined), "logloss", "accuracy",
+      "ece"} as floats.
 
     Raises:
       ValueError: bad input, or AUC / GAUC undefined for it (see `auc`, `gauc`).
@@ -333,7 +339,10 @@ def click_metrics(
         loss = logloss(labels, probs)
     results = {"auc": auc(labels, scores)}
     if user_ids is not None:
-        results["gauc"] = gauc(user_ids, labels, scores)
+        try:
+            results["gauc"] = gauc(user_ids, labels, scores)
+        except UndefinedMetricError:
+            results["gauc"] = None
     results["logloss"] = loss
     results["accuracy"] = accuracy(labels, probs, threshold)
     results["ece"] = expected_calibration_error(labels, probs, num_bins)

@@ -32,10 +32,11 @@ class MetricsWriter:
             self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Records scalar `metrics` (names like "train/loss") at `step`."""
+        """Records scalar `metrics` (names like "train/loss") at `step`; None values are skipped."""
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+        record = {"step": int(step), **metrics}
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         for name, value in metrics.items():

@@ -365,3 +365,14 @@ def test_bad_ranking_inputs_name_the_argument():
         metrics.ranking_metrics(scores, relevant, 2, exclude=relevant)
     with pytest.raises(ValueError, match="top_items holds 2 items per user, fewer than k=3"):
         metrics.per_user_ranking_metrics(np.zeros((3, 2), dtype=int), relevant, 3)
+
+
+def test_click_metrics_reports_undefined_gauc_as_none():
+    """One held-out row per user (leave-last splits): GAUC is undefined, the rest is not."""
+    labels = np.array([1, 0, 1, 0])
+    logits = np.array([2.0, -1.0, 0.5, 0.7])
+    result = metrics.click_metrics(labels, logits, user_ids=np.array([1, 2, 3, 4]))
+    assert result["gauc"] is None
+    assert result["auc"] == pytest.approx(roc_auc_score(labels, logits), abs=1e-12)
+    with pytest.raises(metrics.UndefinedMetricError):
+        metrics.gauc(np.array([1, 2, 3, 4]), labels, logits)
