@@ -1,11 +1,12 @@
 """The model's fast paths against the plain implementations they replace."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmrec_jax.models.layers import max_pool
+from mmrec_jax.models.layers import Dropout, keep_mask, max_pool
 
 
 def _plain_max_pool(x, window):
@@ -43,3 +44,65 @@ def test_max_pool_gradient_in_bfloat16_matches_the_plain_one():
     want = jax.vjp(lambda x: _plain_max_pool(x, 2), x)[1](cotangent)[0]
     assert grad.dtype == jnp.bfloat16
     np.testing.assert_array_equal(grad.astype(np.float32), want.astype(np.float32))
+
+
+# --- dropout ---------------------------------------------------------------------------
+
+
+def _tolerance(p, n):
+    """Five standard deviations of a frequency estimated from n Bernoulli(p) draws."""
+    return 5 * np.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("keep_prob", [0.1, 0.5, 0.9])
+def test_keep_mask_has_the_keep_probability_and_no_pattern(keep_prob):
+    shape = (64, 12, 32, 32)  # an attention-probability shape, 786k draws
+    n = int(np.prod(shape))
+    mask = np.asarray(keep_mask(jax.random.key(3), keep_prob, shape)).reshape(-1)
+    assert abs(mask.mean() - keep_prob) < _tolerance(keep_prob, n)
+    # Neighbours (consecutive counters) and elements 2**k apart are independent.
+    for gap in (1, 2, 32, 1024):
+        both = np.mean(mask[:-gap] & mask[gap:])
+        assert abs(both - keep_prob**2) < _tolerance(keep_prob**2, n - gap), gap
+    # Every position of a row is kept equally often (no stripes along an axis).
+    per_column = mask.reshape(-1, 32).mean(axis=0)
+    assert np.all(np.abs(per_column - keep_prob) < _tolerance(keep_prob, n // 32))
+
+
+def test_keep_mask_is_a_function_of_the_key():
+    shape = (1000, 100)
+    first = np.asarray(keep_mask(jax.random.key(0), 0.5, shape))
+    again = np.asarray(keep_mask(jax.random.key(0), 0.5, shape))
+    other = np.asarray(keep_mask(jax.random.key(1), 0.5, shape))
+    np.testing.assert_array_equal(first, again)
+    # Two keys agree on about half the elements, as independent fair coins would.
+    assert abs(np.mean(first == other) - 0.5) < _tolerance(0.5, first.size)
+
+
+def test_dropout_scales_kept_values_and_matches_flax_in_distribution():
+    x = jax.random.normal(jax.random.key(0), (256, 64, 48)) + 2.0
+    rate = 0.1
+    rngs = {"dropout": jax.random.key(7)}
+    ours = np.asarray(Dropout(rate).apply({}, x, deterministic=False, rngs=rngs))
+    flax_out = np.asarray(nn.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs))
+    kept = ours != 0
+    np.testing.assert_allclose(ours[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-6)
+    assert abs(kept.mean() - (1 - rate)) < _tolerance(1 - rate, kept.size)
+    # Same expectation as flax's dropout (and as the input).
+    assert abs(ours.mean() - float(x.mean())) < 0.01
+    assert abs(ours.mean() - flax_out.mean()) < 0.01
+    assert abs(ours.std() - flax_out.std()) < 0.01
+    # The gradient is the mask over the keep probability.
+    grad = jax.grad(lambda x: jnp.sum(Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)))(
+        x
+    )
+    np.testing.assert_allclose(np.asarray(grad), kept / (1 - rate), rtol=1e-6)
+
+
+def test_dropout_off_and_full():
+    x = jnp.arange(12.0).reshape(3, 4)
+    rngs = {"dropout": jax.random.key(0)}
+    np.testing.assert_array_equal(Dropout(0.3).apply({}, x, deterministic=True), x)
+    np.testing.assert_array_equal(Dropout(0.0).apply({}, x, deterministic=False), x)
+    zeros = Dropout(1.0).apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(zeros, np.zeros((3, 4)))

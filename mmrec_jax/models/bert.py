@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmrec_jax.models.layers import Dropout
+
 # config.json activations we implement: name -> function.
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -155,7 +157,7 @@ class BertEmbeddings(nn.Module):
             epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
             name="LayerNorm",
         )(x)  # fmt: skip
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 def _dense(config: BertConfig, features: int, dtype, param_dtype, name: str) -> nn.Dense:
@@ -197,7 +199,7 @@ class BertSelfAttention(nn.Module):
             logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(head_dim)
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-            probs = nn.Dropout(rate)(probs, deterministic=False)  # (B, N, L, L)
+            probs = Dropout(rate)(probs, deterministic=False)  # (B, N, L, L)
             out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
         return out.reshape(batch, length, hidden)  # (B, L, H)
 
@@ -213,7 +215,7 @@ class BertDenseLayerNorm(nn.Module):
     def __call__(self, x, residual, deterministic: bool):
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, self.dtype, self.param_dtype, "dense")(x)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return nn.LayerNorm(
             epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
             name="LayerNorm",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmrec_jax.models.layers import MultiHeadAttention, masked_mean
+from mmrec_jax.models.layers import Dropout, MultiHeadAttention, masked_mean
 
 
 def modality_dropout(
@@ -62,11 +62,11 @@ class FusionLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.LayerNorm(name="attention_norm", **kw)(x)
         h = MultiHeadAttention(self.num_heads, name="attention", **kw)(h, h, mask)
-        x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+        x = x + Dropout(self.dropout)(h, deterministic=not train)
         h = nn.LayerNorm(name="mlp_norm", **kw)(x)
         h = nn.Dense(self.mlp_dim, name="mlp_in", **kw)(h)
         h = nn.Dense(x.shape[-1], name="mlp_out", **kw)(nn.gelu(h, approximate=False))
-        return x + nn.Dropout(self.dropout)(h, deterministic=not train)  # (B, T, D)
+        return x + Dropout(self.dropout)(h, deterministic=not train)  # (B, T, D)
 
 
 class Fusion(nn.Module):

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the towers: pooling, masked means, attention.
+"""Small building blocks shared by the towers: pooling, dropout, masked means, attention.
 
 These are the model's fast paths on XLA's CPU backend as well as plain layers:
 
@@ -8,6 +8,10 @@ These are the model's fast paths on XLA's CPU backend as well as plain layers:
   `flax.linen.max_pool` is slow on CPU, and so is the autodiff of a reshape-and-max (a
   small-axis reduction and a broadcast per window); this computes the same values and,
   for ties, the same even split of the gradient as that reshape-and-max.
+- `Dropout` draws its mask from a counter-based integer hash of the element index keyed
+  by the module's rng, one fused elementwise pass: the threefry bits behind
+  `flax.linen.Dropout` cost about 10 ns per element on CPU (75 ms for the 7.5 M
+  dropout draws of one MiniLM training step at 32 tokens, 16x the hash).
 - `Conv` (stride 1, same padding) can compute its kernel gradient as im2col matrix
   multiplies over cache-sized chunks of the batch (`conv_same`'s custom VJP), with
   XLA's convolution for the forward pass and the input gradient. Measured on a 2-core
@@ -100,6 +104,67 @@ def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
             "use a larger input or fewer pooling blocks."
         )
     return _max_pool(x, window)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective avalanche hash of uint32 values ("lowbias32": xor-shift-multiply)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keep_mask(rng: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+    """A Bernoulli(`keep_prob`) mask from a counter-based hash keyed by `rng`.
+
+    Element i is kept when hash(i) < keep_prob * 2**32, where the hash mixes i with two
+    32-bit words drawn from `rng` in two rounds of `_mix32`. The same `rng` gives the
+    same mask; different keys give independent-looking masks.
+
+    Args:
+      rng: a PRNG key.
+      keep_prob: probability of True, in [0, 1].
+      shape: the mask's shape; at most 2**32 elements.
+
+    Returns:
+      bool array of `shape`.
+    """
+    size = math.prod(shape)
+    if size > 2**32:
+        raise ValueError(f"keep_mask draws at most 2**32 elements; got shape {shape}.")
+    if keep_prob >= 1.0:
+        return jnp.ones(shape, bool)
+    seed = jax.random.bits(rng, (2,), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    hashed = _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+    return hashed < jnp.uint32(int(keep_prob * 2**32))
+
+
+class Dropout(nn.Module):
+    """`flax.linen.Dropout` with its mask from `keep_mask` (see the module docstring).
+
+    Zeroes each element with probability `rate` and scales the others by
+    1 / (1 - rate), using the rng stream `rng_collection`.
+
+    Attributes:
+      rate: the probability of dropping an element.
+      rng_collection: the rng stream the mask is keyed by.
+    """
+
+    rate: float
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        """x, unchanged when `deterministic` or the rate is 0, else dropped and rescaled."""
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep_prob = 1.0 - self.rate
+        keep = keep_mask(self.make_rng(self.rng_collection), keep_prob, x.shape)
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
 
 def _same_padding(kernel_size: tuple[int, ...]) -> list[tuple[int, int]]:
