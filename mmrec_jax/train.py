@@ -30,6 +30,8 @@ from mmrec_jax.config import config_from_dict, config_to_json
 from mmrec_jax.data import pipeline
 from mmrec_jax.models import recommender
 
+# Steps dispatched ahead of the last finished one (keeps host and device busy).
+_MAX_STEPS_AHEAD = 2
 # Splits reported at the end, in this order, when the dataset has them.
 REPORT_SPLITS = ("train", "validation", "test", "test_cold")
 
@@ -461,6 +463,10 @@ def train_and_evaluate(
             step += 1
             window_steps += 1
             pending.append((step, step_metrics))
+            if len(pending) > _MAX_STEPS_AHEAD:
+                # Bound how far dispatch runs ahead of the device, so the progress bar
+                # (and its ETA) shows steps done, not steps queued.
+                jax.block_until_ready(pending[-_MAX_STEPS_AHEAD - 1][1]["loss"])
             progress.update(1)
             if step % config.train.log_every == 0 or step == total_steps:
                 means = check_pending()
