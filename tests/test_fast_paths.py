@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmrec_jax.models import bert
 from mmrec_jax.models.layers import Dropout, keep_mask, max_pool
 
 
@@ -106,3 +107,19 @@ def test_dropout_off_and_full():
     np.testing.assert_array_equal(Dropout(0.0).apply({}, x, deterministic=False), x)
     zeros = Dropout(1.0).apply({}, x, deterministic=False, rngs=rngs)
     np.testing.assert_array_equal(zeros, np.zeros((3, 4)))
+
+
+# --- GELU ------------------------------------------------------------------------------
+
+
+def test_gelu_matches_jax_exact_gelu_and_torch():
+    import torch
+
+    x = np.linspace(-12, 12, 20001, dtype=np.float32)
+    ours = np.asarray(bert.gelu(jnp.asarray(x)))
+    np.testing.assert_allclose(ours, jax.nn.gelu(x, approximate=False), rtol=0, atol=2e-6)
+    want = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64))).numpy()
+    np.testing.assert_allclose(ours, want, rtol=0, atol=2e-6)
+    grad = jax.vmap(jax.grad(bert.gelu))(jnp.asarray(x))
+    want_grad = jax.vmap(jax.grad(lambda x: jax.nn.gelu(x, approximate=False)))(x)
+    np.testing.assert_allclose(grad, want_grad, rtol=0, atol=2e-6)

@@ -31,9 +31,20 @@ import jax.numpy as jnp
 
 from mmrec_jax.models.layers import Dropout
 
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact GELU, x * Phi(x), spelled with `erf` as PyTorch and `transformers` do.
+
+    Equal to `jax.nn.gelu(x, approximate=False)` to about 1e-6, whose `erfc` form XLA
+    evaluates with an exponential and several selects per element; `erf` is one
+    polynomial, which made a MiniLM training step about 2% faster on CPU.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 # config.json activations we implement: name -> function.
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
