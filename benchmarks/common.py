@@ -144,14 +144,19 @@ class CompileCounter:
         return sum(s for fun, s in self.seconds.items() if name in fun)
 
 
-def time_calls(fn: Callable[[], object], steps: int) -> list[float]:
-    """Seconds of each of `steps` calls of `fn` (which blocks on its result)."""
-    times = []
+def time_calls(fn: Callable[[], object], steps: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of each of `steps` calls of `fn` (which blocks).
+
+    CPU seconds add up every thread of the process, so they vary less than the wall
+    time when other jobs share the cores; their ratio is the cores the step kept busy.
+    """
+    wall, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:
@@ -169,7 +174,7 @@ def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:
         b = jax.random.normal(jax.random.key(1), (k, n), dtype)
         jax.block_until_ready(dot(a, b))
         call = functools.partial(lambda a, b: jax.block_until_ready(dot(a, b)), a, b)
-        median = statistics.median(time_calls(call, repeats))
+        median = statistics.median(time_calls(call, repeats)[0])
         rate = 2.0 * m * k * n / median / 1e9
         if rate > best["gflops_per_s"]:
             best = {"gflops_per_s": round(rate, 1), "shape": [m, k, n], "dtype": best["dtype"]}

@@ -85,14 +85,15 @@ class MultiModalTransformer(nn.Module):
         return self.fc(fused.mean(0))  # (B, 1)
 
 
-def _median_rate(step, steps: int, batch: int) -> tuple[float, float]:
-    times = []
+def _median_times(step, steps: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of `steps` calls of `step`."""
+    wall, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return batch / median, median
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -103,7 +104,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--tune_malloc",
+        action="store_true",
+        help="the allocator setting of mmrec_jax.runtime.tune_host_allocator, as JAX gets it",
+    )
     args = parser.parse_args()
+    if args.tune_malloc:
+        from mmrec_jax.runtime import tune_host_allocator
+
+        tune_host_allocator()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -144,7 +154,8 @@ def main() -> None:
 
     for _ in range(args.warmup):
         step()
-    samples_per_s, median = _median_rate(step, args.steps, b)
+    median, cpu = _median_times(step, args.steps)
+    samples_per_s = b / median
     print(
         json.dumps(
             {
@@ -154,9 +165,11 @@ def main() -> None:
                 "batch": b,
                 "steps": args.steps,
                 "threads": torch.get_num_threads(),
+                "tuned_malloc": args.tune_malloc,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "step_ms_median": round(median * 1e3, 1),
+                "cpu_ms_median": round(cpu * 1e3, 1),
                 "samples_per_s": round(samples_per_s, 2),
             }
         )

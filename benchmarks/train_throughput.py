@@ -39,7 +39,7 @@ import common
 import jax
 
 from mmrec_jax import flops as flops_lib
-from mmrec_jax import predict, schema, sharding
+from mmrec_jax import predict, runtime, schema, sharding
 from mmrec_jax import train as train_lib
 from mmrec_jax.models import recommender
 
@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", action="store_true", help="real input pipeline")
     parser.add_argument("--inference", action="store_true", help="forward pass only")
     parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak")
+    parser.add_argument(
+        "--default_malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings (see mmrec_jax.runtime)",
+    )
     return parser
 
 
@@ -92,6 +97,7 @@ def _batches(args, config, mesh):
 
 def main(argv=None) -> None:
     args, config = common.parse_args(_parser(), argv)
+    tuned_malloc = False if args.default_malloc else runtime.tune_host_allocator()
     counter = common.CompileCounter()
     mesh = sharding.make_mesh()
     config, local, iterator, items = _batches(args, config, mesh)
@@ -147,7 +153,7 @@ def main(argv=None) -> None:
             data_times.append(time.perf_counter() - fetch)
         run(batch)
 
-    times = common.time_calls(timed_step, args.steps)
+    times, cpu_times = common.time_calls(timed_step, args.steps)
     compiles = counter.count(name)
     cache_size = jitted._cache_size() if hasattr(jitted, "_cache_size") else None
     peak_after = None if args.no_peak else common.matmul_peak()
@@ -187,6 +193,7 @@ def main(argv=None) -> None:
         "step_ms_median": round(median * 1e3, 1),
         "step_ms_min": round(min(times) * 1e3, 1),
         "step_ms_max": round(max(times) * 1e3, 1),
+        "cpu_ms_median": round(statistics.median(cpu_times) * 1e3, 1),
         "data_ms_median": round(statistics.median(data_times) * 1e3, 1) if data_times else None,
         "compile_s": round(compile_s, 2),
         "first_call_s": round(first_call_s, 2),
@@ -203,6 +210,7 @@ def main(argv=None) -> None:
         "peak_shape": (peak_after or peak_before or {}).get("shape"),
         "peak_before_after": peaks,
         "fraction_of_peak": round(gflops_per_s / peak, 3) if peak else None,
+        "tuned_malloc": tuned_malloc,
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
         **common.machine(),
     }
