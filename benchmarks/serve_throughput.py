@@ -1,0 +1,144 @@
+"""Serving throughput: scored (user, item) pairs per second, and full-catalogue top-K users/s.
+
+    timeout 900 .venv/bin/python benchmarks/serve_throughput.py --config configs/default.py \\
+        [--config.KEY=VALUE ...] [--catalogue 1000] [--users_per_call 16] [--k 10]
+
+Pairs: the jitted forward pass of `mmrec_jax.predict.make_predict_fn` on random batches
+of `train.batch_size` rows, each with its own item (every item tower runs on every
+row's item, as when scoring fresh pairs).
+
+Top-K: a random catalogue of `--catalogue` items is encoded once (`encode_items`,
+jitted, `--encode_chunk` items per call); then `--users_per_call` users at a time are
+scored against every item (`score` over the users x items grid, with each user's
+history of `data.history_len` catalogue items) and `mmrec_jax.metrics.top_k_items`
+picks each user's K best, all in one jitted call. Users/s counts those calls only; the
+encoding rate is reported beside it.
+
+Parameters are initialised as training does (`mmrec_jax.train.build_train_state`, the
+pretrained BERT included). Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmrec_jax import metrics, predict, runtime, schema, sharding
+from mmrec_jax import train as train_lib
+from mmrec_jax.models import recommender
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/default.py")
+    parser.add_argument("--steps", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--catalogue", type=int, default=1000, help="items in the catalogue")
+    parser.add_argument("--encode_chunk", type=int, default=256, help="items per encode call")
+    parser.add_argument("--users_per_call", type=int, default=16, help="users per top-K call")
+    parser.add_argument("--k", type=int, default=10, help="items recommended per user")
+    return parser
+
+
+def _timed(fn, steps: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds) of `fn` after one untimed call."""
+    fn()
+    wall, cpu = common.time_calls(fn, steps)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def main(argv=None) -> None:
+    args, config = common.parse_args(_parser(), argv)
+    runtime.tune_host_allocator()
+    common.fill_vocab(config)
+    config.model.num_items = max(config.model.num_items, args.catalogue)
+    towers = schema.parse_towers(config.model.towers)
+    mesh = sharding.make_mesh()
+    rows = int(config.train.batch_size)
+    local = common.random_batch(config, rows, rows)
+    batch = sharding.global_batch(mesh, local)
+    model = recommender.build_model(config.model)
+    setup = train_lib.build_train_state(config, model, mesh, batch, 1)
+    params = setup.state["params"]
+
+    # Pairs: the evaluation forward pass.
+    predict_fn = predict.make_predict_fn(model, mesh, setup.shardings["params"])
+    pair_s, pair_cpu = _timed(lambda: jax.block_until_ready(predict_fn(params, batch)), args.steps)
+
+    # Catalogue: every item encoded once.
+    catalogue = common.random_batch(config, 1, args.catalogue, seed=1)["items"]
+    catalogue["item_id"] = np.arange(1, args.catalogue + 1, dtype=np.int32)
+    encode = jax.jit(
+        lambda params, items: model.apply({"params": params}, items, method="encode_items")
+    )
+    chunk = min(args.encode_chunk, args.catalogue)
+    # Item rows per call; the last call repeats the last item to fill its chunk.
+    calls = [
+        np.minimum(np.arange(start, start + chunk), args.catalogue - 1)
+        for start in range(0, args.catalogue, chunk)
+    ]
+
+    def encode_all():
+        parts = [encode(params, jax.tree.map(lambda a, i=i: a[i], catalogue)) for i in calls]
+        whole = jax.tree.map(lambda *p: jnp.concatenate(p)[: args.catalogue], *parts)
+        return jax.block_until_ready(whole)
+
+    encoded = encode_all()
+    encode_s, _ = _timed(encode_all, max(1, args.steps // 5))
+    encoded_items = args.catalogue
+
+    # Top-K: users x catalogue grids.
+    users = args.users_per_call
+    rng = np.random.default_rng(2)
+    user_rows = {"user_id": rng.integers(1, config.model.num_users + 1, users).astype(np.int32)}
+    if "history" in towers:
+        history = (users, int(config.data.history_len))
+        user_rows["history_slot"] = rng.integers(0, encoded_items, history).astype(np.int32)
+        user_rows["history_mask"] = np.ones(history, bool)
+
+    @jax.jit
+    def top_k(params, encoded, users):
+        num_users = users["user_id"].shape[0]
+        grid = {
+            "user_id": jnp.repeat(users["user_id"], encoded_items),  # (Bu * N,)
+            "item_slot": jnp.tile(jnp.arange(encoded_items, dtype=jnp.int32), num_users),
+        }
+        for key in ("history_slot", "history_mask"):
+            if key in users:
+                grid[key] = jnp.repeat(users[key], encoded_items, axis=0)  # (Bu * N, H)
+        logits = model.apply({"params": params}, grid, encoded, method="score")
+        return metrics.top_k_items(logits.reshape(num_users, encoded_items), args.k)
+
+    top_s, top_cpu = _timed(
+        lambda: jax.block_until_ready(top_k(params, encoded, user_rows)), args.steps
+    )
+    result = {
+        "benchmark": "serve_throughput",
+        "config": args.config,
+        "towers": config.model.towers,
+        "text_mode": config.model.text.mode,
+        "dtype": config.model.dtype,
+        "pair_batch": rows,
+        "pairs_per_s": round(rows / pair_s, 1),
+        "pair_batch_ms": round(pair_s * 1e3, 1),
+        "pair_batch_cpu_ms": round(pair_cpu * 1e3, 1),
+        "catalogue": encoded_items,
+        "encode_items_per_s": round(encoded_items / encode_s, 1),
+        "users_per_call": users,
+        "k": args.k,
+        "topk_users_per_s": round(users / top_s, 2),
+        "topk_scored_pairs_per_s": round(users * encoded_items / top_s, 1),
+        "topk_call_ms": round(top_s * 1e3, 1),
+        "topk_call_cpu_ms": round(top_cpu * 1e3, 1),
+        **common.machine(),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
