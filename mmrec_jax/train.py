@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import signal
@@ -155,7 +156,9 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item") else x))
 
 
-def evaluate_split(predict_fn, params, loader, split: str, mesh, info) -> dict[str, float] | None:
+def evaluate_split(
+    predict_fn, params, loader, split: str, mesh, info, max_batches: int | None = None
+) -> dict[str, float] | None:
     """AUC, GAUC, logloss, accuracy and ECE of `params` on `split` (None if it is empty).
 
     Args:
@@ -166,10 +169,12 @@ def evaluate_split(predict_fn, params, loader, split: str, mesh, info) -> dict[s
       split: the split's name.
       mesh: the device mesh.
       info: the dataset's `DatasetInfo`.
+      max_batches: score only the split's first this many batches (None: all).
     """
     if int(info.split_sizes.get(split, 0)) == 0:
         return None
-    rows = predict.predict_batches(predict_fn, params, loader(split, train=False), mesh)
+    batches = itertools.islice(loader(split, train=False), max_batches)
+    rows = predict.predict_batches(predict_fn, params, batches, mesh)
     return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
 
 
@@ -517,13 +522,17 @@ def train_and_evaluate(
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    summary = _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info)
+    summary = _final_report(
+        workdir, checkpointer, state, predict_fn, loader, mesh, info, config.train.batch_size
+    )
     checkpointer.close()
     writer.close()
     return summary
 
 
-def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) -> dict:
+def _final_report(
+    workdir, checkpointer, state, predict_fn, loader, mesh, info, batch_size: int
+) -> dict:
     """Evaluates the best checkpoint on every split; writes summary.json and the plots."""
     is_chief = jax.process_index() == 0
     params = state["params"]
@@ -532,8 +541,13 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
         restored, _, _ = checkpointer.restore(best, checkpoint_lib.abstract_like(state))
         params = restored["params"]
     summary = {}
+    # The train split is scored on its first batches, as many rows as validation has:
+    # enough to show over- or underfitting without a full pass over the largest split.
+    sample = max(info.split_sizes.get("validation", 0), 1)
+    train_batches = -(-sample // batch_size)
     for split in REPORT_SPLITS:
-        result = evaluate_split(predict_fn, params, loader, split, mesh, info)
+        limit = train_batches if split == "train" else None
+        result = evaluate_split(predict_fn, params, loader, split, mesh, info, limit)
         if result is None:
             continue
         oracle = (info.oracle or {}).get(split)
@@ -542,7 +556,10 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
         summary[split] = {"model": result, "oracle": oracle}
     if is_chief:
         table = reporting.summary_table(summary)
-        print(f"\nResults (checkpoint step {best if best is not None else 'final'}):\n{table}")
+        print(
+            f"\nResults (checkpoint step {best if best is not None else 'final'}; train: "
+            f"its first {train_batches * batch_size} rows):\n{table}"
+        )
         payload = {"checkpoint_step": best, "splits": summary}
         (Path(workdir) / "summary.json").write_text(json.dumps(payload, indent=2))
         plots = reporting.plot_curves(workdir)
