@@ -125,6 +125,7 @@ class CompileCounter:
     def __init__(self):
         self.compiles: collections.Counter = collections.Counter()
         self.seconds: collections.Counter = collections.Counter()
+        self.phases: collections.Counter = collections.Counter()
         jax.monitoring.register_event_duration_secs_listener(self._record)
 
     def _record(self, event: str, duration: float, **kwargs) -> None:
@@ -132,6 +133,7 @@ class CompileCounter:
             return
         name = str(kwargs.get("fun_name", ""))
         self.seconds[name] += duration
+        self.phases[(name, event.rsplit("/", 1)[-1])] += duration
         if event == self.PHASES[-1]:
             self.compiles[name] += 1
 
@@ -142,6 +144,14 @@ class CompileCounter:
     def compile_seconds(self, name: str) -> float:
         """Tracing + lowering + XLA compilation seconds of those functions."""
         return sum(s for fun, s in self.seconds.items() if name in fun)
+
+    def phase_seconds(self, name: str) -> dict[str, float]:
+        """Those seconds per phase (jaxpr trace, MLIR lowering, XLA compile)."""
+        phases: collections.Counter = collections.Counter()
+        for (fun, phase), seconds in self.phases.items():
+            if name in fun:
+                phases[phase.removesuffix("_duration")] += seconds
+        return {phase: round(seconds, 2) for phase, seconds in phases.items()}
 
 
 def time_calls(fn: Callable[[], object], steps: int) -> tuple[list[float], list[float]]:

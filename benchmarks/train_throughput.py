@@ -141,6 +141,7 @@ def main(argv=None) -> None:
     run(batch)
     first_call_s = time.perf_counter() - start
     compile_s = counter.compile_seconds(name)
+    compile_phases = counter.phase_seconds(name)
     for _ in range(args.warmup):
         run(batch)
     data_times = []
@@ -196,6 +197,7 @@ def main(argv=None) -> None:
         "cpu_ms_median": round(statistics.median(cpu_times) * 1e3, 1),
         "data_ms_median": round(statistics.median(data_times) * 1e3, 1) if data_times else None,
         "compile_s": round(compile_s, 2),
+        "compile_phases_s": compile_phases,
         "first_call_s": round(first_call_s, 2),
         "compiles": compiles,
         "jit_cache_size": cache_size,
