@@ -16,7 +16,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="config file, e.g. configs/default.py")
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
     args, config = parse_config_args(parser)
-    from mmrec_jax import train
+    from mmrec_jax import runtime, train
+
+    runtime.tune_host_allocator()
 
     train.train_and_evaluate(config, args.workdir)
 
