@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     # mmrec_synthetic sizes, used when the dataset is built on first use.
     data.synthetic = synthetic = ml_collections.ConfigDict()
     # Users in the synthetic dataset.
-    synthetic.num_users = 1000
+    synthetic.num_users = 800
     # Items in the synthetic dataset (a share of them held out as cold items).
     synthetic.num_items = 1200
     # Seed of the synthetic dataset (a different seed is a different dataset).

@@ -29,7 +29,7 @@ signal. Labels are sampled from these probabilities and the probabilities are ke
 (`true_prob`), so the oracle AUC and logloss of every split are known; they are stored
 in the metadata and printed when the dataset is built.
 
-Each user has 30-60 train interactions with warm items (time ordered), then 5
+Each user has 40-80 train interactions with warm items (time ordered), then 5
 validation and 5 test interactions with other warm items and 5 test_cold interactions
 with cold items (a `cold_item_share` of the catalogue, never shown in training). A
 validation or test item that happens not to occur in train is moved to test_cold, so
@@ -59,11 +59,13 @@ NUM_SEGMENTS = 8
 SCALE = 4.0
 # Standard deviation of a user's personal deviation from the segment's preferences.
 PREF_NOISE = 0.04
-# Standard deviations of user bias and item popularity (logit units).
-USER_BIAS_STD = 0.3
-POPULARITY_STD = 0.2
+# Standard deviations of user bias and item popularity (logit units). Small enough that
+# a user's ~60 train interactions pin the bias down and that cold items (whose
+# popularity no model can know) stay within reach of the oracle.
+USER_BIAS_STD = 0.15
+POPULARITY_STD = 0.1
 # Train interactions per user (inclusive range) and per-user evaluation interactions.
-TRAIN_PER_USER = (30, 60)
+TRAIN_PER_USER = (40, 80)
 EVAL_PER_USER = 5
 # Media sizes.
 IMAGE_SIZE = 56
