@@ -151,6 +151,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.checkpoint_every = 200
     # Checkpoints kept besides the best one.
     train.keep_checkpoints = 2
+    # A step loss above this stops the run as diverged (a sane model's BCE is below 1).
+    train.max_loss = 100.0
     # Log training metrics every this many steps.
     train.log_every = 20
     return config

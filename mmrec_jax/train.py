@@ -413,22 +413,24 @@ def train_and_evaluate(
     examples_per_step = config.train.batch_size
 
     def check_pending() -> dict[str, float]:
-        """Fetches the pending step metrics; raises on the first non-finite loss."""
+        """Fetches the pending step metrics; raises at the first diverged step."""
         if not pending:
             return {}
         host = jax.device_get([m for _, m in pending])
         for (step, _), values in zip(pending, host, strict=True):
-            if not np.isfinite(values["loss"]):
-                where = (
-                    f"the last good checkpoint is step {last_saved} in {checkpointer.directory}"
-                    if last_saved is not None
-                    else "no checkpoint was saved before it"
-                )
-                raise TrainingDiverged(
-                    f"The training loss became {values['loss']} at step {step}; {where}. "
-                    "Lower config.train.learning_rate (or raise warmup_steps) and rerun; "
-                    "the run resumes from that checkpoint."
-                )
+            loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
+            if np.isfinite(loss) and np.isfinite(grad_norm) and loss <= config.train.max_loss:
+                continue
+            what = "NaN or infinite" if not np.isfinite(loss) else f"{loss:.4g}"
+            if np.isfinite(loss) and not np.isfinite(grad_norm):
+                what = f"{loss:.4g} with a non-finite gradient"
+            raise TrainingDiverged(
+                f"Training diverged: the loss became {what} at step {step}. The last good "
+                f"checkpoint is step {last_saved} in {checkpointer.directory} (nothing after "
+                "it was saved). Lower config.train.learning_rate (or raise "
+                "config.train.warmup_steps) and rerun the same command: it resumes from that "
+                "checkpoint."
+            )
         means = {k: float(np.mean([v[k] for v in host])) for k in host[0]}
         pending.clear()
         return means
@@ -438,6 +440,11 @@ def train_and_evaluate(
         check_pending()
         checkpointer.save(step, state, _json_safe(train_iter.get_state()), meta, metrics)
         last_saved = step
+
+    if restored is None:
+        # A fresh run starts with a checkpoint of its initial state, so even a run that
+        # diverges at its first steps leaves a usable checkpoint to resume from.
+        save(0)
 
     from tqdm.auto import tqdm
 
