@@ -77,9 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Input side in pixels (images are resized to image_size x image_size RGB).
     image.size = 56
     # Output channels of each conv + ReLU + 2x2 max-pool block.
-    image.channels = (32, 64)
+    image.channels = (16, 32)
     # Width of the dense layer after the conv blocks.
-    image.hidden = 256
+    image.hidden = 128
     # Conv kernel gradient: xla (XLA's convolution) or im2col (matrix multiplies over
     # cache-sized batch chunks; can be faster on CPU for large item blocks).
     image.conv_kernel_grad = "xla"
@@ -99,9 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     # logmel: mel bins.
     audio.mel_bins = 40
     # Output channels of each conv + ReLU + 2x max-pool block.
-    audio.channels = (32, 64)
+    audio.channels = (16, 32)
     # Width of the dense layer after the conv blocks.
-    audio.hidden = 256
+    audio.hidden = 128
 
     # User tower: ID embedding plus attention from the candidate over the history.
     model.user = user = ml_collections.ConfigDict()
@@ -123,10 +123,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Training: optimizer, schedule, evaluation, checkpoints and logging.
     config.train = train = ml_collections.ConfigDict()
-    # Global batch size (split over all devices and processes).
-    train.batch_size = 256
+    # Global batch size (split over all devices and processes). Large batches are cheap here:
+    # every batch's item block already holds most of the catalogue.
+    train.batch_size = 1024
     # Passes over the training split.
-    train.num_epochs = 6
+    train.num_epochs = 5
     # Optimizer steps; 0: num_epochs passes over the training split.
     train.num_steps = 0
     # Peak learning rate of AdamW.
@@ -144,11 +145,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Shard parameters over the data axis (FSDP) instead of replicating them.
     train.fsdp = False
     # Evaluate on validation every this many steps (0: only at the end).
-    train.eval_every = 200
+    train.eval_every = 50
     # Stop after this many evaluations without a better validation AUC (0: never).
     train.early_stopping_patience = 0
     # Save a checkpoint every this many steps.
-    train.checkpoint_every = 200
+    train.checkpoint_every = 50
     # Checkpoints kept besides the best one.
     train.keep_checkpoints = 2
     # A step loss above this stops the run as diverged (a sane model's BCE is below 1).
