@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.towers = "text,image,audio,id,history"
     # Width of every fusion token.
     model.width = 128
-    # Compute dtype: float32 on CPU, bfloat16 on GPU and TPU (parameters stay float32).
+    # Compute dtype: bfloat16 on GPU and TPU; float32 on CPU, where bf16 is slower (BENCHMARKS.md).
     model.dtype = "float32"
     # Parameter dtype (the master copy the optimizer updates).
     model.param_dtype = "float32"

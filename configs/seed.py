@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default config with the original design's shapes."""
     config = default.get_config()
     model = config.model
+    # Compute dtype: bfloat16 on GPU and TPU; float32 on CPU, where bf16 is slower (BENCHMARKS.md).
+    model.dtype = "float32"
     # The blog's fusion width (nn.MultiheadAttention(embed_dim=512)).
     model.width = 512
     # The blog's text encoder.
