@@ -19,7 +19,8 @@ forward pass of `mmrec_jax.predict.make_predict_fn` instead (dropout off, no gra
 FLOPs are the model's matmul and convolution FLOPs counted from its shapes
 (`mmrec_jax.flops`), cross-checked against XLA's cost analysis of the compiled step
 (which also counts elementwise work, the optimizer's included). The peak is the best
-float32 `jnp.dot` rate measured in the same run, before and after the timed steps.
+float32 `jnp.dot` rate measured in the same run, before and after the timed steps (and,
+for a bfloat16 model, the bfloat16 rate too).
 
 The step must compile exactly once: the benchmark counts XLA compilations of it and
 exits with an error after printing its results if there was a second. Prints one JSON
@@ -158,6 +159,10 @@ def main(argv=None) -> None:
     compiles = counter.count(name)
     cache_size = jitted._cache_size() if hasattr(jitted, "_cache_size") else None
     peak_after = None if args.no_peak else common.matmul_peak()
+    compute_dtype = jax.numpy.dtype(config.model.dtype)
+    peak_compute = None
+    if not args.no_peak and compute_dtype != jax.numpy.float32:
+        peak_compute = common.matmul_peak(compute_dtype)
 
     lowered = jitted.lower(state["params"], batch) if args.inference else jitted.lower(state, batch)
     cost = lowered.compile().cost_analysis()
@@ -212,6 +217,10 @@ def main(argv=None) -> None:
         "peak_shape": (peak_after or peak_before or {}).get("shape"),
         "peak_before_after": peaks,
         "fraction_of_peak": round(gflops_per_s / peak, 3) if peak else None,
+        "peak_compute_dtype": peak_compute,
+        "fraction_of_compute_dtype_peak": (
+            round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
+        ),
         "tuned_malloc": tuned_malloc,
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
         **common.machine(),
