@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Tokens per item text; longer texts are truncated.
     data.max_text_len = 32
     # History items per interaction (most recent first); shorter histories are masked.
-    data.history_len = 10
+    data.history_len = 20
     # Negatives sampled per positive for positives-only data (0: use the labels as they are).
     data.negatives_per_positive = 0
     # Grain worker processes (0: decode in the training process).
