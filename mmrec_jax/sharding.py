@@ -129,6 +129,20 @@ def create_sharded(
     return state, shardings
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Places host values that every process holds in full onto global shardings.
+
+    Unlike `jax.device_put`, each process only builds its own shards (through
+    `jax.make_array_from_callback`), which is what multi-process runs need.
+    """
+
+    def put(value: Any, sharding: NamedSharding) -> jax.Array:
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def batch_shardings(mesh: Mesh, batch: Mapping) -> Any:
     """The sharding of every array of a batch: leading axis over `data`."""
     return jax.tree.map(lambda _: data_sharding(mesh), batch)

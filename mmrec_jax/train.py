@@ -144,11 +144,11 @@ def _insert_pretrained_text(params: dict, config: ml_collections.ConfigDict) -> 
 
     _, bert_params, _ = load_pretrained(config.model.text.model)
     current = params["text"]["bert"]
-    pretrained = jax.tree.map(lambda old, new: jnp.asarray(new, old.dtype), current, bert_params)
+    pretrained = jax.tree.map(lambda old, new: np.asarray(new, old.dtype), current, bert_params)
     shardings = jax.tree.map(lambda x: x.sharding, current)
     params = dict(params)
     params["text"] = dict(params["text"])
-    params["text"]["bert"] = jax.device_put(pretrained, shardings)
+    params["text"]["bert"] = sharding.put_global(pretrained, shardings)
     return params
 
 
@@ -244,18 +244,18 @@ def build_train_state(
         "step": replicated,
         "rng": replicated,
     }
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(dropout_rng),
+    counters = {
+        "step": np.zeros((), np.int32),
+        "rng": np.asarray(jax.random.key_data(dropout_rng)),
     }
     if abstract:
+        state = {"params": params, "opt_state": opt_state, **counters}
         state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
     else:
-        state = jax.device_put(state, shardings)
+        counters = sharding.put_global(counters, {"step": replicated, "rng": replicated})
+        state = {"params": params, "opt_state": opt_state, **counters}
     return TrainSetup(state, shardings, optimizer, schedule)
 
 
