@@ -61,19 +61,23 @@ def _bert(counter: _Counter, text: ml_collections.ConfigDict, bert: BertConfig, 
     h, i = bert.hidden_size, bert.intermediate_size
     layers = bert.num_hidden_layers
     first_trained = layers - text.top_n if text.mode == "finetune_top_n" else 0
+    # CLS and pooler pooling compute the last layer for the first token only.
+    first_only = text.pooling in ("cls", "pooler")
     for layer in range(layers):
         trained = layer >= first_trained
         # The first layer's input is the embeddings (trained only in `finetune`).
         below = layer > first_trained or (layer == 0 and text.mode == "finetune")
         tokens = n * length
+        queries = 1 if first_only and layer == layers - 1 else length
         dense = dict(weight_grad=trained, input_grad=trained and below)
-        counter.add("text", 3 * 2 * tokens * h * h, **dense)  # query, key, value
+        counter.add("text", 2 * n * queries * h * h, **dense)  # query
+        counter.add("text", 2 * 2 * tokens * h * h, **dense)  # key, value
         # Scores and the weighted sum: both operands depend on the layer's weights.
         attention = dict(weight_grad=trained, input_grad=trained)
-        counter.add("text", 2 * 2 * n * length * length * h, **attention)
+        counter.add("text", 2 * 2 * n * queries * length * h, **attention)
         inner = dict(weight_grad=trained, input_grad=trained)
-        counter.add("text", 2 * tokens * h * h, **inner)  # attention output
-        counter.add("text", 2 * 2 * tokens * h * i, **inner)  # feed-forward in and out
+        counter.add("text", 2 * n * queries * h * h, **inner)  # attention output
+        counter.add("text", 2 * 2 * n * queries * h * i, **inner)  # feed-forward in and out
     if text.pooling == "pooler":
         counter.add("text", 2 * n * h * h, input_grad=first_trained < layers)
 

@@ -1,8 +1,11 @@
 """The model's fast paths against the plain implementations they replace."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -123,3 +126,53 @@ def test_gelu_matches_jax_exact_gelu_and_torch():
     grad = jax.vmap(jax.grad(bert.gelu))(jnp.asarray(x))
     want_grad = jax.vmap(jax.grad(lambda x: jax.nn.gelu(x, approximate=False)))(x)
     np.testing.assert_allclose(grad, want_grad, rtol=0, atol=2e-6)
+
+
+# --- BERT's first-token-only last layer ------------------------------------------------
+
+_TINY_BERT = bert.BertConfig(
+    vocab_size=50,
+    hidden_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=40,
+    max_position_embeddings=16,
+)
+
+
+@pytest.mark.parametrize("top_n", [None, 1])
+def test_first_token_only_matches_the_full_bert_and_its_gradients(top_n):
+    ids = jax.random.randint(jax.random.key(0), (3, 9), 1, 50)
+    mask = jnp.array([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7])
+    full = bert.Bert(_TINY_BERT, trainable_top_n=top_n)
+    fast = bert.Bert(_TINY_BERT, trainable_top_n=top_n, first_token_only=True)
+    params = full.init(jax.random.key(1), ids, mask)
+    hidden, pooled = full.apply(params, ids, mask)
+    first, fast_pooled = fast.apply(params, ids, mask)
+    assert first.shape == (3, 1, 24)
+    np.testing.assert_allclose(first[:, 0], hidden[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast_pooled, pooled, rtol=1e-5, atol=1e-6)
+
+    def loss(module, params):
+        hidden, pooled = module.apply(params, ids, mask)
+        return jnp.sum(jnp.sin(hidden[:, 0])) + jnp.sum(pooled**2)
+
+    for got, want in zip(
+        jax.tree.leaves(jax.grad(functools.partial(loss, fast))(params)),
+        jax.tree.leaves(jax.grad(functools.partial(loss, full))(params)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling,first_only", [("cls", True), ("pooler", True), ("mean", False)])
+def test_text_tower_runs_the_first_token_only_for_cls_and_pooler(pooling, first_only):
+    from mmrec_jax.models.text import TextTower
+
+    config = ml_collections.ConfigDict(dict(mode="finetune", top_n=0, pooling=pooling))
+    tower = TextTower(config, 8, _TINY_BERT)
+    items = {"text_ids": jnp.ones((2, 5), jnp.int32), "text_mask": jnp.ones((2, 5))}
+    params = tower.init(jax.random.key(0), items)
+    jaxpr = str(jax.make_jaxpr(lambda p: tower.apply(p, items))(params))
+    # The last layer's feed-forward activation is (U, 1, I) exactly when only CLS is read.
+    assert ("f32[2,1,40]" in jaxpr) == first_only

@@ -4,6 +4,8 @@ An independent count: walk the jaxpr of the model's forward pass and of its trai
 gradient, and add up every `dot_general` and convolution from its operand shapes.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,15 +84,22 @@ def _batch(config, text_mode):
 
 
 @pytest.mark.parametrize(
-    "text_mode,frontend,top_n",
-    [("frozen", "logmel", 0), ("finetune", "raw", 0), ("finetune_top_n", "raw", 2)],
+    "text_mode,frontend,top_n,pooling",
+    [
+        ("frozen", "logmel", 0, "pooler"),
+        ("finetune", "raw", 0, "pooler"),
+        ("finetune_top_n", "raw", 2, "cls"),
+        ("finetune", "raw", 0, "mean"),
+    ],
 )
-def test_count_matches_traced_multiplies(text_mode, frontend, top_n):
+def test_count_matches_traced_multiplies(text_mode, frontend, top_n, pooling):
     config = tiny_config(text_mode=text_mode)
-    config.text.pooling = "pooler"  # every traced multiply is then used
+    config.text.pooling = pooling
     config.text.top_n = top_n
     config.audio.frontend = frontend
-    model = Recommender(config, None if text_mode == "frozen" else BERT)
+    # A BERT without a pooler unless it is used, so that every traced multiply is used.
+    bert = dataclasses.replace(BERT, has_pooler=pooling == "pooler")
+    model = Recommender(config, None if text_mode == "frozen" else bert)
     batch = _batch(config, text_mode)
     params = jax.eval_shape(model.init, init_key(), batch)["params"]
 
@@ -101,7 +110,7 @@ def test_count_matches_traced_multiplies(text_mode, frontend, top_n):
         return jnp.sum(forward(params))
 
     shape = flops_lib.BatchShape(rows=B, items=U, text_len=L, history_len=H, text_dim=DT)
-    counted = flops_lib.count_flops(config, shape, BERT)
+    counted = flops_lib.count_flops(config, shape, bert)
     traced_forward = _jaxpr_flops(jax.make_jaxpr(forward)(params).jaxpr)
     traced_train = _jaxpr_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     assert counted["forward"]["total"] == pytest.approx(traced_forward, rel=1e-9)

@@ -182,37 +182,43 @@ def _dense(config: BertConfig, features: int, dtype, param_dtype, name: str) -> 
 
 
 class BertSelfAttention(nn.Module):
-    """Multi-head self-attention over the unmasked keys: query/key/value projections."""
+    """Multi-head self-attention over the unmasked keys: query/key/value projections.
+
+    With `num_queries` Q, only the first Q positions attend (their outputs are the
+    only ones returned); every position still serves as a key and a value.
+    """
 
     config: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x, mask, deterministic: bool, num_queries: int | None = None):
         cfg = self.config
         batch, length, hidden = x.shape
         heads = cfg.num_attention_heads
         head_dim = hidden // heads
+        queries = length if num_queries is None else num_queries
 
-        def project(name):  # (B, L, N, Dh)
-            y = _dense(cfg, hidden, self.dtype, self.param_dtype, name)(x)
-            return y.reshape(batch, length, heads, head_dim)
+        def project(name, inputs):  # (B, L or Q, N, Dh)
+            y = _dense(cfg, hidden, self.dtype, self.param_dtype, name)(inputs)
+            return y.reshape(batch, inputs.shape[1], heads, head_dim)
 
-        q, k, v = project("query"), project("key"), project("value")
+        q = project("query", x[:, :queries])
+        k, v = project("key", x), project("value", x)
         mask = mask[:, None, None, :]  # (B, 1, 1, L): which keys each query may see
         rate = cfg.attention_probs_dropout_prob
         if deterministic or rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, L, N, Dh)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, Q, N, Dh)
         else:
             # dot_product_attention has no dropout on the attention probabilities, so
             # training with attention dropout spells the same math out.
             logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(head_dim)
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-            probs = Dropout(rate)(probs, deterministic=False)  # (B, N, L, L)
+            probs = Dropout(rate)(probs, deterministic=False)  # (B, N, Q, L)
             out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
-        return out.reshape(batch, length, hidden)  # (B, L, H)
+        return out.reshape(batch, queries, hidden)  # (B, Q, H)
 
 
 class BertDenseLayerNorm(nn.Module):
@@ -241,10 +247,11 @@ class BertAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x, mask, deterministic: bool, num_queries: int | None = None):
         kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        y = BertSelfAttention(**kw, name="self")(x, mask, deterministic)
-        return BertDenseLayerNorm(**kw, name="output")(y, x, deterministic)
+        y = BertSelfAttention(**kw, name="self")(x, mask, deterministic, num_queries)
+        residual = x if num_queries is None else x[:, :num_queries]
+        return BertDenseLayerNorm(**kw, name="output")(y, residual, deterministic)
 
 
 class BertIntermediate(nn.Module):
@@ -262,16 +269,19 @@ class BertIntermediate(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One encoder layer: attention, then the feed-forward block."""
+    """One encoder layer: attention, then the feed-forward block.
+
+    With `num_queries` Q it computes the outputs of the first Q positions only, (B, Q, H).
+    """
 
     config: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool):
+    def __call__(self, x, mask, deterministic: bool, num_queries: int | None = None):
         kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = BertAttention(**kw, name="attention")(x, mask, deterministic)
+        x = BertAttention(**kw, name="attention")(x, mask, deterministic, num_queries)
         y = BertIntermediate(**kw, name="intermediate")(x)
         return BertDenseLayerNorm(**kw, name="output")(y, x, deterministic)
 
@@ -281,13 +291,15 @@ class BertLayers(nn.Module):
 
     With `trainable_top_n`, the hidden state entering the top N layers goes through
     `jax.lax.stop_gradient`: everything below gets exactly-zero gradients and its
-    backward pass is never computed.
+    backward pass is never computed. With `first_token_only`, the last layer computes
+    the first position's output only (it still attends over every position).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     trainable_top_n: int | None = None
+    first_token_only: bool = False
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
@@ -297,7 +309,8 @@ class BertLayers(nn.Module):
         for i in range(num_layers):
             if i == first_trained:
                 x = jax.lax.stop_gradient(x)
-            x = BertLayer(**kw, name=str(i))(x, mask, deterministic)
+            queries = 1 if self.first_token_only and i == num_layers - 1 else None
+            x = BertLayer(**kw, name=str(i))(x, mask, deterministic, queries)
         if first_trained == num_layers:
             x = jax.lax.stop_gradient(x)
         return x
@@ -310,11 +323,17 @@ class BertEncoder(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     trainable_top_n: int | None = None
+    first_token_only: bool = False
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
         return BertLayers(
-            self.config, self.dtype, self.param_dtype, self.trainable_top_n, name="layer"
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.trainable_top_n,
+            self.first_token_only,
+            name="layer",
         )(x, mask, deterministic)
 
 
@@ -340,12 +359,17 @@ class Bert(nn.Module):
       param_dtype: parameter dtype.
       trainable_top_n: None trains everything; N in [0, num_hidden_layers] stops the
         gradient below the top N encoder layers (the embeddings are then never trained).
+      first_token_only: compute the last layer's output for the first token only, for
+        callers that read nothing else (CLS or pooler pooling): the same first-token
+        vector and pooled output, without the last layer's work for the other tokens
+        (about 1/7 of a 6-layer BERT's FLOPs). last_hidden_state is then (B, 1, H).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     trainable_top_n: int | None = None
+    first_token_only: bool = False
 
     @nn.compact
     def __call__(
@@ -360,8 +384,8 @@ class Bert(nn.Module):
           deterministic: False applies the config's dropout (needs a "dropout" rng).
 
         Returns:
-          last_hidden_state (B, L, H) in `dtype`, and the pooled output (B, H) (None
-          when `config.has_pooler` is False).
+          last_hidden_state (B, L, H) in `dtype` ((B, 1, H) with `first_token_only`),
+          and the pooled output (B, H) (None when `config.has_pooler` is False).
         """
         cfg = self.config
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -385,6 +409,8 @@ class Bert(nn.Module):
         kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
         x = BertEmbeddings(**kw, name="embeddings")(input_ids, token_type_ids, deterministic)
         mask = jnp.asarray(attention_mask).astype(bool)  # (B, L)
-        x = BertEncoder(**kw, trainable_top_n=top_n, name="encoder")(x, mask, deterministic)
+        x = BertEncoder(
+            **kw, trainable_top_n=top_n, first_token_only=self.first_token_only, name="encoder"
+        )(x, mask, deterministic)  # (B, L, H), or (B, 1, H)
         pooled = BertPooler(**kw, name="pooler")(x[:, 0]) if cfg.has_pooler else None
         return x, pooled

@@ -37,7 +37,8 @@ def pool(hidden: jax.Array, mask: jax.Array, pooled: jax.Array | None, pooling: 
     """Pools BERT's output into one vector per text.
 
     Args:
-      hidden: (N, L, H) last hidden state.
+      hidden: (N, L, H) last hidden state ((N, 1, H), the first token's, suffices for
+        "cls" and "pooler").
       mask: (N, L) 1 for real tokens.
       pooled: (N, H) BERT's pooler output, or None if the model has no pooler.
       pooling: "cls" (first token), "mean" (mean over real tokens; 0 for a text with
@@ -163,6 +164,8 @@ class TextTower(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 trainable_top_n=cfg.top_n if cfg.mode == "finetune_top_n" else None,
+                # CLS and pooler pooling read only the first token's last hidden state.
+                first_token_only=cfg.pooling in ("cls", "pooler"),
                 name="bert",
             )
             mask = items["text_mask"]  # (U, L)
