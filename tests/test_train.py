@@ -60,14 +60,22 @@ def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
     assert any("train/examples_per_s" in r for r in records)
 
 
-def test_one_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
+def test_one_and_eight_devices_and_fsdp_give_the_same_losses(data_dir, tmp_path):
     config = tiny_config(data_dir, train__num_steps=20, train__log_every=5)
     train.train_and_evaluate(config, tmp_path / "one", devices=jax.devices()[:1])
     train.train_and_evaluate(config, tmp_path / "eight", devices=jax.devices()[:8])
-    one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
-    assert sorted(one) == sorted(eight) and 20 in one
-    for step in one:
-        assert abs(one[step] - eight[step]) <= 1e-5 * abs(one[step]), (step, one, eight)
+    fsdp = tiny_config(data_dir, train__num_steps=20, train__log_every=5, train__fsdp=True)
+    train.train_and_evaluate(fsdp, tmp_path / "fsdp", devices=jax.devices()[:8])
+    one = _losses(tmp_path / "one")
+    assert 20 in one
+    for name in ("eight", "fsdp"):
+        other = _losses(tmp_path / name)
+        assert sorted(one) == sorted(other)
+        for step in one:
+            assert abs(one[step] - other[step]) <= 1e-5 * abs(one[step]), (name, step)
+    _, _, params, _ = train.restore_params(tmp_path / "fsdp", "latest")
+    specs = {leaf.sharding.spec for leaf in jax.tree.leaves(params)}
+    assert jax.sharding.PartitionSpec() in specs and len(specs) > 1, specs
 
 
 def _train_cmd(workdir, data_dir, *extra):
