@@ -151,6 +151,34 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, 
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_matches_uninterrupted_run(data_dir, reference_run, tmp_path):
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        _train_cmd(stopped, data_dir, *RUN_ARGS),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if any(r.get("step", 0) >= 5 for r in reporting.read_metrics(stopped)):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "SIGTERM received: saved checkpoint step" in output
+    saved = int(output.split("SIGTERM received: saved checkpoint step")[1].split()[0])
+    assert 5 <= saved < 30
+    assert str(saved) in {p.name for p in (stopped / "checkpoints").iterdir()}
+    subprocess.run(_train_cmd(stopped, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
+    full, resumed = _final_params(reference_run), _final_params(stopped)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_absurd_learning_rate_stops_with_nan_message(data_dir, tmp_path):
     config = tiny_config(
         data_dir,
