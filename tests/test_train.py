@@ -78,6 +78,22 @@ def test_one_and_eight_devices_and_fsdp_give_the_same_losses(data_dir, tmp_path)
     assert jax.sharding.PartitionSpec() in specs and len(specs) > 1, specs
 
 
+def test_early_stopping_after_evaluations_without_gain(data_dir, tmp_path, capsys):
+    # A zero learning rate never improves validation AUC, so patience 1 stops at the
+    # second evaluation.
+    config = tiny_config(
+        data_dir,
+        train__learning_rate=0.0,
+        train__num_steps=40,
+        train__eval_every=5,
+        train__early_stopping_patience=1,
+    )
+    train.train_and_evaluate(config, tmp_path)
+    assert "Early stopping at step 10" in capsys.readouterr().out
+    steps = [r["step"] for r in reporting.read_metrics(tmp_path) if "validation/auc" in r]
+    assert steps == [5, 10]
+
+
 def _train_cmd(workdir, data_dir, *extra):
     return [
         sys.executable,
