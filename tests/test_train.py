@@ -152,8 +152,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, 
     )
     deadline = time.time() + 600
     checkpoints = killed / "checkpoints"
+    # Kill once a checkpoint past the initial step-0 one exists: mid-run, with training
+    # state and data position to restore.
     while time.time() < deadline and process.poll() is None:
-        if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+        if any(step > 0 for step in steps):
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
@@ -161,8 +164,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, 
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     records = reporting.read_metrics(killed)
     assert not records or records[-1]["step"] < 30
-    subprocess.run(_train_cmd(killed, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
-    full, resumed = _final_params(reference_run), _final_params(killed)
+    _resume_and_compare(killed, data_dir, reference_run)
+
+
+def _resume_and_compare(workdir, data_dir, reference_run):
+    """Reruns the interrupted run; its final parameters must equal the reference's."""
+    subprocess.run(_train_cmd(workdir, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
+    full, resumed = _final_params(reference_run), _final_params(workdir)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -189,10 +197,7 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(data_dir, reference
     saved = int(output.split("SIGTERM received: saved checkpoint step")[1].split()[0])
     assert 5 <= saved < 30
     assert str(saved) in {p.name for p in (stopped / "checkpoints").iterdir()}
-    subprocess.run(_train_cmd(stopped, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
-    full, resumed = _final_params(reference_run), _final_params(stopped)
-    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _resume_and_compare(stopped, data_dir, reference_run)
 
 
 def test_absurd_learning_rate_stops_with_nan_message(data_dir, tmp_path):
