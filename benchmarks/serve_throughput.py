@@ -21,6 +21,7 @@ pretrained BERT included). Prints one JSON line last.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 
@@ -74,7 +75,8 @@ def main(argv=None) -> None:
     catalogue = common.random_batch(config, 1, args.catalogue, seed=1)["items"]
     catalogue["item_id"] = np.arange(1, args.catalogue + 1, dtype=np.int32)
     encode = jax.jit(
-        lambda params, items: model.apply({"params": params}, items, method="encode_items")
+        lambda params, items: model.apply({"params": params}, items, method="encode_items"),
+        compiler_options=runtime.compiler_options(),
     )
     chunk = min(args.encode_chunk, args.catalogue)
     # Item rows per call; the last call repeats the last item to fill its chunk.
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
         user_rows["history_slot"] = rng.integers(0, encoded_items, history).astype(np.int32)
         user_rows["history_mask"] = np.ones(history, bool)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
     def top_k(params, encoded, users):
         num_users = users["user_id"].shape[0]
         grid = {

@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         name = STEP_NAME
         step_fn = train_lib.make_train_step(model, setup.optimizer)
 
-        def benchmark_train_step(state, batch):  # as in mmrec_jax.train.train_and_evaluate
+        def benchmark_train_step(state, batch):  # jitted as mmrec_jax.train.train_and_evaluate does
             state = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
             new_state, metrics = step_fn(state, batch)
             return dict(new_state, rng=jax.random.key_data(new_state["rng"])), metrics
@@ -130,6 +130,7 @@ def main(argv=None) -> None:
             in_shardings=(setup.shardings, sharding.batch_shardings(mesh, local)),
             out_shardings=(setup.shardings, sharding.replicated(mesh)),
             donate_argnums=0,
+            compiler_options=runtime.compiler_options(),
         )
 
         def run(batch):
@@ -222,6 +223,7 @@ def main(argv=None) -> None:
             round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
         ),
         "tuned_malloc": tuned_malloc,
+        "compiler_options": runtime.compiler_options(),
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
         **common.machine(),
     }

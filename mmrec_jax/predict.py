@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mmrec_jax import sharding
+from mmrec_jax import runtime, sharding
 
 # Row fields gathered beside the logits, for metrics.
 _ROW_FIELDS = ("label", "weight", "user_index")
@@ -24,7 +24,11 @@ def make_predict_fn(model: Any, mesh: jax.sharding.Mesh, param_shardings: Any) -
         logits = model.apply({"params": params}, batch, train=False)
         return {"logit": logits.astype("float32"), **{k: batch[k] for k in _ROW_FIELDS}}
 
-    return jax.jit(predict, in_shardings=(param_shardings, None))
+    return jax.jit(
+        predict,
+        in_shardings=(param_shardings, None),
+        compiler_options=runtime.compiler_options(),
+    )
 
 
 def predict_batches(

@@ -26,7 +26,7 @@ import optax
 
 from mmrec_jax import checkpoint as checkpoint_lib
 from mmrec_jax import metrics as metrics_lib
-from mmrec_jax import optim, predict, reporting, schema, sharding
+from mmrec_jax import optim, predict, reporting, runtime, schema, sharding
 from mmrec_jax.config import config_from_dict, config_to_json
 from mmrec_jax.data import pipeline
 from mmrec_jax.models import recommender
@@ -400,6 +400,7 @@ def train_and_evaluate(
         in_shardings=(state_shardings, sharding.batch_shardings(mesh, first_local)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
+        compiler_options=runtime.compiler_options(),
     )
     predict_fn = predict.make_predict_fn(model, mesh, param_shardings)
     writer = reporting.MetricsWriter(workdir, enabled=is_chief)

@@ -176,3 +176,26 @@ def test_text_tower_runs_the_first_token_only_for_cls_and_pooler(pooling, first_
     jaxpr = str(jax.make_jaxpr(lambda p: tower.apply(p, items))(params))
     # The last layer's feed-forward activation is (U, 1, I) exactly when only CLS is read.
     assert ("f32[2,1,40]" in jaxpr) == first_only
+
+
+# --- XLA options on CPU ----------------------------------------------------------------
+
+
+def test_cpu_compiler_options_give_the_same_convolutions_and_gradients():
+    from mmrec_jax import runtime
+    from mmrec_jax.models.layers import Conv
+
+    options = runtime.compiler_options()
+    assert options == runtime.CPU_COMPILER_OPTIONS  # the test backend is XLA's CPU
+    x = jax.random.normal(jax.random.key(0), (4, 10, 10, 3))
+    conv = Conv(8, (3, 3))
+    params = conv.init(jax.random.key(1), x)
+
+    def loss(params, x):
+        return jnp.sum(jnp.tanh(conv.apply(params, x)) * jnp.arange(8.0))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    want = jax.jit(grad)(params, x)
+    got = jax.jit(grad, compiler_options=options)(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
