@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     catalogue["item_id"] = np.arange(1, args.catalogue + 1, dtype=np.int32)
     encode = jax.jit(
         lambda params, items: model.apply({"params": params}, items, method="encode_items"),
-        compiler_options=runtime.compiler_options(),
+        compiler_options=runtime.compiler_options(config.model.dtype),
     )
     chunk = min(args.encode_chunk, args.catalogue)
     # Item rows per call; the last call repeats the last item to fill its chunk.
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
         user_rows["history_slot"] = rng.integers(0, encoded_items, history).astype(np.int32)
         user_rows["history_mask"] = np.ones(history, bool)
 
-    @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
+    @functools.partial(jax.jit, compiler_options=runtime.compiler_options(config.model.dtype))
     def top_k(params, encoded, users):
         num_users = users["user_id"].shape[0]
         grid = {

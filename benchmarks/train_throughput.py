@@ -130,7 +130,7 @@ def main(argv=None) -> None:
             in_shardings=(setup.shardings, sharding.batch_shardings(mesh, local)),
             out_shardings=(setup.shardings, sharding.replicated(mesh)),
             donate_argnums=0,
-            compiler_options=runtime.compiler_options(),
+            compiler_options=runtime.compiler_options(config.model.dtype),
         )
 
         def run(batch):
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
             round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
         ),
         "tuned_malloc": tuned_malloc,
-        "compiler_options": runtime.compiler_options(),
+        "compiler_options": runtime.compiler_options(config.model.dtype),
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
         **common.machine(),
     }

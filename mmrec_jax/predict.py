@@ -27,7 +27,7 @@ def make_predict_fn(model: Any, mesh: jax.sharding.Mesh, param_shardings: Any) -
     return jax.jit(
         predict,
         in_shardings=(param_shardings, None),
-        compiler_options=runtime.compiler_options(),
+        compiler_options=runtime.compiler_options(model.config.dtype),
     )
 
 

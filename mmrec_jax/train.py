@@ -400,7 +400,7 @@ def train_and_evaluate(
         in_shardings=(state_shardings, sharding.batch_shardings(mesh, first_local)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
-        compiler_options=runtime.compiler_options(),
+        compiler_options=runtime.compiler_options(config.model.dtype),
     )
     predict_fn = predict.make_predict_fn(model, mesh, param_shardings)
     writer = reporting.MetricsWriter(workdir, enabled=is_chief)

@@ -185,8 +185,9 @@ def test_cpu_compiler_options_give_the_same_convolutions_and_gradients():
     from mmrec_jax import runtime
     from mmrec_jax.models.layers import Conv
 
-    options = runtime.compiler_options()
+    options = runtime.compiler_options("float32")
     assert options == runtime.CPU_COMPILER_OPTIONS  # the test backend is XLA's CPU
+    assert runtime.compiler_options("bfloat16") is None
     x = jax.random.normal(jax.random.key(0), (4, 10, 10, 3))
     conv = Conv(8, (3, 3))
     params = conv.init(jax.random.key(1), x)
