@@ -6,15 +6,13 @@ repository root; this folder is on `sys.path` as the scripts' own folder).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import os
 import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,24 +20,12 @@ import ml_collections
 import numpy as np
 
 from mmrec_jax import schema
-from mmrec_jax.config import load_config, split_overrides
 
 # ID-vocabulary sizes used when the config leaves them to the dataset (0).
 DEFAULT_VOCAB = 1000
 
 # Matrix-multiply shapes (M, K, N) timed for the float32 peak: square ones and BERT's.
 PEAK_SHAPES = ((2048, 2048, 2048), (1024, 384, 1536), (1024, 1536, 384), (4096, 1024, 1024))
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
-    """Parses `--config FILE` and `--config.KEY=VALUE` overrides beside the other flags.
-
-    Returns:
-      (args, config): the parsed flags and the config with its overrides applied.
-    """
-    others, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
-    args = parser.parse_args(others)
-    return args, load_config(args.config, overrides)
 
 
 def fill_vocab(config: ml_collections.ConfigDict) -> None:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmrec_jax import metrics, predict, runtime, schema, sharding
+from mmrec_jax import cli, metrics, predict, runtime, schema, sharding
 from mmrec_jax import train as train_lib
 from mmrec_jax.models import recommender
 
@@ -54,7 +54,7 @@ def _timed(fn, steps: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    args, config = common.parse_args(_parser(), argv)
+    args, config = cli.parse_config_args(_parser(), argv)
     runtime.tune_host_allocator()
     common.fill_vocab(config)
     config.model.num_items = max(config.model.num_items, args.catalogue)

@@ -39,8 +39,8 @@ import time
 import common
 import jax
 
+from mmrec_jax import cli, predict, runtime, schema, sharding
 from mmrec_jax import flops as flops_lib
-from mmrec_jax import predict, runtime, schema, sharding
 from mmrec_jax import train as train_lib
 from mmrec_jax.models import recommender
 
@@ -97,7 +97,7 @@ def _batches(args, config, mesh):
 
 
 def main(argv=None) -> None:
-    args, config = common.parse_args(_parser(), argv)
+    args, config = cli.parse_config_args(_parser(), argv)
     tuned_malloc = False if args.default_malloc else runtime.tune_host_allocator()
     counter = common.CompileCounter()
     mesh = sharding.make_mesh()
@@ -168,7 +168,9 @@ def main(argv=None) -> None:
     lowered = jitted.lower(state["params"], batch) if args.inference else jitted.lower(state, batch)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    # XLA counts one device's program: times the devices (replicated work, such as the
+    # optimizer update under replicated parameters, is then counted once per device).
+    xla_flops = float(cost.get("flops", 0.0)) * mesh.size if cost else 0.0
     dims = common.batch_dims(config, rows, items)
     shape = flops_lib.BatchShape(
         rows=rows,

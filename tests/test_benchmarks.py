@@ -1,0 +1,45 @@
+"""The throughput benchmarks run end to end on the tiny config and report sane numbers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_device_env() -> dict:
+    """The environment without the suite's 8 virtual devices: one CPU device, as measured."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "device_count" not in f)
+    return env
+
+
+def _run(script: str, *args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--config", "configs/tiny.py", *args],
+        cwd=ROOT,
+        env=_one_device_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts():
+    out = _run("train_throughput.py", "--steps", "2", "--warmup", "0", "--no_peak")
+    assert out["compiles"] == 1 and out["jit_cache_size"] == 1
+    assert out["samples_per_s"] > 0 and out["step_ms_median"] > 0
+    # XLA also counts elementwise work, so its count is a little above the matmuls'.
+    assert 0.5 < out["counted_over_xla"] <= 1.0
+    assert out["devices"] == "1 x cpu"
+
+
+def test_serve_throughput_reports_pairs_and_users():
+    out = _run("serve_throughput.py", "--steps", "1", "--catalogue", "40", "--k", "5")
+    assert out["pairs_per_s"] > 0 and out["topk_users_per_s"] > 0
+    assert out["catalogue"] == 40
