@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmrec_jax import metrics as metrics_lib
-from mmrec_jax import predict, schema, sharding
+from mmrec_jax import predict, reporting, schema, sharding
 
 # Content modalities `--ablate` marks absent in turn (those the model's towers have).
 ABLATABLE = ("text", "image", "audio")
@@ -537,14 +536,6 @@ def evaluate_params(
     return results
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
 def format_results(results: Mapping[str, Mapping]) -> str:
     """The metrics of each split as a text table, each split beside its oracle."""
 
@@ -562,36 +553,25 @@ def format_results(results: Mapping[str, Mapping]) -> str:
     for name in names:
         row = [name]
         for entry in results.values():
-            row.append(_cell(values(entry).get(name)))
+            row.append(reporting.format_cell(values(entry).get(name)))
             if entry.get("oracle"):
-                row.append(_cell(entry["oracle"].get(name)))
+                row.append(reporting.format_cell(entry["oracle"].get(name)))
         table.append(row)
     users = ["ranked users"]
     for entry in results.values():
-        users += [_cell(entry.get("ranked_users"))] + ([""] if entry.get("oracle") else [])
+        users.append(reporting.format_cell(entry.get("ranked_users")))
+        users += [""] if entry.get("oracle") else []
     table.append(users)
-    lines = _aligned(table)
+    lines = reporting.align_table(table)
     for split, entry in results.items():
         if entry.get("ablation"):
             rows = [["without", "auc", "auc drop", "logloss"]]
             for modality, values in entry["ablation"].items():
-                rows.append([modality] + [_cell(values[n]) for n in ("auc", "auc_drop", "logloss")])
+                cells = [values[n] for n in ("auc", "auc_drop", "logloss")]
+                rows.append([modality] + [reporting.format_cell(v) for v in cells])
             lines += ["", f"Modality ablation on {split} (AUC {entry['click']['auc']:.4f}):"]
-            lines += _aligned(rows)
+            lines += reporting.align_table(rows)
     return "\n".join(lines)
-
-
-def _aligned(table: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in table
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return lines
 
 
 def evaluate_run(

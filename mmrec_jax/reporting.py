@@ -57,7 +57,8 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _format(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: 4 decimals for floats, "-" for a missing value."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -86,16 +87,25 @@ def summary_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
         oracle = entry.get("oracle") or {}
         rows.append(
             [split]
-            + [_format(model.get(n)) for n in metric_names]
-            + [_format(oracle.get(n)) for n in oracle_names]
+            + [format_cell(model.get(n)) for n in metric_names]
+            + [format_cell(oracle.get(n)) for n in oracle_names]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(align_table(rows))
+
+
+def align_table(table: list[list[str]]) -> list[str]:
+    """Lines of a text table: first column left-aligned, the others right-aligned, and a
+    rule under the header row."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = [
-        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
-        for row in rows
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in table
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def plot_curves(workdir: str | Path) -> list[Path]:
