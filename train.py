@@ -24,4 +24,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from mmrec_jax import runtime
+
+    runtime.restart_with_huge_pages()
     main()

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from transformers import BertModel
 
+from mmrec_jax import runtime
+
 WIDTH = 512
 IMAGE_SIZE = 56
 AUDIO_SAMPLES = 56
@@ -107,13 +109,12 @@ def main() -> None:
     parser.add_argument(
         "--tune_malloc",
         action="store_true",
-        help="the allocator setting of mmrec_jax.runtime.tune_host_allocator, as JAX gets it",
+        help="the allocator settings JAX gets (mmrec_jax.runtime: huge pages, tune_host_allocator)",
     )
     args = parser.parse_args()
     if args.tune_malloc:
-        from mmrec_jax.runtime import tune_host_allocator
-
-        tune_host_allocator()
+        runtime.restart_with_huge_pages()
+        runtime.tune_host_allocator()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -166,6 +167,7 @@ def main() -> None:
                 "steps": args.steps,
                 "threads": torch.get_num_threads(),
                 "tuned_malloc": args.tune_malloc,
+                "huge_pages": runtime.huge_pages_enabled(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "step_ms_median": round(median * 1e3, 1),

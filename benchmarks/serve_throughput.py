@@ -143,4 +143,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    runtime.restart_with_huge_pages()
     main()

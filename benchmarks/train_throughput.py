@@ -225,6 +225,7 @@ def main(argv=None) -> None:
             round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
         ),
         "tuned_malloc": tuned_malloc,
+        "huge_pages": runtime.huge_pages_enabled(),
         "compiler_options": runtime.compiler_options(config.model.dtype),
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
         **common.machine(),
@@ -235,4 +236,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    if "--default_malloc" not in sys.argv:
+        runtime.restart_with_huge_pages()
     main()

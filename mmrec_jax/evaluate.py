@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmrec_jax import metrics as metrics_lib
-from mmrec_jax import predict, reporting, schema, sharding
+from mmrec_jax import predict, reporting, runtime, schema, sharding
 
 # Content modalities `--ablate` marks absent in turn (those the model's towers have).
 ABLATABLE = ("text", "image", "audio")
@@ -699,4 +699,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.restart_with_huge_pages()
+    runtime.tune_host_allocator()
     sys.exit(main())

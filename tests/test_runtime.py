@@ -1,0 +1,91 @@
+"""The host-process settings of mmrec_jax.runtime: the huge-page restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mmrec_jax import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Prints one JSON line per start (so a restart shows as two), restarts, then allocates
+# 64 MiB from malloc's heap and reports how much of the process sits on huge pages.
+SCRIPT = """
+import ctypes, json, os, sys
+from mmrec_jax import runtime
+print(json.dumps({"start": sys.argv[1:], "tunables": os.environ.get("GLIBC_TUNABLES")}),
+      flush=True)
+runtime.restart_with_huge_pages()
+huge_kib = None
+if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: served from the heap, as tune_host_allocator does
+    size = 64 * 2**20
+    pointer = libc.malloc(size)
+    ctypes.memset(pointer, 1, size)
+    with open("/proc/self/smaps_rollup") as f:
+        huge_kib = sum(int(l.split()[1]) for l in f if l.startswith("AnonHugePages"))
+print(json.dumps({"done": sys.argv[1:], "huge_kib": huge_kib}), flush=True)
+"""
+
+
+def _run(tmp_path, env_update: dict[str, str | None]) -> list[dict]:
+    script = tmp_path / "restart.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    for key, value in env_update.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    result = subprocess.run(
+        [sys.executable, str(script), "--flag", "a b"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_restart_runs_the_same_command_once_with_huge_pages(tmp_path):
+    lines = _run(tmp_path, {"GLIBC_TUNABLES": None, runtime.HUGE_PAGES_ENV: None})
+    if not runtime.huge_pages_available():  # another OS or C library: no restart at all
+        assert [line.get("tunables") for line in lines[:1]] == [None]
+        assert len(lines) == 2 and lines[1]["done"] == ["--flag", "a b"]
+        return
+    starts = [line for line in lines if "start" in line]
+    assert [s["start"] for s in starts] == [["--flag", "a b"]] * 2
+    assert starts[0]["tunables"] is None
+    assert starts[1]["tunables"] == runtime.HUGE_PAGES_TUNABLE
+    # The restarted process really gets huge pages for its heap (most of the 64 MiB).
+    assert lines[-1]["done"] == ["--flag", "a b"]
+    assert lines[-1]["huge_kib"] >= 32 * 1024
+
+
+def test_restart_keeps_the_users_tunables(tmp_path):
+    own = "glibc.malloc.trim_threshold=1000000"
+    lines = _run(tmp_path, {"GLIBC_TUNABLES": own, runtime.HUGE_PAGES_ENV: None})
+    if not runtime.huge_pages_available():
+        assert len(lines) == 2
+        return
+    assert [line["tunables"] for line in lines if "start" in line] == [
+        own,
+        f"{own}:{runtime.HUGE_PAGES_TUNABLE}",
+    ]
+
+
+def test_restart_can_be_turned_off(tmp_path):
+    lines = _run(tmp_path, {"GLIBC_TUNABLES": None, runtime.HUGE_PAGES_ENV: "0"})
+    assert lines[0] == {"start": ["--flag", "a b"], "tunables": None}
+    assert lines[1]["done"] == ["--flag", "a b"]
+    assert len(lines) == 2
+    if sys.platform.startswith("linux"):  # a 4 KiB-page heap: at most a stray huge page
+        assert lines[1]["huge_kib"] < 32 * 1024
