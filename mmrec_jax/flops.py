@@ -21,6 +21,7 @@ import ml_collections
 
 from mmrec_jax import schema
 from mmrec_jax.models.bert import BertConfig
+from mmrec_jax.models.layers import absorbed_attention_is_cheaper
 from mmrec_jax.models.recommender import token_names
 
 
@@ -104,10 +105,16 @@ def _conv_tower(counter: _Counter, part: str, spatial: list[int], kernel: int, c
 
 
 def _attention(counter: _Counter, part: str, n: int, queries: int, keys: int, width: int,
-               input_grad: bool = True) -> None:  # fmt: skip
-    counter.add(part, 2 * n * queries * width * width, input_grad=input_grad)  # query
-    counter.add(part, 2 * 2 * n * keys * width * width, input_grad=input_grad)  # key, value
-    counter.add(part, 2 * 2 * n * queries * keys * width)  # scores, weighted sum
+               heads: int) -> None:  # fmt: skip
+    """`layers.MultiHeadAttention` over n rows, in the form it picks for these sizes."""
+    counter.add(part, 2 * n * queries * width * width)  # query
+    if absorbed_attention_is_cheaper(queries, keys, width, heads):
+        counter.add(part, 2 * n * queries * width * width)  # queries through the key kernel
+        counter.add(part, 2 * 2 * n * queries * heads * keys * width)  # scores, weighted sum
+        counter.add(part, 2 * n * queries * width * width)  # through the value kernel
+    else:
+        counter.add(part, 2 * 2 * n * keys * width * width)  # key, value
+        counter.add(part, 2 * 2 * n * queries * keys * width)  # scores, weighted sum
     counter.add(part, 2 * n * queries * width * width)  # output
 
 
@@ -162,11 +169,12 @@ def count_flops(
                     audio.hidden, width, u, input_trained=audio.frontend != "raw")  # fmt: skip
     item_tokens, user_tokens = token_names(towers)
     if "history" in towers:
-        _attention(counter, "history", b, 1, shape.history_len, width)
+        heads = model_config.user.num_heads
+        _attention(counter, "history", b, 1, shape.history_len, width, heads)
     fusion = model_config.fusion
     tokens = len(item_tokens) + len(user_tokens)
     for _ in range(fusion.num_layers):
-        _attention(counter, "fusion", b, tokens, tokens, width)
+        _attention(counter, "fusion", b, tokens, tokens, width, fusion.num_heads)
         counter.add("fusion", 2 * 2 * b * tokens * width * fusion.mlp_dim)
     counter.add("fusion", 2 * b * width * fusion.mlp_dim)  # head hidden
     counter.add("fusion", 2 * b * fusion.mlp_dim)  # head output

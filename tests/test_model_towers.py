@@ -12,7 +12,13 @@ from mmrec_jax.models import audio as audio_lib
 from mmrec_jax.models import layers
 from mmrec_jax.models.fusion import Fusion, modality_dropout
 from mmrec_jax.models.image import ImageTower
-from mmrec_jax.models.layers import Conv, MultiHeadAttention, masked_mean, max_pool
+from mmrec_jax.models.layers import (
+    Conv,
+    MultiHeadAttention,
+    absorbed_attention_is_cheaper,
+    masked_mean,
+    max_pool,
+)
 from mmrec_jax.models.user import HistoryAttention, IdEmbedding
 
 # Parameter init key; XLA's RngBitGenerator is much cheaper to compile than threefry.
@@ -84,26 +90,81 @@ def test_masked_mean_ignores_masked_entries_even_nan():
     np.testing.assert_array_equal(out, [[2.0], [0.0]])
 
 
-def test_attention_matches_numpy_reference():
-    batch, t, s, width, heads = 2, 3, 5, 8, 2
-    q = np.random.default_rng(0).normal(size=(batch, t, width)).astype(np.float32)
-    kv = np.random.default_rng(1).normal(size=(batch, s, width)).astype(np.float32)
-    mask = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], bool)
+def _attention_reference(p, q, kv, mask, heads, xp):
+    """Textbook multi-head attention: project keys and values, softmax over the keys."""
+    query = xp.einsum("btd,dnh->btnh", q, p["query"]["kernel"]) + p["query"]["bias"]
+    key = xp.einsum("bsd,dnh->bsnh", kv, p["key"]["kernel"]) + p["key"]["bias"]
+    value = xp.einsum("bsd,dnh->bsnh", kv, p["value"]["kernel"]) + p["value"]["bias"]
+    logits = xp.einsum("btnh,bsnh->bnts", query, key) / np.sqrt(q.shape[-1] // heads)
+    logits = xp.where(mask[:, None, None, :], logits, -np.inf)
+    weights = xp.exp(logits - logits.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    attended = xp.einsum("bnts,bsnh->btnh", weights, value)
+    return xp.einsum("btnh,nhd->btd", attended, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+# (T queries, S keys, width, heads, form): one candidate over a history (absorbed), a
+# borderline case either side, and self-attention over a few tokens (standard).
+ATTENTION_SHAPES = [
+    (1, 20, 16, 4, True),
+    (3, 5, 8, 2, True),
+    (3, 5, 8, 4, False),
+    (4, 4, 8, 2, False),
+]
+
+
+@pytest.mark.parametrize("t,s,width,heads,absorbed", ATTENTION_SHAPES)
+def test_attention_matches_numpy_reference(t, s, width, heads, absorbed):
+    assert absorbed_attention_is_cheaper(t, s, width, heads) == absorbed
+    batch = 3
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(batch, t, width)).astype(np.float32)
+    kv = rng.normal(size=(batch, s, width)).astype(np.float32)
+    mask = rng.random((batch, s)) < 0.6
+    mask[:, 0] = True
     layer = MultiHeadAttention(heads)
     params = layer.init(INIT_KEY, q, kv, mask)["params"]
+    # Non-zero biases, so that the absorbed form's handling of them is exercised.
+    params = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), params)
     out = layer.apply({"params": params}, q, kv, mask)
-
-    p = jax.tree.map(np.asarray, params)
-    query = np.einsum("btd,dnh->btnh", q, p["query"]["kernel"]) + p["query"]["bias"]
-    key = np.einsum("bsd,dnh->bsnh", kv, p["key"]["kernel"]) + p["key"]["bias"]
-    value = np.einsum("bsd,dnh->bsnh", kv, p["value"]["kernel"]) + p["value"]["bias"]
-    logits = np.einsum("btnh,bsnh->bnts", query, key) / np.sqrt(width // heads)
-    logits = np.where(mask[:, None, None, :], logits, -np.inf)
-    weights = np.exp(logits - logits.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    attended = np.einsum("bnts,bsnh->btnh", weights, value)
-    expected = np.einsum("btnh,nhd->btd", attended, p["out"]["kernel"]) + p["out"]["bias"]
+    expected = _attention_reference(jax.tree.map(np.asarray, params), q, kv, mask, heads, np)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+    # Gradients with respect to the parameters and both inputs, against autodiff of the
+    # reference written with jax.numpy.
+    def loss(fn):
+        return lambda p, q, kv: jnp.sum(jnp.sin(fn(p, q, kv)))
+
+    grads = jax.grad(loss(lambda p, q, kv: layer.apply({"params": p}, q, kv, mask)), (0, 1, 2))(
+        params, q, kv
+    )
+    reference = jax.grad(
+        loss(lambda p, q, kv: _attention_reference(p, q, kv, mask, heads, jnp)), (0, 1, 2)
+    )(params, q, kv)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_parameters_are_those_of_dense_general_layers():
+    """Checkpoints written with nn.DenseGeneral projections load, and init is unchanged."""
+
+    class DenseGeneralAttention(nn.Module):
+        @nn.compact
+        def __call__(self, q, kv):
+            width, heads = q.shape[-1], 2
+            for name in ("query", "key", "value"):
+                nn.DenseGeneral((heads, width // heads), name=name)(kv)
+            return nn.DenseGeneral(width, axis=(-2, -1), name="out")(
+                q.reshape(*q.shape[:-1], heads, width // heads)
+            )
+
+    q = np.ones((2, 1, 8), np.float32)
+    kv = np.ones((2, 6, 8), np.float32)
+    ours = MultiHeadAttention(2).init(INIT_KEY, q, kv)["params"]
+    theirs = DenseGeneralAttention().init(INIT_KEY, q, kv)["params"]
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # --- image ---------------------------------------------------------------------------
