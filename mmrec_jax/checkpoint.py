@@ -27,6 +27,22 @@ logger = logging.getLogger(__name__)
 BEST_METRIC = "validation_auc"
 
 
+class _SavedWithoutMetricsFilter(logging.Filter):
+    """Drops Orbax's warning for a checkpoint saved without metrics.
+
+    Checkpoints made between evaluations (the step-0 one, those on a signal or at the
+    end) carry no validation metrics by design; `BestN` simply does not rank them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+_ABSL_LOGGER = logging.getLogger("absl")
+if not any(isinstance(f, _SavedWithoutMetricsFilter) for f in _ABSL_LOGGER.filters):
+    _ABSL_LOGGER.addFilter(_SavedWithoutMetricsFilter())
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint could be restored."""
 

@@ -1,5 +1,6 @@
 """Orbax checkpoints: round trip, best/latest retention, damaged and half-written ones."""
 
+import logging
 import shutil
 
 import jax
@@ -33,6 +34,18 @@ def test_round_trip_keeps_values_shardings_and_data_state(tmp_path):
     assert step == 3 and data_state == {"epoch": 1, "index": 7} and meta == {"config": "x"}
     np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
+
+
+def test_saving_without_metrics_does_not_warn(tmp_path, caplog):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=2, async_save=False)
+    with caplog.at_level(logging.DEBUG):
+        checkpointer.save(0, _state(mesh, 0.0), {}, {})
+        checkpointer.save(1, _state(mesh, 1.0), {}, {}, {"validation_auc": 0.5})
+    checkpointer.close()
+    assert checkpointer.all_steps() == [0, 1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings
 
 
 def test_keeps_latest_and_best(tmp_path):
