@@ -684,12 +684,15 @@ def main(argv: list[str] | None = None) -> int:
         "--ablate", action="store_true", help="report the AUC lost without each modality"
     )
     args = parser.parse_args(argv)
+    sharding.maybe_initialize_distributed()
     try:
         results = evaluate_run(args.workdir, args.split, args.checkpoint, args.k, args.ablate)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if not results:
         parser.exit(2, f"{parser.prog}: error: none of the splits has any rows.\n")
+    if jax.process_index() != 0:  # process 0 writes the results and reports them
+        return 0
     step = next(iter(results.values()))["checkpoint_step"]
     print(f"{args.workdir}, checkpoint step {step} ({args.checkpoint}):\n")
     print(format_results(results))

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmrec_jax import evaluate, exported, schema
+from mmrec_jax import evaluate, exported, schema, sharding
 from mmrec_jax.config import config_to_json
 
 _README = """\
@@ -192,7 +192,7 @@ def export_run(
     Raises:
       FileExistsError: `out` exists and `overwrite` is False.
     """
-    from mmrec_jax import sharding, train
+    from mmrec_jax import train
 
     out = Path(out).resolve()
     if out.exists() and not overwrite:
@@ -239,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    sharding.maybe_initialize_distributed()
     try:
         out = export_run(args.workdir, args.out, args.checkpoint, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if jax.process_index() != 0:  # process 0 writes the export and reports it
+        return 0
     manifest = json.loads((out / exported.MANIFEST_FILE).read_text())
     print(
         f"Exported step {manifest['checkpoint_step']} of {args.workdir} to {out}: "

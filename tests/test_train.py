@@ -253,3 +253,71 @@ def test_two_processes_match_one(data_dir, reference_run, tmp_path):
     assert sorted(one) == sorted(two) and 30 in one
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one, two)
+
+
+def _launch_two_processes(module_args: list[str]) -> list[str]:
+    """Runs `python -m <module_args>` as two JAX processes of one device each."""
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", *module_args],
+            env=_env(
+                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(index),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_process_evaluate_and_export_match_one(reference_run, tmp_path):
+    from safetensors.numpy import load_file
+
+    from mmrec_jax import evaluate
+
+    one = evaluate.evaluate_run(reference_run, ["test"], "latest", (5,))["test"]
+    single_export = tmp_path / "one"
+    subprocess.run(
+        [sys.executable, "-m", "mmrec_jax.export", "--workdir", str(reference_run),
+         "--checkpoint", "latest", "--out", str(single_export)],
+        env=_env(), check=True, timeout=600, capture_output=True,
+    )  # fmt: skip
+    (reference_run / "eval" / "test.json").unlink()
+
+    outputs = _launch_two_processes(
+        ["mmrec_jax.evaluate", "--workdir", str(reference_run), "--checkpoint", "latest",
+         "--split", "test", "--k", "5"]
+    )  # fmt: skip
+    two = json.loads((reference_run / "eval" / "test.json").read_text())
+    assert "Wrote" in outputs[0] and "Wrote" not in outputs[1]  # process 0 reports
+    for group in ("click", "ranking"):
+        for name, value in one[group].items():
+            if isinstance(value, float):
+                assert two[group][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+            else:
+                assert two[group][name] == value, name
+
+    double_export = tmp_path / "two"
+    _launch_two_processes(
+        ["mmrec_jax.export", "--workdir", str(reference_run), "--checkpoint", "latest",
+         "--out", str(double_export)]
+    )  # fmt: skip
+    a = load_file(single_export / "params.safetensors")
+    b = load_file(double_export / "params.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    for name in ("item_embeddings.npy", "user_history.npy"):
+        np.testing.assert_allclose(
+            np.load(single_export / name), np.load(double_export / name), rtol=1e-6
+        )
