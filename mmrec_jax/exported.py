@@ -141,41 +141,12 @@ def load_export_config(path: str | Path) -> ml_collections.ConfigDict:
     return config
 
 
-def example_batch(config: ml_collections.ConfigDict, text_dim: int | None = None) -> dict:
-    """A one-row batch of zeros in the schema of `config` (for shapes, not for scores).
-
-    Args:
-      config: a run config (model towers and sizes, data.history_len, data.max_text_len).
-      text_dim: Dt, the cached text embedding width (frozen text mode only).
-    """
-    towers = schema.parse_towers(config.model.towers)
-    dims = {
-        "B": 1,
-        "U": 1,
-        "H": int(config.data.history_len),
-        "L": int(config.data.max_text_len),
-        "Dt": int(text_dim or 1),
-        "S": int(config.model.image.size),
-        "T": int(config.model.audio.clip_samples),
-    }
-
-    def zeros(spec: schema.FieldSpec) -> np.ndarray:
-        shape = tuple(dims[s] if isinstance(s, str) else s for s in spec.shape)
-        return np.zeros(shape, spec.dtype)
-
-    batch = {spec.name: zeros(spec) for spec in schema.row_fields(towers)}
-    batch["items"] = {
-        spec.name: zeros(spec) for spec in schema.item_fields(towers, config.model.text.mode)
-    }
-    return batch
-
-
 def _check_params(model: Any, config: ml_collections.ConfigDict, params: dict, where: Path):
     """Raises `ExportError` naming any parameter missing, unexpected or misshaped."""
     text_dim = None
     if "text" in params and "proj" in params["text"] and "bert" not in params["text"]:
         text_dim = params["text"]["proj"]["kernel"].shape[0]
-    batch = example_batch(config, text_dim)
+    batch = schema.example_batch(config, text_dim)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False)["params"])
     expected = {
         KEY_SEPARATOR.join(path): tuple(leaf.shape)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -267,3 +268,34 @@ def item_capacity(
     per_row = 1 + (history_len if use_history else 0)
     capacity = min(batch_size * per_row, num_items)
     return -(-capacity // multiple) * multiple
+
+
+def example_batch(config: Any, text_dim: int | None = None) -> dict:
+    """A one-row batch of zeros in the schema of `config` (for shapes, not for scores).
+
+    Args:
+      config: a run config (model towers and sizes, data.history_len, data.max_text_len).
+        Parameter shapes follow from it and `text_dim` alone, so this batch initialises
+        (or gives the abstract shapes of) a model without reading any data.
+      text_dim: Dt, the cached text embedding width (frozen text mode only).
+    """
+    towers = parse_towers(config.model.towers)
+    dims = {
+        "B": 1,
+        "U": 1,
+        "H": int(config.data.history_len),
+        "L": int(config.data.max_text_len),
+        "Dt": int(text_dim or 1),
+        "S": int(config.model.image.size),
+        "T": int(config.model.audio.clip_samples),
+    }
+
+    def zeros(spec: FieldSpec) -> np.ndarray:
+        shape = tuple(dims[s] if isinstance(s, str) else s for s in spec.shape)
+        return np.zeros(shape, spec.dtype)
+
+    batch = {spec.name: zeros(spec) for spec in row_fields(towers)}
+    batch["items"] = {
+        spec.name: zeros(spec) for spec in item_fields(towers, config.model.text.mode)
+    }
+    return batch
