@@ -24,8 +24,34 @@ from mmrec_jax import schema
 # ID-vocabulary sizes used when the config leaves them to the dataset (0).
 DEFAULT_VOCAB = 1000
 
-# Matrix-multiply shapes (M, K, N) timed for the float32 peak: square ones and BERT's.
+# Matrix-multiply shapes (M, K, N) timed for the peak on a CPU: square ones and BERT's.
 PEAK_SHAPES = ((2048, 2048, 2048), (1024, 384, 1536), (1024, 1536, 384), (4096, 1024, 1024))
+# On a GPU or TPU: shapes large enough to keep every core busy.
+ACCELERATOR_PEAK_SHAPES = ((8192, 8192, 8192), (16384, 4096, 4096), (4096, 16384, 4096))
+
+# Architectures (`config.json` fields) for checkpoints with random weights, so that a
+# model's shapes can be timed where the model hub cannot be reached: throughput does not
+# depend on the weights.
+RANDOM_BERT_ARCHITECTURES = {
+    "bert-base-uncased": {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    },
+}
+# Its tokenizer: all-MiniLM-L6-v2 (installed as a package) has bert-base-uncased's vocabulary.
+RANDOM_BERT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def fill_vocab(config: ml_collections.ConfigDict) -> None:
@@ -56,6 +82,34 @@ def batch_dims(config: ml_collections.ConfigDict, rows: int, items: int) -> dict
     if "text" in towers and not schema.text_is_trained(config.model.text.mode):
         dims["Dt"] = text_dim(config)
     return dims
+
+
+def random_bert_folder(architecture: dict, folder: str | os.PathLike) -> str:
+    """Writes a BERT checkpoint of `architecture` with random weights into `folder`.
+
+    Args:
+      architecture: `config.json` fields, e.g. `RANDOM_BERT_ARCHITECTURES["bert-base-uncased"]`.
+      folder: where to write config.json, model.safetensors and the tokenizer
+        (`RANDOM_BERT_TOKENIZER`'s; its vocabulary must cover `vocab_size`).
+
+    Returns:
+      The folder, for `config.model.text.model`.
+    """
+    from mmrec_jax.models.bert import Bert, BertConfig
+    from mmrec_jax.models.bert_weights import load_tokenizer, save_pretrained
+
+    bert_config = BertConfig.from_dict(architecture, has_pooler=True)
+    tokenizer = load_tokenizer(RANDOM_BERT_TOKENIZER)
+    if len(tokenizer) > bert_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer of {RANDOM_BERT_TOKENIZER} has {len(tokenizer)} tokens, more than "
+            f"the architecture's vocab_size {bert_config.vocab_size}."
+        )
+    bert = Bert(bert_config)
+    ids = np.zeros((1, 8), np.int32)
+    params = jax.jit(lambda key: bert.init(key, ids, np.ones_like(ids)))(jax.random.key(0))
+    save_pretrained(params["params"], bert_config, folder, tokenizer)
+    return str(folder)
 
 
 def random_batch(config: ml_collections.ConfigDict, rows: int, items: int, seed: int = 0):
@@ -158,14 +212,16 @@ def time_calls(fn: Callable[[], object], steps: int) -> tuple[list[float], list[
 def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:
     """The best float32 (or `dtype`) matrix-multiply rate of this machine, under jit.
 
-    Times `jnp.dot` on `PEAK_SHAPES` and returns the fastest shape's median rate.
+    Times `jnp.dot` on `PEAK_SHAPES` (`ACCELERATOR_PEAK_SHAPES` on a GPU or TPU) and
+    returns the fastest shape's median rate.
 
     Returns:
       {"gflops_per_s": best median GFLOP/s, "shape": its (M, K, N), "dtype": name}.
     """
     best = {"gflops_per_s": 0.0, "shape": None, "dtype": jnp.dtype(dtype).name}
     dot = jax.jit(jnp.dot)
-    for m, k, n in PEAK_SHAPES:
+    shapes = PEAK_SHAPES if jax.default_backend() == "cpu" else ACCELERATOR_PEAK_SHAPES
+    for m, k, n in shapes:
         a = jax.random.normal(jax.random.key(0), (m, k), dtype)
         b = jax.random.normal(jax.random.key(1), (k, n), dtype)
         jax.block_until_ready(dot(a, b))

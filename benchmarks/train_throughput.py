@@ -30,10 +30,13 @@ line last.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import common
@@ -64,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", action="store_true", help="real input pipeline")
     parser.add_argument("--inference", action="store_true", help="forward pass only")
     parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak")
+    parser.add_argument(
+        "--random_text_weights",
+        action="store_true",
+        help="give the text tower a checkpoint of config.model.text.model's architecture "
+        f"with random weights (known: {', '.join(common.RANDOM_BERT_ARCHITECTURES)}), "
+        "written to a temporary folder: runs the seed shapes without the model hub",
+    )
     parser.add_argument(
         "--default_malloc",
         action="store_true",
@@ -100,6 +110,17 @@ def main(argv=None) -> None:
     args, config = cli.parse_config_args(_parser(), argv)
     tuned_malloc = False if args.default_malloc else runtime.tune_host_allocator()
     counter = common.CompileCounter()
+    if args.random_text_weights:
+        name = config.model.text.model
+        if name not in common.RANDOM_BERT_ARCHITECTURES:
+            sys.exit(
+                f"--random_text_weights knows {', '.join(common.RANDOM_BERT_ARCHITECTURES)}, "
+                f"not {name!r}."
+            )
+        folder = tempfile.mkdtemp(prefix="random-bert-")
+        atexit.register(shutil.rmtree, folder, True)
+        common.random_bert_folder(common.RANDOM_BERT_ARCHITECTURES[name], folder)
+        config.model.text.model = folder
     mesh = sharding.make_mesh()
     config, local, iterator, items = _batches(args, config, mesh)
     rows = int(config.train.batch_size)
@@ -191,6 +212,7 @@ def main(argv=None) -> None:
         "config": args.config,
         "overrides": [a for a in (argv if argv is not None else sys.argv[1:]) if "=" in a],
         "text_mode": config.model.text.mode,
+        "text_weights": "random" if args.random_text_weights else "pretrained",
         "towers": config.model.towers,
         "dtype": config.model.dtype,
         "rows": rows,

@@ -43,3 +43,29 @@ def test_serve_throughput_reports_pairs_and_users():
     out = _run("serve_throughput.py", "--steps", "1", "--catalogue", "40", "--k", "5")
     assert out["pairs_per_s"] > 0 and out["topk_users_per_s"] > 0
     assert out["catalogue"] == 40
+
+
+def test_random_bert_folder_is_a_loadable_checkpoint_of_the_architecture(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import transformers
+
+    from mmrec_jax.models.bert_weights import load_pretrained
+
+    architecture = dict(
+        common.RANDOM_BERT_ARCHITECTURES["bert-base-uncased"],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    folder = common.random_bert_folder(architecture, tmp_path / "bert")
+    bert, params, tokenizer = load_pretrained(folder)
+    assert bert.config.vocab_size == 30522 and bert.config.hidden_size == 32
+    assert params["embeddings"]["word_embeddings"]["embedding"].shape == (30522, 32)
+    assert len(tokenizer) == 30522
+    torch_model = transformers.BertModel.from_pretrained(folder)
+    assert torch_model.config.num_hidden_layers == 2
