@@ -227,13 +227,12 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(data_dir, reference_run, tmp_path):
+def _launch_two_processes(command: list[str]) -> list[str]:
+    """Runs `command` as two JAX processes of one device each; returns their outputs."""
     port = _free_port()
-    multi = tmp_path / "multi"
     processes = [
         subprocess.Popen(
-            _train_cmd(multi, data_dir, *RUN_ARGS),
+            command,
             env=_env(
                 XLA_FLAGS="--xla_force_host_platform_device_count=1",
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -249,34 +248,17 @@ def test_two_processes_match_one(data_dir, reference_run, tmp_path):
     outputs = [p.communicate(timeout=900)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(data_dir, reference_run, tmp_path):
+    multi = tmp_path / "multi"
+    _launch_two_processes(_train_cmd(multi, data_dir, *RUN_ARGS))
     one, two = _losses(reference_run), _losses(multi)
     assert sorted(one) == sorted(two) and 30 in one
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one, two)
-
-
-def _launch_two_processes(module_args: list[str]) -> list[str]:
-    """Runs `python -m <module_args>` as two JAX processes of one device each."""
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", *module_args],
-            env=_env(
-                XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(index),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
-    return outputs
 
 
 @pytest.mark.slow
@@ -294,10 +276,9 @@ def test_two_process_evaluate_and_export_match_one(reference_run, tmp_path):
     )  # fmt: skip
     (reference_run / "eval" / "test.json").unlink()
 
-    outputs = _launch_two_processes(
-        ["mmrec_jax.evaluate", "--workdir", str(reference_run), "--checkpoint", "latest",
-         "--split", "test", "--k", "5"]
-    )  # fmt: skip
+    run = ["--workdir", str(reference_run), "--checkpoint", "latest"]
+    evaluate_cmd = [sys.executable, "-m", "mmrec_jax.evaluate", *run, "--split", "test", "--k", "5"]
+    outputs = _launch_two_processes(evaluate_cmd)
     two = json.loads((reference_run / "eval" / "test.json").read_text())
     assert "Wrote" in outputs[0] and "Wrote" not in outputs[1]  # process 0 reports
     for group in ("click", "ranking"):
@@ -309,9 +290,8 @@ def test_two_process_evaluate_and_export_match_one(reference_run, tmp_path):
 
     double_export = tmp_path / "two"
     _launch_two_processes(
-        ["mmrec_jax.export", "--workdir", str(reference_run), "--checkpoint", "latest",
-         "--out", str(double_export)]
-    )  # fmt: skip
+        [sys.executable, "-m", "mmrec_jax.export", *run, "--out", str(double_export)]
+    )
     a = load_file(single_export / "params.safetensors")
     b = load_file(double_export / "params.safetensors")
     assert sorted(a) == sorted(b)
