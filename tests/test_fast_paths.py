@@ -181,6 +181,34 @@ def test_text_tower_runs_the_first_token_only_for_cls_and_pooler(pooling, first_
 # --- XLA options on CPU ----------------------------------------------------------------
 
 
+def test_cpu_compiler_options_keep_donated_in_place_updates_right():
+    """Copy insertion's region analysis must not let an update clobber a value still read."""
+    from mmrec_jax import runtime
+
+    def step(state, rows, grad):
+        table = state["table"]
+        old_rows = table[rows]  # read before the in-place scatter below
+        table = table.at[rows].add(grad)
+        momentum = 0.9 * state["momentum"] + jnp.sum(old_rows, axis=0)
+        return {"table": table * 0.5, "momentum": momentum}, jnp.sum(old_rows * table[rows])
+
+    def run(options):
+        jitted = jax.jit(step, donate_argnums=0, compiler_options=options)
+        state = {"table": jnp.arange(60.0).reshape(20, 3), "momentum": jnp.zeros(3)}
+        outs = []
+        for k in range(4):
+            rows = jnp.array([k, 2 * k + 1, 7])
+            state, out = jitted(state, rows, jnp.full((3, 3), float(k)))
+            outs.append(out)
+        return state, outs
+
+    options = runtime.compiler_options("float32")
+    assert options["xla_cpu_copy_insertion_use_region_analysis"] is True
+    got, want = run(options), run(None)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_cpu_compiler_options_give_the_same_convolutions_and_gradients():
     from mmrec_jax import runtime
     from mmrec_jax.models.layers import Conv
