@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmrec_jax import evaluate, exported, schema, sharding
+from mmrec_jax import evaluate, exported, runtime, schema, sharding
 from mmrec_jax.config import config_to_json
 
 _README = """\
@@ -256,4 +256,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.restart_with_huge_pages()
+    runtime.tune_host_allocator()
     sys.exit(main())

@@ -2,14 +2,19 @@
 
 Huge pages. XLA's CPU buffers are large (a 47 MB gradient of BERT's word-embedding
 table, 51 MB for the seed image tower's dense layer) and every step touches hundreds of
-megabytes of them; with 4 KiB pages the TLB misses and page faults cost as much as a
-fifth of a step. glibc (2.35 and later) backs its heap with transparent huge pages when
-started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, a setting read only when a
-process starts: `restart_with_huge_pages()`, called first thing by the command-line
-entry points (`train.py`, `python -m mmrec_jax.evaluate`, the benchmarks), re-executes
-the process once with it. Measured on the 2-core CPU machine, idle: the MiniLM
-fine-tuning step of configs/seed.py 400 -> 323 ms, the embedded default config's step
-615 -> 417 ms; the PyTorch original unchanged. Set `MMREC_HUGE_PAGES=0` to turn it off.
+megabytes of them. Many are allocated from XLA's worker threads, in glibc's per-thread
+arenas, which unmap a heap whenever it empties whatever the trim threshold: even with
+`tune_host_allocator` the MiniLM fine-tuning step of configs/seed.py took ~102,000
+minor page faults (4 KiB each), and with 4 KiB pages the TLB misses add to that. glibc
+(2.35 and later) backs its heaps with transparent huge pages when started with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, a setting read only when a process starts:
+`restart_with_huge_pages()`, called first thing by the command-line entry points
+(`train.py`, `python -m mmrec_jax.evaluate` and `export`, the benchmarks), re-executes
+the process once with it. Measured on the 2-core CPU machine, idle: no page faults left
+per step, the fine-tuning step 400 -> 323 ms, the embedded default config's step
+615 -> 417 ms; the PyTorch original unchanged. (One arena for every thread,
+`M_ARENA_MAX=1`, also removed the faults but gained only 7%.) Set `MMREC_HUGE_PAGES=0`
+to turn it off.
 
 Allocator. XLA's CPU runtime allocates the buffers of a jitted computation with `malloc`
 and frees them when it ends. glibc serves allocations above its mmap threshold (at most
