@@ -128,17 +128,25 @@ def restart_with_huge_pages() -> None:
     one that runs the same command line (`sys.orig_argv`) with `GLIBC_TUNABLES` extended
     by `HUGE_PAGES_TUNABLE` (see the module doc). Returns without restarting when the
     tunable is already set (the restarted process, or a user's own choice), when
-    `MMREC_HUGE_PAGES=0`, or when `huge_pages_available()` is False.
+    `MMREC_HUGE_PAGES=0`, or when `huge_pages_available()` is False; carries on as
+    started if the re-execution fails.
     """
     if os.environ.get(HUGE_PAGES_ENV, "1") == "0" or huge_pages_enabled():
         return
-    if not huge_pages_available():
+    if not sys.executable or not huge_pages_available():
         return
-    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    before = os.environ.get("GLIBC_TUNABLES")
+    tunables = [t for t in (before or "").split(":") if t]
     os.environ["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_PAGES_TUNABLE])
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, sys.orig_argv)
+    try:
+        os.execv(sys.executable, sys.orig_argv)
+    except OSError:  # could not re-execute: carry on as started
+        if before is None:
+            del os.environ["GLIBC_TUNABLES"]
+        else:
+            os.environ["GLIBC_TUNABLES"] = before
 
 
 # XLA options for the CPU backend (see the module docstring): YNNPACK for dots and

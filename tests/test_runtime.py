@@ -89,3 +89,21 @@ def test_restart_can_be_turned_off(tmp_path):
     assert len(lines) == 2
     if sys.platform.startswith("linux"):  # a 4 KiB-page heap: at most a stray huge page
         assert lines[1]["huge_kib"] < 32 * 1024
+
+
+def test_failed_restart_carries_on_with_the_environment_unchanged(monkeypatch):
+    calls = []
+
+    def failing_execv(path, argv):
+        calls.append((path, list(argv)))
+        raise OSError("exec refused")
+
+    monkeypatch.setattr(os, "execv", failing_execv)
+    monkeypatch.delenv(runtime.HUGE_PAGES_ENV, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
+    runtime.restart_with_huge_pages()
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1000000"
+    assert len(calls) == (1 if runtime.huge_pages_available() else 0)
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    runtime.restart_with_huge_pages()
+    assert "GLIBC_TUNABLES" not in os.environ
