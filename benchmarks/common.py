@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from mmrec_jax import schema
+from mmrec_jax.models.text import cached_text_dim
 
 # ID-vocabulary sizes used when the config leaves them to the dataset (0).
 DEFAULT_VOCAB = 1000
@@ -61,27 +62,9 @@ def fill_vocab(config: ml_collections.ConfigDict) -> None:
             config.model[key] = DEFAULT_VOCAB
 
 
-def text_dim(config: ml_collections.ConfigDict) -> int:
-    """Width of the cached text embeddings of a frozen text tower (BERT's hidden size)."""
-    from mmrec_jax.models.bert import load_bert_config
-
-    return load_bert_config(config.model.text.model).hidden_size
-
-
 def batch_dims(config: ml_collections.ConfigDict, rows: int, items: int) -> dict[str, int]:
     """The schema's symbol sizes for `rows` rows and an item block of `items` items."""
-    towers = schema.parse_towers(config.model.towers)
-    dims = {
-        "B": rows,
-        "U": items,
-        "H": int(config.data.history_len),
-        "L": int(config.data.max_text_len),
-        "S": int(config.model.image.size),
-        "T": int(config.model.audio.clip_samples),
-    }
-    if "text" in towers and not schema.text_is_trained(config.model.text.mode):
-        dims["Dt"] = text_dim(config)
-    return dims
+    return schema.batch_dims(config, rows, items, cached_text_dim(config.model))
 
 
 def random_bert_folder(architecture: dict, folder: str | os.PathLike) -> str:

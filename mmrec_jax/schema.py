@@ -270,6 +270,30 @@ def item_capacity(
     return -(-capacity // multiple) * multiple
 
 
+def batch_dims(config: Any, rows: int, items: int, text_dim: int | None = None) -> dict[str, int]:
+    """The sizes of the schema's symbols for a run config's batches.
+
+    Args:
+      config: a run config (data.history_len, data.max_text_len, model.image.size,
+        model.audio.clip_samples).
+      rows: B, rows per batch.
+      items: U, slots in the item block.
+      text_dim: Dt, the cached text embedding width (frozen text mode only); left out
+        when None.
+    """
+    dims = {
+        "B": int(rows),
+        "U": int(items),
+        "H": int(config.data.history_len),
+        "L": int(config.data.max_text_len),
+        "S": int(config.model.image.size),
+        "T": int(config.model.audio.clip_samples),
+    }
+    if text_dim is not None:
+        dims["Dt"] = int(text_dim)
+    return dims
+
+
 def example_batch(config: Any, text_dim: int | None = None) -> dict:
     """A one-row batch of zeros in the schema of `config` (for shapes, not for scores).
 
@@ -280,15 +304,7 @@ def example_batch(config: Any, text_dim: int | None = None) -> dict:
       text_dim: Dt, the cached text embedding width (frozen text mode only).
     """
     towers = parse_towers(config.model.towers)
-    dims = {
-        "B": 1,
-        "U": 1,
-        "H": int(config.data.history_len),
-        "L": int(config.data.max_text_len),
-        "Dt": int(text_dim or 1),
-        "S": int(config.model.image.size),
-        "T": int(config.model.audio.clip_samples),
-    }
+    dims = batch_dims(config, 1, 1, text_dim or 1)
 
     def zeros(spec: FieldSpec) -> np.ndarray:
         shape = tuple(dims[s] if isinstance(s, str) else s for s in spec.shape)

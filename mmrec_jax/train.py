@@ -30,7 +30,7 @@ from mmrec_jax import optim, predict, reporting, runtime, schema, sharding
 from mmrec_jax.config import config_from_dict, config_to_json
 from mmrec_jax.data import pipeline
 from mmrec_jax.models import recommender
-from mmrec_jax.models.bert import load_bert_config
+from mmrec_jax.models.text import cached_text_dim
 
 # Steps dispatched ahead of the last finished one (keeps host and device busy).
 _MAX_STEPS_AHEAD = 2
@@ -303,12 +303,8 @@ def restore_params(
             raise ValueError(f"No checkpoint at step {step} in {workdir}; it has {steps}.")
     mesh = sharding.make_mesh(devices)
     model = recommender.build_model(config.model)
-    text_dim = None  # the cached embeddings' width, in the frozen text mode
-    if "text" in schema.parse_towers(config.model.towers) and not schema.text_is_trained(
-        config.model.text.mode
-    ):
-        text_dim = load_bert_config(config.model.text.model).hidden_size
-    example = schema.example_batch(config, text_dim)  # shapes only: no data is read
+    # Shapes only: no data is read.
+    example = schema.example_batch(config, cached_text_dim(config.model))
     abstract = build_train_state(config, model, mesh, example, 1, abstract=True).state
     state, _, _ = checkpointer.restore(step, abstract)
     checkpointer.close()

@@ -109,6 +109,22 @@ def frozen_text_param(
     raise ValueError(f"Unknown BERT parameter path {'/'.join(path)}.")
 
 
+def cached_text_dim(model_config: ml_collections.ConfigDict) -> int | None:
+    """Dt, the width of the cached text embeddings a frozen text tower reads.
+
+    BERT's hidden size (read from the text model's `config.json`, no weights), or None
+    when the text tower is off or runs BERT itself.
+    """
+    from mmrec_jax import schema
+    from mmrec_jax.models.bert import load_bert_config
+
+    if "text" not in schema.parse_towers(model_config.towers):
+        return None
+    if schema.text_is_trained(model_config.text.mode):
+        return None
+    return load_bert_config(model_config.text.model).hidden_size
+
+
 class TextTower(nn.Module):
     """Item text -> (U, width) fusion token.
 
