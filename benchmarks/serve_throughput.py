@@ -8,10 +8,10 @@ of `train.batch_size` rows, each with its own item (every item tower runs on eve
 row's item, as when scoring fresh pairs).
 
 Top-K: a random catalogue of `--catalogue` items is encoded once (`encode_items`,
-jitted, `--encode_chunk` items per call); then `--users_per_call` users at a time are
-scored against every item (`score` over the users x items grid, with each user's
-history of `data.history_len` catalogue items) and `mmrec_jax.metrics.top_k_items`
-picks each user's K best, all in one jitted call. Users/s counts those calls only; the
+jitted, `--encode_chunk` items per call); then `--users_per_call` users at a time are scored against
+every item (`mmrec_jax.evaluate.grid_logits`, with each user's history of
+`data.history_len` catalogue items) and `mmrec_jax.metrics.top_k_items` picks each
+user's K best, all in one jitted call. Users/s counts those calls only; the
 encoding rate is reported beside it.
 
 Parameters are initialised as training does (`mmrec_jax.train.build_train_state`, the
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmrec_jax import cli, metrics, predict, runtime, schema, sharding
+from mmrec_jax import cli, evaluate, metrics, predict, runtime, schema, sharding
 from mmrec_jax import train as train_lib
 from mmrec_jax.models import recommender
 
@@ -71,7 +71,8 @@ def main(argv=None) -> None:
     predict_fn = predict.make_predict_fn(model, mesh, setup.shardings["params"])
     pair_s, pair_cpu = _timed(lambda: jax.block_until_ready(predict_fn(params, batch)), args.steps)
 
-    # Catalogue: every item encoded once.
+    # Catalogue: every item encoded once. The jitted encoder is compiled once here;
+    # `evaluate.encode_catalogue` builds (and compiles) its own on every call.
     catalogue = common.random_batch(config, 1, args.catalogue, seed=1)["items"]
     catalogue["item_id"] = np.arange(1, args.catalogue + 1, dtype=np.int32)
     encode = jax.jit(
@@ -105,16 +106,8 @@ def main(argv=None) -> None:
 
     @functools.partial(jax.jit, compiler_options=runtime.compiler_options(config.model.dtype))
     def top_k(params, encoded, users):
-        num_users = users["user_id"].shape[0]
-        grid = {
-            "user_id": jnp.repeat(users["user_id"], encoded_items),  # (Bu * N,)
-            "item_slot": jnp.tile(jnp.arange(encoded_items, dtype=jnp.int32), num_users),
-        }
-        for key in ("history_slot", "history_mask"):
-            if key in users:
-                grid[key] = jnp.repeat(users[key], encoded_items, axis=0)  # (Bu * N, H)
-        logits = model.apply({"params": params}, grid, encoded, method="score")
-        return metrics.top_k_items(logits.reshape(num_users, encoded_items), args.k)
+        logits = evaluate.grid_logits(model, params, encoded, users)  # (Bu, N)
+        return metrics.top_k_items(logits, args.k)
 
     top_s, top_cpu = _timed(
         lambda: jax.block_until_ready(top_k(params, encoded, user_rows)), args.steps

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -203,7 +204,7 @@ def encode_catalogue(
     """
     chunk = _round_up(min(items_per_call, _round_up(num_items, mesh.size)), mesh.size)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=runtime.compiler_options(model.config.dtype))
     def encode(params, items):
         return model.apply({"params": params}, items, method="encode_items")
 
@@ -217,8 +218,12 @@ def encode_catalogue(
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def _grid_logits(model: Any, params: Any, encoded: Mapping, users: Mapping) -> jax.Array:
-    """(Bu, N) logits of Bu users against all N encoded items, one `score` call."""
+def grid_logits(model: Any, params: Any, encoded: Mapping, users: Mapping) -> jax.Array:
+    """(Bu, N) logits of Bu users against all N encoded items, one `score` call.
+
+    `users` holds (Bu,) `user_id` and, with the history tower, (Bu, H) `history_slot`
+    and `history_mask` indexing the encoded items; traceable under `jax.jit`.
+    """
     num_users = users["user_id"].shape[0]
     num_items = encoded["mask"].shape[0]
     rows = {
@@ -280,7 +285,10 @@ def catalogue_scores(
     user_rows = np.asarray(user_rows, np.int64)
     num_items = encoded["mask"].shape[0]
     items = _replicated(mesh, dict(encoded))
-    grid = jax.jit(lambda p, e, u: _grid_logits(model, p, e, u))
+    grid = jax.jit(
+        lambda p, e, u: grid_logits(model, p, e, u),
+        compiler_options=runtime.compiler_options(model.config.dtype),
+    )
     out = []
     for rows, arrays, _ in _user_chunks(
         users, user_rows, num_items, mesh, _uses_history(model), rows_per_call
@@ -342,10 +350,10 @@ def rank_catalogue(
     items = _replicated(mesh, dict(encoded))
 
     def rank(params, encoded, users, exclude):
-        logits = _grid_logits(model, params, encoded, users)  # (Bu, N)
+        logits = grid_logits(model, params, encoded, users)  # (Bu, N)
         return metrics_lib.top_k_items(logits, top, exclude)[1]  # (Bu, K)
 
-    rank = jax.jit(rank)
+    rank = jax.jit(rank, compiler_options=runtime.compiler_options(model.config.dtype))
     data = sharding.data_sharding(mesh)
     per_user: dict[str, list[np.ndarray]] = {}
     for rows, arrays, local in _user_chunks(
@@ -395,7 +403,7 @@ def make_split_fn(model: Any) -> Callable:
             "item_index": batch["items"]["item_index"][batch["item_slot"]],
         }
 
-    return jax.jit(rows)
+    return jax.jit(rows, compiler_options=runtime.compiler_options(model.config.dtype))
 
 
 def mark_absent(batch: Mapping, modalities: Sequence[str]) -> dict:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmrec_jax import exported, schema
+from mmrec_jax import exported, runtime, schema
 from mmrec_jax import metrics as metrics_lib
 
 # Items scored per jit call (the last chunk is padded to this size).
@@ -63,7 +63,10 @@ class ExportedRecommender:
             "embedding": jnp.asarray(self.tables["item_embeddings"]),
         }
         self._index = {self._key(u): i for i, u in enumerate(self.tables["user_ids"].tolist())}
-        self._score = jax.jit(self._score_chunk)
+        self._score = jax.jit(
+            self._score_chunk,
+            compiler_options=runtime.compiler_options(self.model.config.dtype),
+        )
 
     @staticmethod
     def _key(user_id) -> str:
