@@ -7,12 +7,13 @@ Pairs: the jitted forward pass of `mmrec_jax.predict.make_predict_fn` on random 
 of `train.batch_size` rows, each with its own item (every item tower runs on every
 row's item, as when scoring fresh pairs).
 
-Top-K: a random catalogue of `--catalogue` items is encoded once (`encode_items`,
-jitted, `--encode_chunk` items per call); then `--users_per_call` users at a time are scored against
-every item (`mmrec_jax.evaluate.grid_logits`, with each user's history of
-`data.history_len` catalogue items) and `mmrec_jax.metrics.top_k_items` picks each
-user's K best, all in one jitted call. Users/s counts those calls only; the
-encoding rate is reported beside it.
+Top-K: a random catalogue of `--catalogue` items is encoded once
+(`mmrec_jax.evaluate.encode_catalogue`, `--encode_chunk` items per call); then
+`--users_per_call` users at a time are scored against every item
+(`mmrec_jax.evaluate.grid_logits`, with each user's history of `data.history_len`
+catalogue items) and `mmrec_jax.metrics.top_k_items` picks each user's K best, all in
+one jitted call. Users/s counts those calls only; the encoding rate is reported beside
+it.
 
 Parameters are initialised as training does (`mmrec_jax.train.build_train_state`, the
 pretrained BERT included). Prints one JSON line last.
@@ -27,7 +28,6 @@ import statistics
 
 import common
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mmrec_jax import cli, evaluate, metrics, predict, runtime, schema, sharding
@@ -71,27 +71,21 @@ def main(argv=None) -> None:
     predict_fn = predict.make_predict_fn(model, mesh, setup.shardings["params"])
     pair_s, pair_cpu = _timed(lambda: jax.block_until_ready(predict_fn(params, batch)), args.steps)
 
-    # Catalogue: every item encoded once. The jitted encoder is compiled once here;
-    # `evaluate.encode_catalogue` builds (and compiles) its own on every call.
+    # Catalogue: every item encoded once, as evaluation and export do.
     catalogue = common.random_batch(config, 1, args.catalogue, seed=1)["items"]
     catalogue["item_id"] = np.arange(1, args.catalogue + 1, dtype=np.int32)
-    encode = jax.jit(
-        lambda params, items: model.apply({"params": params}, items, method="encode_items"),
-        compiler_options=runtime.compiler_options(config.model.dtype),
-    )
-    chunk = min(args.encode_chunk, args.catalogue)
-    # Item rows per call; the last call repeats the last item to fill its chunk.
-    calls = [
-        np.minimum(np.arange(start, start + chunk), args.catalogue - 1)
-        for start in range(0, args.catalogue, chunk)
-    ]
 
     def encode_all():
-        parts = [encode(params, jax.tree.map(lambda a, i=i: a[i], catalogue)) for i in calls]
-        whole = jax.tree.map(lambda *p: jnp.concatenate(p)[: args.catalogue], *parts)
-        return jax.block_until_ready(whole)
+        return evaluate.encode_catalogue(
+            model,
+            params,
+            lambda rows: {key: value[rows] for key, value in catalogue.items()},
+            args.catalogue,
+            mesh,
+            items_per_call=args.encode_chunk,
+        )
 
-    encoded = encode_all()
+    encoded = jax.device_put(encode_all())
     encode_s, _ = _timed(encode_all, max(1, args.steps // 5))
     encoded_items = args.catalogue
 

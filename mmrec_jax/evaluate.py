@@ -179,6 +179,86 @@ def _replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
     )
 
 
+# ------------------------------------------------------------------ compiled programs
+
+
+class _ByIdentity:
+    """A hashable handle on a model: equal only to a handle on the same object.
+
+    Flax modules hash their fields, and a model's `ConfigDict` is not hashable.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __hash__(self) -> int:
+        return id(self.model)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByIdentity) and other.model is self.model
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The jit-compiled programs of evaluation for one model.
+
+    Attributes:
+      encode: (params, item block) -> `encode_items`' output.
+      grid: (params, encoded, users) -> `grid_logits`.
+      rank: (params, encoded, users, exclude, *, top) -> (Bu, top) item indices, best first.
+      split_rows: `make_split_fn`'s function.
+    """
+
+    encode: Callable
+    grid: Callable
+    rank: Callable
+    split_rows: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(handle: _ByIdentity) -> Programs:
+    model = handle.model
+    jit = functools.partial(jax.jit, compiler_options=runtime.compiler_options(model.config.dtype))
+
+    def encode(params, items):
+        return model.apply({"params": params}, items, method="encode_items")
+
+    def grid(params, encoded, users):
+        return grid_logits(model, params, encoded, users)
+
+    def rank(params, encoded, users, exclude, *, top):
+        logits = grid_logits(model, params, encoded, users)  # (Bu, N)
+        return metrics_lib.top_k_items(logits, top, exclude)[1]  # (Bu, top)
+
+    def split_rows(params, batch):
+        logits = model.apply({"params": params}, batch, train=False)  # (B,)
+        return {
+            "logit": logits.astype(jnp.float32),
+            "label": batch["label"],
+            "weight": batch["weight"],
+            "user_index": batch["user_index"],
+            "item_index": batch["items"]["item_index"][batch["item_slot"]],
+        }
+
+    return Programs(
+        encode=jit(encode),
+        grid=jit(grid),
+        rank=jit(rank, static_argnames="top"),
+        split_rows=jit(split_rows),
+    )
+
+
+def programs_of(model: Any) -> Programs:
+    """The model's evaluation programs, built once per model object and then reused.
+
+    Each is a `jax.jit` function, so calling `encode_catalogue`, `rank_catalogue` or
+    `make_split_fn` again with the same model (another split, another checkpoint's
+    parameters) reuses the compilations of the same shapes instead of compiling anew.
+    The last few models are kept.
+    """
+    return _programs(_ByIdentity(model))
+
+
 def encode_catalogue(
     model: Any,
     params: Any,
@@ -203,11 +283,7 @@ def encode_catalogue(
       every process, in item-table order.
     """
     chunk = _round_up(min(items_per_call, _round_up(num_items, mesh.size)), mesh.size)
-
-    @functools.partial(jax.jit, compiler_options=runtime.compiler_options(model.config.dtype))
-    def encode(params, items):
-        return model.apply({"params": params}, items, method="encode_items")
-
+    encode = programs_of(model).encode
     parts = []
     for start in range(0, num_items, chunk):
         rows = np.arange(start, min(start + chunk, num_items))
@@ -285,10 +361,7 @@ def catalogue_scores(
     user_rows = np.asarray(user_rows, np.int64)
     num_items = encoded["mask"].shape[0]
     items = _replicated(mesh, dict(encoded))
-    grid = jax.jit(
-        lambda p, e, u: grid_logits(model, p, e, u),
-        compiler_options=runtime.compiler_options(model.config.dtype),
-    )
+    grid = programs_of(model).grid
     out = []
     for rows, arrays, _ in _user_chunks(
         users, user_rows, num_items, mesh, _uses_history(model), rows_per_call
@@ -348,12 +421,7 @@ def rank_catalogue(
     if user_rows.size == 0:
         raise ValueError("Ranking metrics are undefined: the split has no positive.")
     items = _replicated(mesh, dict(encoded))
-
-    def rank(params, encoded, users, exclude):
-        logits = grid_logits(model, params, encoded, users)  # (Bu, N)
-        return metrics_lib.top_k_items(logits, top, exclude)[1]  # (Bu, K)
-
-    rank = jax.jit(rank, compiler_options=runtime.compiler_options(model.config.dtype))
+    rank = functools.partial(programs_of(model).rank, top=top)
     data = sharding.data_sharding(mesh)
     per_user: dict[str, list[np.ndarray]] = {}
     for rows, arrays, local in _user_chunks(
@@ -391,19 +459,9 @@ def make_split_fn(model: Any) -> Callable:
 
     `item_index` is each row's candidate item as a row of the item table, so one pass
     over a split gives both the click metrics and the relevant items of the ranking.
+    The same function (and its compilations) is returned for the same model object.
     """
-
-    def rows(params, batch):
-        logits = model.apply({"params": params}, batch, train=False)  # (B,)
-        return {
-            "logit": logits.astype(jnp.float32),
-            "label": batch["label"],
-            "weight": batch["weight"],
-            "user_index": batch["user_index"],
-            "item_index": batch["items"]["item_index"][batch["item_slot"]],
-        }
-
-    return jax.jit(rows, compiler_options=runtime.compiler_options(model.config.dtype))
+    return programs_of(model).split_rows
 
 
 def mark_absent(batch: Mapping, modalities: Sequence[str]) -> dict:

@@ -117,6 +117,28 @@ def test_full_catalogue_ranking_equals_brute_force(restored, split):
         assert result[name] == pytest.approx(value, abs=1e-9), name
 
 
+def test_programs_compile_once_per_model_and_shape(restored):
+    """Encoding and ranking again with the same model reuse the compiled programs."""
+    config, model, params, catalogue, encoded, mesh = restored
+    programs = evaluate.programs_of(model)
+    assert evaluate.programs_of(model) is programs
+    again = evaluate.encode_catalogue(
+        model, params, catalogue.item_block, catalogue.num_items, mesh, items_per_call=16
+    )
+    assert programs.encode._cache_size() == 1
+    for key, value in encoded.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
+    users = np.arange(6)
+    first = evaluate.catalogue_scores(model, params, encoded, catalogue.users, users, mesh)
+    compiled = programs.grid._cache_size()
+    second = evaluate.catalogue_scores(model, params, again, catalogue.users, users, mesh)
+    assert programs.grid._cache_size() == compiled
+    np.testing.assert_array_equal(first, second)
+    # Another model object (equal fields) gets its own programs.
+    other = type(model)(model.config, model.bert_config)
+    assert evaluate.programs_of(other) is not programs
+
+
 def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir, capsys):
     assert evaluate.main(["--workdir", str(workdir), "--k", "5,10", "--ablate"]) == 0
     out = capsys.readouterr().out
