@@ -55,6 +55,7 @@ def _timed(fn, steps: int) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     args, config = cli.parse_config_args(_parser(), argv)
+    config.model.dtype = runtime.compute_dtype(config.model.dtype)  # "auto" -> this platform's
     runtime.tune_host_allocator()
     common.fill_vocab(config)
     config.model.num_items = max(config.model.num_items, args.catalogue)

@@ -108,6 +108,7 @@ def _batches(args, config, mesh):
 
 def main(argv=None) -> None:
     args, config = cli.parse_config_args(_parser(), argv)
+    config.model.dtype = runtime.compute_dtype(config.model.dtype)  # "auto" -> this platform's
     tuned_malloc = False if args.default_malloc else runtime.tune_host_allocator()
     counter = common.CompileCounter()
     if args.random_text_weights:

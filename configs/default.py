@@ -2,8 +2,8 @@
 
 Trains on `mmrec_synthetic` (built offline on first use) with the frozen, cached
 all-MiniLM-L6-v2 text tower, the image and audio towers and the user tower with
-history, sized to finish in minutes on a 2-core CPU. On GPU or TPU, set
-`--config.model.dtype=bfloat16` and raise `train.batch_size`.
+history, sized to finish in minutes on a 2-core CPU. On GPU or TPU it computes in
+bfloat16 (`model.dtype = "auto"`); raise `train.batch_size` there.
 """
 
 import ml_collections
@@ -52,8 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.towers = "text,image,audio,id,history"
     # Width of every fusion token.
     model.width = 128
-    # Compute dtype: bfloat16 on GPU and TPU; float32 on CPU, where bf16 is slower (BENCHMARKS.md).
-    model.dtype = "float32"
+    # Compute dtype: auto (bfloat16 on GPU and TPU; float32 on CPU, where bfloat16 is slower,
+    # BENCHMARKS.md), float32, bfloat16 or float16. A run's config.json records the one used.
+    model.dtype = "auto"
     # Parameter dtype (the master copy the optimizer updates).
     model.param_dtype = "float32"
     # User ID-vocabulary size without the out-of-vocabulary bucket; 0: taken from the dataset.

@@ -11,8 +11,8 @@ the user.
 `bert-base-uncased` is not packaged offline: it needs the Hugging Face hub (or its
 local cache), or a local folder via `--config.model.text.model=/path/to/folder`.
 The optimizer is AdamW with a cosine schedule; weight decay 0 and no warmup make it
-Adam at 1e-4 decaying to 0 over the run. On GPU or TPU add
-`--config.model.dtype=bfloat16`.
+Adam at 1e-4 decaying to 0 over the run. It computes in bfloat16 on GPU and TPU and in
+float32 on CPU (`model.dtype = "auto"`, from the default config).
 """
 
 import ml_collections
@@ -24,8 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default config with the original design's shapes."""
     config = default.get_config()
     model = config.model
-    # Compute dtype: bfloat16 on GPU and TPU; float32 on CPU, where bf16 is slower (BENCHMARKS.md).
-    model.dtype = "float32"
     # The blog's fusion width (nn.MultiheadAttention(embed_dim=512)).
     model.width = 512
     # The blog's text encoder.

@@ -40,6 +40,11 @@ copies around the donated train state's in-place updates: the MiniLM fine-tuning
 3-4% faster, the frozen one 2.5%, the default config's unchanged (interleaved, idle).
 Pass them to `jax.jit(compiler_options=...)`. Only for float32 compute: with
 bfloat16, XLA 0.10.2 aborted compiling the seed's training step under these options.
+
+Compute dtype. `config.model.dtype = "auto"` (the configs' default) computes in bfloat16
+on GPU and TPU, whose matrix units run it at several times their float32 rate, and in
+float32 on a CPU, where bfloat16 was slower (the MiniLM fine-tuning step at 0.73x of
+float32 on the 2-core machine; BENCHMARKS.md). `compute_dtype` resolves it.
 """
 
 from __future__ import annotations
@@ -158,14 +163,46 @@ CPU_COMPILER_OPTIONS = {
 }
 
 
+# What `config.model.dtype` may name; "auto" is the platform's (`compute_dtype`).
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def compute_dtype(name: str, platform: str | None = None) -> str:
+    """The compute dtype that `config.model.dtype` names, with "auto" resolved.
+
+    Args:
+      name: "auto", "float32", "bfloat16" or "float16".
+      platform: "cpu", "gpu", "tpu", ...; default: JAX's default backend.
+
+    Returns:
+      `name` itself, or for "auto": "bfloat16" on GPU and TPU, "float32" elsewhere.
+
+    Raises:
+      ValueError: `name` is not one of `COMPUTE_DTYPES`.
+    """
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"config.model.dtype={name!r} is not a compute dtype; use one of "
+            f"{', '.join(COMPUTE_DTYPES)} (auto: bfloat16 on GPU and TPU, float32 on CPU)."
+        )
+    if name != "auto":
+        return name
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "bfloat16" if platform in ("gpu", "cuda", "rocm", "tpu") else "float32"
+
+
 @functools.cache
-def compiler_options(compute_dtype: str = "float32") -> dict[str, str | bool] | None:
+def compiler_options(compute_dtype_name: str = "float32") -> dict[str, str | bool] | None:
     """XLA compiler options for jitting the model's steps on the default backend.
 
     Args:
-      compute_dtype: the model's compute dtype (`config.model.dtype`). The options are
-        for float32 only: with bfloat16 compute, XLA 0.10.2's YNNPACK emitter aborted
-        the process compiling the seed's training step under them.
+      compute_dtype_name: the model's compute dtype (`config.model.dtype`, "auto"
+        allowed). The options are for float32 only: with bfloat16 compute, XLA 0.10.2's
+        YNNPACK emitter aborted the process compiling the seed's training step under
+        them.
 
     Returns:
       On the CPU backend with float32 compute, the options of `CPU_COMPILER_OPTIONS`
@@ -175,7 +212,7 @@ def compiler_options(compute_dtype: str = "float32") -> dict[str, str | bool] | 
     import jax
     import numpy as np
 
-    if jax.default_backend() != "cpu" or np.dtype(compute_dtype) != np.float32:
+    if jax.default_backend() != "cpu" or compute_dtype(compute_dtype_name) != "float32":
         return None
     accepted = {}
     for name, value in CPU_COMPILER_OPTIONS.items():

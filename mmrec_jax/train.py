@@ -55,16 +55,22 @@ class _StopRequest:
 def resolve_config(
     config: ml_collections.ConfigDict, info: Any, verbose: bool = True
 ) -> ml_collections.ConfigDict:
-    """Fills the dataset-dependent fields of a config.
+    """Fills the dataset- and platform-dependent fields of a config.
 
-    Sets `model.num_users` / `model.num_items` from the dataset's ID vocabularies (when 0)
-    and drops content towers for modalities the dataset does not have.
+    Sets `model.num_users` / `model.num_items` from the dataset's ID vocabularies (when 0),
+    drops content towers for modalities the dataset does not have, and resolves
+    `model.dtype = "auto"` for this platform (`runtime.compute_dtype`), so that the run's
+    config.json records the dtype it trained with.
 
     Returns:
       A copy of `config`.
+
+    Raises:
+      ValueError: `model.dtype` names no compute dtype.
     """
     config = ml_collections.ConfigDict(config.to_dict())
     model = config.model
+    model.dtype = runtime.compute_dtype(model.dtype)
     if model.num_users == 0:
         model.num_users = int(info.num_users)
     if model.num_items == 0:
@@ -330,6 +336,7 @@ def train_and_evaluate(
       SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
     """
     sharding.maybe_initialize_distributed()
+    runtime.compute_dtype(config.model.dtype)  # a bad dtype fails before the dataset is built
     process_index, process_count = _process_index_and_count()
     is_chief = process_index == 0
     workdir = Path(workdir)

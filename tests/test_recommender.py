@@ -319,6 +319,22 @@ def test_bfloat16_compute_with_float32_params():
     np.testing.assert_allclose(logits16, apply(variables, batch), atol=0.1)
 
 
+def test_auto_dtype_computes_in_bfloat16_on_accelerators_and_float32_on_cpu(monkeypatch):
+    model, variables, _ = full_model()
+    batch = make_batch(model.config, seed=8)
+    auto = Recommender(tiny_config(dtype="auto"))
+
+    def token_dtype():
+        encode = functools.partial(auto.apply, method="encode_items")
+        return jax.eval_shape(encode, variables, batch["items"])["tokens"].dtype
+
+    assert token_dtype() == jnp.float32  # the tests run on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert token_dtype() == jnp.bfloat16
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert token_dtype() == jnp.bfloat16
+
+
 def test_training_mode_uses_dropout_rng():
     model, variables, _ = full_model()
     batch = make_batch(model.config, seed=9)

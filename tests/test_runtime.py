@@ -1,4 +1,4 @@
-"""The host-process settings of mmrec_jax.runtime: the huge-page restart."""
+"""mmrec_jax.runtime: the huge-page restart, the compute dtype and the compiler options."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from mmrec_jax import runtime
 
@@ -107,3 +109,36 @@ def test_failed_restart_carries_on_with_the_environment_unchanged(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES")
     runtime.restart_with_huge_pages()
     assert "GLIBC_TUNABLES" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "name, platform, expected",
+    [
+        ("auto", "cpu", "float32"),
+        ("auto", "gpu", "bfloat16"),
+        ("auto", "tpu", "bfloat16"),
+        ("float32", "tpu", "float32"),
+        ("bfloat16", "cpu", "bfloat16"),
+        ("float16", "gpu", "float16"),
+    ],
+)
+def test_compute_dtype_resolves_auto_by_platform(name, platform, expected):
+    assert runtime.compute_dtype(name, platform) == expected
+
+
+def test_compute_dtype_defaults_to_jaxs_backend_and_rejects_unknown_names():
+    import jax
+
+    expected = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    assert runtime.compute_dtype("auto") == expected
+    with pytest.raises(ValueError, match=r"config.model.dtype='fp32'.*auto, float32, bfloat16"):
+        runtime.compute_dtype("fp32")
+
+
+def test_compiler_options_follow_the_resolved_dtype():
+    import jax
+
+    auto = runtime.compiler_options("auto")
+    assert auto == runtime.compiler_options(runtime.compute_dtype("auto"))
+    assert (auto is not None) == (jax.default_backend() == "cpu")  # float32 on a CPU
+    assert runtime.compiler_options("bfloat16") is None

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmrec_jax import reporting, train
+from mmrec_jax import reporting, runtime, train
 from mmrec_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,12 @@ def _losses(workdir) -> dict[int, float]:
 
 def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
     config = tiny_config(data_dir)
+    assert config.model.dtype == "auto"
     summary = train.train_and_evaluate(config, tmp_path)
     out = capsys.readouterr().out
+    # The run records the dtype it computed in: "auto" is float32 on a CPU.
+    run_config = json.loads((tmp_path / "config.json").read_text())
+    assert run_config["model"]["dtype"] == runtime.compute_dtype("auto") == "float32"
     assert {"train", "validation", "test", "test_cold"} <= set(summary)
     for split, entry in summary.items():
         assert 0.0 <= entry["model"]["auc"] <= 1.0, split

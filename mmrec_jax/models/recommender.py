@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax import schema
+from mmrec_jax import runtime, schema
 from mmrec_jax.models.audio import AudioTower
 from mmrec_jax.models.bert import BertConfig, load_bert_config
 from mmrec_jax.models.fusion import Fusion
@@ -77,6 +77,11 @@ class Recommender(nn.Module):
         """The enabled towers, parsed from `config.towers`."""
         return schema.parse_towers(self.config.towers)
 
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The compute dtype, `config.dtype` with "auto" resolved for this platform."""
+        return jnp.dtype(runtime.compute_dtype(self.config.dtype))
+
     def setup(self):
         cfg = self.config
         towers = self.towers
@@ -93,7 +98,7 @@ class Recommender(nn.Module):
                         f"config.model.{key}={cfg[key]} but the id tower needs the vocabulary "
                         "size; the training code fills it from the dataset, or set it."
                     )
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = dict(dtype=self.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
         if "text" in towers:
             self.text = TextTower(cfg.text, cfg.width, self.bert_config, **kw)
         if "image" in towers:
@@ -145,7 +150,7 @@ class Recommender(nn.Module):
             else:
                 tokens.append(self.item_id(items["item_id"]))
                 masks.append(jnp.ones((num_items,), bool))
-        dtype = jnp.dtype(self.config.dtype)
+        dtype = self.compute_dtype
         mask = jnp.stack([jnp.asarray(m, bool) for m in masks], axis=1)  # (U, M)
         stacked = jnp.stack([t.astype(dtype) for t in tokens], axis=1)  # (U, M, D)
         stacked = jnp.where(mask[..., None], stacked, 0)
@@ -177,7 +182,7 @@ class Recommender(nn.Module):
             token, present = self.history(candidate, history, rows["history_mask"])
             tokens.append(token[:, None, :])  # (B, 1, D)
             masks.append(present[:, None])
-        dtype = jnp.dtype(self.config.dtype)
+        dtype = self.compute_dtype
         tokens = jnp.concatenate([t.astype(dtype) for t in tokens], axis=1)  # (B, T, D)
         mask = jnp.concatenate(masks, axis=1)  # (B, T)
         return self.fusion(tokens, mask, train)
