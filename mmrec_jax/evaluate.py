@@ -14,8 +14,10 @@ to `WORKDIR/eval/<split>.json`. `--ablate` re-scores the split with each content
 modality marked absent in turn and reports the AUC each one is worth.
 
 Every step is a function (`encode_catalogue`, `catalogue_scores`, `rank_catalogue`,
-`split_click_metrics`, `evaluate_params`), so other code (the training summary) can call
-them with a model and parameters in memory.
+`make_split_fn`, `evaluate_params`), so other code (the training summary) can call
+them with a model and parameters in memory. Their jit-compiled programs belong to the
+model object (`programs_of`): calling again with the same model, for another split or
+another checkpoint's parameters, reuses the compilations.
 """
 
 from __future__ import annotations
