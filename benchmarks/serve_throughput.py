@@ -1,7 +1,7 @@
 """Serving throughput: scored (user, item) pairs per second, and full-catalogue top-K users/s.
 
     timeout 900 .venv/bin/python benchmarks/serve_throughput.py --config configs/default.py \\
-        [--config.KEY=VALUE ...] [--catalogue 1000] [--users_per_call 16] [--k 10]
+        [--config.KEY=VALUE ...] [--catalogue 1000] [--users_per_call N] [--k 10]
 
 Pairs: the jitted forward pass of `mmrec_jax.predict.make_predict_fn` on random batches
 of `train.batch_size` rows, each with its own item (every item tower runs on every
@@ -41,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="timed calls per measurement")
     parser.add_argument("--catalogue", type=int, default=1000, help="items in the catalogue")
     parser.add_argument("--encode_chunk", type=int, default=256, help="items per encode call")
-    parser.add_argument("--users_per_call", type=int, default=16, help="users per top-K call")
+    parser.add_argument(
+        "--users_per_call",
+        type=int,
+        default=None,
+        help="users per top-K call (default: as evaluation, ROWS_PER_CALL // catalogue)",
+    )
     parser.add_argument("--k", type=int, default=10, help="items recommended per user")
     return parser
 
@@ -91,7 +96,7 @@ def main(argv=None) -> None:
     encoded_items = args.catalogue
 
     # Top-K: users x catalogue grids.
-    users = args.users_per_call
+    users = args.users_per_call or max(1, evaluate.ROWS_PER_CALL // args.catalogue)
     rng = np.random.default_rng(2)
     user_rows = {"user_id": rng.integers(1, config.model.num_users + 1, users).astype(np.int32)}
     if "history" in towers:

