@@ -13,39 +13,51 @@ from mmrec_jax.models import bert
 from mmrec_jax.models.layers import Dropout, keep_mask, max_pool
 
 
-def _plain_max_pool(x, window):
-    """Reshape-and-max pooling, differentiated by JAX's own rule for `jnp.max`."""
-    spatial = x.shape[1:-1]
-    pooled = [s // window for s in spatial]
-    x = x[(slice(None), *(slice(0, p * window) for p in pooled), slice(None))]
-    split = [x.shape[0]]
-    for p in pooled:
-        split += [p, window]
-    x = x.reshape(*split, x.shape[-1])
-    return jnp.max(x, axis=tuple(2 + 2 * i for i in range(len(spatial))))
+def _flax_max_pool(x, window):
+    """`flax.linen.max_pool` over every spatial axis (XLA's reduce_window and its
+    select_and_scatter gradient: each window's first maximum gets the gradient)."""
+    spatial = len(x.shape) - 2
+    return nn.max_pool(x, (window,) * spatial, strides=(window,) * spatial, padding="VALID")
+
+
+def _torch_max_pool_grad(x, window, cotangent):
+    """PyTorch's MaxPool{1,2,3}d gradient for channels-last x (N, *spatial, C)."""
+    import torch
+
+    pool = {1: torch.nn.functional.max_pool1d, 2: torch.nn.functional.max_pool2d}
+    pool[3] = torch.nn.functional.max_pool3d
+    spatial = x.ndim - 2
+    to_first = (0, spatial + 1, *range(1, spatial + 1))  # channels-last -> channels-first
+    to_last = (0, *range(2, spatial + 2), 1)
+    xt = torch.tensor(np.asarray(x, np.float32)).permute(*to_first).requires_grad_()
+    out = pool[spatial](xt, window, window)
+    out.backward(torch.tensor(np.asarray(cotangent, np.float32)).permute(*to_first))
+    return xt.grad.permute(*to_last).numpy()
 
 
 @pytest.mark.parametrize(
     "shape,window", [((2, 7, 9, 3), 2), ((3, 11, 4), 2), ((2, 5, 4, 6, 2), 2), ((2, 9, 8, 3), 3)]
 )
-def test_max_pool_and_its_gradient_match_the_plain_reshape_and_max(shape, window):
+def test_max_pool_and_its_gradient_match_flax_and_torch(shape, window):
     # Rounded values after a ReLU: many windows hold tied maxima (zeros and repeats).
     x = jax.nn.relu(jnp.round(2 * jax.random.normal(jax.random.key(0), shape)) / 2)
     out = max_pool(x, window)
-    np.testing.assert_array_equal(out, _plain_max_pool(x, window))
+    np.testing.assert_array_equal(out, _flax_max_pool(x, window))
     cotangent = jax.random.normal(jax.random.key(1), out.shape)
     grad = jax.vjp(lambda x: max_pool(x, window), x)[1](cotangent)[0]
-    want = jax.vjp(lambda x: _plain_max_pool(x, window), x)[1](cotangent)[0]
-    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=0)
+    want = jax.vjp(lambda x: _flax_max_pool(x, window), x)[1](cotangent)[0]
+    np.testing.assert_array_equal(grad, want)
+    np.testing.assert_array_equal(grad, _torch_max_pool_grad(x, window, cotangent))
     jitted = jax.jit(jax.grad(lambda x: jnp.sum(max_pool(x, window) * cotangent)))(x)
-    np.testing.assert_allclose(jitted, want, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(jitted, want)
 
 
-def test_max_pool_gradient_in_bfloat16_matches_the_plain_one():
+def test_max_pool_gradient_in_bfloat16_matches_flax():
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4)).astype(jnp.bfloat16)
+    x = jnp.round(x * 2) / 2  # ties
     cotangent = jax.random.normal(jax.random.key(1), (2, 3, 3, 4)).astype(jnp.bfloat16)
     grad = jax.vjp(lambda x: max_pool(x, 2), x)[1](cotangent)[0]
-    want = jax.vjp(lambda x: _plain_max_pool(x, 2), x)[1](cotangent)[0]
+    want = jax.vjp(lambda x: _flax_max_pool(x, 2), x)[1](cotangent)[0]
     assert grad.dtype == jnp.bfloat16
     np.testing.assert_array_equal(grad.astype(np.float32), want.astype(np.float32))
 

@@ -3,11 +3,11 @@
 These are the model's fast paths on XLA's CPU backend as well as plain layers:
 
 - `max_pool` is the elementwise maximum of the window's strided slices, with a custom
-  backward pass that routes each gradient to its window's maximum by elementwise
-  selects. XLA's `reduce_window` / `select_and_scatter` pair behind
-  `flax.linen.max_pool` is slow on CPU, and so is the autodiff of a reshape-and-max (a
-  small-axis reduction and a broadcast per window); this computes the same values and,
-  for ties, the same even split of the gradient as that reshape-and-max.
+  backward pass that routes each gradient to its window's first maximum (row-major) by
+  elementwise selects: the values and gradients of `flax.linen.max_pool` (and of
+  PyTorch's `MaxPool`), whose `reduce_window` / `select_and_scatter` pair is slow on
+  CPU, as is the autodiff of a reshape-and-max (a small-axis reduction and a broadcast
+  per window, and it splits the gradient between tied maxima).
 - `Dropout` draws its mask from a counter-based integer hash of the element index keyed
   by the module's rng, one fused elementwise pass: the threefry bits behind
   `flax.linen.Dropout` cost about 10 ns per element on CPU (75 ms for the 7.5 M
@@ -62,10 +62,13 @@ def _max_pool_fwd(x, window):
 def _max_pool_bwd(window, residuals, grad):
     x, pooled = residuals
     slices, sizes = _window_slices(x, window)
-    hits = [piece == pooled for piece in slices]  # where each offset holds the maximum
-    ties = functools.reduce(jnp.add, [hit.astype(grad.dtype) for hit in hits])  # >= 1
-    share = grad / ties  # (N, *pooled, C)
-    parts = jnp.stack([jnp.where(hit, share, 0) for hit in hits], axis=-2)  # (N, *p, w^n, C)
+    # The offset of each window's first maximum in row-major order: one elementwise pass
+    # over the slices, which XLA fuses into the gradient's selects below.
+    first = jnp.full(pooled.shape, len(slices) - 1, jnp.int32)
+    for offset in reversed(range(len(slices) - 1)):
+        first = jnp.where(slices[offset] == pooled, offset, first)
+    parts = [jnp.where(first == offset, grad, 0) for offset in range(len(slices))]
+    parts = jnp.stack(parts, axis=-2)  # (N, *pooled, w^n, C)
     n = len(sizes)
     parts = parts.reshape(*parts.shape[:-2], *([window] * n), parts.shape[-1])
     # (N, p1, ..., pn, w1, ..., wn, C) -> (N, p1, w1, ..., pn, wn, C): the input's layout.
@@ -84,9 +87,9 @@ def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
 
     Equals `nn.max_pool(x, (window,) * n, strides=(window,) * n, padding="VALID")`: a
     trailing remainder of an axis that does not fill a window is dropped (as PyTorch's
-    `MaxPool` does). The gradient goes to each window's maximum, split evenly between
-    tied maxima (as the autodiff of `jnp.max` does); see the module docstring for why
-    it has its own backward pass.
+    `MaxPool` does). The gradient goes to each window's first maximum in row-major order,
+    as with `nn.max_pool` and PyTorch; see the module docstring for why it has its own
+    backward pass.
 
     Args:
       x: (N, *spatial, C), e.g. (N, H, W, C) images or (N, T, C) sequences.
