@@ -1,0 +1,46 @@
+"""The README's Python examples run as written (those that need no trained run)."""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def _block_with(call: str) -> str:
+    blocks = [b for b in _python_blocks() if call in b]
+    assert len(blocks) == 1, f"README should hold one Python example calling {call}"
+    return blocks[0]
+
+
+@pytest.fixture
+def in_repo_root():
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    yield
+    os.chdir(cwd)
+
+
+def test_recommender_example(in_repo_root):
+    namespace = {}
+    exec(_block_with("build_model("), namespace)
+    assert namespace["logits"].shape == (1,)
+    assert np.isfinite(namespace["logits"]).all()
+    width = namespace["config"].model.width
+    assert namespace["items"]["embedding"].shape == (1, width)
+
+
+def test_bert_example(in_repo_root):
+    namespace = {}
+    exec(_block_with("load_pretrained("), namespace)
+    hidden, pooled = namespace["hidden"], namespace["pooled"]
+    assert hidden.shape[0] == 1 and hidden.shape[2] == 384  # all-MiniLM-L6-v2's width
+    assert pooled.shape == (1, 384)
