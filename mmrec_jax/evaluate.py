@@ -182,6 +182,14 @@ def _replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
     )
 
 
+def _progress_bar(label: str | None, total: int, unit: str):
+    """A tqdm bar on process 0 when `label` is given; a silent one otherwise."""
+    from tqdm.auto import tqdm
+
+    disable = label is None or jax.process_index() != 0
+    return tqdm(total=total, desc=label, unit=unit, disable=disable, dynamic_ncols=True)
+
+
 # ------------------------------------------------------------------ compiled programs
 
 
@@ -269,6 +277,7 @@ def encode_catalogue(
     num_items: int,
     mesh: jax.sharding.Mesh,
     items_per_call: int = ITEMS_PER_CALL,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Encodes every item of the item table once (`encode_items`, jit, split over devices).
 
@@ -280,6 +289,8 @@ def encode_catalogue(
       num_items: N, the items in the item table.
       mesh: the device mesh; each call's item block is split over its `data` axis.
       items_per_call: items per jit call (rounded up to a multiple of the device count).
+      progress: the label of a progress bar over the items (process 0 prints it), or
+        None for none.
 
     Returns:
       {"tokens": (N, M, D), "mask": (N, M) bool, "embedding": (N, D)} as numpy arrays on
@@ -288,12 +299,15 @@ def encode_catalogue(
     chunk = _round_up(min(items_per_call, _round_up(num_items, mesh.size)), mesh.size)
     encode = programs_of(model).encode
     parts = []
+    bar = _progress_bar(progress, num_items, "item")
     for start in range(0, num_items, chunk):
         rows = np.arange(start, min(start + chunk, num_items))
         padded = np.concatenate([rows, np.full(chunk - rows.size, rows[-1])])  # (chunk,)
         block = item_block(_local_part(padded))
         encoded = sharding.to_host(encode(params, sharding.global_batch(mesh, block)))
         parts.append({key: value[: rows.size] for key, value in encoded.items()})
+        bar.update(rows.size)
+    bar.close()
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -391,6 +405,7 @@ def rank_catalogue(
     ks: Sequence[int],
     mesh: jax.sharding.Mesh,
     rows_per_call: int = ROWS_PER_CALL,
+    progress: str | None = None,
 ) -> dict[str, float | int]:
     """Full-catalogue HR, Recall, NDCG, MRR and MAP at each K, averaged over users.
 
@@ -408,6 +423,8 @@ def rank_catalogue(
       ks: cut-offs, each in [1, N].
       mesh: the device mesh.
       rows_per_call: (user, item) rows per jit call.
+      progress: the label of a progress bar over the users (process 0 prints it), or
+        None for none.
 
     Returns:
       {"hr@K", "recall@K", "ndcg@K", "mrr@K", "map@K"} for each K, and "users": the
@@ -427,6 +444,7 @@ def rank_catalogue(
     rank = functools.partial(programs_of(model).rank, top=top)
     data = sharding.data_sharding(mesh)
     per_user: dict[str, list[np.ndarray]] = {}
+    bar = _progress_bar(progress, user_rows.size, "user")
     for rows, arrays, local in _user_chunks(
         users, user_rows, num_items, mesh, _uses_history(model), rows_per_call
     ):
@@ -441,6 +459,8 @@ def rank_catalogue(
         )
         for name, values in chunk.items():
             per_user.setdefault(name, []).append(values)
+        bar.update(rows.size)
+    bar.close()
     counted = int(sum(v.size for v in next(iter(per_user.values()))))
     if counted == 0:
         raise ValueError(
@@ -579,7 +599,12 @@ def evaluate_params(
         if split != "train":
             if encoded is None:
                 encoded = encode_catalogue(
-                    model, params, catalogue.item_block, catalogue.num_items, mesh
+                    model,
+                    params,
+                    catalogue.item_block,
+                    catalogue.num_items,
+                    mesh,
+                    progress="encoding items",
                 )
             positive = rows["label"] > 0.5
             relevant = csr_from_pairs(
@@ -587,7 +612,16 @@ def evaluate_params(
                 rows["item_index"][positive],
                 catalogue.users.user_id.shape[0],
             )
-            ranking = rank_catalogue(model, params, encoded, catalogue.users, relevant, ks, mesh)
+            ranking = rank_catalogue(
+                model,
+                params,
+                encoded,
+                catalogue.users,
+                relevant,
+                ks,
+                mesh,
+                progress=f"ranking {split}",
+            )
             entry["ranked_users"] = int(ranking.pop("users"))
             entry["ranking"] = ranking
         entry["oracle"] = (getattr(info, "oracle", None) or {}).get(split)

@@ -203,7 +203,7 @@ def export_run(
     mesh = sharding.make_mesh(devices)
     catalogue = evaluate.open_catalogue(config)
     encoded = evaluate.encode_catalogue(
-        model, params, catalogue.item_block, catalogue.num_items, mesh
+        model, params, catalogue.item_block, catalogue.num_items, mesh, progress="encoding items"
     )
     if jax.process_index() != 0:
         return out

@@ -141,7 +141,10 @@ def test_programs_compile_once_per_model_and_shape(restored):
 
 def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir, capsys):
     assert evaluate.main(["--workdir", str(workdir), "--k", "5,10", "--ablate"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # Progress bars for the long phases, on stderr.
+    for label in ("encoding items", "ranking test", "ranking test_cold"):
+        assert label in err, label
     header = next(line for line in out.splitlines() if line.startswith("metric"))
     assert header.split() == [
         "metric",
