@@ -13,6 +13,7 @@ MINILM_STAMP := $(VENV)/.minilm-installed
 .PHONY: train test lint setup setup-test clean
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "mmrec_jax needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>&1). Run with PYTHON=python3.11 (or newer), e.g. make $(MAKECMDGOALS) PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 

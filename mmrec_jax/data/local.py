@@ -290,7 +290,7 @@ def _timestamp(text: str) -> int:
     except ValueError:
         stamp = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
         if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+            stamp = stamp.replace(tzinfo=datetime.UTC)
         return int(stamp.timestamp())
 
 
