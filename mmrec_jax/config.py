@@ -11,8 +11,9 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +161,179 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
 def load_config(
     path: str | Path, overrides: Sequence[tuple[str, str]] = ()
 ) -> ml_collections.ConfigDict:
-    """Loads a config file and applies `(key, value text)` overrides in order."""
+    """Loads a config file, applies `(key, value text)` overrides in order, checks values.
+
+    Raises:
+      ConfigError: a bad file, key or value (`check_values`).
+    """
     config = load_config_file(path)
     for key, text in overrides:
         apply_override(config, key, text)
+    check_values(config)
     return config
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _integer(v) and v >= low), f"an integer >= {low}"
+
+
+def _number_in(
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> tuple[Callable[[Any], bool], str]:
+    def test(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return False
+        if math.isinf(v) and not allow_inf:
+            return False
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    left = "(" if low_open else "["
+    right = ")" if high_open or high == math.inf else "]"
+    finite = "" if allow_inf or high < math.inf else "finite "
+    return test, f"a {finite}number in {left}{low:g}, {high:g}{right}"
+
+
+def _channel_list() -> tuple[Callable[[Any], bool], str]:
+    return (
+        lambda v: (
+            isinstance(v, (tuple, list)) and len(v) > 0 and all(_integer(c) and c >= 1 for c in v)
+        )
+    ), "a non-empty tuple of integers >= 1, e.g. (16, 32)"
+
+
+# What each numeric field of a run config may hold (fields a config lacks are skipped).
+_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _int_at_least(0),
+    "data.max_text_len": _int_at_least(2),  # [CLS] and [SEP] take two
+    "data.history_len": _int_at_least(1),
+    "data.negatives_per_positive": _int_at_least(0),
+    "data.num_workers": _int_at_least(0),
+    "data.prefetch": _int_at_least(0),
+    "data.max_item_memory_mib": _number_in(0),
+    "data.synthetic.num_users": _int_at_least(1),
+    "data.synthetic.num_items": _int_at_least(1),
+    "data.synthetic.seed": _int_at_least(0),
+    "data.synthetic.cold_item_share": _number_in(0, 1, high_open=True),
+    "data.synthetic.missing_share": _number_in(0, 1),
+    "model.width": _int_at_least(1),
+    "model.num_users": _int_at_least(0),
+    "model.num_items": _int_at_least(0),
+    "model.text.top_n": _int_at_least(1),
+    "model.image.size": _int_at_least(1),
+    "model.image.channels": _channel_list(),
+    "model.image.hidden": _int_at_least(1),
+    "model.audio.sample_rate": _int_at_least(1),
+    "model.audio.clip_samples": _int_at_least(1),
+    "model.audio.n_fft": _int_at_least(2),
+    "model.audio.hop_length": _int_at_least(1),
+    "model.audio.mel_bins": _int_at_least(1),
+    "model.audio.channels": _channel_list(),
+    "model.audio.hidden": _int_at_least(1),
+    "model.user.num_heads": _int_at_least(1),
+    "model.fusion.num_layers": _int_at_least(1),
+    "model.fusion.num_heads": _int_at_least(1),
+    "model.fusion.mlp_dim": _int_at_least(1),
+    "model.fusion.dropout": _number_in(0, 1, high_open=True),
+    "model.fusion.modality_dropout": _number_in(0, 1, high_open=True),
+    "train.batch_size": _int_at_least(1),
+    "train.num_epochs": _int_at_least(0),
+    "train.num_steps": _int_at_least(0),
+    "train.learning_rate": _number_in(0, low_open=True),
+    "train.warmup_steps": _int_at_least(0),
+    "train.weight_decay": _number_in(0),
+    "train.grad_clip_norm": _number_in(0),
+    "train.grad_accum_steps": _int_at_least(1),
+    "train.eval_every": _int_at_least(0),
+    "train.early_stopping_patience": _int_at_least(0),
+    "train.checkpoint_every": _int_at_least(1),
+    "train.keep_checkpoints": _int_at_least(1),
+    "train.max_loss": _number_in(0, low_open=True, allow_inf=True),
+    "train.log_every": _int_at_least(1),
+}
+
+_MISSING = object()
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _choice_rules() -> dict[str, tuple[str, ...]]:
+    """The named choices of the string fields, from the modules that implement them."""
+    from mmrec_jax import runtime
+    from mmrec_jax.models import audio, layers, text
+
+    return {
+        "model.dtype": runtime.COMPUTE_DTYPES,
+        "model.param_dtype": ("float32", "bfloat16", "float16"),
+        "model.text.mode": text.MODES,
+        "model.text.pooling": text.POOLINGS,
+        "model.image.conv_kernel_grad": layers.CONV_KERNEL_GRADS,
+        "model.audio.frontend": audio.FRONTENDS,
+    }
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Checks that every field of a run config holds a usable value, before any work.
+
+    Numbers must lie in their ranges (a batch size of at least 1, a positive finite
+    learning rate, dropout rates in [0, 1), ...), named choices must be known, the
+    tower list must parse and the attention widths must split into their heads.
+
+    Raises:
+      ConfigError: naming every bad field, its value and what it must be.
+    """
+    from mmrec_jax import schema
+
+    problems = []
+    for key, (test, must) in _VALUE_RULES.items():
+        value = _lookup(config, key)
+        if value is not _MISSING and not test(value):
+            problems.append(f"config.{key}={value!r} must be {must}.")
+    for key, choices in _choice_rules().items():
+        value = _lookup(config, key)
+        if value is not _MISSING and value not in choices:
+            problems.append(f"config.{key}={value!r} must be one of {', '.join(choices)}.")
+    towers = _lookup(config, "model.towers")
+    try:
+        towers = () if towers is _MISSING else schema.parse_towers(towers)
+    except schema.BatchError as error:
+        problems.append(str(error))
+        towers = ()
+    width = _lookup(config, "model.width")
+    heads = {"model.fusion.num_heads": True, "model.user.num_heads": "history" in towers}
+    for key, used in heads.items():
+        count = _lookup(config, key)
+        if used and _integer(width) and _integer(count) and count >= 1 and width % count:
+            problems.append(
+                f"config.model.width={width} does not split into config.{key}={count} heads; "
+                "make the width a multiple of the heads."
+            )
+    if _lookup(config, "train.num_steps") == 0 and _lookup(config, "train.num_epochs") == 0:
+        problems.append(
+            "config.train.num_steps=0 and config.train.num_epochs=0 train nothing; "
+            "set either to at least 1."
+        )
+    if problems:
+        raise ConfigError(
+            "Bad config values (set them in the config file or with "
+            "--config.KEY=VALUE):\n  " + "\n  ".join(problems)
+        )
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

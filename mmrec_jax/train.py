@@ -27,7 +27,7 @@ import optax
 from mmrec_jax import checkpoint as checkpoint_lib
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import optim, predict, reporting, runtime, schema, sharding
-from mmrec_jax.config import config_from_dict, config_to_json
+from mmrec_jax.config import check_values, config_from_dict, config_to_json
 from mmrec_jax.data import pipeline
 from mmrec_jax.models import recommender
 from mmrec_jax.models.text import cached_text_dim
@@ -336,7 +336,7 @@ def train_and_evaluate(
       SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
     """
     sharding.maybe_initialize_distributed()
-    runtime.compute_dtype(config.model.dtype)  # a bad dtype fails before the dataset is built
+    check_values(config)  # bad values fail before the dataset is built
     process_index, process_count = _process_index_and_count()
     is_chief = process_index == 0
     workdir = Path(workdir)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mmrec_jax import config as config_lib
 from mmrec_jax.config import (
     ConfigError,
+    check_values,
     config_from_dict,
     config_to_json,
     load_config,
@@ -126,3 +128,115 @@ def test_train_py_rejects_unknown_key(tmp_path):
 def test_missing_config_file_is_clear():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.py")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_pass_the_value_checks(path):
+    check_values(load_config(path))
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# String fields checked where they are used: free names, a path, a parsed list.
+FREE_STRINGS = {"data.name", "data.data_dir", "model.text.model", "model.towers"}
+FREE_STRINGS |= {"train.tower_lr_scale"}
+
+
+def test_every_default_field_has_a_value_check():
+    """A new numeric or named-choice field must get a rule, or bad values go unchecked."""
+    choices = config_lib._choice_rules()
+    for key, value in _leaves(load_config(ROOT / "configs/default.py")):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, str):
+            assert key in choices or key in FREE_STRINGS, f"{key}: no choice rule"
+        else:
+            assert key in config_lib._VALUE_RULES, f"{key}={value!r}: no range rule"
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ([("train.batch_size", "0")], "config.train.batch_size=0 must be an integer >= 1"),
+        ([("train.learning_rate", "nan")], "config.train.learning_rate=nan must be a finite"),
+        ([("train.learning_rate", "inf")], "config.train.learning_rate=inf must be a finite"),
+        ([("train.learning_rate", "-1e-3")], "config.train.learning_rate=-0.001"),
+        ([("model.fusion.dropout", "1.0")], r"config.model.fusion.dropout=1.0 must be .* \[0, 1\)"),
+        ([("data.history_len", "-3")], "config.data.history_len=-3"),
+        ([("model.image.channels", "()")], r"config.model.image.channels=\(\)"),
+        ([("model.audio.channels", "(4, 0)")], r"config.model.audio.channels=\(4, 0\)"),
+        ([("model.text.mode", "foo")], "config.model.text.mode='foo' must be one of frozen"),
+        ([("model.dtype", "float64")], "config.model.dtype='float64'"),
+        ([("model.towers", "text,foo")], "unknown or empty tower list"),
+        ([("model.fusion.num_heads", "7")], "width=32 does not split into .*fusion.num_heads=7"),
+        ([("train.num_epochs", "0")], "train nothing"),
+    ],
+)
+def test_bad_values_are_named_before_any_work(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(ROOT / "configs/tiny.py", overrides)
+
+
+def test_value_checks_report_every_bad_field_and_allow_what_is_sane():
+    with pytest.raises(ConfigError) as error:
+        load_config(
+            ROOT / "configs/tiny.py",
+            [("train.batch_size", "0"), ("train.warmup_steps", "-1"), ("seed", "-2")],
+        )
+    assert all(k in str(error.value) for k in ("batch_size=0", "warmup_steps=-1", "seed=-2"))
+    # Edges that are valid: no dropout, no clipping, no loss limit, steps instead of epochs.
+    config = load_config(
+        ROOT / "configs/tiny.py",
+        [
+            ("model.fusion.dropout", "0"),
+            ("train.grad_clip_norm", "0"),
+            ("train.max_loss", "inf"),
+            ("train.num_epochs", "0"),
+            ("train.num_steps", "5"),
+        ],
+    )
+    assert config.train.num_steps == 5
+    # The user tower's heads only matter when the history tower is used.
+    load_config(
+        ROOT / "configs/tiny.py", [("model.user.num_heads", "7"), ("model.towers", "text,id")]
+    )
+    with pytest.raises(ConfigError, match="user.num_heads=7"):
+        load_config(ROOT / "configs/tiny.py", [("model.user.num_heads", "7")])
+
+
+def test_train_and_evaluate_checks_values_before_building_the_dataset(tmp_path):
+    from mmrec_jax import train
+
+    config = load_config(ROOT / "configs/tiny.py")
+    config.data.data_dir = str(tmp_path / "data")
+    config.train.batch_size = -4
+    with pytest.raises(ConfigError, match="batch_size=-4"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "data").exists()
+
+
+def test_train_py_reports_bad_values_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            str(ROOT / "configs/tiny.py"),
+            "--workdir",
+            str(tmp_path),
+            "--config.train.batch_size=0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "config.train.batch_size=0 must be an integer >= 1" in result.stderr
+    assert "Traceback" not in result.stderr
