@@ -112,6 +112,16 @@ def test_audio_of_any_rate_and_channels_becomes_mono_at_the_model_rate(fmt, subt
         media.decode_audio(b"RIFF....WAVEfmt garbage", 8000, 4000)
 
 
+def test_audio_with_nan_or_infinite_samples_is_refused():
+    wave = 0.5 * tone(8000, 0.2)
+    wave[[100, 700]] = [np.nan, np.inf]
+    data = sound(wave, 8000, "WAV", "FLOAT")
+    with pytest.raises(media.MediaError, match="2 NaN or infinite samples .*sample 100"):
+        media.read_audio(data)
+    with pytest.raises(media.MediaError, match="NaN or infinite"):
+        media.decode_audio(data, 8000, 4000)
+
+
 # --------------------------------------------------------------------------- local folder
 
 

@@ -114,7 +114,8 @@ def read_audio(data: bytes) -> tuple[np.ndarray, int]:
     Channels are averaged; samples are clipped to [-1, 1].
 
     Raises:
-      MediaError: the bytes are not a readable sound file, or hold no samples.
+      MediaError: the bytes are not a readable sound file, hold no samples, or hold
+        NaN or infinite samples (possible in floating-point WAV files).
     """
     if not data:
         raise MediaError("empty audio file")
@@ -124,6 +125,13 @@ def read_audio(data: bytes) -> tuple[np.ndarray, int]:
         raise MediaError(f"not a readable audio file ({error})") from error
     if samples.shape[0] == 0:
         raise MediaError("audio file holds no samples")
+    finite = np.isfinite(samples).all(axis=1)  # (n,)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise MediaError(
+            f"audio holds {int((~finite).sum())} NaN or infinite samples (the first at sample "
+            f"{first}); fix or re-export the file"
+        )
     mono = samples.mean(axis=1)  # (n,)
     return np.clip(mono, -1.0, 1.0).astype(np.float32), int(rate)
 
