@@ -248,7 +248,7 @@ _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.batch_size": _int_at_least(1),
     "train.num_epochs": _int_at_least(0),
     "train.num_steps": _int_at_least(0),
-    "train.learning_rate": _number_in(0, low_open=True),
+    "train.learning_rate": _number_in(0),  # 0: parameters never move (an evaluation run)
     "train.warmup_steps": _int_at_least(0),
     "train.weight_decay": _number_in(0),
     "train.grad_clip_norm": _number_in(0),
@@ -291,8 +291,8 @@ def _choice_rules() -> dict[str, tuple[str, ...]]:
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Checks that every field of a run config holds a usable value, before any work.
 
-    Numbers must lie in their ranges (a batch size of at least 1, a positive finite
-    learning rate, dropout rates in [0, 1), ...), named choices must be known, the
+    Numbers must lie in their ranges (a batch size of at least 1, a finite learning
+    rate >= 0, dropout rates in [0, 1), ...), named choices must be known, the
     tower list must parse and the attention widths must split into their heads.
 
     Raises:
