@@ -138,18 +138,22 @@ class Problems:
         self.entries: list[tuple[str, str, str]] = []  # (where, kind, detail)
 
     def add(self, where: str, kind: str, detail: str) -> None:
+        """Records one bad row: its location ("items.csv:7"), kind and what is wrong."""
         self.entries.append((where, kind, detail))
 
     def __bool__(self) -> bool:
         return bool(self.entries)
 
     def counts(self) -> dict[str, int]:
+        """How many problems of each kind."""
         return dict(collections.Counter(kind for _, kind, _ in self.entries))
 
     def summary(self) -> str:
+        """The counts in one line, e.g. "2 bad image, 1 empty item_id"."""
         return ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
 
     def lines(self) -> list[str]:
+        """One "where: kind: detail" line per problem, in the order found."""
         return [f"{where}: {kind}: {detail}" for where, kind, detail in self.entries]
 
 
@@ -637,6 +641,7 @@ def options_from_args(args: argparse.Namespace, **more: Any) -> ImportOptions:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: import a folder (see the module docstring); exits 2 on bad input."""
     parser = argparse.ArgumentParser(
         description="Import interactions and item content from a folder as a TFDS dataset."
     )

@@ -546,6 +546,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: generate `mmrec_synthetic` into a data folder."""
     parser = argparse.ArgumentParser(
         description="Generate the mmrec_synthetic dataset (TFDS, ArrayRecord)."
     )
