@@ -643,7 +643,8 @@ def options_from_args(args: argparse.Namespace, **more: Any) -> ImportOptions:
 def main(argv: list[str] | None = None) -> None:
     """Command line: import a folder (see the module docstring); exits 2 on bad input."""
     parser = argparse.ArgumentParser(
-        description="Import interactions and item content from a folder as a TFDS dataset."
+        prog="python -m mmrec_jax.data.local",
+        description="Import interactions and item content from a folder as a TFDS dataset.",
     )
     parser.add_argument("--input", required=True, help="folder with interactions.* and items.*")
     add_common_flags(parser, DEFAULT_NAME)

@@ -198,7 +198,10 @@ def import_movielens(
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: convert a MovieLens folder (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Convert MovieLens into an mmrec TFDS dataset.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mmrec_jax.data.movielens",
+        description="Convert MovieLens into an mmrec TFDS dataset.",
+    )
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")
     local.add_common_flags(parser, DEFAULT_NAME)
     args = parser.parse_args(argv)

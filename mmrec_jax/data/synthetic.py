@@ -548,7 +548,8 @@ def build(
 def main(argv: list[str] | None = None) -> None:
     """Command line: generate `mmrec_synthetic` into a data folder."""
     parser = argparse.ArgumentParser(
-        description="Generate the mmrec_synthetic dataset (TFDS, ArrayRecord)."
+        prog="python -m mmrec_jax.data.synthetic",
+        description="Generate the mmrec_synthetic dataset (TFDS, ArrayRecord).",
     )
     parser.add_argument("--output", required=True, help="data folder (DATA_DIR)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
