@@ -17,10 +17,16 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
     args, config = parse_config_args(parser)
     from mmrec_jax import runtime, train
+    from mmrec_jax.config import ConfigError
+    from mmrec_jax.data.pipeline import DatasetNotBuiltError
 
     runtime.tune_host_allocator()
 
-    train.train_and_evaluate(config, args.workdir)
+    try:
+        train.train_and_evaluate(config, args.workdir)
+    except (ConfigError, DatasetNotBuiltError) as error:
+        # A config that does not fit the dataset or the machine: the message says the fix.
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

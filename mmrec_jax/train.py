@@ -27,7 +27,7 @@ import optax
 from mmrec_jax import checkpoint as checkpoint_lib
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import optim, predict, reporting, runtime, schema, sharding
-from mmrec_jax.config import check_values, config_from_dict, config_to_json
+from mmrec_jax.config import ConfigError, check_values, config_from_dict, config_to_json
 from mmrec_jax.data import pipeline
 from mmrec_jax.models import recommender
 from mmrec_jax.models.text import cached_text_dim
@@ -332,6 +332,10 @@ def train_and_evaluate(
       The summary: {split: {"model": metrics, "oracle": oracle metrics or None}}.
 
     Raises:
+      ConfigError: a config value that is bad in itself, or does not fit the dataset or
+        the devices (a batch larger than the training split, a history longer than the
+        stored one, ...).
+      DatasetNotBuiltError: `config.data.name` is not in `config.data.data_dir`.
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
       SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
     """
@@ -355,14 +359,14 @@ def train_and_evaluate(
 
     mesh = sharding.make_mesh(devices)
     if config.train.batch_size % (mesh.size) != 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} must be divisible by the "
             f"number of devices ({mesh.size})."
         )
     model = recommender.build_model(config.model)
     epoch_steps = pipeline.num_batches(config, "train", train=True, info=info)
     if epoch_steps == 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is larger than the training "
             f"split of {info.name!r}. Lower the batch size."
         )

@@ -204,6 +204,38 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(data_dir, reference
     _resume_and_compare(stopped, data_dir, reference_run)
 
 
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("--config.train.batch_size=100000", "larger than the training split"),
+        ("--config.data.history_len=51", "history_len=51 must lie in [1, "),
+    ],
+)
+def test_config_that_does_not_fit_the_dataset_exits_with_the_fix(
+    data_dir, tmp_path, override, needle
+):
+    """Values fine in themselves but wrong for the dataset: status 2, no traceback."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            str(TINY),
+            "--workdir",
+            str(tmp_path / "run"),
+            f"--config.data.data_dir={data_dir}",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert needle in result.stderr and "train.py: error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_absurd_learning_rate_stops_with_nan_message(data_dir, tmp_path):
     config = tiny_config(
         data_dir,

@@ -47,6 +47,7 @@ import grain
 import numpy as np
 
 from mmrec_jax import schema
+from mmrec_jax.config import ConfigError
 from mmrec_jax.data import builder, media
 
 # Records read from the item table per chunk while decoding it.
@@ -151,7 +152,7 @@ def ensure_dataset(data_config) -> None:
             details = ", ".join(
                 f"{k}: built {a}, configured {b}" for k, (a, b) in different.items()
             )
-            raise ValueError(
+            raise ConfigError(
                 f"{builder.dataset_dir(data_dir, name)} was generated with other settings "
                 f"({details}). Point config.data.data_dir at another folder, or delete that "
                 "folder to regenerate it."
@@ -219,7 +220,7 @@ def available_towers(towers: str | Sequence[str], info: DatasetInfo) -> str:
     names = schema.parse_towers(towers)
     kept = [t for t in names if t not in builder.MODALITIES or t in info.modalities]
     if not kept:
-        raise ValueError(
+        raise ConfigError(
             f"Towers {','.join(names)} need modalities dataset {info.name!r} lacks (it has "
             f"{', '.join(info.modalities) or 'none'}); add the id or history tower."
         )
@@ -612,7 +613,7 @@ def _negatives(info: DatasetInfo, negatives_per_positive: int) -> int:
     if not info.positives_only:
         return 0
     if negatives_per_positive < 1:
-        raise ValueError(
+        raise ConfigError(
             f"Dataset {info.name!r} holds positives only; set "
             "config.data.negatives_per_positive to 1 or more (for example 4) so that the "
             "model also sees negatives."
@@ -683,12 +684,12 @@ def make_batches(
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, {process_count}).")
     if size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"Batch size {size} must be divisible by the number of processes ({process_count})."
         )
     history_len = int(config.data.history_len)
     if not 1 <= history_len <= info.history_len:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.history_len={history_len} must lie in [1, {info.history_len}] (the "
             f"history stored in dataset {info.name!r})."
         )
@@ -696,7 +697,7 @@ def make_batches(
     group = 1 + negatives
     examples = info.split_sizes[split] * group
     if train and examples < size:
-        raise ValueError(
+        raise ConfigError(
             f"Batch size {size} is larger than the {split!r} split ({examples} examples); "
             "lower config.train.batch_size."
         )
