@@ -17,6 +17,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
     args, config = parse_config_args(parser)
     from mmrec_jax import runtime, train
+    from mmrec_jax.checkpoint import CheckpointError
     from mmrec_jax.config import ConfigError
     from mmrec_jax.data.pipeline import DatasetNotBuiltError
 
@@ -25,8 +26,11 @@ def main() -> None:
     try:
         train.train_and_evaluate(config, args.workdir)
     except (ConfigError, DatasetNotBuiltError) as error:
-        # A config that does not fit the dataset or the machine: the message says the fix.
+        # A config that does not fit the dataset, the machine or the workdir's run: the
+        # message says the fix.
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except CheckpointError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

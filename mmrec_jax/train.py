@@ -280,6 +280,68 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return config_from_dict(json.loads(path.read_text()))
 
 
+# Resolved config fields a resumed run may change besides `train.*` and `seed`: the
+# compute dtype follows the platform ("auto"); where the data lives and how it is loaded
+# do not change what is trained.
+_RESUME_MAY_DIFFER = (
+    "model.dtype",
+    "data.data_dir",
+    "data.prefetch",
+    "data.num_workers",
+    "data.max_item_memory_mib",
+)
+
+
+def _leaves(config: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume checkpoints in `workdir` that another model or dataset wrote.
+
+    A workdir's checkpoints can only continue the run its `config.json` describes: the
+    same model (its `model.*` fields, the compute dtype aside) on the same data (the
+    `data.*` fields but the folder and loading options). Training settings (`train.*`,
+    `seed`) may change, for example to train longer. Fields only one of the two configs
+    has (a run written by another version) are not compared.
+
+    Args:
+      workdir: the run folder.
+      config: the resolved config of the new command (`resolve_config`).
+
+    Raises:
+      ConfigError: `workdir` holds checkpoints from a run whose config differs, naming
+        the fields with both values.
+    """
+    workdir = Path(workdir)
+    stored_path, checkpoints = workdir / "config.json", workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in checkpoints.glob("*") if p.is_dir() and p.name.isdigit())
+    if not steps or not stored_path.is_file():
+        return
+    stored = _leaves(json.loads(stored_path.read_text()))
+    wanted = _leaves(json.loads(config_to_json(config)))
+    differences = [
+        f"{key} is {stored[key]!r} there and {wanted[key]!r} now"
+        for key in sorted(set(stored) & set(wanted))
+        if key.startswith(("model.", "data."))
+        and key not in _RESUME_MAY_DIFFER
+        and stored[key] != wanted[key]
+    ]
+    if differences:
+        shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
+        raise ConfigError(
+            f"{workdir} holds checkpoints (steps {steps}) of a run with another model or "
+            f"data: {shown}. Resume it with its own settings (in {stored_path}), or pass a "
+            "new --workdir to train this config from scratch."
+        )
+
+
 def restore_params(
     workdir: str | Path, which: str | int = "best", devices: list | None = None
 ) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
@@ -336,6 +398,7 @@ def train_and_evaluate(
         the devices (a batch larger than the training split, a history longer than the
         stored one, ...).
       DatasetNotBuiltError: `config.data.name` is not in `config.data.data_dir`.
+      CheckpointError: `workdir` holds checkpoints and none of them restores.
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
       SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
     """
@@ -354,6 +417,7 @@ def train_and_evaluate(
         multihost_utils.sync_global_devices("dataset ready")
     info = pipeline.load_dataset_info(config.data)
     config = resolve_config(config, info, verbose=is_chief)
+    check_resumable(workdir, config)  # before config.json is replaced
     if is_chief:
         (workdir / "config.json").write_text(config_to_json(config))
 
@@ -392,7 +456,11 @@ def train_and_evaluate(
         recommender.print_param_counts(state["params"])
 
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    restored = checkpointer.restore_latest_good(checkpoint_lib.abstract_like(state))
+    try:
+        restored = checkpointer.restore_latest_good(checkpoint_lib.abstract_like(state))
+    except checkpoint_lib.CheckpointError:
+        checkpointer.close()  # release Orbax's background threads before the error surfaces
+        raise
     start_step = 0
     data_state = None
     if restored is not None:

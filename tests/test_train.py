@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from mmrec_jax import reporting, runtime, train
-from mmrec_jax.config import load_config
+from mmrec_jax.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -143,6 +144,31 @@ def reference_run(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     subprocess.run(_train_cmd(workdir, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
     return workdir
+
+
+def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = (run / "config.json").read_text()
+    config = train.load_run_config(run)
+    config.model.width = 64
+    with pytest.raises(ConfigError, match="model.width is 32 there and 64 now"):
+        train.train_and_evaluate(config, run)
+    assert (run / "config.json").read_text() == before
+    # What a resumed run may change: its length, the data loading, the compute dtype.
+    same = train.load_run_config(run)
+    same.train.num_steps, same.seed = 60, 3
+    same.data.prefetch, same.data.num_workers, same.model.dtype = 0, 2, "bfloat16"
+    train.check_resumable(run, same)
+    # A field only one side has (a run written by another version) is not compared.
+    stored = json.loads(before)
+    del stored["model"]["fusion"]["mlp_dim"]
+    (run / "config.json").write_text(json.dumps(stored))
+    same.model.fusion.mlp_dim = 7
+    train.check_resumable(run, same)
+    # Without checkpoints (a run that stopped before saving) any config may start there.
+    shutil.rmtree(run / "checkpoints")
+    train.check_resumable(run, config)
 
 
 @pytest.mark.slow
