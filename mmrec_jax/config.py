@@ -27,19 +27,33 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its `get_config()`.
+    """Loads a config file: a Python file's `get_config()`, or a run's `config.json`.
 
     Args:
-      path: a Python file defining `get_config()`.
+      path: a Python file defining `get_config()` (see configs/), or the config.json a
+        training run wrote into its workdir (to rerun or resume it with its settings).
 
     Raises:
-      ConfigError: the file does not exist or defines no `get_config`.
+      ConfigError: the file does not exist, is neither kind, or defines no `get_config`.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
             f"Config file {str(path)!r} does not exist. Pass one of the files in configs/, "
             "for example --config configs/default.py."
+        )
+    if path.suffix == ".json":
+        try:
+            values = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"Config file {str(path)!r} is not valid JSON ({error}).") from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"Config file {str(path)!r} must hold a JSON object.")
+        return config_from_dict(values)
+    if path.suffix != ".py":
+        raise ConfigError(
+            f"Config file {str(path)!r} is neither a Python config (.py with get_config(), "
+            "see configs/) nor a run's config.json."
         )
     # Config files import each other as `configs.<name>`: make the folder above importable.
     root = str(path.resolve().parent.parent)

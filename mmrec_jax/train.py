@@ -337,8 +337,8 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
         shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
         raise ConfigError(
             f"{workdir} holds checkpoints (steps {steps}) of a run with another model or "
-            f"data: {shown}. Resume it with its own settings (in {stored_path}), or pass a "
-            "new --workdir to train this config from scratch."
+            f"data: {shown}. Resume it with its own settings (--config {stored_path}), or "
+            "pass a new --workdir to train this config from scratch."
         )
 
 

@@ -240,3 +240,26 @@ def test_train_py_reports_bad_values_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "config.train.batch_size=0 must be an integer >= 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_runs_config_json_loads_as_a_config(tmp_path):
+    """train.py --config RUN/config.json reruns or resumes a run with its own settings."""
+    original = load_config(ROOT / "configs/tiny.py")
+    (tmp_path / "config.json").write_text(config_to_json(original))
+    loaded = load_config(tmp_path / "config.json", [("train.num_steps", "7")])
+    assert loaded.train.num_steps == 7
+    loaded.train.num_steps = original.train.num_steps
+    assert loaded.to_dict() == original.to_dict()
+    assert loaded.model.image.channels == original.model.image.channels  # tuples again
+
+
+def test_unusable_config_files_are_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("batch_size = 3")
+    with pytest.raises(ConfigError, match="neither a Python config"):
+        load_config(tmp_path / "notes.txt")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path / "broken.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load_config(tmp_path / "list.json")
