@@ -407,6 +407,8 @@ def train_and_evaluate(
     process_index, process_count = _process_index_and_count()
     is_chief = process_index == 0
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"The workdir {workdir} is a file; pass a folder for the run.")
     workdir.mkdir(parents=True, exist_ok=True)
 
     if is_chief:

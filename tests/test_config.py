@@ -219,6 +219,10 @@ def test_train_and_evaluate_checks_values_before_building_the_dataset(tmp_path):
     with pytest.raises(ConfigError, match="batch_size=-4"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "data").exists()
+    config.train.batch_size = 4
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file; pass a folder"):
+        train.train_and_evaluate(config, tmp_path / "file")
 
 
 def test_train_py_reports_bad_values_without_a_traceback(tmp_path):
