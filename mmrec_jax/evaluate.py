@@ -684,6 +684,7 @@ def evaluate_run(
     ks: Sequence[int] = DEFAULT_KS,
     ablate: bool = False,
     devices: list | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, dict]:
     """Evaluates a checkpoint of a run; writes `workdir/eval/<split>.json` for each split.
 
@@ -694,6 +695,7 @@ def evaluate_run(
       ks: ranking cut-offs.
       ablate: also report the AUC lost without each content modality.
       devices: mesh devices (default: all).
+      data_dir: where the run's dataset is now, if it moved (default: where it was).
 
     Returns:
       `evaluate_params`' results, each with "checkpoint_step" and "k" added.
@@ -702,10 +704,10 @@ def evaluate_run(
     from mmrec_jax.data import pipeline
 
     # Bad arguments fail before anything is loaded.
-    info = pipeline.load_dataset_info(train.load_run_config(workdir).data)
+    info = pipeline.load_dataset_info(train.load_run_config(workdir, data_dir).data)
     splits = resolve_splits(splits, info)
     _check_ks(ks, info.num_item_rows)
-    config, model, params, step = train.restore_params(workdir, checkpoint, devices)
+    config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     mesh = sharding.make_mesh(devices)
     catalogue = open_catalogue(config)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
@@ -762,6 +764,15 @@ def _parse_checkpoint(text: str) -> str | int:
     raise argparse.ArgumentTypeError(f"--checkpoint {text!r}: use best, latest or a step")
 
 
+def _moved_data_hint(error: Exception, args: argparse.Namespace) -> str:
+    """For a command line: how to point a run at its dataset after the data moved."""
+    from mmrec_jax.data.pipeline import DatasetNotBuiltError
+
+    if isinstance(error, DatasetNotBuiltError) and not args.data_dir:
+        return " If the run's dataset moved since training, pass --data_dir NEW_FOLDER."
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m mmrec_jax.evaluate`: see the module docstring."""
     parser = argparse.ArgumentParser(
@@ -786,12 +797,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ablate", action="store_true", help="report the AUC lost without each modality"
     )
+    parser.add_argument(
+        "--data_dir", help="where the run's dataset is now, if it moved since training"
+    )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
     try:
-        results = evaluate_run(args.workdir, args.split, args.checkpoint, args.k, args.ablate)
+        results = evaluate_run(
+            args.workdir, args.split, args.checkpoint, args.k, args.ablate, data_dir=args.data_dir
+        )
     except (FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.exit(2, f"{parser.prog}: error: {error}{_moved_data_hint(error, args)}\n")
     if not results:
         parser.exit(2, f"{parser.prog}: error: none of the splits has any rows.\n")
     if jax.process_index() != 0:  # process 0 writes the results and reports them

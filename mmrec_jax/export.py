@@ -175,6 +175,7 @@ def export_run(
     checkpoint: str | int = "best",
     overwrite: bool = False,
     devices: list | None = None,
+    data_dir: str | Path | None = None,
 ) -> Path:
     """Exports a checkpoint of a training run to the folder `out`.
 
@@ -185,6 +186,7 @@ def export_run(
       overwrite: replace `out` if it exists (it is swapped out only once the new export
         is complete).
       devices: mesh devices for encoding the item table (default: all).
+      data_dir: where the run's dataset is now, if it moved (default: where it was).
 
     Returns:
       The export folder.
@@ -199,7 +201,7 @@ def export_run(
         raise FileExistsError(
             f"{out} already exists. Choose another --out, or pass --overwrite to replace it."
         )
-    config, model, params, step = train.restore_params(workdir, checkpoint, devices)
+    config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     mesh = sharding.make_mesh(devices)
     catalogue = evaluate.open_catalogue(config)
     encoded = evaluate.encode_catalogue(
@@ -238,12 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint", default="best", help="best (validation AUC), latest, or a step"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--data_dir", help="where the run's dataset is now, if it moved since training"
+    )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
     try:
-        out = export_run(args.workdir, args.out, args.checkpoint, args.overwrite)
+        out = export_run(
+            args.workdir, args.out, args.checkpoint, args.overwrite, data_dir=args.data_dir
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.exit(2, f"{parser.prog}: error: {error}{evaluate._moved_data_hint(error, args)}\n")
     if jax.process_index() != 0:  # process 0 writes the export and reports it
         return 0
     manifest = json.loads((out / exported.MANIFEST_FILE).read_text())

@@ -58,9 +58,10 @@ def resolve_config(
     """Fills the dataset- and platform-dependent fields of a config.
 
     Sets `model.num_users` / `model.num_items` from the dataset's ID vocabularies (when 0),
-    drops content towers for modalities the dataset does not have, and resolves
+    drops content towers for modalities the dataset does not have, resolves
     `model.dtype = "auto"` for this platform (`runtime.compute_dtype`), so that the run's
-    config.json records the dtype it trained with.
+    config.json records the dtype it trained with, and makes `data.data_dir` absolute, so
+    that evaluation and export find the dataset from any working directory.
 
     Returns:
       A copy of `config`.
@@ -69,6 +70,7 @@ def resolve_config(
       ValueError: `model.dtype` names no compute dtype.
     """
     config = ml_collections.ConfigDict(config.to_dict())
+    config.data.data_dir = str(Path(config.data.data_dir).resolve())
     model = config.model
     model.dtype = runtime.compute_dtype(model.dtype)
     if model.num_users == 0:
@@ -269,15 +271,25 @@ def build_train_state(
     return TrainSetup(state, shardings, optimizer, schedule)
 
 
-def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The resolved config a run in `workdir` trained with (its config.json)."""
+def load_run_config(
+    workdir: str | Path, data_dir: str | Path | None = None
+) -> ml_collections.ConfigDict:
+    """The resolved config a run in `workdir` trained with (its config.json).
+
+    Args:
+      workdir: the run's folder.
+      data_dir: where the run's dataset is now, if it moved (default: where it was).
+    """
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: {workdir} is not a training workdir. Pass the --workdir "
             "that train.py was run with."
         )
-    return config_from_dict(json.loads(path.read_text()))
+    config = config_from_dict(json.loads(path.read_text()))
+    if data_dir is not None:
+        config.data.data_dir = str(data_dir)
+    return config
 
 
 # Resolved config fields a resumed run may change besides `train.*` and `seed`: the
@@ -343,7 +355,10 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
 
 
 def restore_params(
-    workdir: str | Path, which: str | int = "best", devices: list | None = None
+    workdir: str | Path,
+    which: str | int = "best",
+    devices: list | None = None,
+    data_dir: str | Path | None = None,
 ) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
     """Loads the parameters of a checkpoint of a finished or running training run.
 
@@ -351,12 +366,13 @@ def restore_params(
       workdir: the run's folder.
       which: "best" (by validation AUC; the latest if never evaluated), "latest", or a step.
       devices: mesh devices (default: all).
+      data_dir: where the run's dataset is now, if it moved (default: where it was).
 
     Returns:
       (config, model, params, step): the resolved run config, the model built from it,
       its parameters on the mesh (replicated or FSDP as trained), and the step loaded.
     """
-    config = load_run_config(workdir)
+    config = load_run_config(workdir, data_dir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     steps = checkpointer.all_steps()
     if not steps:

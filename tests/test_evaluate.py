@@ -1,6 +1,8 @@
 """`mmrec_jax.evaluate` on a tiny trained run: full-catalogue ranking, the CLI, ablation."""
 
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -205,3 +207,24 @@ def test_resolve_splits(workdir):
     assert evaluate.resolve_splits(None, info) == ["test", "test_cold"]
     assert evaluate.resolve_splits(["all"], info) == ["train", "validation", "test", "test_cold"]
     assert evaluate.resolve_splits(["test_cold", "test,test_cold"], info) == ["test_cold", "test"]
+
+
+def test_a_run_whose_data_moved_evaluates_with_data_dir(workdir, tmp_path, capsys):
+    config = train.load_run_config(workdir)
+    assert Path(config.data.data_dir).is_absolute()  # recorded so at training time
+    moved = tmp_path / "run"
+    shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("eval"))
+    stored = json.loads((moved / "config.json").read_text())
+    stored["data"]["data_dir"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(moved), "--split", "test"])
+    assert exit_info.value.code == 2
+    assert "pass --data_dir" in capsys.readouterr().err
+    results = evaluate.evaluate_run(moved, ["test"], data_dir=config.data.data_dir)
+    reference = json.loads((workdir / "summary.json").read_text())["splits"]["test"]["model"]
+    assert results["test"]["click"]["auc"] == pytest.approx(reference["auc"], abs=1e-6)
+    from mmrec_jax import export, exported
+
+    out = export.export_run(moved, tmp_path / "export", data_dir=config.data.data_dir)
+    assert (out / exported.MANIFEST_FILE).is_file()
