@@ -37,6 +37,7 @@ import numpy as np
 
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import predict, reporting, runtime, schema, sharding
+from mmrec_jax.files import write_atomic
 
 # Content modalities `--ablate` marks absent in turn (those the model's towers have).
 ABLATABLE = ("text", "image", "audio")
@@ -717,7 +718,7 @@ def evaluate_run(
         entry["k"] = [int(k) for k in ks]
         if jax.process_index() == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / f"{split}.json").write_text(json.dumps(entry, indent=2) + "\n")
+            write_atomic(out / f"{split}.json", json.dumps(entry, indent=2) + "\n")
     return results
 
 

@@ -29,6 +29,7 @@ from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import optim, predict, reporting, runtime, schema, sharding
 from mmrec_jax.config import ConfigError, check_values, config_from_dict, config_to_json
 from mmrec_jax.data import pipeline
+from mmrec_jax.files import write_atomic
 from mmrec_jax.models import recommender
 from mmrec_jax.models.text import cached_text_dim
 
@@ -437,7 +438,7 @@ def train_and_evaluate(
     config = resolve_config(config, info, verbose=is_chief)
     check_resumable(workdir, config)  # before config.json is replaced
     if is_chief:
-        (workdir / "config.json").write_text(config_to_json(config))
+        write_atomic(workdir / "config.json", config_to_json(config))
 
     mesh = sharding.make_mesh(devices)
     if config.train.batch_size % (mesh.size) != 0:
@@ -670,7 +671,7 @@ def _final_report(
             f"its first {train_batches * batch_size} rows):\n{table}"
         )
         payload = {"checkpoint_step": best, "splits": summary}
-        (Path(workdir) / "summary.json").write_text(json.dumps(payload, indent=2))
+        write_atomic(Path(workdir) / "summary.json", json.dumps(payload, indent=2))
         plots = reporting.plot_curves(workdir)
         print(f"Wrote {Path(workdir) / 'summary.json'} and {', '.join(p.name for p in plots)}.")
     return summary

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmrec_jax.files import write_atomic
 from mmrec_jax.hub import resolve_pretrained
 from mmrec_jax.models.bert_weights import TOKENIZER_FILES, load_pretrained, weight_files
 from mmrec_jax.models.text import POOLINGS, pool
@@ -117,19 +116,6 @@ def _compute_embeddings(
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(array_path: Path, meta_path: Path, fingerprint: str, n: int) -> np.ndarray | None:
     """The cached array if it is present, complete and intact; None otherwise."""
     if not array_path.exists() and not meta_path.exists():
@@ -207,6 +193,6 @@ def text_embeddings(
         "max_len": max_len,
         "num_texts": len(texts),
     }
-    _atomic_write(array_path, data)
-    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(array_path, data)
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return array

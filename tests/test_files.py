@@ -1,0 +1,30 @@
+"""Atomic file writes: a file holds its old content or the new one, never a part."""
+
+import os
+
+import pytest
+
+from mmrec_jax import files
+
+
+def test_write_atomic_replaces_text_and_bytes(tmp_path):
+    path = tmp_path / "config.json"
+    files.write_atomic(path, '{"a": 1}')
+    assert path.read_text() == '{"a": 1}'
+    files.write_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        files.write_atomic(path, "new content")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
