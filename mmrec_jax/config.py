@@ -13,7 +13,7 @@ import importlib.util
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +348,17 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             "Bad config values (set them in the config file or with "
             "--config.KEY=VALUE):\n  " + "\n  ".join(problems)
         )
+
+
+def flatten(values: Mapping) -> dict[str, Any]:
+    """Dotted key -> leaf value of a nested config or dict, e.g. {"train.batch_size": 32}."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[key] = value
+    return out
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

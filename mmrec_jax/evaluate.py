@@ -765,7 +765,7 @@ def _parse_checkpoint(text: str) -> str | int:
     raise argparse.ArgumentTypeError(f"--checkpoint {text!r}: use best, latest or a step")
 
 
-def _moved_data_hint(error: Exception, args: argparse.Namespace) -> str:
+def moved_data_hint(error: Exception, args: argparse.Namespace) -> str:
     """For a command line: how to point a run at its dataset after the data moved."""
     from mmrec_jax.data.pipeline import DatasetNotBuiltError
 
@@ -808,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workdir, args.split, args.checkpoint, args.k, args.ablate, data_dir=args.data_dir
         )
     except (FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}{_moved_data_hint(error, args)}\n")
+        parser.exit(2, f"{parser.prog}: error: {error}{moved_data_hint(error, args)}\n")
     if not results:
         parser.exit(2, f"{parser.prog}: error: none of the splits has any rows.\n")
     if jax.process_index() != 0:  # process 0 writes the results and reports them

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workdir, args.out, args.checkpoint, args.overwrite, data_dir=args.data_dir
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}{evaluate._moved_data_hint(error, args)}\n")
+        parser.exit(2, f"{parser.prog}: error: {error}{evaluate.moved_data_hint(error, args)}\n")
     if jax.process_index() != 0:  # process 0 writes the export and reports it
         return 0
     manifest = json.loads((out / exported.MANIFEST_FILE).read_text())

@@ -27,7 +27,13 @@ import optax
 from mmrec_jax import checkpoint as checkpoint_lib
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import optim, predict, reporting, runtime, schema, sharding
-from mmrec_jax.config import ConfigError, check_values, config_from_dict, config_to_json
+from mmrec_jax.config import (
+    ConfigError,
+    check_values,
+    config_from_dict,
+    config_to_json,
+    flatten,
+)
 from mmrec_jax.data import pipeline
 from mmrec_jax.files import write_atomic
 from mmrec_jax.models import recommender
@@ -305,16 +311,6 @@ _RESUME_MAY_DIFFER = (
 )
 
 
-def _leaves(config: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, (dict, ml_collections.ConfigDict)):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume checkpoints in `workdir` that another model or dataset wrote.
 
@@ -337,8 +333,8 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
     steps = sorted(int(p.name) for p in checkpoints.glob("*") if p.is_dir() and p.name.isdigit())
     if not steps or not stored_path.is_file():
         return
-    stored = _leaves(json.loads(stored_path.read_text()))
-    wanted = _leaves(json.loads(config_to_json(config)))
+    stored = flatten(json.loads(stored_path.read_text()))
+    wanted = flatten(json.loads(config_to_json(config)))  # tuples as lists, as stored
     differences = [
         f"{key} is {stored[key]!r} there and {wanted[key]!r} now"
         for key in sorted(set(stored) & set(wanted))

@@ -105,22 +105,20 @@ def test_json_round_trip():
     assert restored.to_dict() == config.to_dict()
 
 
-def test_train_py_rejects_unknown_key(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--config",
-            str(ROOT / "configs/tiny.py"),
-            "--workdir",
-            str(tmp_path),
-            "--config.no_such_key=1",
-        ],
+def _train_py(workdir, *overrides) -> subprocess.CompletedProcess:
+    """train.py on the tiny config with `overrides`, its output captured."""
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py")]
+    return subprocess.run(
+        [*command, "--workdir", str(workdir), *overrides],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
+
+
+def test_train_py_rejects_unknown_key(tmp_path):
+    result = _train_py(tmp_path, "--config.no_such_key=1")
     assert result.returncode == 2
     assert "no_such_key" in result.stderr
 
@@ -135,14 +133,6 @@ def test_shipped_configs_pass_the_value_checks(path):
     check_values(load_config(path))
 
 
-def _leaves(node, prefix=""):
-    for key, value in node.items():
-        if hasattr(value, "items"):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 # String fields checked where they are used: free names, a path, a parsed list.
 FREE_STRINGS = {"data.name", "data.data_dir", "model.text.model", "model.towers"}
 FREE_STRINGS |= {"train.tower_lr_scale"}
@@ -151,7 +141,7 @@ FREE_STRINGS |= {"train.tower_lr_scale"}
 def test_every_default_field_has_a_value_check():
     """A new numeric or named-choice field must get a rule, or bad values go unchecked."""
     choices = config_lib._choice_rules()
-    for key, value in _leaves(load_config(ROOT / "configs/default.py")):
+    for key, value in config_lib.flatten(load_config(ROOT / "configs/default.py")).items():
         if isinstance(value, bool):
             continue
         if isinstance(value, str):
@@ -226,21 +216,7 @@ def test_train_and_evaluate_checks_values_before_building_the_dataset(tmp_path):
 
 
 def test_train_py_reports_bad_values_without_a_traceback(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--config",
-            str(ROOT / "configs/tiny.py"),
-            "--workdir",
-            str(tmp_path),
-            "--config.train.batch_size=0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    result = _train_py(tmp_path, "--config.train.batch_size=0")
     assert result.returncode == 2
     assert "config.train.batch_size=0 must be an integer >= 1" in result.stderr
     assert "Traceback" not in result.stderr
