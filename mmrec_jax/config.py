@@ -160,10 +160,11 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
             body = arg[len(_OVERRIDE_PREFIX) :]
             if "=" in body:
                 key, value = body.split("=", 1)
-            elif i + 1 < len(args):
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
                 key, value = body, args[i + 1]
                 i += 1
             else:
+                # The next argument is another flag (or there is none): a value was left out.
                 raise ConfigError(f"Override {arg!r} has no value; write {arg}=VALUE.")
             overrides.append((key, value))
         else:

@@ -99,6 +99,21 @@ def test_split_overrides_both_spellings():
     assert overrides == [("a.b", "1"), ("c", "2")]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--config.train.batch_size"], ["--config.train.batch_size", "--workdir", "runs/x"]],
+)
+def test_split_overrides_missing_value(argv):
+    # A flag after the key is not its value: the user left the value out.
+    with pytest.raises(ConfigError, match="'--config.train.batch_size' has no value"):
+        split_overrides(argv)
+
+
+def test_split_overrides_negative_value():
+    _, overrides = split_overrides(["--config.train.max_loss", "-1"])
+    assert overrides == [("train.max_loss", "-1")]
+
+
 def test_json_round_trip():
     config = load_config(ROOT / "configs/default.py")
     restored = config_from_dict(json.loads(config_to_json(config)))
