@@ -8,12 +8,12 @@ A workdir that already holds checkpoints is resumed from the latest one.
 
 import argparse
 
-from mmrec_jax.cli import parse_config_args
+from mmrec_jax.cli import add_config_argument, parse_config_args
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/default.py")
+    add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
     args, config = parse_config_args(parser)
     from mmrec_jax import runtime, train

@@ -37,7 +37,7 @@ from mmrec_jax.models import recommender
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/default.py")
+    cli.add_config_argument(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed calls per measurement")
     parser.add_argument("--catalogue", type=int, default=1000, help="items in the catalogue")
     parser.add_argument("--encode_chunk", type=int, default=256, help="items per encode call")

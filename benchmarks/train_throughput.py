@@ -54,7 +54,7 @@ PREDICT_NAME = "predict"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/seed.py")
+    cli.add_config_argument(parser, "configs/seed.py")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument(

@@ -11,6 +11,19 @@ import ml_collections
 from mmrec_jax.config import ConfigError, load_config, split_overrides
 
 
+def add_config_argument(parser: argparse.ArgumentParser, example: str = "configs/default.py"):
+    """Adds the required `--config FILE` and describes `--config.KEY=VALUE` in the help."""
+    parser.add_argument(
+        "--config", required=True, metavar="FILE", help=f"config file, e.g. {example}"
+    )
+    overrides = (
+        "Any config field can be overridden: --config.KEY=VALUE (or "
+        "--config.KEY VALUE), e.g. --config.train.batch_size=512 --config.model.towers=text,id; "
+        "the fields and their meaning are in the config files."
+    )
+    parser.epilog = f"{parser.epilog} {overrides}" if parser.epilog else overrides
+
+
 def parse_config_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:

@@ -1,5 +1,6 @@
 """Config files and command-line overrides."""
 
+import argparse
 import ast
 import json
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mmrec_jax import cli
 from mmrec_jax import config as config_lib
 from mmrec_jax.config import (
     ConfigError,
@@ -107,6 +109,16 @@ def test_split_overrides_missing_value(argv):
     # A flag after the key is not its value: the user left the value out.
     with pytest.raises(ConfigError, match="'--config.train.batch_size' has no value"):
         split_overrides(argv)
+
+
+def test_config_argument_documents_and_applies_overrides():
+    parser = argparse.ArgumentParser(prog="train.py")
+    cli.add_config_argument(parser)
+    assert "--config.KEY=VALUE" in parser.format_help()
+    args, config = cli.parse_config_args(
+        parser, ["--config.train.batch_size=4", "--config", str(ROOT / "configs/tiny.py")]
+    )
+    assert args.config.endswith("tiny.py") and config.train.batch_size == 4
 
 
 def test_split_overrides_negative_value():
