@@ -10,8 +10,10 @@ item blocks split over the devices), then a (users x items) grid of rows per cal
 scored from those encoded items (`score`) and reduced to each user's top K on the device
 (`top_k_items`), with the user's training positives excluded and the split's positives
 as the relevant items. The results are printed beside the dataset's oracle and written
-to `WORKDIR/eval/<split>.json`. `--ablate` re-scores the split with each content
-modality marked absent in turn and reports the AUC each one is worth.
+to `WORKDIR/eval/<split>.json` (with the split's calibration curve, bin by bin); the
+splits' reliability diagrams go to `WORKDIR/eval/calibration.png`. `--ablate` re-scores
+the split with each content modality marked absent in turn and reports the AUC each one
+is worth.
 
 Every step is a function (`encode_catalogue`, `catalogue_scores`, `rank_catalogue`,
 `make_split_fn`, `evaluate_params`), so other code (the training summary) can call
@@ -574,7 +576,8 @@ def evaluate_params(
       catalogue: `open_catalogue(config)`, if already open.
 
     Returns:
-      {split: {"click": {...}, "ranking": {...} or None, "ranked_users": int,
+      {split: {"click": {...}, "calibration": `metrics.calibration_curve`, "ranking":
+      {...} or None, "ranked_users": int,
       "rows": {"examples", "positive_rate"}, "oracle": {...} or None,
       "ablation": {modality: {..., "auc_drop"}} (with `ablate`)}}. Ranking is None for
       "train": its positives are the excluded items.
@@ -591,6 +594,9 @@ def evaluate_params(
         rows = score_split(split_fn, params, config, split, mesh, (), catalogue.item_store)
         entry: dict[str, Any] = {
             "click": click_metrics_of(rows),
+            "calibration": metrics_lib.calibration_curve(
+                rows["label"], metrics_lib.sigmoid(rows["logit"])
+            ),
             "ranking": None,
             "rows": {
                 "examples": int(rows["label"].shape[0]),
@@ -689,6 +695,8 @@ def evaluate_run(
 ) -> dict[str, dict]:
     """Evaluates a checkpoint of a run; writes `workdir/eval/<split>.json` for each split.
 
+    Also draws the splits' reliability diagrams into `workdir/eval/calibration.png`.
+
     Args:
       workdir: the training run's folder.
       splits: split names, or None for test and test_cold; "all" for every split.
@@ -719,6 +727,9 @@ def evaluate_run(
         if jax.process_index() == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / f"{split}.json", json.dumps(entry, indent=2) + "\n")
+    if results and jax.process_index() == 0:
+        curves = {split: entry["calibration"] for split, entry in results.items()}
+        reporting.plot_calibration(curves, out / "calibration.png")
     return results
 
 
@@ -817,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.workdir}, checkpoint step {step} ({args.checkpoint}):\n")
     print(format_results(results))
     written = ", ".join(str(Path(args.workdir) / "eval" / f"{s}.json") for s in results)
+    written += f" and {Path(args.workdir) / 'eval' / 'calibration.png'}"
     print(f"\nWrote {written}.")
     return 0
 

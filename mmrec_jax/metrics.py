@@ -262,12 +262,30 @@ def accuracy(labels, probs, threshold: float = 0.5) -> float:
     return float(np.mean((probs >= threshold) == labels))
 
 
-def expected_calibration_error(labels, probs, num_bins: int = 15) -> float:
-    """Expected calibration error over equal-width probability bins.
+def _calibration_bins(
+    labels: np.ndarray, probs: np.ndarray, num_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Equal-width bin edges and per-bin count, label sum and probability sum.
 
     Bin b in 0..num_bins-1 holds the probabilities in [b / num_bins, (b + 1) / num_bins)
     (the last bin also holds 1.0), with the edges b / num_bins rounded once to float64.
-    ECE = sum_b (n_b / N) * |mean label in b - mean probability in b|, empty bins adding 0.
+    """
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}.")
+    # Not np.linspace: its i * (1 / num_bins) puts 3 / 10 at 0.30000000000000004.
+    edges = np.arange(num_bins + 1) / num_bins  # (num_bins + 1,)
+    bins = np.minimum(np.searchsorted(edges, probs, side="right") - 1, num_bins - 1)  # (N,)
+    count = np.bincount(bins, minlength=num_bins)  # (num_bins,)
+    label_sum = np.bincount(bins, weights=labels, minlength=num_bins)
+    prob_sum = np.bincount(bins, weights=probs, minlength=num_bins)
+    return edges, count, label_sum, prob_sum
+
+
+def expected_calibration_error(labels, probs, num_bins: int = 15) -> float:
+    """Expected calibration error over equal-width probability bins.
+
+    ECE = sum_b (n_b / N) * |mean label in b - mean probability in b| over the bins of
+    `calibration_curve`, empty bins adding 0.
 
     Args:
       labels: (N,) binary labels.
@@ -279,19 +297,44 @@ def expected_calibration_error(labels, probs, num_bins: int = 15) -> float:
     """
     labels, probs = _click_inputs(labels, "probs", probs)
     probs = _probabilities("probs", probs)
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}.")
-    # Not np.linspace: its i * (1 / num_bins) puts 3 / 10 at 0.30000000000000004.
-    edges = np.arange(num_bins + 1) / num_bins  # (num_bins + 1,)
-    bins = np.minimum(np.searchsorted(edges, probs, side="right") - 1, num_bins - 1)  # (N,)
-    label_sum = np.bincount(bins, weights=labels, minlength=num_bins)  # (num_bins,)
-    prob_sum = np.bincount(bins, weights=probs, minlength=num_bins)
+    _, _, label_sum, prob_sum = _calibration_bins(labels, probs, num_bins)
     return float(np.sum(np.abs(label_sum - prob_sum)) / labels.shape[0])
 
 
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
+def calibration_curve(labels, probs, num_bins: int = 15) -> dict[str, list]:
+    """The reliability diagram behind `expected_calibration_error`, bin by bin.
+
+    Bin b in 0..num_bins-1 holds the probabilities in [b / num_bins, (b + 1) / num_bins)
+    (the last bin also holds 1.0), as in `expected_calibration_error`.
+
+    Args:
+      labels: (N,) binary labels.
+      probs: (N,) predicted probabilities of the positive class, in [0, 1].
+      num_bins: number of equal-width bins.
+
+    Returns:
+      {"bin_edges": num_bins + 1 floats, "count": per-bin examples, "mean_prob": per-bin
+      mean predicted probability, "positive_rate": per-bin fraction of positives}; the
+      means are None for empty bins. Lists, ready for JSON.
+    """
+    labels, probs = _click_inputs(labels, "probs", probs)
+    probs = _probabilities("probs", probs)
+    edges, count, label_sum, prob_sum = _calibration_bins(labels, probs, num_bins)
+
+    def means(sums: np.ndarray) -> list[float | None]:
+        return [float(s / n) if n else None for s, n in zip(sums, count, strict=True)]
+
+    return {
+        "bin_edges": [float(e) for e in edges],
+        "count": [int(n) for n in count],
+        "mean_prob": means(prob_sum),
+        "positive_rate": means(label_sum),
+    }
+
+
+def sigmoid(logits) -> np.ndarray:
     """Sigmoid in float64 without overflow: exp(-softplus(-x))."""
-    return np.exp(-np.logaddexp(0.0, -logits))
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, np.float64)))
 
 
 def click_metrics(
@@ -331,7 +374,7 @@ def click_metrics(
     if logits is not None:
         labels, logits = _click_inputs(labels, "logits", logits)
         scores = _finite("logits", logits).astype(np.float64)
-        probs = _sigmoid(scores)
+        probs = sigmoid(scores)
         loss = _logloss_from_logits(labels, scores)
     else:
         labels, probs = _click_inputs(labels, "probs", probs)

@@ -141,3 +141,55 @@ def plot_curves(workdir: str | Path) -> list[Path]:
             written.append(path)
         plt.close(figure)
     return written
+
+
+def plot_calibration(curves: Mapping[str, Mapping], path: str | Path) -> Path:
+    """Writes a reliability diagram of one or more splits to `path` (PNG, atomically).
+
+    Args:
+      curves: {split: `metrics.calibration_curve(...)`}.
+      path: the image file to write.
+
+    Returns:
+      `path`.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmrec_jax.files import write_atomic
+
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(6, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfectly calibrated")
+    for split, curve in curves.items():
+        filled = [
+            (p, r)
+            for p, r in zip(curve["mean_prob"], curve["positive_rate"], strict=True)
+            if p is not None
+        ]
+        if filled:
+            probs, rates = zip(*filled, strict=True)
+            top.plot(probs, rates, marker="o", label=split)
+        edges = curve["bin_edges"]
+        bottom.stairs(curve["count"], edges, label=split)
+    top.set_ylabel("fraction of positives")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.legend()
+    top.set_title("Calibration (equal-width bins of the predicted probability)")
+    bottom.set_xlabel("predicted click probability")
+    bottom.set_ylabel("examples")
+    bottom.set_yscale("log")
+    bottom.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_atomic(path, buffer.getvalue())
+    return Path(path)

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from _trained_run import GROUP, restored_checkpoint, trained_run
@@ -177,10 +178,25 @@ def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir
             assert result["oracle"][name] == summary[split]["oracle"][name], (split, name)
         for name, value in summary[split]["model"].items():
             assert result["click"][name] == pytest.approx(value, abs=1e-6), (split, name)
+        # The calibration curve covers every row and gives back the ECE.
+        curve = result["calibration"]
+        assert sum(curve["count"]) == result["rows"]["examples"]
+        gaps = [
+            n * abs(rate - prob)
+            for n, rate, prob in zip(
+                curve["count"], curve["positive_rate"], curve["mean_prob"], strict=True
+            )
+            if n
+        ]
+        ece = sum(gaps) / result["rows"]["examples"]
+        assert ece == pytest.approx(result["click"]["ece"], abs=1e-9)
         assert set(result["ablation"]) == {"text"}  # the run's only content modality
         ablated = result["ablation"]["text"]
         assert ablated["auc_drop"] == pytest.approx(result["click"]["auc"] - ablated["auc"])
         assert ablated["logloss"] != result["click"]["logloss"]  # the text was really removed
+    image = plt.imread(workdir / "eval" / "calibration.png")  # a whole, readable PNG
+    assert image.shape[:2] == (600, 600) and image.std() > 0
+    assert f"{workdir / 'eval' / 'calibration.png'}" in out
 
 
 def test_mark_absent_clears_only_the_flag_and_copies():

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import accuracy_score, log_loss, ndcg_score, roc_auc_score
 
 from mmrec_jax import metrics
@@ -149,6 +150,45 @@ def test_expected_calibration_error_matches_per_bin_loop(seed, num_bins):
     assert metrics.expected_calibration_error(labels, probs, num_bins) == pytest.approx(
         _ece_reference(labels, probs, num_bins), abs=1e-6
     )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("num_bins", [1, 10, 15])
+def test_calibration_curve_matches_per_bin_loop_and_gives_the_ece(seed, num_bins):
+    rng = np.random.default_rng(seed)
+    probs = np.round(rng.random(300) ** 2, 2)  # many on bin edges, few high ones
+    probs[:4] = [0.0, 1.0, 0.3, 0.2]
+    labels = rng.random(300) < probs
+    curve = metrics.calibration_curve(labels, probs, num_bins)
+    assert curve["bin_edges"] == pytest.approx([b / num_bins for b in range(num_bins + 1)])
+    for b in range(num_bins):
+        low, high = b / num_bins, (b + 1) / num_bins
+        rows = [i for i, p in enumerate(probs) if low <= p < high or (b == num_bins - 1 and p == 1)]
+        assert curve["count"][b] == len(rows)
+        if rows:
+            assert curve["mean_prob"][b] == pytest.approx(np.mean(probs[rows]), abs=1e-12)
+            assert curve["positive_rate"][b] == pytest.approx(np.mean(labels[rows]), abs=1e-12)
+        else:
+            assert curve["mean_prob"][b] is None and curve["positive_rate"][b] is None
+    gap = sum(
+        n * abs(r - p)
+        for n, r, p in zip(curve["count"], curve["positive_rate"], curve["mean_prob"], strict=True)
+        if n
+    )
+    assert gap / len(probs) == pytest.approx(
+        metrics.expected_calibration_error(labels, probs, num_bins), abs=1e-12
+    )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_calibration_curve_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    probs = rng.random(500) ** 3  # continuous: no probability on a bin edge
+    labels = rng.random(500) < probs
+    curve = metrics.calibration_curve(labels, probs, 10)
+    prob_true, prob_pred = calibration_curve(labels, probs, n_bins=10, strategy="uniform")
+    assert np.allclose([r for r in curve["positive_rate"] if r is not None], prob_true)
+    assert np.allclose([p for p in curve["mean_prob"] if p is not None], prob_pred)
 
 
 # ---------------------------------------------------------------------------- all at once
