@@ -16,12 +16,11 @@ def add_config_argument(parser: argparse.ArgumentParser, example: str = "configs
     parser.add_argument(
         "--config", required=True, metavar="FILE", help=f"config file, e.g. {example}"
     )
-    overrides = (
+    parser.epilog = (
         "Any config field can be overridden: --config.KEY=VALUE (or "
         "--config.KEY VALUE), e.g. --config.train.batch_size=512 --config.model.towers=text,id; "
         "the fields and their meaning are in the config files."
     )
-    parser.epilog = f"{parser.epilog} {overrides}" if parser.epilog else overrides
 
 
 def parse_config_args(

@@ -720,14 +720,14 @@ def evaluate_run(
     mesh = sharding.make_mesh(devices)
     catalogue = open_catalogue(config)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
-    out = Path(workdir) / "eval"
     for split, entry in results.items():
         entry.update(split=split, checkpoint=str(checkpoint), checkpoint_step=int(step))
         entry["k"] = [int(k) for k in ks]
-        if jax.process_index() == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / f"{split}.json", json.dumps(entry, indent=2) + "\n")
     if results and jax.process_index() == 0:
+        out = Path(workdir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        for split, entry in results.items():
+            write_atomic(out / f"{split}.json", json.dumps(entry, indent=2) + "\n")
         curves = {split: entry["calibration"] for split, entry in results.items()}
         reporting.plot_calibration(curves, out / "calibration.png")
     return results

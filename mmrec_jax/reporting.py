@@ -6,11 +6,14 @@ need no `if process_index == 0` of their own.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from mmrec_jax.files import write_atomic
 
 
 class MetricsWriter:
@@ -108,13 +111,27 @@ def align_table(table: list[list[str]]) -> list[str]:
     return lines
 
 
-def plot_curves(workdir: str | Path) -> list[Path]:
-    """Writes `loss.png` and `auc.png` from `metrics.jsonl`; returns the files written."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(figure, path: Path) -> None:
+    """Writes `figure` to `path` as a PNG, whole or not at all."""
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomic(path, buffer.getvalue())
+
+
+def plot_curves(workdir: str | Path) -> list[Path]:
+    """Writes `loss.png` and `auc.png` from `metrics.jsonl`; returns the files written."""
+    plt = _pyplot()
     records = read_metrics(workdir)
     written = []
     panels = {
@@ -136,8 +153,7 @@ def plot_curves(workdir: str | Path) -> list[Path]:
             axis.grid(alpha=0.3)
             axis.legend()
             path = Path(workdir) / filename
-            figure.tight_layout()
-            figure.savefig(path, dpi=100)
+            _save_png(figure, path)
             written.append(path)
         plt.close(figure)
     return written
@@ -153,15 +169,7 @@ def plot_calibration(curves: Mapping[str, Mapping], path: str | Path) -> Path:
     Returns:
       `path`.
     """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mmrec_jax.files import write_atomic
-
+    plt = _pyplot()
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(6, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
@@ -187,9 +195,6 @@ def plot_calibration(curves: Mapping[str, Mapping], path: str | Path) -> Path:
     bottom.set_ylabel("examples")
     bottom.set_yscale("log")
     bottom.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    _save_png(figure, Path(path))
     plt.close(figure)
-    write_atomic(path, buffer.getvalue())
     return Path(path)
