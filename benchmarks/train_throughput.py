@@ -2,7 +2,7 @@
 
     timeout 900 .venv/bin/python benchmarks/train_throughput.py --config configs/seed.py \\
         --config.model.text.model=sentence-transformers/all-MiniLM-L6-v2 \\
-        --config.train.batch_size=32 [--steps 10] [--inference] [--pipeline]
+        --config.train.batch_size=32 [--steps 10] [--inference] [--pipeline] [--profile DIR]
 
 Builds the model and its sharded train state exactly as training does
 (`mmrec_jax.train.build_train_state`, the pretrained BERT included), jits
@@ -21,6 +21,9 @@ FLOPs are the model's matmul and convolution FLOPs counted from its shapes
 (which also counts elementwise work, the optimizer's included). The peak is the best
 float32 `jnp.dot` rate measured in the same run, before and after the timed steps (and,
 for a bfloat16 model, the bfloat16 rate too).
+
+`--profile DIR` traces `--profile_steps` more steps with `jax.profiler` after the timed
+ones (`mmrec_jax.profiling`), for XProf (`xprof --logdir DIR`) or https://ui.perfetto.dev.
 
 The step must compile exactly once: the benchmark counts XLA compilations of it and
 exits with an error after printing its results if there was a second. Prints one JSON
@@ -42,7 +45,7 @@ import time
 import common
 import jax
 
-from mmrec_jax import cli, predict, runtime, schema, sharding
+from mmrec_jax import cli, predict, profiling, runtime, schema, sharding
 from mmrec_jax import flops as flops_lib
 from mmrec_jax import train as train_lib
 from mmrec_jax.models import recommender
@@ -67,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", action="store_true", help="real input pipeline")
     parser.add_argument("--inference", action="store_true", help="forward pass only")
     parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="after the timed steps, trace --profile_steps more with jax.profiler into DIR",
+    )
+    parser.add_argument("--profile_steps", type=int, default=3, help="steps traced by --profile")
     parser.add_argument(
         "--random_text_weights",
         action="store_true",
@@ -104,6 +114,26 @@ def _batches(args, config, mesh):
         items = rows if args.items is None else args.items
     batch = common.random_batch(config, rows, items)
     return config, batch, None, items
+
+
+def _profile(args, step, name: str) -> str | None:
+    """Traces `args.profile_steps` calls of `step` into `args.profile`; the trace folder."""
+    trace = profiling.StepTrace(
+        args.profile,
+        first_step=1,
+        num_steps=args.profile_steps,
+        report=lambda line: print(line, file=sys.stderr),
+    )
+    try:
+        for number in range(1, args.profile_steps + 1):
+            trace.before_step(number, None)
+            with jax.profiler.StepTraceAnnotation(name, step_num=number):
+                step()  # blocks until the step is computed
+            trace.after_step(None)
+    finally:
+        trace.close()
+    folder = profiling.newest_trace(args.profile)
+    return str(folder) if folder else None
 
 
 def main(argv=None) -> None:
@@ -179,6 +209,7 @@ def main(argv=None) -> None:
         run(batch)
 
     times, cpu_times = common.time_calls(timed_step, args.steps)
+    profile = _profile(args, timed_step, name) if args.profile else None
     compiles = counter.count(name)
     cache_size = jitted._cache_size() if hasattr(jitted, "_cache_size") else None
     peak_after = None if args.no_peak else common.matmul_peak()
@@ -247,6 +278,7 @@ def main(argv=None) -> None:
         "fraction_of_compute_dtype_peak": (
             round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
         ),
+        "profile": profile,
         "tuned_malloc": tuned_malloc,
         "huge_pages": runtime.huge_pages_enabled(),
         "compiler_options": runtime.compiler_options(config.model.dtype),

@@ -157,4 +157,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_loss = 100.0
     # Log training metrics every this many steps.
     train.log_every = 20
+    # Steps traced with jax.profiler (0: none), from the third step after the run starts or
+    # resumes; the trace goes to WORKDIR/tensorboard/plugins/profile/ (see
+    # mmrec_jax/profiling.py for how to view it).
+    train.profile_steps = 0
     return config

@@ -274,6 +274,7 @@ _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.keep_checkpoints": _int_at_least(1),
     "train.max_loss": _number_in(0, low_open=True, allow_inf=True),
     "train.log_every": _int_at_least(1),
+    "train.profile_steps": _int_at_least(0),
 }
 
 _MISSING = object()

@@ -26,7 +26,7 @@ import optax
 
 from mmrec_jax import checkpoint as checkpoint_lib
 from mmrec_jax import metrics as metrics_lib
-from mmrec_jax import optim, predict, reporting, runtime, schema, sharding
+from mmrec_jax import optim, predict, profiling, reporting, runtime, schema, sharding
 from mmrec_jax.config import (
     ConfigError,
     check_values,
@@ -555,6 +555,15 @@ def train_and_evaluate(
         disable=not is_chief,
         dynamic_ncols=True,
     )
+    # The first step after a start or resume compiles and the second warms up (its dispatch
+    # still takes longer): the trace starts at the third.
+    profiler = profiling.StepTrace(
+        workdir / "tensorboard",
+        first_step=start_step + 3,
+        num_steps=config.train.profile_steps,
+        enabled=is_chief,
+        report=progress.write,
+    )
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
     try:
@@ -570,8 +579,11 @@ def train_and_evaluate(
                 )
                 raise SystemExit(128 + stop.signum)
             local_batch = next(train_iter)
-            state, step_metrics = jit_step(state, sharding.global_batch(mesh, local_batch))
+            profiler.before_step(step + 1, state)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, step_metrics = jit_step(state, sharding.global_batch(mesh, local_batch))
             step += 1
+            profiler.after_step(state)
             window_steps += 1
             pending.append((step, step_metrics))
             if len(pending) > _MAX_STEPS_AHEAD:
@@ -624,6 +636,7 @@ def train_and_evaluate(
             save(step)
         checkpointer.wait()
     finally:
+        profiler.close()
         progress.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _profile_trace import traced_steps
+
+from mmrec_jax import profiling
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,9 +34,16 @@ def _run(script: str, *args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts():
-    out = _run("train_throughput.py", "--steps", "2", "--warmup", "0", "--no_peak")
+def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path):
+    out = _run(
+        "train_throughput.py",
+        *("--steps", "2", "--warmup", "0", "--no_peak"),
+        *("--profile", str(tmp_path), "--profile_steps", "2"),
+    )
     assert out["compiles"] == 1 and out["jit_cache_size"] == 1
+    # The two profiled steps are in the trace, each marked as one step.
+    assert out["profile"] == str(profiling.newest_trace(tmp_path))
+    assert traced_steps(tmp_path, name="benchmark_train_step") == [1, 2]
     assert out["samples_per_s"] > 0 and out["step_ms_median"] > 0
     # XLA also counts elementwise work, so its count is a little above the matmuls'.
     assert 0.5 < out["counted_over_xla"] <= 1.0

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _profile_trace import traced_steps
 
 from mmrec_jax import reporting, runtime, train
 from mmrec_jax.config import ConfigError, load_config
@@ -43,7 +44,7 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
-    config = tiny_config(data_dir)
+    config = tiny_config(data_dir, train__profile_steps=3)
     assert config.model.dtype == "auto"
     summary = train.train_and_evaluate(config, tmp_path)
     out = capsys.readouterr().out
@@ -63,6 +64,9 @@ def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
     records = reporting.read_metrics(tmp_path)
     assert any("validation/auc" in r for r in records)
     assert any("train/examples_per_s" in r for r in records)
+    # Three steps traced after the compiling and a warm-up step, beside the scalars.
+    assert traced_steps(tmp_path / "tensorboard") == [3, 4, 5]
+    assert "Traced steps 3-5" in out
 
 
 def test_one_and_eight_devices_and_fsdp_give_the_same_losses(data_dir, tmp_path):
