@@ -1,4 +1,4 @@
-"""Shared pieces of the throughput benchmarks: configs, random batches, timing, peak.
+"""Shared pieces of the throughput benchmarks: configs, random batches, timing, peak, memory.
 
 Imported by `train_throughput.py` and `serve_throughput.py` (run them from the
 repository root; this folder is on `sys.path` as the scripts' own folder).
@@ -10,6 +10,7 @@ import collections
 import functools
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -214,6 +215,51 @@ def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:
         if rate > best["gflops_per_s"]:
             best = {"gflops_per_s": round(rate, 1), "shape": [m, k, n], "dtype": best["dtype"]}
     return best
+
+
+def _mib(num_bytes: float) -> float:
+    return round(num_bytes / 2**20, 3)
+
+
+def memory_report(compiled: jax.stages.Compiled, **trees) -> dict:
+    """Memory of a compiled step: XLA's buffers for one device, the given trees, the peaks.
+
+    Args:
+      compiled: the compiled step (`jitted.lower(...).compile()`).
+      **trees: named pytrees of arrays (the parameters, the optimizer state, ...), each
+        reported as `<name>_mib`, the size of the whole tree over every device.
+
+    Returns:
+      MiB: `<name>_mib` per tree; from XLA's buffer assignment of one device's program,
+      `xla_arguments_mib` (its inputs), `xla_outputs_mib`, `xla_aliased_mib` (outputs
+      written into donated inputs), `xla_temporaries_mib` (activations and workspace)
+      and `xla_total_mib` (arguments + outputs - aliased + temporaries: the device memory
+      the step needs); `host_peak_rss_mib` (this process's peak resident memory), and
+      `device_peak_mib` where the device counts its own (GPU, TPU).
+    """
+    report = {
+        f"{name}_mib": _mib(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
+        for name, tree in trees.items()
+    }
+    stats = compiled.memory_analysis()
+    if stats is not None:
+        arguments = stats.argument_size_in_bytes
+        outputs = stats.output_size_in_bytes
+        aliased = stats.alias_size_in_bytes
+        temporaries = stats.temp_size_in_bytes
+        report.update(
+            xla_arguments_mib=_mib(arguments),
+            xla_outputs_mib=_mib(outputs),
+            xla_aliased_mib=_mib(aliased),
+            xla_temporaries_mib=_mib(temporaries),
+            xla_total_mib=_mib(arguments + outputs - aliased + temporaries),
+        )
+    # Linux reports the peak resident set in KiB.
+    report["host_peak_rss_mib"] = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    device_stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in device_stats:
+        report["device_peak_mib"] = _mib(device_stats["peak_bytes_in_use"])
+    return report
 
 
 def machine() -> dict:

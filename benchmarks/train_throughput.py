@@ -22,6 +22,12 @@ FLOPs are the model's matmul and convolution FLOPs counted from its shapes
 float32 `jnp.dot` rate measured in the same run, before and after the timed steps (and,
 for a bfloat16 model, the bfloat16 rate too).
 
+Memory (`memory` in the JSON, MiB): the parameters, optimizer state, whole train state and
+batch; XLA's buffer assignment of the compiled step for one device (its arguments,
+outputs, the outputs aliased to donated inputs, temporaries, and their total: what the
+step needs on a device); the process's peak resident memory, and the device's own peak
+where it keeps one (GPU, TPU).
+
 `--profile DIR` traces `--profile_steps` more steps with `jax.profiler` after the timed
 ones (`mmrec_jax.profiling`), for XProf (`xprof --logdir DIR`) or https://ui.perfetto.dev.
 
@@ -219,7 +225,8 @@ def main(argv=None) -> None:
         peak_compute = common.matmul_peak(compute_dtype)
 
     lowered = jitted.lower(state["params"], batch) if args.inference else jitted.lower(state, batch)
-    cost = lowered.compile().cost_analysis()
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts one device's program: times the devices (replicated work, such as the
     # optimizer update under replicated parameters, is then counted once per device).
@@ -277,6 +284,12 @@ def main(argv=None) -> None:
         "peak_compute_dtype": peak_compute,
         "fraction_of_compute_dtype_peak": (
             round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
+        ),
+        "memory": common.memory_report(
+            compiled,
+            params=state["params"],
+            **({} if args.inference else {"optimizer": state["opt_state"], "state": state}),
+            batch=batch,
         ),
         "profile": profile,
         "tuned_malloc": tuned_malloc,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _profile_trace import traced_steps
 
 from mmrec_jax import profiling
@@ -48,6 +49,20 @@ def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path
     # XLA also counts elementwise work, so its count is a little above the matmuls'.
     assert 0.5 < out["counted_over_xla"] <= 1.0
     assert out["devices"] == "1 x cpu"
+    memory = out["memory"]
+    # The step's inputs are the train state and the batch, and the donated state is
+    # written in place: XLA's buffer sizes agree with the arrays' own.
+    state_and_batch = memory["state_mib"] + memory["batch_mib"]
+    assert memory["xla_arguments_mib"] == pytest.approx(state_and_batch, abs=0.002)
+    assert memory["xla_aliased_mib"] == pytest.approx(memory["state_mib"], abs=0.002)
+    # AdamW keeps two moments of every trained parameter (the tiny config trains them all).
+    assert memory["optimizer_mib"] == pytest.approx(2 * memory["params_mib"], rel=0.01)
+    assert memory["xla_temporaries_mib"] > 0
+    assert memory["xla_total_mib"] == pytest.approx(
+        state_and_batch + memory["xla_outputs_mib"] - memory["xla_aliased_mib"]
+        + memory["xla_temporaries_mib"], abs=0.005
+    )  # fmt: skip
+    assert memory["host_peak_rss_mib"] > memory["state_mib"]
 
 
 def test_serve_throughput_reports_pairs_and_users():
