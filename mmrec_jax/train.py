@@ -311,14 +311,26 @@ _RESUME_MAY_DIFFER = (
 )
 
 
+# Training settings that decide the optimizer state's structure, not only its values
+# (`optim.build_optimizer`): gradient accumulation wraps the optimizer in
+# `optax.MultiSteps` (its own counters and a gradient accumulator), clipping adds a stage.
+# A resumed run may change their values but not switch them on or off.
+_OPTIMIZER_SWITCHES = {
+    "train.grad_accum_steps": (lambda value: value > 1, "above 1", "1"),
+    "train.grad_clip_norm": (lambda value: value > 0, "above 0", "0"),
+}
+
+
 def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume checkpoints in `workdir` that another model or dataset wrote.
+    """Refuses to resume checkpoints in `workdir` that another model, dataset or optimizer wrote.
 
     A workdir's checkpoints can only continue the run its `config.json` describes: the
     same model (its `model.*` fields, the compute dtype aside) on the same data (the
     `data.*` fields but the folder and loading options). Training settings (`train.*`,
-    `seed`) may change, for example to train longer. Fields only one of the two configs
-    has (a run written by another version) are not compared.
+    `seed`) may change, for example to train longer, except switching gradient
+    accumulation or clipping on or off, which changes what the optimizer state holds.
+    Fields only one of the two configs has (a run written by another version) are not
+    compared.
 
     Args:
       workdir: the run folder.
@@ -349,6 +361,18 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
             f"data: {shown}. Resume it with its own settings (--config {stored_path}), or "
             "pass a new --workdir to train this config from scratch."
         )
+    for key, (switched_on, on, off) in _OPTIMIZER_SWITCHES.items():
+        if key not in stored or key not in wanted:
+            continue
+        was_on = switched_on(stored[key])
+        if was_on != switched_on(wanted[key]):
+            keep = f"any value {on}" if was_on else off
+            raise ConfigError(
+                f"{workdir} holds checkpoints (steps {steps}) trained with config.{key}="
+                f"{stored[key]!r}, and it is {wanted[key]!r} now: switching it between {off} "
+                f"and {on} changes the optimizer state those checkpoints hold. Keep it at "
+                f"{keep} to resume them, or pass a new --workdir to train from scratch."
+            )
 
 
 def restore_params(

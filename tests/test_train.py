@@ -163,7 +163,18 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path)
     same = train.load_run_config(run)
     same.train.num_steps, same.seed = 60, 3
     same.data.prefetch, same.data.num_workers, same.model.dtype = 0, 2, "bfloat16"
+    same.train.grad_clip_norm = 0.5  # clipping stays on
     train.check_resumable(run, same)
+    # Switching accumulation or clipping on or off changes the optimizer state's structure.
+    for key, value, needle in [
+        ("grad_accum_steps", 2, "grad_accum_steps=1, and it is 2 now"),
+        ("grad_clip_norm", 0.0, "grad_clip_norm=1.0, and it is 0.0 now"),
+    ]:
+        switched = train.load_run_config(run)
+        switched.train[key] = value
+        with pytest.raises(ConfigError, match=needle):
+            train.train_and_evaluate(switched, run)
+        assert (run / "config.json").read_text() == before
     # A field only one side has (a run written by another version) is not compared.
     stored = json.loads(before)
     del stored["model"]["fusion"]["mlp_dim"]
