@@ -29,7 +29,8 @@ def main() -> None:
         # A config that does not fit the dataset, the machine or the workdir's run: the
         # message says the fix.
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except CheckpointError as error:
+    except (CheckpointError, train.TrainingDiverged, train.OutOfMemory) as error:
+        # The message names the cause and the fix; a traceback would bury it.
         parser.exit(1, f"{parser.prog}: error: {error}\n")
 
 

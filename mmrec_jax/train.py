@@ -49,6 +49,60 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class OutOfMemory(RuntimeError):
+    """A train step or evaluation needed more memory than a device has."""
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    """Whether XLA failed for lack of memory (on any platform it says RESOURCE_EXHAUSTED)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def _out_of_memory_message(
+    error: Exception,
+    config: ml_collections.ConfigDict,
+    num_devices: int,
+    step: int,
+    checkpoint: str,
+) -> str:
+    """What ran out of memory, the overrides that use less, and whether each resumes."""
+    train_cfg = config.train
+    batch, accum = train_cfg.batch_size, train_cfg.grad_accum_steps
+    half = batch // 2 // num_devices * num_devices  # batches split evenly over the devices
+    smaller = f"--config.train.batch_size={half}"
+    options = []
+    if half and accum > 1:
+        options.append(
+            f"{smaller} --config.train.grad_accum_steps={accum * 2} (resumes; the same "
+            "effective batch)"
+        )
+    elif half:
+        options.append(
+            f"{smaller} (resumes), with --config.train.grad_accum_steps=2 as well to keep the "
+            "effective batch (in a new --workdir: accumulation changes the optimizer state)"
+        )
+    if not train_cfg.fsdp and num_devices > 1:
+        options.append(
+            f"--config.train.fsdp=True (resumes): parameters and optimizer state sharded over "
+            f"the {num_devices} devices"
+        )
+    if config.model.dtype != "bfloat16":
+        options.append("--config.model.dtype=bfloat16 (resumes): bfloat16 compute")
+    if config.model.text.mode == "finetune":
+        options.append(
+            "--config.model.text.mode=finetune_top_n or frozen (in a new --workdir: another "
+            "model): fewer trained BERT layers"
+        )
+    return "\n".join(
+        [
+            f"Out of memory after step {step}, in the train step or the validation pass (both "
+            f"run batches of config.train.batch_size={batch}): {str(error).splitlines()[0]}",
+            f"{checkpoint} To fit, rerun the same command with one of:",
+            *(f"  {option}" for option in options),
+        ]
+    )
+
+
 @dataclasses.dataclass
 class _StopRequest:
     """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits."""
@@ -437,6 +491,8 @@ def train_and_evaluate(
       DatasetNotBuiltError: `config.data.name` is not in `config.data.data_dir`.
       CheckpointError: `workdir` holds checkpoints and none of them restores.
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
+      OutOfMemory: a train step or validation pass ran out of device memory (the message
+        says how to fit it; the checkpoints already saved are kept).
       SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
     """
     sharding.maybe_initialize_distributed()
@@ -659,6 +715,13 @@ def train_and_evaluate(
         if step == total_steps and last_saved != step:
             save(step)
         checkpointer.wait()
+    except jax.errors.JaxRuntimeError as error:
+        if not _is_out_of_memory(error):
+            raise
+        checkpointer.wait()
+        saved = f"Checkpoint step {last_saved} in {checkpointer.directory} is intact."
+        message = _out_of_memory_message(error, config, mesh.size, step, saved)
+        raise OutOfMemory(message) from error
     finally:
         profiler.close()
         progress.close()

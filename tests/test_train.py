@@ -278,24 +278,68 @@ def test_config_that_does_not_fit_the_dataset_exits_with_the_fix(
 
 
 def test_absurd_learning_rate_stops_with_nan_message(data_dir, tmp_path):
-    config = tiny_config(
-        data_dir,
-        train__learning_rate=1e30,
-        train__num_steps=40,
-        train__checkpoint_every=2,
-        train__eval_every=0,
-        train__log_every=1,
-        train__warmup_steps=0,
-        train__grad_clip_norm=0.0,
+    overrides = dict(
+        learning_rate=1e30,
+        num_steps=40,
+        checkpoint_every=2,
+        eval_every=0,
+        log_every=1,
+        warmup_steps=0,
+        grad_clip_norm=0.0,
     )
-    with pytest.raises(train.TrainingDiverged) as info:
-        train.train_and_evaluate(config, tmp_path)
-    message = str(info.value)
-    assert "diverged" in message and "at step" in message
-    assert "last good checkpoint is step" in message
+    result = subprocess.run(
+        _train_cmd(tmp_path, data_dir, *(f"--config.train.{k}={v}" for k, v in overrides.items())),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # train.py ends with the message alone: no traceback to bury it.
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: Training diverged")
+    assert "at step" in message and "last good checkpoint is step" in message
     _, _, params, step = train.restore_params(tmp_path, "latest")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
     assert f"checkpoint is step {step} " in message
+
+
+def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoints(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    from mmrec_jax import sharding
+
+    # Moving the batch of step 5 to the devices fails as XLA does when memory runs out.
+    real_global_batch, calls = sharding.global_batch, []
+
+    def global_batch(mesh, batch):
+        calls.append(1)
+        if len(calls) == 6:  # the example batch, then steps 1-5
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes."
+            )
+        return real_global_batch(mesh, batch)
+
+    monkeypatch.setattr(sharding, "global_batch", global_batch)
+    base = dict(train__num_steps=6, train__checkpoint_every=2, train__eval_every=0)
+    with pytest.raises(train.OutOfMemory) as info:
+        train.train_and_evaluate(tiny_config(data_dir, **base), tmp_path)
+    message = str(info.value)
+    assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)
+    assert "Out of memory after step 4" in message and "allocating 9 bytes" in message
+    assert f"Checkpoint step 4 in {tmp_path / 'checkpoints'} is intact" in message
+    assert "--config.train.batch_size=16 (resumes)" in message
+    assert "--config.train.fsdp=True (resumes)" in message
+    _, _, params, step = train.restore_params(tmp_path, "latest")
+    assert step == 4 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    # Two of the fixes, as the message says, resume from that checkpoint.
+    monkeypatch.setattr(sharding, "global_batch", real_global_batch)
+    smaller = tiny_config(data_dir, **base, train__batch_size=16, train__fsdp=True)
+    capsys.readouterr()
+    train.train_and_evaluate(smaller, tmp_path)
+    assert "Resuming from checkpoint step 4" in capsys.readouterr().out
+    assert train.restore_params(tmp_path, "latest")[3] == 6
 
 
 def _free_port():
