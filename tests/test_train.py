@@ -21,11 +21,14 @@ from mmrec_jax.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
 
-# Keep this module on one xdist worker: its runs share a dataset and a reference run.
+# This module's runs share a dataset (built once per xdist worker). The tests that use the
+# reference run carry a second group mark (xdist joins a test's group names), so the two
+# halves of the module can run on different workers and the reference run is made once.
 pytestmark = pytest.mark.xdist_group("train")
+WITH_REFERENCE_RUN = pytest.mark.xdist_group("train_reference_run")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """One tiny synthetic dataset (and its text cache) shared by this module's runs."""
     return tmp_path_factory.mktemp("data")
@@ -142,7 +145,7 @@ RUN_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference_run(data_dir, tmp_path_factory):
     """An uninterrupted single-process run on 2 devices (it also builds the dataset)."""
     workdir = tmp_path_factory.mktemp("reference")
@@ -150,6 +153,7 @@ def reference_run(data_dir, tmp_path_factory):
     return workdir
 
 
+@WITH_REFERENCE_RUN
 def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
@@ -186,6 +190,7 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path)
     train.check_resumable(run, config)
 
 
+@WITH_REFERENCE_RUN
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, tmp_path):
     killed = tmp_path / "killed"
@@ -220,6 +225,7 @@ def _resume_and_compare(workdir, data_dir, reference_run):
         np.testing.assert_array_equal(a, b)
 
 
+@WITH_REFERENCE_RUN
 @pytest.mark.slow
 def test_sigterm_saves_then_resume_matches_uninterrupted_run(data_dir, reference_run, tmp_path):
     stopped = tmp_path / "stopped"
@@ -372,6 +378,7 @@ def _launch_two_processes(command: list[str]) -> list[str]:
     return outputs
 
 
+@WITH_REFERENCE_RUN
 @pytest.mark.slow
 def test_two_processes_match_one(data_dir, reference_run, tmp_path):
     multi = tmp_path / "multi"
@@ -382,6 +389,7 @@ def test_two_processes_match_one(data_dir, reference_run, tmp_path):
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one, two)
 
 
+@WITH_REFERENCE_RUN
 @pytest.mark.slow
 def test_two_process_evaluate_and_export_match_one(reference_run, tmp_path):
     from safetensors.numpy import load_file
