@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import os
 import platform
 import resource
@@ -226,8 +227,9 @@ def memory_report(compiled: jax.stages.Compiled, **trees) -> dict:
 
     Args:
       compiled: the compiled step (`jitted.lower(...).compile()`).
-      **trees: named pytrees of arrays (the parameters, the optimizer state, ...), each
-        reported as `<name>_mib`, the size of the whole tree over every device.
+      **trees: named pytrees of arrays or `jax.ShapeDtypeStruct`s (the parameters, the
+        optimizer state, ...), each reported as `<name>_mib`, the size of the whole tree
+        over every device.
 
     Returns:
       MiB: `<name>_mib` per tree; from XLA's buffer assignment of one device's program,
@@ -238,7 +240,9 @@ def memory_report(compiled: jax.stages.Compiled, **trees) -> dict:
       `device_peak_mib` where the device counts its own (GPU, TPU).
     """
     report = {
-        f"{name}_mib": _mib(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
+        f"{name}_mib": _mib(
+            sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+        )
         for name, tree in trees.items()
     }
     stats = compiled.memory_analysis()

@@ -28,6 +28,9 @@ outputs, the outputs aliased to donated inputs, temporaries, and their total: wh
 step needs on a device); the process's peak resident memory, and the device's own peak
 where it keeps one (GPU, TPU).
 
+`--compile_only` compiles the step on the train state's shapes and reports the FLOPs and
+memory without allocating the state or running it: whether a config fits a device.
+
 `--profile DIR` traces `--profile_steps` more steps with `jax.profiler` after the timed
 ones (`mmrec_jax.profiling`), for XProf (`xprof --logdir DIR`) or https://ui.perfetto.dev.
 
@@ -76,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", action="store_true", help="real input pipeline")
     parser.add_argument("--inference", action="store_true", help="forward pass only")
     parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak")
+    parser.add_argument(
+        "--compile_only",
+        action="store_true",
+        help="compile the step on the state's shapes and report its FLOPs and memory "
+        "without allocating the state or running: does a config fit a device?",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",
@@ -142,6 +151,77 @@ def _profile(args, step, name: str) -> str | None:
     return str(folder) if folder else None
 
 
+def _measure(args, run, batch, iterator, mesh, counter, name: str, dtype) -> dict:
+    """Runs and times the step: the first call (compiling), warm-up, timed steps, peaks."""
+    peak_before = None if args.no_peak else common.matmul_peak()
+    start = time.perf_counter()
+    run(batch)
+    first_call_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        run(batch)
+    data_times = []
+
+    def timed_step():
+        nonlocal batch
+        if iterator is not None:
+            fetch = time.perf_counter()
+            batch = sharding.global_batch(mesh, next(iterator))
+            data_times.append(time.perf_counter() - fetch)
+        run(batch)
+
+    times, cpu_times = common.time_calls(timed_step, args.steps)
+    profile = _profile(args, timed_step, name) if args.profile else None
+    peak_after = None if args.no_peak else common.matmul_peak()
+    peak_compute = None
+    if not args.no_peak and jax.numpy.dtype(dtype) != jax.numpy.float32:
+        peak_compute = common.matmul_peak(dtype)
+    return {
+        "times": times,
+        "cpu_times": cpu_times,
+        "data_times": data_times,
+        "first_call_s": first_call_s,
+        "compile_s": counter.compile_seconds(name),
+        "compile_phases": counter.phase_seconds(name),
+        "compiles": counter.count(name),
+        "profile": profile,
+        "peaks": [p for p in (peak_before, peak_after) if p],
+        "peak_compute": peak_compute,
+    }
+
+
+def _rates(args, measured: dict, flops: float, rows: int) -> dict:
+    """The result fields of a measured run: step times, compilations, FLOP rate, peak."""
+    times, data_times = measured["times"], measured["data_times"]
+    median = statistics.median(times)
+    gflops_per_s = flops / median / 1e9
+    peaks = [p["gflops_per_s"] for p in measured["peaks"]]
+    peak = max(peaks) if peaks else None
+    peak_compute = measured["peak_compute"]
+    return {
+        "steps": args.steps,
+        "samples_per_s": round(rows / median, 2),
+        "step_ms_median": round(median * 1e3, 1),
+        "step_ms_min": round(min(times) * 1e3, 1),
+        "step_ms_max": round(max(times) * 1e3, 1),
+        "cpu_ms_median": round(statistics.median(measured["cpu_times"]) * 1e3, 1),
+        "data_ms_median": round(statistics.median(data_times) * 1e3, 1) if data_times else None,
+        "compile_s": round(measured["compile_s"], 2),
+        "compile_phases_s": measured["compile_phases"],
+        "first_call_s": round(measured["first_call_s"], 2),
+        "compiles": measured["compiles"],
+        "jit_cache_size": measured["jit_cache_size"],
+        "gflops_per_s": round(gflops_per_s, 1),
+        "peak_gflops_per_s": peak,
+        "peak_shape": measured["peaks"][-1]["shape"] if peaks else None,
+        "peak_before_after": peaks,
+        "fraction_of_peak": round(gflops_per_s / peak, 3) if peak else None,
+        "peak_compute_dtype": peak_compute,
+        "fraction_of_compute_dtype_peak": (
+            round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
+        ),
+    }
+
+
 def main(argv=None) -> None:
     args, config = cli.parse_config_args(_parser(), argv)
     config.model.dtype = runtime.compute_dtype(config.model.dtype)  # "auto" -> this platform's
@@ -163,7 +243,9 @@ def main(argv=None) -> None:
     rows = int(config.train.batch_size)
     batch = sharding.global_batch(mesh, local)
     model = recommender.build_model(config.model)
-    setup = train_lib.build_train_state(config, model, mesh, batch, max(args.steps, 1) * 10)
+    setup = train_lib.build_train_state(
+        config, model, mesh, batch, max(args.steps, 1) * 10, abstract=args.compile_only
+    )
     state = setup.state
 
     if args.inference:
@@ -196,36 +278,15 @@ def main(argv=None) -> None:
             state, metrics = jitted(state, batch)
             return jax.block_until_ready((state, metrics))
 
-    peak_before = None if args.no_peak else common.matmul_peak()
-    start = time.perf_counter()
-    run(batch)
-    first_call_s = time.perf_counter() - start
-    compile_s = counter.compile_seconds(name)
-    compile_phases = counter.phase_seconds(name)
-    for _ in range(args.warmup):
-        run(batch)
-    data_times = []
-
-    def timed_step():
-        nonlocal batch
-        if iterator is not None:
-            fetch = time.perf_counter()
-            batch = sharding.global_batch(mesh, next(iterator))
-            data_times.append(time.perf_counter() - fetch)
-        run(batch)
-
-    times, cpu_times = common.time_calls(timed_step, args.steps)
-    profile = _profile(args, timed_step, name) if args.profile else None
-    compiles = counter.count(name)
-    cache_size = jitted._cache_size() if hasattr(jitted, "_cache_size") else None
-    peak_after = None if args.no_peak else common.matmul_peak()
-    compute_dtype = jax.numpy.dtype(config.model.dtype)
-    peak_compute = None
-    if not args.no_peak and compute_dtype != jax.numpy.float32:
-        peak_compute = common.matmul_peak(compute_dtype)
-
+    measured = None
+    if args.compile_only:
+        start = time.perf_counter()
+    else:
+        measured = _measure(args, run, batch, iterator, mesh, counter, name, config.model.dtype)
+        measured["jit_cache_size"] = getattr(jitted, "_cache_size", lambda: None)()
     lowered = jitted.lower(state["params"], batch) if args.inference else jitted.lower(state, batch)
     compiled = lowered.compile()
+    compile_only_s = time.perf_counter() - start if args.compile_only else None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts one device's program: times the devices (replicated work, such as the
@@ -241,10 +302,6 @@ def main(argv=None) -> None:
     )
     counted = flops_lib.count_flops(config.model, shape, model.bert_config)
     counted = counted["forward" if args.inference else "train"]
-    median = statistics.median(times)
-    gflops_per_s = counted["total"] / median / 1e9
-    peaks = [p["gflops_per_s"] for p in (peak_before, peak_after) if p]
-    peak = max(peaks) if peaks else None
     result = {
         "benchmark": "train_throughput",
         "mode": "inference" if args.inference else "train",
@@ -258,48 +315,35 @@ def main(argv=None) -> None:
         "items": items,
         "tokens": dims["L"],
         "input": "pipeline" if args.pipeline else "random",
-        "steps": args.steps,
-        "samples_per_s": round(rows / median, 2),
-        "step_ms_median": round(median * 1e3, 1),
-        "step_ms_min": round(min(times) * 1e3, 1),
-        "step_ms_max": round(max(times) * 1e3, 1),
-        "cpu_ms_median": round(statistics.median(cpu_times) * 1e3, 1),
-        "data_ms_median": round(statistics.median(data_times) * 1e3, 1) if data_times else None,
-        "compile_s": round(compile_s, 2),
-        "compile_phases_s": compile_phases,
-        "first_call_s": round(first_call_s, 2),
-        "compiles": compiles,
-        "jit_cache_size": cache_size,
+        "compile_only": args.compile_only,
         "gflop_per_sample": round(counted["total"] / rows / 1e9, 4),
         "gflop_per_sample_by_part": {
             k: round(v / rows / 1e9, 4) for k, v in counted.items() if k != "total"
         },
         "xla_gflop_per_sample": round(xla_flops / rows / 1e9, 4),
         "counted_over_xla": round(counted["total"] / xla_flops, 3) if xla_flops else None,
-        "gflops_per_s": round(gflops_per_s, 1),
-        "peak_gflops_per_s": peak,
-        "peak_shape": (peak_after or peak_before or {}).get("shape"),
-        "peak_before_after": peaks,
-        "fraction_of_peak": round(gflops_per_s / peak, 3) if peak else None,
-        "peak_compute_dtype": peak_compute,
-        "fraction_of_compute_dtype_peak": (
-            round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
-        ),
+    }
+    if measured is None:
+        result["compile_s"] = round(compile_only_s, 2)
+    else:
+        result.update(_rates(args, measured, counted["total"], rows))
+    result.update({
         "memory": common.memory_report(
             compiled,
             params=state["params"],
             **({} if args.inference else {"optimizer": state["opt_state"], "state": state}),
             batch=batch,
         ),
-        "profile": profile,
+        "profile": measured and measured["profile"],
         "tuned_malloc": tuned_malloc,
         "huge_pages": runtime.huge_pages_enabled(),
         "compiler_options": runtime.compiler_options(config.model.dtype),
         "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
         **common.machine(),
-    }
+    })  # fmt: skip
     print(json.dumps(result), flush=True)
-    if compiles != 1:
+    if measured is not None and measured["compiles"] != 1:
+        compiles = measured["compiles"]
         sys.exit(f"The {name} function compiled {compiles} times; it must compile once.")
 
 

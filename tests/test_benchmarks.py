@@ -63,6 +63,14 @@ def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path
         + memory["xla_temporaries_mib"], abs=0.005
     )  # fmt: skip
     assert memory["host_peak_rss_mib"] > memory["state_mib"]
+    # Compiled on the state's shapes alone, the step is the same program: the same FLOPs and
+    # the same buffers, without running it.
+    shapes_only = _run("train_throughput.py", "--compile_only")
+    assert shapes_only["compile_only"] and "samples_per_s" not in shapes_only
+    for key in ("gflop_per_sample", "xla_gflop_per_sample"):
+        assert shapes_only[key] == out[key]
+    for key in ("state_mib", "batch_mib", "xla_arguments_mib", "xla_temporaries_mib"):
+        assert shapes_only["memory"][key] == memory[key], key
 
 
 def test_serve_throughput_reports_pairs_and_users():
