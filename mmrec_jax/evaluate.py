@@ -692,6 +692,7 @@ def evaluate_run(
     ablate: bool = False,
     devices: list | None = None,
     data_dir: str | Path | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, dict]:
     """Evaluates a checkpoint of a run; writes `workdir/eval/<split>.json` for each split.
 
@@ -705,9 +706,14 @@ def evaluate_run(
       ablate: also report the AUC lost without each content modality.
       devices: mesh devices (default: all).
       data_dir: where the run's dataset is now, if it moved (default: where it was).
+      batch_size: rows scored per batch (default: the run's `train.batch_size`); the
+        metrics do not depend on it, the memory used does.
 
     Returns:
       `evaluate_params`' results, each with "checkpoint_step" and "k" added.
+
+    Raises:
+      ValueError: a bad split, cut-off or batch size.
     """
     from mmrec_jax import train
     from mmrec_jax.data import pipeline
@@ -716,8 +722,14 @@ def evaluate_run(
     info = pipeline.load_dataset_info(train.load_run_config(workdir, data_dir).data)
     splits = resolve_splits(splits, info)
     _check_ks(ks, info.num_item_rows)
-    config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     mesh = sharding.make_mesh(devices)
+    if batch_size is not None and (batch_size < 1 or batch_size % mesh.size):
+        raise ValueError(
+            f"--batch_size {batch_size} must be a positive multiple of the {mesh.size} devices."
+        )
+    config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
+    if batch_size is not None:
+        config.train.batch_size = batch_size
     catalogue = open_catalogue(config)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
     for split, entry in results.items():
@@ -812,14 +824,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data_dir", help="where the run's dataset is now, if it moved since training"
     )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        help="rows scored per batch (default: the run's train.batch_size); lower it if "
+        "evaluation runs out of memory",
+    )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
     try:
         results = evaluate_run(
-            args.workdir, args.split, args.checkpoint, args.k, args.ablate, data_dir=args.data_dir
+            args.workdir,
+            args.split,
+            args.checkpoint,
+            args.k,
+            args.ablate,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
         )
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{moved_data_hint(error, args)}\n")
+    except jax.errors.JaxRuntimeError as error:
+        from mmrec_jax import train
+
+        if not train.is_out_of_memory(error):
+            raise
+        batch = (
+            args.batch_size or train.load_run_config(args.workdir, args.data_dir).train.batch_size
+        )
+        devices = jax.device_count()
+        smaller = max(batch // 2 // devices * devices, devices)  # split evenly over devices
+        parser.exit(
+            1,
+            f"{parser.prog}: error: out of memory evaluating, with batches of {batch} rows "
+            f"({str(error).splitlines()[0]}). Rerun with a smaller --batch_size, e.g. "
+            f"--batch_size {smaller}; the metrics do not depend on it.\n",
+        )
     if not results:
         parser.exit(2, f"{parser.prog}: error: none of the splits has any rows.\n")
     if jax.process_index() != 0:  # process 0 writes the results and reports them

@@ -53,7 +53,7 @@ class OutOfMemory(RuntimeError):
     """A train step or evaluation needed more memory than a device has."""
 
 
-def _is_out_of_memory(error: Exception) -> bool:
+def is_out_of_memory(error: Exception) -> bool:
     """Whether XLA failed for lack of memory (on any platform it says RESOURCE_EXHAUSTED)."""
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
@@ -716,7 +716,7 @@ def train_and_evaluate(
             save(step)
         checkpointer.wait()
     except jax.errors.JaxRuntimeError as error:
-        if not _is_out_of_memory(error):
+        if not is_out_of_memory(error):
             raise
         checkpointer.wait()
         saved = f"Checkpoint step {last_saved} in {checkpointer.directory} is intact."

@@ -208,6 +208,38 @@ def test_mark_absent_clears_only_the_flag_and_copies():
         evaluate.mark_absent(batch, ["audio"])
 
 
+def test_batch_size_changes_memory_not_metrics(workdir, capsys, monkeypatch):
+    real_score_split, batch_sizes = evaluate.score_split, []
+
+    def score_split(split_fn, params, config, *args):
+        batch_sizes.append(config.train.batch_size)
+        return real_score_split(split_fn, params, config, *args)
+
+    monkeypatch.setattr(evaluate, "score_split", score_split)
+    default = evaluate.evaluate_run(workdir, ["test"], ks=(5,))["test"]
+    small = evaluate.evaluate_run(workdir, ["test"], ks=(5,), batch_size=8)["test"]
+    assert batch_sizes == [32, 8]  # the run's own, then the one asked for
+    for name, value in default["click"].items():
+        assert small["click"][name] == pytest.approx(value, abs=1e-6), name
+    assert small["rows"] == default["rows"]
+    for name, value in default["ranking"].items():
+        assert small["ranking"][name] == pytest.approx(value, abs=1e-6), name
+    with pytest.raises(ValueError, match="--batch_size 12 must be a positive multiple of the 8"):
+        evaluate.evaluate_run(workdir, ["test"], batch_size=12)
+
+    # Running out of memory names the batch size and a smaller one.
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.")
+
+    monkeypatch.setattr(evaluate, "score_split", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(workdir), "--split", "test"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "out of memory evaluating, with batches of 32 rows" in err
+    assert "allocating 9 bytes" in err and "--batch_size 16" in err
+
+
 def test_bad_split_and_k_are_clear_errors(workdir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--workdir", str(workdir), "--split", "tset"])
