@@ -1,15 +1,16 @@
 """Evaluating a checkpoint: click metrics on a split and ranking over the full catalogue.
 
     python -m mmrec_jax.evaluate --workdir runs/default [--split test] [--split test_cold]
-        [--checkpoint best|latest|STEP] [--k 10,20] [--ablate]
+        [--checkpoint best|latest|STEP] [--k 10,20] [--ablate] [--batch_size N]
 
 Click prediction (AUC, GAUC, logloss, accuracy, ECE) scores the split's rows as the
-training loop does. Ranking scores every user that has a positive in the split against
-every item of the catalogue: each item is encoded once (`encode_items`, jit-compiled,
-item blocks split over the devices), then a (users x items) grid of rows per call is
-scored from those encoded items (`score`) and reduced to each user's top K on the device
-(`top_k_items`), with the user's training positives excluded and the split's positives
-as the relevant items. The results are printed beside the dataset's oracle and written
+training loop does, in batches of the run's `train.batch_size` rows or `--batch_size`.
+Ranking scores every user that has a positive in the split against every item of the
+catalogue: each item is encoded once (`encode_items`, jit-compiled, item blocks split
+over the devices), then a (users x items) grid of rows per call is scored from those
+encoded items (`score`) and reduced to each user's top K on the device (`top_k_items`),
+with the user's training positives excluded and the split's positives as the relevant
+items. The results are printed beside the dataset's oracle and written
 to `WORKDIR/eval/<split>.json` (with the split's calibration curve, bin by bin); the
 splits' reliability diagrams go to `WORKDIR/eval/calibration.png`. `--ablate` re-scores
 the split with each content modality marked absent in turn and reports the AUC each one
