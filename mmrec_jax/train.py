@@ -103,6 +103,32 @@ def _out_of_memory_message(
     )
 
 
+def _state_out_of_memory_message(
+    error: Exception, config: ml_collections.ConfigDict, num_devices: int
+) -> str:
+    """Out of memory creating the train state: the overrides that make it smaller."""
+    options = []
+    if not config.train.fsdp and num_devices > 1:
+        options.append(
+            f"--config.train.fsdp=True: parameters and optimizer state sharded over the "
+            f"{num_devices} devices instead of copied to each"
+        )
+    if config.model.text.mode != "frozen":
+        options.append(
+            "--config.model.text.mode=frozen: BERT's embeddings cached once, no BERT "
+            "parameters or optimizer state in training"
+        )
+    options.append("a smaller text model: --config.model.text.model=NAME_OR_FOLDER")
+    return "\n".join(
+        [
+            f"Out of memory creating the parameters and optimizer state on {num_devices} "
+            f"device(s): {str(error).splitlines()[0]}",
+            "Nothing was trained or saved yet. To fit, rerun with one of:",
+            *(f"  {option}" for option in options),
+        ]
+    )
+
+
 @dataclasses.dataclass
 class _StopRequest:
     """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits."""
@@ -491,8 +517,8 @@ def train_and_evaluate(
       DatasetNotBuiltError: `config.data.name` is not in `config.data.data_dir`.
       CheckpointError: `workdir` holds checkpoints and none of them restores.
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
-      OutOfMemory: a train step or validation pass ran out of device memory (the message
-        says how to fit it; the checkpoints already saved are kept).
+      OutOfMemory: the train state, a train step or a validation pass ran out of device
+        memory (the message says how to fit it; the checkpoints already saved are kept).
       SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
     """
     sharding.maybe_initialize_distributed()
@@ -542,7 +568,13 @@ def train_and_evaluate(
     )
     first_local = next(iter(loader("train", train=True)))
     example = sharding.global_batch(mesh, first_local)
-    setup = build_train_state(config, model, mesh, example, updates)
+    try:
+        setup = build_train_state(config, model, mesh, example, updates)
+        jax.block_until_ready(setup.state)  # an allocation failure surfaces here, not later
+    except jax.errors.JaxRuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        raise OutOfMemory(_state_out_of_memory_message(error, config, mesh.size)) from error
     state, state_shardings = setup.state, setup.shardings
     param_shardings = state_shardings["params"]
     optimizer, schedule = setup.optimizer, setup.schedule

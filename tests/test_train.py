@@ -348,6 +348,20 @@ def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoints(
     assert train.restore_params(tmp_path, "latest")[3] == 6
 
 
+def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, monkeypatch):
+    def build_train_state(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 7 bytes.")
+
+    monkeypatch.setattr(train, "build_train_state", build_train_state)
+    with pytest.raises(train.OutOfMemory) as info:
+        train.train_and_evaluate(tiny_config(data_dir, train__num_steps=2), tmp_path)
+    message = str(info.value)
+    assert "creating the parameters and optimizer state on 8 device(s)" in message
+    assert "allocating 7 bytes" in message and "Nothing was trained or saved yet" in message
+    assert "--config.train.fsdp=True" in message
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
