@@ -672,7 +672,7 @@ def train_and_evaluate(
     profiler = profiling.StepTrace(
         workdir / "tensorboard",
         first_step=start_step + 3,
-        num_steps=config.train.profile_steps,
+        num_steps=config.train.get("profile_steps", 0),  # absent in older runs' config.json
         enabled=is_chief,
         report=progress.write,
     )

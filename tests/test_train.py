@@ -100,6 +100,8 @@ def test_early_stopping_after_evaluations_without_gain(data_dir, tmp_path, capsy
         train__eval_every=5,
         train__early_stopping_patience=1,
     )
+    # A run's config.json from before train.profile_steps existed still trains.
+    del config.train["profile_steps"]
     train.train_and_evaluate(config, tmp_path)
     assert "Early stopping at step 10" in capsys.readouterr().out
     steps = [r["step"] for r in reporting.read_metrics(tmp_path) if "validation/auc" in r]
