@@ -151,7 +151,7 @@ def _profile(args, step, name: str) -> str | None:
     return str(folder) if folder else None
 
 
-def _measure(args, run, batch, iterator, mesh, counter, name: str, dtype) -> dict:
+def _measure(args, run, jitted, batch, iterator, mesh, counter, name: str, dtype) -> dict:
     """Runs and times the step: the first call (compiling), warm-up, timed steps, peaks."""
     peak_before = None if args.no_peak else common.matmul_peak()
     start = time.perf_counter()
@@ -183,6 +183,7 @@ def _measure(args, run, batch, iterator, mesh, counter, name: str, dtype) -> dic
         "compile_s": counter.compile_seconds(name),
         "compile_phases": counter.phase_seconds(name),
         "compiles": counter.count(name),
+        "jit_cache_size": getattr(jitted, "_cache_size", lambda: None)(),
         "profile": profile,
         "peaks": [p for p in (peak_before, peak_after) if p],
         "peak_compute": peak_compute,
@@ -219,6 +220,7 @@ def _rates(args, measured: dict, flops: float, rows: int) -> dict:
         "fraction_of_compute_dtype_peak": (
             round(gflops_per_s / peak_compute["gflops_per_s"], 3) if peak_compute else None
         ),
+        "profile": measured["profile"],
     }
 
 
@@ -279,14 +281,14 @@ def main(argv=None) -> None:
             return jax.block_until_ready((state, metrics))
 
     measured = None
-    if args.compile_only:
-        start = time.perf_counter()
-    else:
-        measured = _measure(args, run, batch, iterator, mesh, counter, name, config.model.dtype)
-        measured["jit_cache_size"] = getattr(jitted, "_cache_size", lambda: None)()
+    if not args.compile_only:
+        measured = _measure(
+            args, run, jitted, batch, iterator, mesh, counter, name, config.model.dtype
+        )
+    start = time.perf_counter()
     lowered = jitted.lower(state["params"], batch) if args.inference else jitted.lower(state, batch)
     compiled = lowered.compile()
-    compile_only_s = time.perf_counter() - start if args.compile_only else None
+    lower_and_compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts one device's program: times the devices (replicated work, such as the
@@ -324,23 +326,26 @@ def main(argv=None) -> None:
         "counted_over_xla": round(counted["total"] / xla_flops, 3) if xla_flops else None,
     }
     if measured is None:
-        result["compile_s"] = round(compile_only_s, 2)
+        result["compile_s"] = round(lower_and_compile_s, 2)
     else:
         result.update(_rates(args, measured, counted["total"], rows))
-    result.update({
-        "memory": common.memory_report(
-            compiled,
-            params=state["params"],
-            **({} if args.inference else {"optimizer": state["opt_state"], "state": state}),
-            batch=batch,
-        ),
-        "profile": measured and measured["profile"],
-        "tuned_malloc": tuned_malloc,
-        "huge_pages": runtime.huge_pages_enabled(),
-        "compiler_options": runtime.compiler_options(config.model.dtype),
-        "env": {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ},
-        **common.machine(),
-    })  # fmt: skip
+    result.update(
+        {
+            "memory": common.memory_report(
+                compiled,
+                params=state["params"],
+                **({} if args.inference else {"optimizer": state["opt_state"], "state": state}),
+                batch=batch,
+            ),
+            "tuned_malloc": tuned_malloc,
+            "huge_pages": runtime.huge_pages_enabled(),
+            "compiler_options": runtime.compiler_options(config.model.dtype),
+            "env": {
+                k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS") if k in os.environ
+            },
+            **common.machine(),
+        }
+    )
     print(json.dumps(result), flush=True)
     if measured is not None and measured["compiles"] != 1:
         compiles = measured["compiles"]

@@ -853,8 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = (
             args.batch_size or train.load_run_config(args.workdir, args.data_dir).train.batch_size
         )
-        devices = jax.device_count()
-        smaller = max(batch // 2 // devices * devices, devices)  # split evenly over devices
+        smaller = train.halved_batch_size(batch, jax.device_count()) or jax.device_count()
         parser.exit(
             1,
             f"{parser.prog}: error: out of memory evaluating, with batches of {batch} rows "

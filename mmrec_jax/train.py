@@ -58,6 +58,16 @@ def is_out_of_memory(error: Exception) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
+def halved_batch_size(batch_size: int, num_devices: int) -> int:
+    """Half of `batch_size` rounded down to a multiple of the devices (0: none is smaller)."""
+    return batch_size // 2 // num_devices * num_devices
+
+
+def _fixes_message(what: str, then: str, options: list[str]) -> str:
+    """An out-of-memory message: what failed, what to do, one option per line."""
+    return "\n".join([what, then, *(f"  {option}" for option in options)])
+
+
 def _out_of_memory_message(
     error: Exception,
     config: ml_collections.ConfigDict,
@@ -68,7 +78,7 @@ def _out_of_memory_message(
     """What ran out of memory, the overrides that use less, and whether each resumes."""
     train_cfg = config.train
     batch, accum = train_cfg.batch_size, train_cfg.grad_accum_steps
-    half = batch // 2 // num_devices * num_devices  # batches split evenly over the devices
+    half = halved_batch_size(batch, num_devices)
     smaller = f"--config.train.batch_size={half}"
     options = []
     if half and accum > 1:
@@ -93,13 +103,11 @@ def _out_of_memory_message(
             "--config.model.text.mode=finetune_top_n or frozen (in a new --workdir: another "
             "model): fewer trained BERT layers"
         )
-    return "\n".join(
-        [
-            f"Out of memory after step {step}, in the train step or the validation pass (both "
-            f"run batches of config.train.batch_size={batch}): {str(error).splitlines()[0]}",
-            f"{checkpoint} To fit, rerun the same command with one of:",
-            *(f"  {option}" for option in options),
-        ]
+    return _fixes_message(
+        f"Out of memory after step {step}, in the train step or the validation pass (both "
+        f"run batches of config.train.batch_size={batch}): {str(error).splitlines()[0]}",
+        f"{checkpoint} To fit, rerun the same command with one of:",
+        options,
     )
 
 
@@ -119,13 +127,11 @@ def _state_out_of_memory_message(
             "parameters or optimizer state in training"
         )
     options.append("a smaller text model: --config.model.text.model=NAME_OR_FOLDER")
-    return "\n".join(
-        [
-            f"Out of memory creating the parameters and optimizer state on {num_devices} "
-            f"device(s): {str(error).splitlines()[0]}",
-            "Nothing was trained or saved yet. To fit, rerun with one of:",
-            *(f"  {option}" for option in options),
-        ]
+    return _fixes_message(
+        f"Out of memory creating the parameters and optimizer state on {num_devices} "
+        f"device(s): {str(error).splitlines()[0]}",
+        "Nothing was trained or saved yet. To fit, rerun with one of:",
+        options,
     )
 
 
