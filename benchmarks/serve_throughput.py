@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         user_rows["history_mask"] = np.ones(history, bool)
 
     # Evaluation's ranking program: excluded items (none here; the masking costs the same
-    # whatever is excluded) get -inf, then each user's K best.
+    # whatever is excluded) ranked last, then each user's K best and a NaN check.
     rank = functools.partial(evaluate.programs_of(model).rank, top=args.k)
     exclude = np.zeros((users, encoded_items), bool)
     top_s, top_cpu = _timed(

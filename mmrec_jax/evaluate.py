@@ -243,7 +243,8 @@ def _programs(handle: _ByIdentity) -> Programs:
 
     def rank(params, encoded, users, exclude, *, top):
         logits = grid_logits(model, params, encoded, users)  # (Bu, N)
-        return metrics_lib.top_k_items(logits, top, exclude)[1]  # (Bu, top)
+        top_items = metrics_lib.top_k_items(logits, top, exclude)[1]  # (Bu, top)
+        return top_items, jnp.isnan(logits).any(axis=1)  # (Bu, top), (Bu,)
 
     def split_rows(params, batch):
         logits = model.apply({"params": params}, batch, train=False)  # (B,)
@@ -414,7 +415,7 @@ def rank_catalogue(
     """Full-catalogue HR, Recall, NDCG, MRR and MAP at each K, averaged over users.
 
     Each user with a relevant item is scored against all N items in (users x items)
-    grids; excluded items (the user's training positives) get -inf and the
+    grids; excluded items (the user's training positives) are ranked last and the
     top max(K) are taken on the device (`metrics.top_k_items`); the metrics are those of
     `metrics.ranking_metrics` (an excluded item is never relevant).
 
@@ -435,7 +436,8 @@ def rank_catalogue(
       number of users averaged over.
 
     Raises:
-      ValueError: a K outside [1, N], or no user has a relevant item that is not excluded.
+      ValueError: a K outside [1, N], no user has a relevant item that is not excluded, or
+        the model scores NaN.
     """
     num_items = encoded["mask"].shape[0]
     ks = _check_ks(ks, num_items)
@@ -454,7 +456,14 @@ def rank_catalogue(
     ):
         exclude = _dense_rows(users.train_positives, local, num_items)  # (local Bu, N)
         exclude = jax.make_array_from_process_local_data(data, exclude)
-        top_items = sharding.to_host(rank(params, items, arrays, exclude))[: rows.size]
+        top_items, has_nan = sharding.to_host(rank(params, items, arrays, exclude))
+        if has_nan[: rows.size].any():
+            raise ValueError(
+                f"The model's scores hold NaN for {int(has_nan[: rows.size].sum())} of the "
+                f"{rows.size} users scored last; ranking them would be meaningless. The "
+                "parameters are not finite: evaluate a checkpoint from before the run diverged."
+            )
+        top_items = top_items[: rows.size]
         chunk = metrics_lib.per_user_ranking_metrics(
             top_items,
             _dense_rows(relevant, rows, num_items),

@@ -209,6 +209,8 @@ def gauc(user_ids, labels, scores) -> float:
     scores = _finite("scores", scores)
     user_ids = _vector("user_ids", user_ids)
     _same_length("labels", labels, "user_ids", user_ids)
+    if user_ids.dtype.kind in "fc" and np.isnan(user_ids).any():
+        raise ValueError("user_ids contains NaN; every impression needs the id of its user.")
     total, positive, negative, count = _grouped_auc(
         user_ids, labels, scores, np.ones(labels.shape[0])
     )
@@ -422,38 +424,73 @@ def _user_item_matrix(name: str, values, shape: tuple[int, ...] | None) -> np.nd
     return array
 
 
+def _order_key_numpy(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """(U, I) int64 keys that order like the float scores, excluded items below them all.
+
+    A float's bits, read as a signed integer with the magnitude bits of negative numbers
+    flipped, order like the float itself (-inf lowest, -0.0 taken as 0.0). Excluded
+    items get a key below -inf's, so they come after every other item, -inf included.
+    """
+    scores = np.where(scores == 0, 0.0, scores).astype(np.float64)  # (U, I), no -0.0
+    bits = scores.view(np.int64)
+    key = np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)  # (U, I)
+    if exclude is not None:
+        key = np.where(exclude, np.iinfo(np.int64).min + 1, key)  # negation cannot overflow
+    return key
+
+
+def _order_key(scores: jax.Array, exclude: jax.Array | None) -> jax.Array:
+    """`_order_key_numpy` on the device for float32 scores (int32 keys), NaN above excluded.
+
+    NaN, which `jax.lax.top_k` would rank first, gets a key just below -inf's.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    scores = jnp.where(scores == 0, 0.0, scores)  # (U, I), no -0.0
+    bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
+    key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # (U, I)
+    lowest = jnp.iinfo(jnp.int32).min
+    key = jnp.where(jnp.isnan(scores), lowest + 1, key)  # -inf's key is far above this
+    if exclude is not None:
+        key = jnp.where(exclude, lowest, key)
+    return key
+
+
 @functools.partial(jax.jit, static_argnames="k")
 def top_k_items(scores: jax.Array, k: int, exclude: jax.Array | None = None):
     """The K highest-scoring items of each user, on the device, excluded items last.
 
-    Excluded items get score -inf, so they are never chosen before an item that is not
-    excluded. Equal scores are ordered by item index, lower first (`jax.lax.top_k`).
+    Items are ordered by descending score, equal scores by ascending item index (the
+    order `ranking_metrics` uses); NaN scores come after -inf, and excluded items after
+    everything else, so an excluded item is never chosen before one that is not. Callers
+    that must not rank NaN scores check for them.
 
     Args:
-      scores: (users, items) scores.
+      scores: (users, items) float scores (computed in float32).
       k: number of items to return, static; at most the number of items.
       exclude: optional (users, items) bool, True where an item must not be recommended
         (for example the user's training positives).
 
     Returns:
-      (top_scores, top_items), each (users, k): scores in descending order and the item
-      indices (int32) they belong to.
+      (top_scores, top_items), each (users, k): float32 scores in ranking order (-inf for
+      excluded items) and the item indices (int32) they belong to.
     """
+    _, top_items = jax.lax.top_k(_order_key(scores, exclude), k)  # (U, k)
+    scores = jnp.asarray(scores, jnp.float32)
     if exclude is not None:
         scores = jnp.where(exclude, -jnp.inf, scores)  # (U, I)
-    return jax.lax.top_k(scores, k)  # (U, k), (U, k)
+    return jnp.take_along_axis(scores, top_items, axis=1), top_items  # (U, k), (U, k)
 
 
-def _top_k_numpy(scores: np.ndarray, k: int) -> np.ndarray:
-    """(users, k) item indices by descending score, ties by ascending index, in O(U * I)."""
-    num_users, num_items = scores.shape
-    kth = np.partition(scores, num_items - k, axis=1)[:, num_items - k, None]  # (U, 1)
-    above = scores > kth  # (U, I): all of these are in the top k
-    at = scores == kth  # (U, I): the lowest-index ones fill the remaining places
+def _top_k_numpy(key: np.ndarray, k: int) -> np.ndarray:
+    """(users, k) item indices by descending key, ties by ascending index, in O(U * I)."""
+    num_users, num_items = key.shape
+    kth = np.partition(key, num_items - k, axis=1)[:, num_items - k, None]  # (U, 1)
+    above = key > kth  # (U, I): all of these are in the top k
+    at = key == kth  # (U, I): the lowest-index ones fill the remaining places
     needed = k - above.sum(axis=1, keepdims=True)  # (U, 1)
     chosen = above | (at & (np.cumsum(at, axis=1) <= needed))  # (U, I), k per row
     items = np.nonzero(chosen)[1].reshape(num_users, k)  # (U, k) ascending index
-    order = np.argsort(-np.take_along_axis(scores, items, axis=1), axis=1, kind="stable")
+    order = np.argsort(-np.take_along_axis(key, items, axis=1), axis=1, kind="stable")
     return np.take_along_axis(items, order, axis=1)  # (U, k)
 
 
@@ -556,8 +593,7 @@ def ranking_metrics(scores, relevant, k, exclude=None) -> dict[str, float]:
     ks = _cutoffs(k, scores.shape[1])
     if exclude is not None:
         exclude = _binary("exclude", _user_item_matrix("exclude", exclude, scores.shape))
-        scores = np.where(exclude, -np.inf, scores)  # (U, I)
-    top_items = _top_k_numpy(scores, max(ks))  # (U, K)
+    top_items = _top_k_numpy(_order_key_numpy(scores, exclude), max(ks))  # (U, K)
     per_user = per_user_ranking_metrics(top_items, relevant, ks, exclude)
     if next(iter(per_user.values())).size == 0:
         raise ValueError(

@@ -134,6 +134,12 @@ class ExportedRecommender:
         if k < 1:
             raise ValueError(f"k={k} must be at least 1.")
         logits = self.scores(user_id)  # (N,)
+        if np.isnan(logits).any():
+            raise ValueError(
+                f"The scores of user {user_id!r} hold NaN for {int(np.isnan(logits).sum())} "
+                f"of {logits.size} items: the exported parameters or item encodings are not "
+                "finite. Export again from a checkpoint of a run that trained without NaN."
+            )
         exclude = np.zeros(logits.shape, bool)
         exclude[self.engaged_items(user_id)] = True
         k = min(k, int((~exclude).sum()))

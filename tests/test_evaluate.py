@@ -120,6 +120,14 @@ def test_full_catalogue_ranking_equals_brute_force(restored, split):
         assert result[name] == pytest.approx(value, abs=1e-9), name
 
 
+def test_ranking_nan_scores_is_an_error(restored):
+    config, model, params, catalogue, encoded, mesh = restored
+    broken = jax.tree.map(lambda leaf: leaf * np.nan, params)
+    csr = evaluate.csr_from_pairs(np.array([0, 1]), np.array([0, 1]), catalogue.user_ids.shape[0])
+    with pytest.raises(ValueError, match=r"scores hold NaN for \d+ of the \d+ users"):
+        evaluate.rank_catalogue(model, broken, encoded, catalogue.users, csr, (1,), mesh)
+
+
 def test_programs_compile_once_per_model_and_shape(restored):
     """Encoding and ranking again with the same model reuse the compiled programs."""
     config, model, params, catalogue, encoded, mesh = restored

@@ -211,6 +211,14 @@ def test_recommend_cli_and_unknown_user(export_dir, capsys):
         recommend.ExportedRecommender(export_dir).recommend("no_such_user")
 
 
+def test_recommending_from_nan_scores_is_an_error(export_dir):
+    recommender = recommend.ExportedRecommender(export_dir)
+    user = str(recommender.user_ids[0])
+    recommender.variables = jax.tree.map(lambda leaf: leaf * np.nan, recommender.variables)
+    with pytest.raises(ValueError, match=f"scores of user '{user}' hold NaN"):
+        recommender.recommend(user)
+
+
 def test_import_mmrec_jax_stays_cheap():
     code = "import sys, mmrec_jax; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

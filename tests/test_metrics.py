@@ -334,6 +334,21 @@ def test_top_k_items_on_device_breaks_ties_by_item_index(seed, levels):
         np.testing.assert_allclose(np.asarray(top_scores[user]), expected, rtol=1e-6)
 
 
+def test_excluded_items_rank_after_minus_infinity_and_nan_on_the_device():
+    scores = np.array([[-np.inf, -np.inf, 0.0, np.nan, -0.0, 2.0]], np.float32)
+    exclude = np.array([[True, False, False, False, False, True]])
+    relevant = np.array([[False, True, False, False, False, False]])
+    # Brute force: by (-score, index) among the allowed items, -inf last but for NaN.
+    top_scores, top_items = metrics.top_k_items(scores, 6, exclude)
+    assert np.asarray(top_items[0]).tolist() == [2, 4, 1, 3, 0, 5]
+    np.testing.assert_array_equal(top_scores[0], [0.0, 0.0, -np.inf, np.nan, -np.inf, -np.inf])
+    finite = np.where(np.isnan(scores), -np.inf, scores)
+    assert metrics.ranking_metrics(finite, relevant, 3, exclude)["hr@3"] == 1.0
+    assert metrics.ranking_metrics(finite, relevant, 2, exclude)["hr@2"] == 0.0
+    _, top_items = metrics.top_k_items(np.array([[np.nan, 1.0, -np.inf]], np.float32), 3)
+    assert np.asarray(top_items[0]).tolist() == [1, 2, 0]
+
+
 def test_per_user_metrics_from_device_top_items_match_loops():
     scores, relevant, exclude = _ranking_data(3)
     _, top_items = metrics.top_k_items(scores, 10, exclude)
@@ -384,6 +399,8 @@ def test_bad_click_inputs_name_the_argument():
         metrics.accuracy([0, 1], [0.1, 1.2])
     with pytest.raises(ValueError, match="weights must be non-negative"):
         metrics.auc([0, 1], [0.1, 0.2], weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="user_ids contains NaN"):
+        metrics.gauc([np.nan, np.nan, 1, 1], [1, 0, 1, 0], [0.1, 0.2, 0.3, 0.1])
 
 
 def test_bad_ranking_inputs_name_the_argument():
