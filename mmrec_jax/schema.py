@@ -222,6 +222,32 @@ def validate_items(
     return dims
 
 
+def concrete_values(array) -> np.ndarray | None:
+    """`array` as numpy, or None while it is traced (under `jax.jit`, `grad`, `vmap`).
+
+    Value checks (ids and slots in range) run on concrete inputs, when a module is
+    applied eagerly; compiled code cannot raise on values.
+    """
+    import jax
+
+    try:
+        return np.asarray(array)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_index_range(name: str, array, size: int, fix: str) -> None:
+    """Raises BatchError when concrete `array` holds an index outside [0, size)."""
+    values = concrete_values(array)
+    if values is None or values.size == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= size:
+        raise BatchError(
+            f"{name} holds indices in [{low}, {high}] but must lie in [0, {size}); {fix}"
+        )
+
+
 # Row fields the model reads (the rest are for the loss and the metrics).
 SCORE_FIELDS = ("user_id", "item_slot", "history_slot", "history_mask")
 

@@ -209,3 +209,24 @@ def test_dropout_only_when_not_deterministic(tiny):
     assert not np.allclose(noisy, clean, atol=1e-3)
     np.testing.assert_array_equal(noisy, again)
     np.testing.assert_allclose(clean, torch_outputs(tiny[1], ids, mask, types)[0], atol=TOL)
+
+
+def test_bad_token_ids_are_errors_naming_the_input(tiny):
+    folder, _ = tiny
+    bert, params, _ = load_pretrained(folder)
+    ids, mask, types = _tiny_batch()
+    variables = {"params": params}
+    cfg = bert.config
+    bad_ids = ids.copy()
+    bad_ids[1, 0] = cfg.vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids holds indices in \[0, {cfg.vocab_size}\]"):
+        bert.apply(variables, bad_ids, mask, types)
+    with pytest.raises(ValueError, match="token_type_ids holds indices"):
+        bert.apply(variables, ids, mask, np.full_like(types, cfg.type_vocab_size))
+    with pytest.raises(ValueError, match=r"token_type_ids must have input_ids' shape \(3, 9\)"):
+        bert.apply(variables, ids, mask, types[:, :4])
+    with pytest.raises(ValueError, match="attention_mask of the same shape"):
+        bert.apply(variables, ids, mask[:, :4], types)
+    # Compiled code cannot check values; valid ids run there as eagerly.
+    hidden = jax.jit(bert.apply)(variables, ids, mask, types)[0]
+    np.testing.assert_allclose(hidden, bert.apply(variables, ids, mask, types)[0], atol=1e-5)

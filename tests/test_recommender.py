@@ -298,6 +298,22 @@ def test_bad_batch_fails_naming_the_field(edit, field):
         jax.eval_shape(model.init, init_key(), bad)
 
 
+def test_out_of_range_slots_and_a_foreign_text_width_are_errors_when_applied_eagerly():
+    model, variables, _ = full_model()
+    batch = make_batch(model.config)
+    for field, value in (("item_slot", U), ("history_slot", -1)):
+        bad = {**batch, field: np.full_like(batch[field], value)}
+        with pytest.raises(schema.BatchError, match=rf"'{field}' holds indices .* \[0, {U}\)"):
+            model.apply(variables, bad)
+    wide = np.zeros((U, DT + 2), np.float32)
+    with pytest.raises(schema.BatchError, match=f"is {DT + 2} wide but .* read {DT}-wide"):
+        model.apply(variables, _replace_items(batch, text_embedding=wide))
+    assert model.apply(variables, batch).shape == (B,)
+    # Scoring needs no loss or metric fields.
+    rows = {k: v for k, v in batch.items() if k not in ("label", "weight", "user_index")}
+    np.testing.assert_array_equal(model.apply(variables, rows), model.apply(variables, batch))
+
+
 def test_config_errors_name_the_key():
     cfg = tiny_config("text,id")
     cfg.num_users = 0

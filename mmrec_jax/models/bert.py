@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmrec_jax import schema
 from mmrec_jax.models.layers import Dropout
 
 
@@ -406,6 +407,24 @@ class Bert(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        elif token_type_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"BERT token_type_ids must have input_ids' shape {input_ids.shape}; got "
+                f"{token_type_ids.shape}. Pass None for single-segment texts."
+            )
+        # Out-of-range ids would read NaN embeddings; checked when the values are concrete.
+        schema.check_index_range(
+            "BERT input_ids",
+            input_ids,
+            cfg.vocab_size,
+            "tokenize with this model's own tokenizer (its vocab.txt).",
+        )
+        schema.check_index_range(
+            "BERT token_type_ids",
+            token_type_ids,
+            cfg.type_vocab_size,
+            f"this model has {cfg.type_vocab_size} segment types.",
+        )
         kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
         x = BertEmbeddings(**kw, name="embeddings")(input_ids, token_type_ids, deterministic)
         mask = jnp.asarray(attention_mask).astype(bool)  # (B, L)

@@ -169,6 +169,15 @@ class Recommender(nn.Module):
           (B,) float32 logits.
         """
         schema.validate_score_rows(rows, self.towers)
+        num_items = encoded["tokens"].shape[0]
+        slot_fields = ("item_slot", "history_slot") if "history" in self.towers else ("item_slot",)
+        for name in slot_fields:
+            schema.check_index_range(
+                f"Batch field {name!r}",
+                rows[name],
+                num_items,
+                f"slots index the {num_items} items of the encoded item block.",
+            )
         slot = rows["item_slot"]  # (B,)
         tokens = [encoded["tokens"][slot]]  # [(B, M, D)]
         masks = [encoded["mask"][slot]]  # [(B, M)]
@@ -191,15 +200,16 @@ class Recommender(nn.Module):
         """Scores a batch: `score(batch, encode_items(batch["items"]))`.
 
         Args:
-          batch: rows plus the "items" block, validated against `mmrec_jax.schema`.
+          batch: a batch of `mmrec_jax.schema`: the rows `score` reads plus the "items"
+            block (`label`, `weight` and `user_index` are for the loss and the metrics,
+            and may be absent).
           train: enables dropout and modality dropout (rng stream "dropout").
 
         Returns:
           (B,) float32 logits.
         """
-        schema.validate_batch(
-            batch, self.towers, self.config.text.mode, expected_dims=self._expected_dims()
-        )
+        if "items" not in batch:
+            raise schema.BatchError("Batch is missing the required 'items' dict (the item block).")
         return self.score(batch, self.encode_items(batch["items"], train), train)
 
 

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmrec_jax.models.bert import Bert, BertConfig
+from mmrec_jax import schema
+from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 
 # Pooling choices of config.model.text.pooling.
 POOLINGS = ("cls", "mean", "pooler")
@@ -115,9 +116,6 @@ def cached_text_dim(model_config: ml_collections.ConfigDict) -> int | None:
     BERT's hidden size (read from the text model's `config.json`, no weights), or None
     when the text tower is off or runs BERT itself.
     """
-    from mmrec_jax import schema
-    from mmrec_jax.models.bert import load_bert_config
-
     if "text" not in schema.parse_towers(model_config.towers):
         return None
     if schema.text_is_trained(model_config.text.mode):
@@ -164,6 +162,14 @@ class TextTower(nn.Module):
                     "cached BERT embeddings (mmrec_jax.data.text_cache.text_embeddings)."
                 )
             x = jnp.asarray(items["text_embedding"], self.dtype)  # (U, Dt)
+            if self.has_variable("params", "proj"):
+                trained_on = self.variables["params"]["proj"]["kernel"].shape[0]
+                if x.shape[-1] != trained_on:
+                    raise schema.BatchError(
+                        f"items['text_embedding'] is {x.shape[-1]} wide but these parameters "
+                        f"read {trained_on}-wide embeddings; compute the text cache with the "
+                        f"text model they were trained with (config.model.text.model)."
+                    )
         else:
             if self.bert_config is None:
                 raise ValueError(
