@@ -7,7 +7,8 @@ sees exactly the next batch), `meta` the run config and metrics as JSON.
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
 process killed mid-save leaves no folder that looks finished. A finished checkpoint that
 later fails to restore (a damaged disk, a deleted file) is reported and the previous one
-is tried.
+is tried; the training run then moves the damaged folder to `WORKDIR/checkpoints_damaged/`
+(kept for inspection), so that the step can be trained and saved again.
 """
 
 from __future__ import annotations
@@ -27,20 +28,28 @@ logger = logging.getLogger(__name__)
 BEST_METRIC = "validation_auc"
 
 
-class _SavedWithoutMetricsFilter(logging.Filter):
-    """Drops Orbax's warning for a checkpoint saved without metrics.
+class _ExpectedOrbaxWarningsFilter(logging.Filter):
+    """Drops Orbax's warnings about what this module does on purpose.
 
     Checkpoints made between evaluations (the step-0 one, those on a signal or at the
-    end) carry no validation metrics by design; `BestN` simply does not rank them.
+    end) carry no validation metrics by design; `BestN` simply does not rank them. A
+    read-only checkpointer (evaluation, export) is read-only by design.
     """
 
+    EXPECTED = (
+        "did not provide metrics",
+        "read_only=True, setting save_interval_steps=0",
+        "Given directory is read only",
+    )
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return not any(expected in message for expected in self.EXPECTED)
 
 
 _ABSL_LOGGER = logging.getLogger("absl")
-if not any(isinstance(f, _SavedWithoutMetricsFilter) for f in _ABSL_LOGGER.filters):
-    _ABSL_LOGGER.addFilter(_SavedWithoutMetricsFilter())
+if not any(isinstance(f, _ExpectedOrbaxWarningsFilter) for f in _ABSL_LOGGER.filters):
+    _ABSL_LOGGER.addFilter(_ExpectedOrbaxWarningsFilter())
 
 
 class CheckpointError(RuntimeError):
@@ -54,10 +63,15 @@ class Checkpointer:
       workdir: the run folder; checkpoints go to `workdir/checkpoints`.
       keep: how many of the latest checkpoints to keep (the best is kept besides).
       async_save: write in a background thread while training continues.
+      read_only: only restore (evaluation, export): nothing is created, saved or deleted,
+        so reading a run that is still training cannot disturb the save in progress.
     """
 
-    def __init__(self, workdir: str | Path, keep: int = 2, async_save: bool = True):
-        self.directory = Path(workdir).resolve() / "checkpoints"
+    def __init__(
+        self, workdir: str | Path, keep: int = 2, async_save: bool = True, read_only: bool = False
+    ):
+        self.workdir = Path(workdir).resolve()
+        self.directory = self.workdir / "checkpoints"
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=max(keep, 1)),
@@ -73,9 +87,11 @@ class Checkpointer:
             # Makes Orbax store each checkpoint's metrics beside it (best_step reads them).
             best_fn=lambda metrics: metrics[BEST_METRIC],
             best_mode="max",
-            enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save and not read_only,
+            create=not read_only,
+            # Removes the temporary folders of saves that a killed process left behind.
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
@@ -144,14 +160,15 @@ class Checkpointer:
 
     def restore_latest_good(
         self, abstract_state: Any, steps: list[int] | None = None
-    ) -> tuple[int, Any, dict, dict] | None:
+    ) -> tuple[int, Any, dict, dict, list[int]] | None:
         """Restores the newest checkpoint that restores cleanly.
 
         A checkpoint that fails is reported with its step and error, and the one before
         it is tried.
 
         Returns:
-          (step, state, data_state, meta), or None when the folder holds no checkpoint.
+          (step, state, data_state, meta, damaged): `damaged` lists the newer steps that
+          failed to restore (see `set_aside`); None when the folder holds no checkpoint.
 
         Raises:
           CheckpointError: checkpoints exist but none restores.
@@ -159,7 +176,7 @@ class Checkpointer:
         steps = self.all_steps() if steps is None else steps
         if not steps:
             return None
-        failures = []
+        failures: list[int] = []
         for step in reversed(steps):
             try:
                 state, data_state, meta = self.restore(step, abstract_state)
@@ -174,11 +191,36 @@ class Checkpointer:
                 continue
             if failures:
                 print(f"Resuming from the previous good checkpoint, step {step}.", flush=True)
-            return step, state, data_state, meta
+            return step, state, data_state, meta, failures
         raise CheckpointError(
             f"None of the checkpoints in {self.directory} (steps {steps}) could be restored. "
             "Move the folder away to start afresh."
         )
+
+    def set_aside(self, steps: list[int]) -> list[Path]:
+        """Moves damaged checkpoints to `WORKDIR/checkpoints_damaged/<step>`.
+
+        Nothing is deleted; the steps can then be saved again. Call it on one process
+        (the files are shared), then `reload` on every process.
+
+        Returns:
+          Where each checkpoint went.
+        """
+        moved = []
+        for step in steps:
+            target = self.workdir / "checkpoints_damaged" / str(step)
+            suffix = 1
+            while target.exists():
+                target = target.with_name(f"{step}_{suffix}")
+                suffix += 1
+            target.parent.mkdir(exist_ok=True)
+            (self.directory / str(step)).rename(target)
+            moved.append(target)
+        return moved
+
+    def reload(self) -> None:
+        """Rereads which checkpoints exist (after `set_aside`, on every process)."""
+        self.manager.reload()
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has been written and committed."""

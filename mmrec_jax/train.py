@@ -407,6 +407,25 @@ _OPTIMIZER_SWITCHES = {
 }
 
 
+def _recover_run_config(
+    reader: checkpoint_lib.Checkpointer, steps: list[int], path: Path
+) -> dict | None:
+    """A missing config.json, read from the newest checkpoint's metadata and written back.
+
+    Returns the config as stored (None when no checkpoint's metadata reads).
+    """
+    for step in reversed(steps):
+        try:
+            stored = reader.restore_meta(step)["config"]
+        except Exception:  # noqa: BLE001 -- a damaged checkpoint: try the one before
+            continue
+        if jax.process_index() == 0:
+            write_atomic(path, json.dumps(stored, indent=2, sort_keys=True))
+            print(f"{path} was missing: wrote it back from checkpoint step {step}.")
+        return stored
+    return None
+
+
 def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume checkpoints in `workdir` that another model, dataset or optimizer wrote.
 
@@ -416,7 +435,8 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
     `seed`) may change, for example to train longer, except switching gradient
     accumulation or clipping on or off, which changes what the optimizer state holds.
     Fields only one of the two configs has (a run written by another version) are not
-    compared.
+    compared. A missing config.json is first written back from the checkpoints' own
+    record of the config.
 
     Args:
       workdir: the run folder.
@@ -427,11 +447,21 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
         the fields with both values.
     """
     workdir = Path(workdir)
-    stored_path, checkpoints = workdir / "config.json", workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in checkpoints.glob("*") if p.is_dir() and p.name.isdigit())
-    if not steps or not stored_path.is_file():
-        return
-    stored = flatten(json.loads(stored_path.read_text()))
+    stored_path = workdir / "config.json"
+    reader = checkpoint_lib.Checkpointer(workdir, read_only=True)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            return
+        if stored_path.is_file():
+            stored = json.loads(stored_path.read_text())
+        else:
+            stored = _recover_run_config(reader, steps, stored_path)
+    finally:
+        reader.close()
+    if stored is None:
+        return  # no checkpoint reads: restoring reports it
+    stored = flatten(stored)
     wanted = flatten(json.loads(config_to_json(config)))  # tuples as lists, as stored
     differences = [
         f"{key} is {stored[key]!r} there and {wanted[key]!r} now"
@@ -480,7 +510,7 @@ def restore_params(
       its parameters on the mesh (replicated or FSDP as trained), and the step loaded.
     """
     config = load_run_config(workdir, data_dir)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
         raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}; train first.")
@@ -500,6 +530,20 @@ def restore_params(
     state, _, _ = checkpointer.restore(step, abstract)
     checkpointer.close()
     return config, model, state["params"], step
+
+
+def _set_aside(
+    checkpointer: checkpoint_lib.Checkpointer, steps: list[int], is_chief: bool, processes: int
+) -> None:
+    """Moves checkpoints that failed to restore out of the way, so their steps can be saved."""
+    if is_chief:
+        for step, target in zip(steps, checkpointer.set_aside(steps), strict=True):
+            print(f"Moved damaged checkpoint step {step} to {target} (delete it when done).")
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    checkpointer.reload()
 
 
 def train_and_evaluate(
@@ -544,9 +588,7 @@ def train_and_evaluate(
         multihost_utils.sync_global_devices("dataset ready")
     info = pipeline.load_dataset_info(config.data)
     config = resolve_config(config, info, verbose=is_chief)
-    check_resumable(workdir, config)  # before config.json is replaced
-    if is_chief:
-        write_atomic(workdir / "config.json", config_to_json(config))
+    check_resumable(workdir, config)
 
     mesh = sharding.make_mesh(devices)
     if config.train.batch_size % (mesh.size) != 0:
@@ -596,10 +638,31 @@ def train_and_evaluate(
         raise
     start_step = 0
     data_state = None
+    # Early stopping's record travels in each checkpoint's metadata, so a resumed run
+    # counts on (and an early-stopped run stays stopped) as an uninterrupted one would.
+    best_auc, evals_without_gain = -math.inf, 0
     if restored is not None:
-        start_step, state, data_state, _ = restored
+        start_step, state, data_state, restored_meta, damaged = restored
+        if damaged:
+            _set_aside(checkpointer, damaged, is_chief, process_count)
         if is_chief:
             print(f"Resuming from checkpoint step {start_step} in {checkpointer.directory}.")
+        stopping = restored_meta.get("early_stopping") or {}
+        if stopping.get("best_auc") is not None:
+            best_auc = float(stopping["best_auc"])
+        evals_without_gain = int(stopping.get("evals_without_gain", 0))
+    patience = config.train.early_stopping_patience
+    stopped_early = bool(patience) and evals_without_gain >= patience
+    if is_chief and stopped_early:
+        print(
+            f"The run stopped early at step {start_step} (no validation gain in "
+            f"{evals_without_gain} evaluations); reporting it. Raise "
+            "config.train.early_stopping_patience (0: never stop) to train on."
+        )
+    if is_chief and start_step < total_steps and not stopped_early:
+        # The settings the checkpoints from now on are trained with (not written when
+        # nothing trains, so a finished run's record keeps the settings it finished with).
+        write_atomic(workdir / "config.json", config_to_json(config))
     train_iter = loader("train", train=True)
     if data_state:
         train_iter.set_state(data_state)
@@ -626,7 +689,6 @@ def train_and_evaluate(
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked
     last_saved = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
-    best_auc, evals_without_gain = -math.inf, 0
     examples_per_step = config.train.batch_size
 
     def check_pending() -> dict[str, float]:
@@ -655,7 +717,12 @@ def train_and_evaluate(
     def save(step: int, metrics: dict | None = None) -> None:
         nonlocal last_saved
         check_pending()
-        checkpointer.save(step, state, _json_safe(train_iter.get_state()), meta, metrics)
+        stopping = {
+            "best_auc": None if best_auc == -math.inf else best_auc,
+            "evals_without_gain": evals_without_gain,
+        }
+        step_meta = dict(meta, early_stopping=stopping)
+        checkpointer.save(step, state, _json_safe(train_iter.get_state()), step_meta, metrics)
         last_saved = step
 
     if restored is None:
@@ -685,9 +752,10 @@ def train_and_evaluate(
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped_early:
             if stop.signum is not None:
-                save(step)
+                if last_saved != step:  # the signal may have come during a save or evaluation
+                    save(step)
                 checkpointer.wait()
                 progress.close()
                 name = signal.Signals(stop.signum).name
@@ -736,12 +804,11 @@ def train_and_evaluate(
                         f"step {step}: validation auc {result['auc']:.4f} "
                         f"logloss {result['logloss']:.4f}"
                     )
-                    save(step, {checkpoint_lib.BEST_METRIC: result["auc"]})
                     if result["auc"] > best_auc:
                         best_auc, evals_without_gain = result["auc"], 0
                     else:
                         evals_without_gain += 1
-                    patience = config.train.early_stopping_patience
+                    save(step, {checkpoint_lib.BEST_METRIC: result["auc"]})
                     if patience and evals_without_gain >= patience:
                         progress.write(f"Early stopping at step {step}: no gain in {patience}.")
                         break
@@ -752,7 +819,6 @@ def train_and_evaluate(
                 save(step)
         if step == total_steps and last_saved != step:
             save(step)
-        checkpointer.wait()
     except jax.errors.JaxRuntimeError as error:
         if not is_out_of_memory(error):
             raise
@@ -761,6 +827,7 @@ def train_and_evaluate(
         message = _out_of_memory_message(error, config, mesh.size, step, saved)
         raise OutOfMemory(message) from error
     finally:
+        checkpointer.wait()  # a save in flight completes however the loop ended
         profiler.close()
         progress.close()
         for sig, handler in previous_handlers.items():

@@ -29,8 +29,11 @@ def test_round_trip_keeps_values_shardings_and_data_state(tmp_path):
     state = _state(mesh, 3.0)
     checkpointer.save(3, state, {"epoch": 1, "index": 7}, {"config": "x"})
     checkpointer.wait()
-    step, restored, data_state, meta = checkpointer.restore_latest_good(abstract_like(state))
+    step, restored, data_state, meta, damaged = checkpointer.restore_latest_good(
+        abstract_like(state)
+    )
     checkpointer.close()
+    assert not damaged
     assert step == 3 and data_state == {"epoch": 1, "index": 7} and meta == {"config": "x"}
     np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
@@ -72,13 +75,41 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, capsys):
         if path.is_file() and "metadata" not in path.name:
             path.write_bytes(b"garbage")
     checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
-    step, restored, data_state, _ = checkpointer.restore_latest_good(
+    step, restored, data_state, _, damaged = checkpointer.restore_latest_good(
+        abstract_like(_state(mesh, 0.0))
+    )
+    assert step == 1 and data_state == {"step": 1} and damaged == [2]
+    assert float(restored["params"]["w"][0, 0]) == 1.0
+    assert "damaged" in capsys.readouterr().out
+    # Set aside (not deleted), the step can be saved again.
+    moved = checkpointer.set_aside(damaged)
+    checkpointer.reload()
+    assert moved == [tmp_path / "checkpoints_damaged" / "2"]
+    assert (moved[0] / "state").is_dir() and checkpointer.all_steps() == [1]
+    checkpointer.save(2, _state(mesh, 2.0), {"step": 2}, {})
+    step, restored, _, _, damaged = checkpointer.restore_latest_good(
         abstract_like(_state(mesh, 0.0))
     )
     checkpointer.close()
-    assert step == 1 and data_state == {"step": 1}
-    assert float(restored["params"]["w"][0, 0]) == 1.0
-    assert "damaged" in capsys.readouterr().out
+    assert step == 2 and not damaged and float(restored["params"]["w"][0, 0]) == 2.0
+
+
+def test_a_reader_leaves_a_save_in_progress_alone(tmp_path, caplog):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    checkpointer.save(1, _state(mesh, 1.0), {}, {})
+    checkpointer.close()
+    # What a save in progress looks like to another process: Orbax's temporary folder.
+    in_progress = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234"
+    shutil.copytree(tmp_path / "checkpoints" / "1", in_progress)
+    reader = Checkpointer(tmp_path, read_only=True)
+    assert reader.all_steps() == [1] and in_progress.is_dir()
+    restored, _, _ = reader.restore(1, abstract_like(_state(mesh, 0.0)))
+    reader.close()
+    assert float(restored["params"]["w"][0, 0]) == 1.0 and in_progress.is_dir()
+    assert Checkpointer(tmp_path / "no_run", read_only=True).all_steps() == []
+    assert not (tmp_path / "no_run").exists()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_half_written_checkpoint_is_never_taken(tmp_path):

@@ -106,6 +106,31 @@ def test_early_stopping_after_evaluations_without_gain(data_dir, tmp_path, capsy
     assert "Early stopping at step 10" in capsys.readouterr().out
     steps = [r["step"] for r in reporting.read_metrics(tmp_path) if "validation/auc" in r]
     assert steps == [5, 10]
+    # Rerun, the run stays stopped; with more patience it counts on from its record
+    # (one evaluation without gain so far), as an uninterrupted run with patience 3 would.
+    train.train_and_evaluate(config, tmp_path)
+    assert "The run stopped early at step 10" in capsys.readouterr().out
+    config.train.early_stopping_patience = 3
+    train.train_and_evaluate(config, tmp_path)
+    assert "Early stopping at step 20" in capsys.readouterr().out
+    steps = [r["step"] for r in reporting.read_metrics(tmp_path) if "validation/auc" in r]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, monkeypatch):
+    evaluate_split = train.evaluate_split
+
+    def evaluate_then_signal(*args, **kwargs):
+        result = evaluate_split(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before the checkpoint of this step
+        return result
+
+    monkeypatch.setattr(train, "evaluate_split", evaluate_then_signal)
+    config = tiny_config(data_dir, train__num_steps=20, train__eval_every=5)
+    with pytest.raises(SystemExit) as exit_info:
+        train.train_and_evaluate(config, tmp_path)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [0, 5]
 
 
 def _train_cmd(workdir, data_dir, *extra):
@@ -181,6 +206,17 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path)
         with pytest.raises(ConfigError, match=needle):
             train.train_and_evaluate(switched, run)
         assert (run / "config.json").read_text() == before
+    # A finished run rerun with other training settings trains nothing and keeps its record.
+    other = train.load_run_config(run)
+    other.train.learning_rate = 0.5
+    train.train_and_evaluate(other, run)
+    assert (run / "config.json").read_text() == before
+    # Without config.json the checkpoints' own record of the config is compared, and the
+    # file is written back from it.
+    (run / "config.json").unlink()
+    with pytest.raises(ConfigError, match="model.width is 32 there and 64 now"):
+        train.train_and_evaluate(config, run)
+    assert json.loads((run / "config.json").read_text()) == json.loads(before)
     # A field only one side has (a run written by another version) is not compared.
     stored = json.loads(before)
     del stored["model"]["fusion"]["mlp_dim"]
@@ -190,6 +226,29 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path)
     # Without checkpoints (a run that stopped before saving) any config may start there.
     shutil.rmtree(run / "checkpoints")
     train.check_resumable(run, config)
+
+
+@WITH_REFERENCE_RUN
+def test_damaged_newest_checkpoint_is_set_aside_and_its_steps_retrained(
+    data_dir, reference_run, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    newest = run / "checkpoints" / "30"
+    for path in (newest / "state").rglob("*"):
+        if path.is_file() and "metadata" not in path.name:
+            path.write_bytes(b"garbage")
+    command = _train_cmd(run, data_dir, *RUN_ARGS)
+    out = subprocess.run(
+        command, env=_env(), check=True, timeout=900, capture_output=True, text=True
+    ).stdout
+    assert "is damaged and was skipped" in out and "step 20" in out
+    assert f"Moved damaged checkpoint step 30 to {run / 'checkpoints_damaged' / '30'}" in out
+    assert (run / "checkpoints_damaged" / "30" / "state").is_dir()
+    # Steps 21-30 trained again from checkpoint 20 give the uninterrupted run's parameters.
+    full, again = _final_params(reference_run), _final_params(run)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @WITH_REFERENCE_RUN
