@@ -79,18 +79,7 @@ def _out_of_memory_message(
     train_cfg = config.train
     batch, accum = train_cfg.batch_size, train_cfg.grad_accum_steps
     half = halved_batch_size(batch, num_devices)
-    smaller = f"--config.train.batch_size={half}"
     options = []
-    if half and accum > 1:
-        options.append(
-            f"{smaller} --config.train.grad_accum_steps={accum * 2} (resumes; the same "
-            "effective batch)"
-        )
-    elif half:
-        options.append(
-            f"{smaller} (resumes), with --config.train.grad_accum_steps=2 as well to keep the "
-            "effective batch (in a new --workdir: accumulation changes the optimizer state)"
-        )
     if not train_cfg.fsdp and num_devices > 1:
         options.append(
             f"--config.train.fsdp=True (resumes): parameters and optimizer state sharded over "
@@ -98,6 +87,11 @@ def _out_of_memory_message(
         )
     if config.model.dtype != "bfloat16":
         options.append("--config.model.dtype=bfloat16 (resumes): bfloat16 compute")
+    if half:
+        options.append(
+            f"--config.train.batch_size={half} --config.train.grad_accum_steps={accum * 2} "
+            "(in a new --workdir: the same effective batch, in two halves)"
+        )
     if config.model.text.mode == "finetune":
         options.append(
             "--config.model.text.mode=finetune_top_n or frozen (in a new --workdir: another "
@@ -257,10 +251,6 @@ def _insert_pretrained_text(params: dict, config: ml_collections.ConfigDict) -> 
     return params
 
 
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item") else x))
-
-
 def evaluate_split(
     predict_fn, params, loader, split: str, mesh, info, max_batches: int | None = None
 ) -> dict[str, float] | None:
@@ -397,12 +387,15 @@ _RESUME_MAY_DIFFER = (
 )
 
 
+# Training settings a resumed run keeps: a step's batch (the data position, the partly
+# accumulated gradient of `optax.MultiSteps` and the learning-rate schedule all count in
+# steps of this batch).
+_RESUME_KEEPS = ("train.batch_size", "train.grad_accum_steps")
+
 # Training settings that decide the optimizer state's structure, not only its values
-# (`optim.build_optimizer`): gradient accumulation wraps the optimizer in
-# `optax.MultiSteps` (its own counters and a gradient accumulator), clipping adds a stage.
-# A resumed run may change their values but not switch them on or off.
+# (`optim.build_optimizer`): clipping adds a stage. A resumed run may change the value
+# but not switch it on or off.
 _OPTIMIZER_SWITCHES = {
-    "train.grad_accum_steps": (lambda value: value > 1, "above 1", "1"),
     "train.grad_clip_norm": (lambda value: value > 0, "above 0", "0"),
 }
 
@@ -432,8 +425,9 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
     A workdir's checkpoints can only continue the run its `config.json` describes: the
     same model (its `model.*` fields, the compute dtype aside) on the same data (the
     `data.*` fields but the folder and loading options). Training settings (`train.*`,
-    `seed`) may change, for example to train longer, except switching gradient
-    accumulation or clipping on or off, which changes what the optimizer state holds.
+    `seed`) may change, for example to train longer, except the batch size and gradient
+    accumulation (every count of the run is in steps of that batch) and switching
+    clipping on or off (it changes what the optimizer state holds).
     Fields only one of the two configs has (a run written by another version) are not
     compared. A missing config.json is first written back from the checkpoints' own
     record of the config.
@@ -477,6 +471,15 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
             f"data: {shown}. Resume it with its own settings (--config {stored_path}), or "
             "pass a new --workdir to train this config from scratch."
         )
+    for key in _RESUME_KEEPS:
+        if key in stored and key in wanted and stored[key] != wanted[key]:
+            raise ConfigError(
+                f"{workdir} holds checkpoints (steps {steps}) trained with config.{key}="
+                f"{stored[key]!r}, and it is {wanted[key]!r} now: the data position, the "
+                "gradient accumulation and the learning-rate schedule count in steps of one "
+                f"batch. Keep {stored[key]!r} to resume them, or pass a new --workdir to "
+                "train from scratch."
+            )
     for key, (switched_on, on, off) in _OPTIMIZER_SWITCHES.items():
         if key not in stored or key not in wanted:
             continue
@@ -637,7 +640,6 @@ def train_and_evaluate(
         checkpointer.close()  # release Orbax's background threads before the error surfaces
         raise
     start_step = 0
-    data_state = None
     # Early stopping's record travels in each checkpoint's metadata, so a resumed run
     # counts on (and an early-stopped run stays stopped) as an uninterrupted one would.
     best_auc, evals_without_gain = -math.inf, 0
@@ -663,9 +665,10 @@ def train_and_evaluate(
         # The settings the checkpoints from now on are trained with (not written when
         # nothing trains, so a finished run's record keeps the settings it finished with).
         write_atomic(workdir / "config.json", config_to_json(config))
-    train_iter = loader("train", train=True)
-    if data_state:
-        train_iter.set_state(data_state)
+    # The data position is the rows trained on (checkpoints before it was recorded hold
+    # Grain's own iterator state; their batch size cannot have changed, see check_resumable).
+    rows_done = int(data_state.get("rows", start_step * config.train.batch_size)) if restored else 0
+    train_iter = loader("train", train=True, start_row=rows_done)
 
     step_fn = make_train_step(model, optimizer)
 
@@ -722,7 +725,7 @@ def train_and_evaluate(
             "evals_without_gain": evals_without_gain,
         }
         step_meta = dict(meta, early_stopping=stopping)
-        checkpointer.save(step, state, _json_safe(train_iter.get_state()), step_meta, metrics)
+        checkpointer.save(step, state, {"rows": rows_done}, step_meta, metrics)
         last_saved = step
 
     if restored is None:
@@ -769,6 +772,7 @@ def train_and_evaluate(
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                 state, step_metrics = jit_step(state, sharding.global_batch(mesh, local_batch))
             step += 1
+            rows_done += config.train.batch_size
             profiler.after_step(state)
             window_steps += 1
             pending.append((step, step_metrics))

@@ -196,8 +196,10 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path)
     same.data.prefetch, same.data.num_workers, same.model.dtype = 0, 2, "bfloat16"
     same.train.grad_clip_norm = 0.5  # clipping stays on
     train.check_resumable(run, same)
-    # Switching accumulation or clipping on or off changes the optimizer state's structure.
+    # Every count of the run is in steps of one batch; switching clipping on or off
+    # changes the optimizer state's structure.
     for key, value, needle in [
+        ("batch_size", 16, "batch_size=32, and it is 16 now"),
         ("grad_accum_steps", 2, "grad_accum_steps=1, and it is 2 now"),
         ("grad_clip_norm", 0.0, "grad_clip_norm=1.0, and it is 0.0 now"),
     ]:
@@ -396,15 +398,18 @@ def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoints(
     assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)
     assert "Out of memory after step 4" in message and "allocating 9 bytes" in message
     assert f"Checkpoint step 4 in {tmp_path / 'checkpoints'} is intact" in message
-    assert "--config.train.batch_size=16 (resumes)" in message
     assert "--config.train.fsdp=True (resumes)" in message
+    assert "--config.train.batch_size=16 --config.train.grad_accum_steps=2 (in a new" in message
     _, _, params, step = train.restore_params(tmp_path, "latest")
     assert step == 4 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
-    # Two of the fixes, as the message says, resume from that checkpoint.
+    # The fixes the message says resume do resume from that checkpoint; the others do not.
     monkeypatch.setattr(sharding, "global_batch", real_global_batch)
-    smaller = tiny_config(data_dir, **base, train__batch_size=16, train__fsdp=True)
+    halved = tiny_config(data_dir, **base, train__batch_size=16, train__grad_accum_steps=2)
+    with pytest.raises(ConfigError, match="batch_size=32, and it is 16 now"):
+        train.train_and_evaluate(halved, tmp_path)
+    sharded = tiny_config(data_dir, **base, train__fsdp=True)
     capsys.readouterr()
-    train.train_and_evaluate(smaller, tmp_path)
+    train.train_and_evaluate(sharded, tmp_path)
     assert "Resuming from checkpoint step 4" in capsys.readouterr().out
     assert train.restore_params(tmp_path, "latest")[3] == 6
 

@@ -32,8 +32,9 @@ hash of (seed, epoch, e). The evaluation splits are sampled the same way with ep
 so their AUC is defined and fixed.
 
 Evaluation (`train=False`) is one ordered pass; the last global batch is completed with
-weight-0 rows. The iterator is a Grain `DatasetIterator`: `get_state()` / `set_state()`
-resume at the exact next batch.
+weight-0 rows. A training stream resumes at a position counted in rows (`start_row`: the
+rows of the batches already trained on), so a run resumes at the exact next batch
+whatever its loading options (worker processes, prefetch) were before.
 """
 
 from __future__ import annotations
@@ -643,7 +644,7 @@ def make_batches(
     train: bool,
     process_index: int = 0,
     process_count: int = 1,
-    start_state: dict | None = None,
+    start_row: int = 0,
     item_store: ItemStore | None = None,
     multiple: int | None = None,
     batch_size: int | None = None,
@@ -658,8 +659,9 @@ def make_batches(
         pass whose last batch is completed with weight-0 rows.
       process_index: this JAX process (jax.process_index()).
       process_count: number of JAX processes (jax.process_count()).
-      start_state: a `get_state()` of an earlier iterator of the same arguments: resume
-        right after the batch that iterator yielded last.
+      start_row: global rows of the stream to skip: the batches of an earlier iterator
+        of the same arguments (and any batch size) that were already consumed. The next
+        batch starts at that row.
       item_store: an `ItemStore` of this config, to share the decoded items.
       multiple: the item block's capacity is a multiple of this (default: the local
         device count, over which the block is sharded).
@@ -669,7 +671,7 @@ def make_batches(
 
     Returns:
       A Grain `DatasetIterator` of numpy batch dicts (see `mmrec_jax.schema`) with B/P
-      rows each, and `get_state()` / `set_state()`.
+      rows each.
     """
     info = load_dataset_info(config.data)
     if split not in builder.SPLITS:
@@ -681,6 +683,8 @@ def make_batches(
             f"{', '.join(present)}."
         )
     size = int(batch_size or config.train.batch_size)
+    if start_row < 0:
+        raise ValueError(f"start_row={start_row} must be 0 or more (rows already consumed).")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, {process_count}).")
     if size % process_count:
@@ -721,7 +725,9 @@ def make_batches(
     ds = grain.MapDataset.range(examples)
     if train:
         ds = ds.shuffle(seed=int(config.seed)).repeat(num_epochs)
-    ds = ds.map_with_index(_tag_position)
+    ds = ds.map_with_index(_tag_position)  # positions count from the stream's start
+    if start_row:
+        ds = ds[start_row:]
     ds = ds.batch(size, drop_remainder=train)
     ds = ds.map(_ProcessSlice(process_index, process_count, size))
     reader = _SplitReader(info.data_dir, info.name, builder.INTERACTIONS, split)
@@ -755,7 +761,4 @@ def make_batches(
                 num_workers=workers, per_worker_buffer_size=max(prefetch, 1)
             )
         )
-    iterator = iter(iter_ds)
-    if start_state is not None:
-        iterator.set_state(start_state)
-    return iterator
+    return iter(iter_ds)
