@@ -94,6 +94,23 @@ def test_images_of_any_mode_become_rgb():
         media.decode_image(b"\x89PNG broken", 56)
 
 
+def test_exif_orientation_is_applied_and_huge_images_are_named():
+    # A camera's portrait picture: stored 40 wide, 20 tall, tagged "rotate 90 clockwise".
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = [250, 0, 0]  # left half red: the top half once upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="PNG", exif=exif)
+    upright = np.asarray(media.open_image(buffer.getvalue()))
+    assert upright.shape == (40, 20, 3)
+    assert upright[:20, :, 0].min() > 200 and upright[20:, :, 0].max() < 50
+    huge = io.BytesIO()
+    Image.new("L", (15000, 13000)).save(huge, format="PNG")  # 195 M pixels
+    with pytest.raises(media.MediaError, match="image too large to decode safely"):
+        media.open_image(huge.getvalue())
+
+
 @pytest.mark.parametrize(
     "fmt,subtype,rate,atol",
     [("WAV", "FLOAT", 44100, 0.01), ("FLAC", None, 22050, 0.01), ("OGG", "VORBIS", 48000, 0.05)],
@@ -274,6 +291,57 @@ def test_other_bad_rows_are_named_with_their_line(tmp_path):
     (folder / "interactions.csv").write_text("")
     with pytest.raises(local.ImportFailed, match="interactions.csv: empty file"):
         local.import_folder(folder, tmp_path / "data", local.ImportOptions(name="x"))
+
+
+def test_malformed_csv_and_other_encodings_are_named(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "interactions.csv", ["user_id", "item_id"], [["u", "a"], ["u", "b"]])
+    items = folder / "items.csv"
+    options = local.ImportOptions(name="x")
+    items.write_text("item_id,text\na,hello, world\nb,fine\n")
+    with pytest.raises(local.ImportFailed) as failure:
+        local.import_folder(folder, tmp_path / "data", options)
+    assert "items.csv:2: extra cells: 3 cells for 2 columns" in str(failure.value)
+    items.write_text('item_id,text\na,fine\nb,"a quote that never ends\nc,more\n')
+    with pytest.raises(local.ImportFailed, match=r"items.csv:3: not valid CSV"):
+        local.import_folder(folder, tmp_path / "data", options)
+    items.write_bytes("item_id,text\na,café\nb,x\n".encode("latin-1"))
+    with pytest.raises(local.ImportFailed, match="items.csv is not UTF-8 text.*Save it as UTF-8"):
+        local.import_folder(folder, tmp_path / "data", options)
+    long_text = "word " * 40_000  # 200 KB: over the csv module's default cell limit
+    write_csv(items, ["item_id", "text"], [["a", long_text], ["b", "short"]])
+    local.import_folder(folder, tmp_path / "data", options, verbose=False)
+    texts = [builder.text(r["text"]) for r in records(tmp_path / "data", "x", "items")["items"]]
+    assert long_text.strip() in texts
+
+
+def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id"], [[f"m{i}"] for i in range(6)])
+    events = [("u", "m0", 1), ("u", "m1", 2), ("u", "m2", 3), ("u", "m3", 4), ("u", "m0", 5)]
+    events += [("u", "m1", 6), ("v", "m4", 1), ("v", "m5", 2), ("v", "m4", 3), ("v", "m0", 4)]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "timestamp"], events)
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="rep"))
+    assert "3 earlier ones left out" in capsys.readouterr().out
+    meta = builder.read_metadata(tmp_path / "d", "rep")
+    got = records(tmp_path / "d", "rep")
+    pairs = {}
+    for split, rows in got.items():
+        for r in rows:
+            pair = (meta["user_ids"][r["user_index"]], meta["item_ids"][r["item_index"]])
+            pairs.setdefault(pair, []).append((split, int(r["timestamp"])))
+    # Brute force: each pair once, at its last time; u's last is m1 at 6, then m0 at 5.
+    last = {}
+    for user, item, stamp in events:
+        last[(user, item)] = max(stamp, last.get((user, item), stamp))
+    assert {pair: [t for _, t in where] for pair, where in pairs.items()} == {
+        pair: [stamp] for pair, stamp in last.items()
+    }
+    assert pairs[("u", "m1")][0][0].startswith("test")  # test_cold: m1 is in no train row
+    assert pairs[("u", "m0")][0][0] == "validation"
+    assert meta["repeated_interactions_left_out"] == 3
 
 
 def test_jsonl_and_parquet_inputs_with_several_text_columns(tmp_path):

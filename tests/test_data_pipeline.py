@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mmrec_jax import schema
-from mmrec_jax.config import load_config
+from mmrec_jax.config import ConfigError, load_config
 from mmrec_jax.data import builder, local, pipeline, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,3 +368,15 @@ def test_bad_arguments_are_named(syn):
     with pytest.raises(ValueError, match="Unknown split"):
         pipeline.make_batches(config, "tests", train=False)
     assert synthetic.NAME == config.data.name
+
+
+def test_negatives_avoid_engaged_items_and_a_user_with_none_left_is_named():
+    offsets = np.array([0, 3, 4, 8])  # user 0: items 1, 2, 5; user 1: item 0; user 2: all
+    rows = np.array([1, 2, 5, 0, 0, 2, 4, 6])
+    pool = np.array([0, 2, 4, 6])
+    sampler = pipeline.NegativeSampler((offsets[:3], rows[:4]), pool, 7, seed=1)
+    users = np.repeat([0, 1], 200)
+    drawn = sampler.sample(users, np.zeros(400, np.int64), np.arange(400))
+    assert set(drawn[:200]) == {0, 4, 6} and set(drawn[200:]) == {2, 4, 6}  # brute force
+    with pytest.raises(ConfigError, match=r"1 user\(s\) \(rows \[2\] .* every one of the 4"):
+        pipeline.NegativeSampler((offsets, rows), pool, 7, seed=1)

@@ -25,7 +25,10 @@ file, a non-numeric label or rating, a bad timestamp, an empty id, an unreadable
 line; an empty file is an error too. Without `--skip_invalid` the import fails listing
 them all. With it, the rows are skipped (for a bad image or audio file, only that file:
 the item keeps its other content and lacks that modality) and the counts of each kind
-are printed. Nothing is dropped silently.
+are printed. Nothing is dropped silently. A file that is not UTF-8 or not valid CSV (an
+unclosed quote) is an error naming the file and line. A user's repeated interactions with
+one item are kept once, the last (by time, ties by file order), so that no pair is both
+in training and in an evaluation split; the import prints how many were left out.
 
 Splits (`--split`): `leave_last` (the default when timestamps exist): per user with at
 least 3 interactions, the last one (by time, ties by file order) is test and the one
@@ -60,6 +63,8 @@ from mmrec_jax.data import builder, media
 
 DEFAULT_NAME = "mmrec_local"
 SPLIT_METHODS = ("leave_last", "random", "cold_items")
+# The largest CSV cell read (Python's csv module stops at 128 KiB by default).
+_MAX_CELL_BYTES = 64 * 1024 * 1024
 TABLE_SUFFIXES = {
     "interactions": (".csv", ".jsonl", ".parquet"),
     "items": (".csv", ".jsonl", ".parquet"),
@@ -196,22 +201,53 @@ def read_table(path: Path, problems: Problems) -> tuple[list[str], list[Row]]:
     if path.stat().st_size == 0:
         problems.add(path.name, "empty file", "the file has no content")
         return [], rows
+    try:
+        columns = _read_rows(path, rows, problems)
+    except UnicodeDecodeError as error:
+        raise ImportFailed(
+            f"{path} is not UTF-8 text ({error}). Save it as UTF-8 (in a spreadsheet: "
+            "'CSV UTF-8'; or `iconv -f latin1 -t utf-8`)."
+        ) from error
+    if not rows:
+        problems.add(path.name, "empty file", "the file has no data rows")
+    return columns, rows
+
+
+def _read_rows(path: Path, rows: list[Row], problems: Problems) -> list[str]:
+    """`read_table`'s reading: appends the rows of `path` and returns its column names."""
     if path.suffix == ".csv":
+        csv.field_size_limit(_MAX_CELL_BYTES)
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                problems.add(path.name, "empty file", "the file has no header")
-                return [], rows
-            columns = [c.strip() for c in header]
-            line = reader.line_num + 1
-            for values in reader:
-                if any(v.strip() for v in values):
-                    rows.append(
-                        Row(dict(zip(columns, values, strict=False)), f"{path.name}:{line}")
-                    )
+            reader = csv.reader(f, strict=True)
+            line = 1
+            try:
+                header = next(reader, None)
+                if header is None:
+                    problems.add(path.name, "empty file", "the file has no header")
+                    return []
+                columns = [c.strip() for c in header]
                 line = reader.line_num + 1
-    elif path.suffix == ".jsonl":
+                for values in reader:
+                    where = f"{path.name}:{line}"
+                    line = reader.line_num + 1
+                    if not any(v.strip() for v in values):
+                        continue
+                    if len(values) > len(columns):
+                        problems.add(
+                            where,
+                            "extra cells",
+                            f"{len(values)} cells for {len(columns)} columns; quote cells "
+                            'that contain commas ("a, b")',
+                        )
+                        continue
+                    rows.append(Row(dict(zip(columns, values, strict=False)), where))
+            except csv.Error as error:
+                raise ImportFailed(
+                    f"{path.name}:{line}: not valid CSV ({error}). Check the quotes there: a "
+                    'quoted cell must end with a quote, and a quote inside it is written "".'
+                ) from error
+        return columns
+    if path.suffix == ".jsonl":
         columns = []
         with open(path, encoding="utf-8") as f:
             for number, text in enumerate(f, start=1):
@@ -228,16 +264,13 @@ def read_table(path: Path, problems: Problems) -> tuple[list[str], list[Row]]:
                     continue
                 columns += [k for k in values if k not in columns]
                 rows.append(Row(values, where))
-    else:
-        import pyarrow.parquet as pq
+        return columns
+    import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        columns = list(table.column_names)
-        for number, values in enumerate(table.to_pylist(), start=1):
-            rows.append(Row(values, f"{path.name} row {number}"))
-    if not rows:
-        problems.add(path.name, "empty file", "the file has no data rows")
-    return columns, rows
+    table = pq.read_table(path)
+    for number, values in enumerate(table.to_pylist(), start=1):
+        rows.append(Row(values, f"{path.name} row {number}"))
+    return list(table.column_names)
 
 
 def _require(path: Path, columns: Sequence[str], required: Iterable[str]) -> None:
@@ -290,12 +323,15 @@ def _number(text: str) -> float:
 
 def _timestamp(text: str) -> int:
     try:
-        return int(round(_number(text)))
+        value = _number(text)
     except ValueError:
         stamp = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=datetime.UTC)
         return int(stamp.timestamp())
+    if abs(value) >= 2**62:  # stored as int64
+        raise ValueError(f"timestamp {text} is out of range")
+    return int(round(value))
 
 
 def read_interactions(folder: Path, problems: Problems) -> tuple[list[RawInteraction], dict]:
@@ -430,6 +466,17 @@ def _split_codes(
     return codes
 
 
+def _last_of_each_pair(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """(n,) bool: True for the last interaction (by time, ties by file order) of each pair."""
+    n = users.shape[0]
+    order = np.lexsort((np.arange(n), times, items, users))  # by pair, then time
+    pair = users[order].astype(np.int64) * (int(items.max()) + 1) + items[order]
+    last_sorted = np.r_[pair[1:] != pair[:-1], True]  # (n,) the pair's last in the order
+    last = np.empty(n, bool)
+    last[order] = last_sorted
+    return last
+
+
 def build_content(
     raw_items: list[RawItem],
     raw_interactions: list[RawInteraction],
@@ -497,6 +544,17 @@ def build_content(
     times = np.array(
         [i.timestamp if has_time else position for position, i in enumerate(kept)], np.int64
     )
+    last = _last_of_each_pair(users, item_rows, times)  # (n,) bool
+    repeats = int((~last).sum())
+    if repeats:
+        # A pair in two splits would put the answer to a test row into training.
+        kept = [inter for inter, keep in zip(kept, last, strict=True) if keep]
+        users, item_rows, times = users[last], item_rows[last], times[last]
+        if verbose:
+            print(
+                f"Kept the last of each user's repeated interactions with an item: {repeats} "
+                "earlier ones left out, so that no (user, item) pair is in two splits."
+            )
     if columns.get("label"):
         labels, label_source = np.array([i.label for i in kept], np.float32), "label"
     elif columns.get("rating"):
@@ -526,6 +584,7 @@ def build_content(
         "labels": label_source,
         "positive_threshold": options.positive_threshold,
         "skipped": problems.counts(),
+        "repeated_interactions_left_out": repeats,
         "max_image_side": options.max_image_side if any(images) else None,
         "audio_sample_rate": options.audio_sample_rate if has_audio else None,
         "audio_max_samples": (

@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 import soundfile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class MediaError(ValueError):
@@ -68,7 +68,13 @@ def open_image(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-        return _to_rgb(image)
+        # Cameras store pictures unrotated with an EXIF orientation tag; apply it.
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:
+        raise MediaError(
+            f"image too large to decode safely ({error}); scale it down (for example to "
+            "4096 pixels on its longer side)"
+        ) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise MediaError(f"not a readable image ({type(error).__name__}: {error})") from error
 

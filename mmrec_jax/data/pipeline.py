@@ -483,6 +483,17 @@ class NegativeSampler:
             raise ValueError("No items to sample negatives from (the candidate pool is empty).")
         offsets, rows = engaged
         users = np.repeat(np.arange(offsets.shape[0] - 1, dtype=np.int64), np.diff(offsets))
+        in_pool = np.bincount(
+            users, weights=np.isin(rows, pool), minlength=offsets.shape[0] - 1
+        )  # (U,) engaged items that negatives could be drawn from
+        saturated = np.flatnonzero(in_pool >= np.unique(pool).shape[0])
+        if saturated.size:
+            raise ConfigError(
+                f"{saturated.size} user(s) (rows {saturated[:5].tolist()} of the dataset's "
+                f"user table) engaged with every one of the {pool.shape[0]} items negatives "
+                "are drawn from, so no negative exists for them. Remove those users from the "
+                "interactions, or give the interactions labels (0/1) instead of sampling."
+            )
         self._keys = np.sort(users * num_item_rows + rows.astype(np.int64))
         self._engaged = engaged
         self._pool = np.asarray(pool, np.int64)
