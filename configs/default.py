@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Batches prepared ahead of the train step.
     data.prefetch = 2
     # Decode all item images/audio into memory up to this size (MiB); above it, per batch.
-    data.max_item_memory_mib = 4096
+    data.max_item_memory_mib = 4096.0
     # mmrec_synthetic sizes, used when the dataset is built on first use.
     data.synthetic = synthetic = ml_collections.ConfigDict()
     # Users in the synthetic dataset.
@@ -129,11 +129,12 @@ def get_config() -> ml_collections.ConfigDict:
     train.batch_size = 1024
     # Passes over the training split.
     train.num_epochs = 5
-    # Optimizer steps; 0: num_epochs passes over the training split.
+    # Train steps, one batch each (with grad_accum_steps = k, a step is a micro-batch and
+    # k of them make one optimizer update); 0: num_epochs passes over the training split.
     train.num_steps = 0
     # Peak learning rate of AdamW.
     train.learning_rate = 2e-3
-    # Linear warmup steps, then cosine decay to zero.
+    # Linear warmup over this many optimizer updates, then cosine decay to zero at the end.
     train.warmup_steps = 50
     # AdamW decoupled weight decay.
     train.weight_decay = 1e-4

@@ -314,7 +314,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     Raises:
       ConfigError: naming every bad field, its value and what it must be.
     """
-    from mmrec_jax import schema
+    from mmrec_jax import optim, schema
 
     problems = []
     for key, (test, must) in _VALUE_RULES.items():
@@ -340,6 +340,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                 f"config.model.width={width} does not split into config.{key}={count} heads; "
                 "make the width a multiple of the heads."
             )
+    scales = _lookup(config, "train.tower_lr_scale")
+    if scales is not _MISSING:
+        try:
+            optim.parse_lr_scales(scales)
+        except ValueError as error:
+            problems.append(str(error))
     if _lookup(config, "train.num_steps") == 0 and _lookup(config, "train.num_epochs") == 0:
         problems.append(
             "config.train.num_steps=0 and config.train.num_epochs=0 train nothing; "

@@ -8,6 +8,7 @@ frozen parameters get `optax.set_to_zero()` (no update, no weight decay, no mome
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -33,6 +34,11 @@ def parse_lr_scales(text: str) -> dict[str, float]:
                 f"config.train.tower_lr_scale={text!r}: {part!r} is not NAME=NUMBER, "
                 'e.g. "text=0.1,image=1.0".'
             ) from error
+        if not math.isfinite(scales[name.strip()]) or scales[name.strip()] < 0:
+            raise ValueError(
+                f"config.train.tower_lr_scale={text!r}: the scale of {name.strip()!r} must "
+                "be a finite number >= 0 (0 freezes that tower)."
+            )
     return scales
 
 

@@ -34,6 +34,24 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
+    def forget_after(self, step: int) -> None:
+        """Drops the records of steps after `step` (a run resuming from that checkpoint).
+
+        The steps after a run's last checkpoint are trained again when it resumes; their
+        records would otherwise appear twice. A line cut off by a killed process goes too.
+        """
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        write_atomic(self.path, "".join(f"{line}\n" for line in kept))
+
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Records scalar `metrics` (names like "train/loss") at `step`; None values are skipped."""
         if not self.enabled:

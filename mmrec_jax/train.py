@@ -583,6 +583,14 @@ def train_and_evaluate(
         raise ConfigError(f"The workdir {workdir} is a file; pass a folder for the run.")
     workdir.mkdir(parents=True, exist_ok=True)
 
+    mesh = sharding.make_mesh(devices)
+    if config.train.batch_size % mesh.size != 0:
+        below = config.train.batch_size // mesh.size * mesh.size
+        sizes = " or ".join(str(b) for b in (below, below + mesh.size) if b > 0)
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} must be divisible by the "
+            f"number of devices ({mesh.size}), which each take an equal part: use {sizes}."
+        )
     if is_chief:
         pipeline.ensure_dataset(config.data)
     if process_count > 1:
@@ -593,12 +601,6 @@ def train_and_evaluate(
     config = resolve_config(config, info, verbose=is_chief)
     check_resumable(workdir, config)
 
-    mesh = sharding.make_mesh(devices)
-    if config.train.batch_size % (mesh.size) != 0:
-        raise ConfigError(
-            f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-            f"number of devices ({mesh.size})."
-        )
     model = recommender.build_model(config.model)
     epoch_steps = pipeline.num_batches(config, "train", train=True, info=info)
     if epoch_steps == 0:
@@ -686,6 +688,7 @@ def train_and_evaluate(
     )
     predict_fn = predict.make_predict_fn(model, mesh, param_shardings)
     writer = reporting.MetricsWriter(workdir, enabled=is_chief)
+    writer.forget_after(start_step)  # steps after the checkpoint are trained again
     meta = {"config": json.loads(config_to_json(config)), "dataset": info.name}
 
     stop = _StopRequest()
@@ -786,9 +789,9 @@ def train_and_evaluate(
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps / max(elapsed, 1e-9)
                 logged = {f"train/{k}": v for k, v in means.items()}
-                logged["train/learning_rate"] = float(
-                    schedule(step // config.train.grad_accum_steps)
-                )
+                # The rate of the last update (the schedule counts updates from 0).
+                updates_done = step // config.train.grad_accum_steps
+                logged["train/learning_rate"] = float(schedule(max(updates_done - 1, 0)))
                 logged["train/steps_per_s"] = rate
                 logged["train/examples_per_s"] = rate * examples_per_step
                 writer.write(step, logged)

@@ -193,6 +193,9 @@ def test_every_default_field_has_a_value_check():
         ([("model.towers", "text,foo")], "unknown or empty tower list"),
         ([("model.fusion.num_heads", "7")], "width=32 does not split into .*fusion.num_heads=7"),
         ([("train.num_epochs", "0")], "train nothing"),
+        ([("train.tower_lr_scale", "text")], "'text' is not NAME=NUMBER"),
+        ([("train.tower_lr_scale", "text=nan")], "scale of 'text' must be a finite number >= 0"),
+        ([("train.tower_lr_scale", "image=-5")], "scale of 'image' must be a finite"),
     ],
 )
 def test_bad_values_are_named_before_any_work(overrides, needle):
@@ -219,6 +222,9 @@ def test_value_checks_report_every_bad_field_and_allow_what_is_sane():
         ],
     )
     assert config.train.num_steps == 5
+    # A fractional memory budget for an integer-looking default.
+    config = load_config(ROOT / "configs/tiny.py", [("data.max_item_memory_mib", "0.5")])
+    assert config.data.max_item_memory_mib == 0.5
     # The user tower's heads only matter when the history tower is used.
     load_config(
         ROOT / "configs/tiny.py", [("model.user.num_heads", "7"), ("model.towers", "text,id")]

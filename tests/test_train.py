@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from _profile_trace import traced_steps
 
@@ -67,6 +68,14 @@ def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
     records = reporting.read_metrics(tmp_path)
     assert any("validation/auc" in r for r in records)
     assert any("train/examples_per_s" in r for r in records)
+    # The logged rate is the one the step's update used: optax counts updates from 0.
+    total = max(r["step"] for r in records if "train/loss" in r)  # one epoch's steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.train.learning_rate, config.train.warmup_steps, total, 0.0
+    )
+    for r in records:
+        if "train/learning_rate" in r:
+            assert r["train/learning_rate"] == pytest.approx(float(schedule(r["step"] - 1)))
     # Three steps traced after the compiling and a warm-up step, beside the scalars.
     assert traced_steps(tmp_path / "tensorboard") == [3, 4, 5]
     assert "Traced steps 3-5" in out
@@ -281,11 +290,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, 
 
 
 def _resume_and_compare(workdir, data_dir, reference_run):
-    """Reruns the interrupted run; its final parameters must equal the reference's."""
+    """Reruns the interrupted run; its final parameters and records equal the reference's."""
     subprocess.run(_train_cmd(workdir, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
     full, resumed = _final_params(reference_run), _final_params(workdir)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+    # The steps trained again after the checkpoint are recorded once.
+    logged = [r["step"] for r in reporting.read_metrics(workdir) if "train/loss" in r]
+    assert logged == [r["step"] for r in reporting.read_metrics(reference_run) if "train/loss" in r]
 
 
 @WITH_REFERENCE_RUN
