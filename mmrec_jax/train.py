@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,26 @@ def _state_out_of_memory_message(
 
 @dataclasses.dataclass
 class _StopRequest:
-    """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits."""
+    """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits.
+
+    A second signal stops at once, without that checkpoint (a save in progress never
+    leaves a checkpoint that looks finished; the previous ones are kept).
+    """
 
     signum: int | None = None
 
     def __call__(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"\n{name} received again: stopping without saving.", file=sys.stderr)
+            raise SystemExit(128 + signum)
         self.signum = signum
+        print(
+            f"\n{name} received: saving a checkpoint after the current step (send it again "
+            "to stop at once without saving).",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def resolve_config(

@@ -142,6 +142,21 @@ def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, mon
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [0, 5]
 
 
+def test_a_second_signal_stops_at_once(data_dir, tmp_path, monkeypatch, capsys):
+    def hung_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the first asks for a checkpoint ...
+        os.kill(os.getpid(), signal.SIGINT)  # ... the second, during the evaluation, stops
+        pytest.fail("the second signal did not stop the run")
+
+    monkeypatch.setattr(train, "evaluate_split", hung_evaluation)
+    config = tiny_config(data_dir, train__num_steps=20, train__eval_every=5)
+    with pytest.raises(SystemExit) as exit_info:
+        train.train_and_evaluate(config, tmp_path)
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert "SIGINT received again: stopping without saving" in capsys.readouterr().err
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [0]
+
+
 def _train_cmd(workdir, data_dir, *extra):
     return [
         sys.executable,
