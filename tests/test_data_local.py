@@ -316,6 +316,22 @@ def test_malformed_csv_and_other_encodings_are_named(tmp_path):
     assert long_text.strip() in texts
 
 
+def test_split_shares_out_of_range_and_empty_splits_are_named(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id"], [["a"], ["b"]])
+    write_csv(folder / "interactions.csv", ["user_id", "item_id"], [["u", "a"], ["v", "b"]])
+    for options, needle in [
+        (local.ImportOptions(name="s", split="random", eval_share=-0.1), "--eval_share -0.1"),
+        (local.ImportOptions(name="s", split="random", eval_share=0.5), "--eval_share 0.5"),
+        (local.ImportOptions(name="s", cold_item_share=1.0), "--cold_item_share 1.0"),
+    ]:
+        with pytest.raises(local.ImportFailed, match=needle):
+            local.import_folder(folder, tmp_path / "d", options, verbose=False)
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="s", split="leave_last"))
+    assert "Note: validation and test are empty" in capsys.readouterr().out
+
+
 def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()

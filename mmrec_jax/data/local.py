@@ -495,6 +495,16 @@ def build_content(
     builder.check_name(options.name)
     if options.split is not None and options.split not in SPLIT_METHODS:
         raise ImportFailed(f"--split {options.split!r}; choose one of {', '.join(SPLIT_METHODS)}.")
+    if not 0 < options.eval_share < 0.5:
+        raise ImportFailed(
+            f"--eval_share {options.eval_share} must lie in (0, 0.5): that share of the "
+            "interactions goes to validation and as much to test."
+        )
+    if not 0 < options.cold_item_share < 1:
+        raise ImportFailed(
+            f"--cold_item_share {options.cold_item_share} must lie in (0, 1): the share of "
+            "the items held out of training."
+        )
 
     index: dict[str, int] = {}
     items: list[RawItem] = []
@@ -611,11 +621,20 @@ def format_summary(content: builder.DatasetContent) -> str:
     sizes = ", ".join(f"{s} {meta['split_sizes'][s]}" for s in builder.SPLITS)
     modalities = ", ".join(f"{m} {meta['items_with'][m]}" for m in builder.MODALITIES)
     sampled = " (positives only: negatives are sampled)" if meta["positives_only"] else ""
-    return (
+    summary = (
         f"{meta['name']}: {meta['num_user_rows']} users, {meta['num_item_rows']} items "
         f"({meta['num_items']} in training); items with {modalities}; labels "
         f"{meta['labels']}{sampled}; {meta['split_method']} split: {sizes}"
     )
+    empty = [s for s in ("validation", "test") if meta["split_sizes"][s] == 0]
+    if empty:
+        summary += (
+            f"\nNote: {' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty, so "
+            "training reports no such metrics (the best checkpoint and early stopping need "
+            "validation). leave_last needs users with at least 3 interactions; try "
+            "--split random."
+        )
+    return summary
 
 
 def write(
