@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state plus the data iterator, with safe fallbacks.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. `state` is the pytree
-(params, opt_state, step, rng), `data` the input iterator's JSON state (so a resumed run
-sees exactly the next batch), `meta` the run config and metrics as JSON.
+(params, opt_state, step, rng), `data` the input position as JSON (`{"rows": N}`, the
+training rows consumed, so a resumed run sees exactly the next batch), `meta` the run
+config, the early-stopping record and metrics as JSON.
 
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
 process killed mid-save leaves no folder that looks finished. A finished checkpoint that
@@ -123,7 +124,7 @@ class Checkpointer:
         Args:
           step: the step the state has reached.
           state: the train state pytree.
-          data_state: the input iterator's `get_state()`, JSON-serialisable.
+          data_state: the input position, JSON-serialisable (e.g. {"rows": N}).
           meta: JSON metadata (the run config, the dataset's name ...).
           metrics: validation metrics of this state, if it was just evaluated;
             `BEST_METRIC` among them makes it a candidate for the best checkpoint.
@@ -197,17 +198,19 @@ class Checkpointer:
             "Move the folder away to start afresh."
         )
 
-    def set_aside(self, steps: list[int]) -> list[Path]:
+    def set_aside(self, steps: list[int]) -> dict[int, Path]:
         """Moves damaged checkpoints to `WORKDIR/checkpoints_damaged/<step>`.
 
         Nothing is deleted; the steps can then be saved again. Call it on one process
         (the files are shared), then `reload` on every process.
 
         Returns:
-          Where each checkpoint went.
+          {step: where it went} for the checkpoints moved.
         """
-        moved = []
+        moved = {}
         for step in steps:
+            if not (self.directory / str(step)).exists():
+                continue  # another process or person moved it already
             target = self.workdir / "checkpoints_damaged" / str(step)
             suffix = 1
             while target.exists():
@@ -215,7 +218,7 @@ class Checkpointer:
                 suffix += 1
             target.parent.mkdir(exist_ok=True)
             (self.directory / str(step)).rename(target)
-            moved.append(target)
+            moved[step] = target
         return moved
 
     def reload(self) -> None:

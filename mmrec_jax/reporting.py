@@ -42,14 +42,7 @@ class MetricsWriter:
         """
         if not self.enabled or not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
+        kept = [json.dumps(r) for r in read_metrics(self.path.parent) if r["step"] <= step]
         write_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -71,11 +64,20 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    """The records of `workdir/metrics.jsonl`, in order (empty if there are none)."""
+    """The records of `workdir/metrics.jsonl`, in order (empty if there are none).
+
+    A line a killed process cut off is left out.
+    """
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def format_cell(value: Any) -> str:

@@ -139,10 +139,12 @@ class _StopRequest:
     """
 
     signum: int | None = None
+    forced: bool = False
 
     def __call__(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
+            self.forced = True
             print(f"\n{name} received again: stopping without saving.", file=sys.stderr)
             raise SystemExit(128 + signum)
         self.signum = signum
@@ -550,12 +552,33 @@ def restore_params(
     return config, model, state["params"], step
 
 
+def _early_stopping_record(meta: dict, workdir: Path, step: int) -> tuple[float, int]:
+    """(best validation AUC, evaluations since it) of a run at its checkpoint `step`.
+
+    From the checkpoint's metadata; checkpoints written before it kept the record are
+    replayed from the run's metrics.jsonl.
+    """
+    record = meta.get("early_stopping")
+    if record is not None:
+        best = record.get("best_auc")
+        return (-math.inf if best is None else float(best)), int(record["evals_without_gain"])
+    aucs = {
+        r["step"]: r["validation/auc"]
+        for r in reporting.read_metrics(workdir)
+        if "validation/auc" in r and r["step"] <= step
+    }  # by step: a resumed run may have logged a step twice
+    best, since = -math.inf, 0
+    for _, auc in sorted(aucs.items()):
+        best, since = (auc, 0) if auc > best else (best, since + 1)
+    return best, since
+
+
 def _set_aside(
     checkpointer: checkpoint_lib.Checkpointer, steps: list[int], is_chief: bool, processes: int
 ) -> None:
     """Moves checkpoints that failed to restore out of the way, so their steps can be saved."""
     if is_chief:
-        for step, target in zip(steps, checkpointer.set_aside(steps), strict=True):
+        for step, target in checkpointer.set_aside(steps).items():
             print(f"Moved damaged checkpoint step {step} to {target} (delete it when done).")
     if processes > 1:
         from jax.experimental import multihost_utils
@@ -666,17 +689,14 @@ def train_and_evaluate(
             _set_aside(checkpointer, damaged, is_chief, process_count)
         if is_chief:
             print(f"Resuming from checkpoint step {start_step} in {checkpointer.directory}.")
-        stopping = restored_meta.get("early_stopping") or {}
-        if stopping.get("best_auc") is not None:
-            best_auc = float(stopping["best_auc"])
-        evals_without_gain = int(stopping.get("evals_without_gain", 0))
+        best_auc, evals_without_gain = _early_stopping_record(restored_meta, workdir, start_step)
     patience = config.train.early_stopping_patience
     stopped_early = bool(patience) and evals_without_gain >= patience
     if is_chief and stopped_early:
         print(
-            f"The run stopped early at step {start_step} (no validation gain in "
-            f"{evals_without_gain} evaluations); reporting it. Raise "
-            "config.train.early_stopping_patience (0: never stop) to train on."
+            f"No validation gain in the last {evals_without_gain} evaluations "
+            f"(config.train.early_stopping_patience={patience}): the run stops at step "
+            f"{start_step} and reports it. Raise the patience (0: never stop) to train on."
         )
     if is_chief and start_step < total_steps and not stopped_early:
         # The settings the checkpoints from now on are trained with (not written when
@@ -707,7 +727,6 @@ def train_and_evaluate(
     meta = {"config": json.loads(config_to_json(config)), "dataset": info.name}
 
     stop = _StopRequest()
-    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked
     last_saved = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
     examples_per_step = config.train.batch_size
@@ -746,11 +765,6 @@ def train_and_evaluate(
         checkpointer.save(step, state, {"rows": rows_done}, step_meta, metrics)
         last_saved = step
 
-    if restored is None:
-        # A fresh run starts with a checkpoint of its initial state, so even a run that
-        # diverges at its first steps leaves a usable checkpoint to resume from.
-        save(0)
-
     from tqdm.auto import tqdm
 
     progress = tqdm(
@@ -772,7 +786,12 @@ def train_and_evaluate(
     )
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if restored is None:
+            # A fresh run starts with a checkpoint of its initial state, so even a run that
+            # diverges at its first steps leaves a usable checkpoint to resume from.
+            save(0)
         while step < total_steps and not stopped_early:
             if stop.signum is not None:
                 if last_saved != step:  # the signal may have come during a save or evaluation
@@ -849,7 +868,8 @@ def train_and_evaluate(
         message = _out_of_memory_message(error, config, mesh.size, step, saved)
         raise OutOfMemory(message) from error
     finally:
-        checkpointer.wait()  # a save in flight completes however the loop ended
+        if not stop.forced:  # a save in flight completes, unless told to stop at once
+            checkpointer.wait()
         profiler.close()
         progress.close()
         for sig, handler in previous_handlers.items():

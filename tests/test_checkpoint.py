@@ -84,8 +84,9 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, capsys):
     # Set aside (not deleted), the step can be saved again.
     moved = checkpointer.set_aside(damaged)
     checkpointer.reload()
-    assert moved == [tmp_path / "checkpoints_damaged" / "2"]
-    assert (moved[0] / "state").is_dir() and checkpointer.all_steps() == [1]
+    assert moved == {2: tmp_path / "checkpoints_damaged" / "2"}
+    assert (moved[2] / "state").is_dir() and checkpointer.all_steps() == [1]
+    assert checkpointer.set_aside([2]) == {}  # already moved (by another process)
     checkpointer.save(2, _state(mesh, 2.0), {"step": 2}, {})
     step, restored, _, _, damaged = checkpointer.restore_latest_good(
         abstract_like(_state(mesh, 0.0))

@@ -303,6 +303,9 @@ def test_malformed_csv_and_other_encodings_are_named(tmp_path):
     with pytest.raises(local.ImportFailed) as failure:
         local.import_folder(folder, tmp_path / "data", options)
     assert "items.csv:2: extra cells: 3 cells for 2 columns" in str(failure.value)
+    # Empty trailing cells (a trailing comma, as some exports write) are no extra content.
+    items.write_text("item_id,text\na,hello,\nb,fine,,\n")
+    local.import_folder(folder, tmp_path / "trailing", options, verbose=False)
     items.write_text('item_id,text\na,fine\nb,"a quote that never ends\nc,more\n')
     with pytest.raises(local.ImportFailed, match=r"items.csv:3: not valid CSV"):
         local.import_folder(folder, tmp_path / "data", options)
@@ -340,7 +343,7 @@ def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, caps
     events += [("u", "m1", 6), ("v", "m4", 1), ("v", "m5", 2), ("v", "m4", 3), ("v", "m0", 4)]
     write_csv(folder / "interactions.csv", ["user_id", "item_id", "timestamp"], events)
     local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="rep"))
-    assert "3 earlier ones left out" in capsys.readouterr().out
+    assert "3 others left out" in capsys.readouterr().out
     meta = builder.read_metadata(tmp_path / "d", "rep")
     got = records(tmp_path / "d", "rep")
     pairs = {}
@@ -358,6 +361,14 @@ def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, caps
     assert pairs[("u", "m1")][0][0].startswith("test")  # test_cold: m1 is in no train row
     assert pairs[("u", "m0")][0][0] == "validation"
     assert meta["repeated_interactions_left_out"] == 3
+    # With labels, a click outweighs a later impression of the same item without one.
+    labelled = [("u", "m0", 1, 1), ("u", "m0", 0, 2), ("u", "m1", 0, 3), ("u", "m1", 0, 4)]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], labelled)
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="lab"), verbose=False)
+    rows = [r for split in records(tmp_path / "d", "lab").values() for r in split]
+    item_keys = builder.read_metadata(tmp_path / "d", "lab")["item_ids"]
+    kept = sorted((item_keys[r["item_index"]], r["label"], int(r["timestamp"])) for r in rows)
+    assert kept == [("m0", 1.0, 1), ("m1", 0.0, 4)]
 
 
 def test_jsonl_and_parquet_inputs_with_several_text_columns(tmp_path):

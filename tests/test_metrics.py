@@ -347,6 +347,9 @@ def test_excluded_items_rank_after_minus_infinity_and_nan_on_the_device():
     assert metrics.ranking_metrics(finite, relevant, 2, exclude)["hr@2"] == 0.0
     _, top_items = metrics.top_k_items(np.array([[np.nan, 1.0, -np.inf]], np.float32), 3)
     assert np.asarray(top_items[0]).tolist() == [1, 2, 0]
+    # -0.0 and 0.0 tie (by index) on the fast path too, where no -inf is reached.
+    _, top_items = metrics.top_k_items(np.array([[-0.0, 0.0, 1.0, -1.0]], np.float32), 3)
+    assert np.asarray(top_items[0]).tolist() == [2, 0, 1]
 
 
 def test_per_user_metrics_from_device_top_items_match_loops():

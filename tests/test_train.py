@@ -1,6 +1,7 @@
 """The training loop: end to end, device-count invariance, exact resume, divergence."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -118,12 +119,25 @@ def test_early_stopping_after_evaluations_without_gain(data_dir, tmp_path, capsy
     # Rerun, the run stays stopped; with more patience it counts on from its record
     # (one evaluation without gain so far), as an uninterrupted run with patience 3 would.
     train.train_and_evaluate(config, tmp_path)
-    assert "The run stopped early at step 10" in capsys.readouterr().out
+    assert "the run stops at step 10 and reports it" in capsys.readouterr().out
     config.train.early_stopping_patience = 3
     train.train_and_evaluate(config, tmp_path)
     assert "Early stopping at step 20" in capsys.readouterr().out
     steps = [r["step"] for r in reporting.read_metrics(tmp_path) if "validation/auc" in r]
     assert steps == [5, 10, 15, 20]
+
+
+def test_early_stopping_record_of_older_checkpoints_is_replayed_from_the_metrics(tmp_path):
+    aucs = [(5, 0.60), (10, 0.70), (10, 0.70), (15, 0.65), (20, 0.68), (25, 0.90)]
+    lines = [json.dumps({"step": step, "validation/auc": auc}) for step, auc in aucs]
+    lines.insert(2, json.dumps({"step": 12, "train/loss": 0.5}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 2')  # a cut line
+    # Brute force up to step 20: best 0.70 at step 10 (logged twice), then two without gain.
+    assert train._early_stopping_record({}, tmp_path, 20) == (0.70, 2)
+    assert train._early_stopping_record({}, tmp_path, 25) == (0.90, 0)
+    assert train._early_stopping_record({}, tmp_path / "none", 20) == (-math.inf, 0)
+    record = {"early_stopping": {"best_auc": 0.8, "evals_without_gain": 3}}
+    assert train._early_stopping_record(record, tmp_path, 20) == (0.8, 3)
 
 
 def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, monkeypatch):

@@ -27,8 +27,9 @@ them all. With it, the rows are skipped (for a bad image or audio file, only tha
 the item keeps its other content and lacks that modality) and the counts of each kind
 are printed. Nothing is dropped silently. A file that is not UTF-8 or not valid CSV (an
 unclosed quote) is an error naming the file and line. A user's repeated interactions with
-one item are kept once, the last (by time, ties by file order), so that no pair is both
-in training and in an evaluation split; the import prints how many were left out.
+one item are kept once, the last positive or else the last (by time, ties by file
+order), so that no pair is both in training and in an evaluation split; the import
+prints how many were left out.
 
 Splits (`--split`): `leave_last` (the default when timestamps exist): per user with at
 least 3 interactions, the last one (by time, ties by file order) is test and the one
@@ -232,7 +233,7 @@ def _read_rows(path: Path, rows: list[Row], problems: Problems) -> list[str]:
                     line = reader.line_num + 1
                     if not any(v.strip() for v in values):
                         continue
-                    if len(values) > len(columns):
+                    if any(v.strip() for v in values[len(columns) :]):
                         problems.add(
                             where,
                             "extra cells",
@@ -466,10 +467,15 @@ def _split_codes(
     return codes
 
 
-def _last_of_each_pair(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """(n,) bool: True for the last interaction (by time, ties by file order) of each pair."""
+def _chosen_of_each_pair(
+    users: np.ndarray, items: np.ndarray, times: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """(n,) bool: the one interaction kept of each (user, item) pair.
+
+    The last positive if the pair has one (by time, ties by file order), else the last.
+    """
     n = users.shape[0]
-    order = np.lexsort((np.arange(n), times, items, users))  # by pair, then time
+    order = np.lexsort((np.arange(n), times, labels, items, users))  # by pair, label, time
     pair = users[order].astype(np.int64) * (int(items.max()) + 1) + items[order]
     last_sorted = np.r_[pair[1:] != pair[:-1], True]  # (n,) the pair's last in the order
     last = np.empty(n, bool)
@@ -554,16 +560,18 @@ def build_content(
     times = np.array(
         [i.timestamp if has_time else position for position, i in enumerate(kept)], np.int64
     )
-    last = _last_of_each_pair(users, item_rows, times)  # (n,) bool
-    repeats = int((~last).sum())
+    # Impressions with labels: a click counts over a later impression without one.
+    engaged = np.array([(i.label or 0.0) for i in kept], np.float32)  # (n,)
+    chosen = _chosen_of_each_pair(users, item_rows, times, engaged)  # (n,) bool
+    repeats = int((~chosen).sum())
     if repeats:
         # A pair in two splits would put the answer to a test row into training.
-        kept = [inter for inter, keep in zip(kept, last, strict=True) if keep]
-        users, item_rows, times = users[last], item_rows[last], times[last]
+        kept = [inter for inter, keep in zip(kept, chosen, strict=True) if keep]
+        users, item_rows, times = users[chosen], item_rows[chosen], times[chosen]
         if verbose:
             print(
-                f"Kept the last of each user's repeated interactions with an item: {repeats} "
-                "earlier ones left out, so that no (user, item) pair is in two splits."
+                f"Kept one of each user's repeated interactions with an item: {repeats} "
+                "others left out, so that no (user, item) pair is in two splits."
             )
     if columns.get("label"):
         labels, label_source = np.array([i.label for i in kept], np.float32), "label"
