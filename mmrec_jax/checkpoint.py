@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
-
-logger = logging.getLogger(__name__)
 
 # The validation metric that picks the best checkpoint (higher is better).
 BEST_METRIC = "validation_auc"
@@ -51,6 +50,25 @@ class _ExpectedOrbaxWarningsFilter(logging.Filter):
 _ABSL_LOGGER = logging.getLogger("absl")
 if not any(isinstance(f, _ExpectedOrbaxWarningsFilter) for f in _ABSL_LOGGER.filters):
     _ABSL_LOGGER.addFilter(_ExpectedOrbaxWarningsFilter())
+
+
+class _QuietFailedRestore:
+    """`sys.unraisablehook` that drops the echoes of a failed restore.
+
+    When one array of a checkpoint fails to read, Orbax closes its event loop while
+    TensorStore still completes the reads of the other arrays; each completion then
+    reports "RuntimeError: Event loop is closed" with a traceback (hundreds of lines for
+    one damaged checkpoint). Other unraisable errors go to the previous hook.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        self.previous(unraisable)
 
 
 class CheckpointError(RuntimeError):
@@ -178,20 +196,24 @@ class Checkpointer:
         if not steps:
             return None
         failures: list[int] = []
+        previous_hook = sys.unraisablehook
+        # Kept after a failure: the failed reads' echoes may arrive later.
+        sys.unraisablehook = _QuietFailedRestore(previous_hook)
         for step in reversed(steps):
             try:
                 state, data_state, meta = self.restore(step, abstract_state)
             except Exception as error:  # noqa: BLE001 -- any failure means "damaged"
-                message = (
-                    f"Checkpoint {self.directory / str(step)} is damaged and was skipped "
-                    f"({type(error).__name__}: {str(error)[:300]})."
+                print(
+                    f"WARNING: Checkpoint {self.directory / str(step)} is damaged and was "
+                    f"skipped ({type(error).__name__}: {str(error)[:300]}).",
+                    flush=True,
                 )
-                logger.warning(message)
-                print(f"WARNING: {message}", flush=True)
                 failures.append(step)
                 continue
             if failures:
                 print(f"Resuming from the previous good checkpoint, step {step}.", flush=True)
+            else:
+                sys.unraisablehook = previous_hook
             return step, state, data_state, meta, failures
         raise CheckpointError(
             f"None of the checkpoints in {self.directory} (steps {steps}) could be restored. "

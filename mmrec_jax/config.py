@@ -81,6 +81,10 @@ def _parse_bool(key: str, text: str) -> bool:
     raise ConfigError(f"Config key {key!r} is a bool; got {text!r}. Use true or false.")
 
 
+# How a parse error names the type a key holds.
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", tuple: "a tuple"}
+
+
 def _parse_value(key: str, text: str, current: Any) -> Any:
     """Parses `text` to the type of `current`, the value the key has now."""
     try:
@@ -108,7 +112,8 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
                 return text
     except (ValueError, SyntaxError) as error:
         raise ConfigError(
-            f"Config key {key!r} expects a {type(current).__name__} (now {current!r}); "
+            f"Config key {key!r} expects {_TYPE_NAMES.get(type(current), type(current).__name__)} "
+            f"(now {current!r}); "
             f"cannot parse {text!r}."
         ) from error
     raise ConfigError(f"Config key {key!r} holds a {type(current).__name__}, which cannot be set.")

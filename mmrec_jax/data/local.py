@@ -60,10 +60,12 @@ from typing import Any
 
 import numpy as np
 
-from mmrec_jax.data import builder, media
+from mmrec_jax.data import builder, media, pipeline
 
 DEFAULT_NAME = "mmrec_local"
 SPLIT_METHODS = ("leave_last", "random", "cold_items")
+# configs/local.py's batch size, which the printed train command lowers for small data.
+_LOCAL_BATCH_SIZE = 1024
 # The largest CSV cell read (Python's csv module stops at 128 KiB by default).
 _MAX_CELL_BYTES = 64 * 1024 * 1024
 TABLE_SUFFIXES = {
@@ -159,8 +161,14 @@ class Problems:
         return ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
 
     def lines(self) -> list[str]:
-        """One "where: kind: detail" line per problem, in the order found."""
-        return [f"{where}: {kind}: {detail}" for where, kind, detail in self.entries]
+        """One "where: kind: detail" line per problem, by file and then line."""
+
+        def position(entry: tuple[str, str, str]) -> tuple[str, int]:
+            file, _, line = entry[0].rpartition(":")
+            return (file, int(line)) if line.isdigit() else (entry[0], 0)
+
+        entries = sorted(self.entries, key=position)  # stable: a line's problems keep order
+        return [f"{where}: {kind}: {detail}" for where, kind, detail in entries]
 
 
 # ------------------------------------------------------------------------------ reading
@@ -574,7 +582,7 @@ def build_content(
                 "others left out, so that no (user, item) pair is in two splits."
             )
     if columns.get("label"):
-        labels, label_source = np.array([i.label for i in kept], np.float32), "label"
+        labels, label_source = np.array([i.label for i in kept], np.float32), "the label column"
     elif columns.get("rating"):
         ratings = np.array([i.rating for i in kept], np.float32)
         labels = (ratings >= options.positive_threshold).astype(np.float32)
@@ -615,12 +623,16 @@ def build_content(
     )
 
 
-def train_command(name: str, data_dir: str | Path) -> str:
-    """The command that trains on an imported dataset."""
-    return (
+def train_command(name: str, data_dir: str | Path, train_rows: int | None = None) -> str:
+    """The command that trains on an imported dataset (with `train_rows` training
+    interactions, a batch size that fits them when configs/local.py's would not)."""
+    command = (
         f"python train.py --config configs/local.py --workdir runs/{name} "
         f"--config.data.name={name} --config.data.data_dir={data_dir}"
     )
+    if train_rows is not None and train_rows < 8 * _LOCAL_BATCH_SIZE:
+        command += f" --config.train.batch_size={pipeline.fitting_batch_size(train_rows, 8)}"
+    return command
 
 
 def format_summary(content: builder.DatasetContent) -> str:
@@ -631,7 +643,7 @@ def format_summary(content: builder.DatasetContent) -> str:
     sampled = " (positives only: negatives are sampled)" if meta["positives_only"] else ""
     summary = (
         f"{meta['name']}: {meta['num_user_rows']} users, {meta['num_item_rows']} items "
-        f"({meta['num_items']} in training); items with {modalities}; labels "
+        f"({meta['num_items']} in training); items with {modalities}; labels: "
         f"{meta['labels']}{sampled}; {meta['split_method']} split: {sizes}"
     )
     empty = [s for s in ("validation", "test") if meta["split_sizes"][s] == 0]
@@ -649,13 +661,13 @@ def write(
     content: builder.DatasetContent, output: str | Path, overwrite: bool, verbose: bool
 ) -> Path:
     """Writes an imported dataset and prints what was built and how to train on it."""
-    if verbose:
-        print(f"Writing {content.name} to {builder.dataset_dir(output, content.name)} ...")
     target = builder.write_dataset(content, output, overwrite=overwrite)
     if verbose:
+        print(f"Wrote {content.name} to {target}.")
         print(format_summary(content))
         print("Train on it with:")
-        print(f"  {train_command(content.name, output)}")
+        rows = content.metadata["split_sizes"]["train"]
+        print(f"  {train_command(content.name, output, rows)}")
     return target
 
 

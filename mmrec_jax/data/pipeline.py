@@ -633,6 +633,13 @@ def _negatives(info: DatasetInfo, negatives_per_positive: int) -> int:
     return int(negatives_per_positive)
 
 
+def fitting_batch_size(examples: int, num_devices: int = 1) -> int:
+    """A batch size for a small training split: a power of two giving at least 8 batches
+    per epoch where the split allows, divisible by the devices."""
+    power = 1 << (max(examples // 8, 1).bit_length() - 1)  # the largest power of 2 <= n / 8
+    return max(power // num_devices * num_devices, num_devices)
+
+
 def num_batches(
     config,
     split: str,
