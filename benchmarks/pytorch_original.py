@@ -2,7 +2,7 @@
 
     timeout 900 .venv/bin/python benchmarks/pytorch_original.py --tokens 32 --mode finetune
 
-The seed's `MultiModalTransformer` (../shared/seed/original-design.zh.md, section 5.2.2)
+The original design's `MultiModalTransformer` (its section 5.2.2, written down here)
 with all-MiniLM-L6-v2 as its BERT: Conv2d 3->64->128 over 56x56 images into a 512-wide
 ReLU layer, Conv1d 1->64->128 over 56 raw samples into 512, one
 `nn.MultiheadAttention(512, 8)` and `nn.Linear(512, 1)`; Adam at 1e-4 and

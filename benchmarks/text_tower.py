@@ -11,6 +11,7 @@ update of BERT and the projection on a dummy loss, batch 32, in `finetune` mode 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -121,6 +122,7 @@ def bench_step(max_len: int, bert, params, tokenizer, mode: str) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     bert, params, tokenizer = load_pretrained(MODEL)
     result = {
         "benchmark": "text_tower",

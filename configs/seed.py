@@ -1,6 +1,6 @@
 """The original design's shapes: BERT-base text, 56x56 images, 56-sample raw audio.
 
-Reproduces the blog's `MultiModalTransformer` (see ../shared/seed, section 5.2.2):
+Reproduces the original PyTorch design's `MultiModalTransformer` (its section 5.2.2):
 a fine-tuned `bert-base-uncased`, Conv 3->64->128 over 56x56 images into a 512-wide
 dense layer, Conv1d 1->64->128 over 56 raw samples into 512, attention fusion at
 width 512 with 8 heads, Adam at 1e-4 for 10 epochs, BCE with logits (the training

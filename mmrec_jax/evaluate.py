@@ -765,7 +765,12 @@ def resolve_splits(splits: Sequence[str] | None, info: Any) -> list[str]:
 
     available = [s for s in REPORT_SPLITS if int(info.split_sizes.get(s, 0)) > 0]
     if not splits:
-        return [s for s in ("test", "test_cold") if s in available] or available[-1:]
+        chosen = [s for s in ("test", "test_cold") if s in available] or available[-1:]
+        if jax.process_index() == 0:
+            for split in ("test", "test_cold"):
+                if split not in chosen:
+                    print(f"Note: {info.name!r} has no {split} rows; it is not evaluated.")
+        return chosen
     names: list[str] = []
     for value in splits:
         for name in (n.strip() for n in value.split(",") if n.strip()):

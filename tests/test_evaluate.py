@@ -1,5 +1,6 @@
 """`mmrec_jax.evaluate` on a tiny trained run: full-catalogue ranking, the CLI, ablation."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -256,11 +257,16 @@ def test_bad_split_and_k_are_clear_errors(workdir, capsys):
     assert "catalogue size" in capsys.readouterr().err
 
 
-def test_resolve_splits(workdir):
+def test_resolve_splits(workdir, capsys):
     info = pipeline.load_dataset_info(train.load_run_config(workdir).data)
     assert evaluate.resolve_splits(None, info) == ["test", "test_cold"]
     assert evaluate.resolve_splits(["all"], info) == ["train", "validation", "test", "test_cold"]
     assert evaluate.resolve_splits(["test_cold", "test,test_cold"], info) == ["test_cold", "test"]
+    assert not capsys.readouterr().out
+    # A default split the dataset lacks is named, not skipped silently.
+    warm_only = dataclasses.replace(info, split_sizes={**info.split_sizes, "test_cold": 0})
+    assert evaluate.resolve_splits(None, warm_only) == ["test"]
+    assert "has no test_cold rows; it is not evaluated" in capsys.readouterr().out
 
 
 def test_a_run_whose_data_moved_evaluates_with_data_dir(workdir, tmp_path, capsys):

@@ -742,6 +742,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: import a folder (see the module docstring); exits 2 on bad input."""
     parser = argparse.ArgumentParser(
         prog="python -m mmrec_jax.data.local",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Import interactions and item content from a folder as a TFDS dataset.",
     )
     parser.add_argument("--input", required=True, help="folder with interactions.* and items.*")

@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: convert a MovieLens folder (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m mmrec_jax.data.movielens",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Convert MovieLens into an mmrec TFDS dataset.",
     )
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")

@@ -549,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: generate `mmrec_synthetic` into a data folder."""
     parser = argparse.ArgumentParser(
         prog="python -m mmrec_jax.data.synthetic",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Generate the mmrec_synthetic dataset (TFDS, ArrayRecord).",
     )
     parser.add_argument("--output", required=True, help="data folder (DATA_DIR)")
