@@ -95,14 +95,20 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, capsys):
     assert step == 2 and not damaged and float(restored["params"]["w"][0, 0]) == 2.0
 
 
-def test_a_reader_leaves_a_save_in_progress_alone(tmp_path, caplog):
-    mesh = sharding.make_mesh()
+def _step_1_and_a_temporary_step_2(tmp_path, mesh):
+    """Checkpoint 1, and Orbax's temporary folder for step 2: what a save in progress (or
+    a process killed mid-save) leaves."""
     checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
     checkpointer.save(1, _state(mesh, 1.0), {}, {})
     checkpointer.close()
-    # What a save in progress looks like to another process: Orbax's temporary folder.
-    in_progress = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234"
-    shutil.copytree(tmp_path / "checkpoints" / "1", in_progress)
+    temporary = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234"
+    shutil.copytree(tmp_path / "checkpoints" / "1", temporary)
+    return temporary
+
+
+def test_a_reader_leaves_a_save_in_progress_alone(tmp_path, caplog):
+    mesh = sharding.make_mesh()
+    in_progress = _step_1_and_a_temporary_step_2(tmp_path, mesh)
     reader = Checkpointer(tmp_path, read_only=True)
     assert reader.all_steps() == [1] and in_progress.is_dir()
     restored, _, _ = reader.restore(1, abstract_like(_state(mesh, 0.0)))
@@ -115,12 +121,7 @@ def test_a_reader_leaves_a_save_in_progress_alone(tmp_path, caplog):
 
 def test_half_written_checkpoint_is_never_taken(tmp_path):
     mesh = sharding.make_mesh()
-    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
-    checkpointer.save(1, _state(mesh, 1.0), {}, {})
-    checkpointer.close()
-    # What a process killed mid-save leaves: Orbax's temporary folder for step 2.
-    partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234"
-    shutil.copytree(tmp_path / "checkpoints" / "1", partial)
+    _step_1_and_a_temporary_step_2(tmp_path, mesh)
     checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
     assert checkpointer.all_steps() == [1]
     checkpointer.close()
