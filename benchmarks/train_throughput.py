@@ -196,7 +196,8 @@ def _rates(args, measured: dict, flops: float, rows: int) -> dict:
     median = statistics.median(times)
     gflops_per_s = flops / median / 1e9
     peaks = [p["gflops_per_s"] for p in measured["peaks"]]
-    peak = max(peaks) if peaks else None
+    best_peak = max(measured["peaks"], key=lambda p: p["gflops_per_s"]) if peaks else None
+    peak = best_peak["gflops_per_s"] if best_peak else None
     peak_compute = measured["peak_compute"]
     return {
         "steps": args.steps,
@@ -213,7 +214,7 @@ def _rates(args, measured: dict, flops: float, rows: int) -> dict:
         "jit_cache_size": measured["jit_cache_size"],
         "gflops_per_s": round(gflops_per_s, 1),
         "peak_gflops_per_s": peak,
-        "peak_shape": measured["peaks"][-1]["shape"] if peaks else None,
+        "peak_shape": best_peak["shape"] if best_peak else None,  # the shape of `peak`
         "peak_before_after": peaks,
         "fraction_of_peak": round(gflops_per_s / peak, 3) if peak else None,
         "peak_compute_dtype": peak_compute,

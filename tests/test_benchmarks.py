@@ -103,3 +103,31 @@ def test_random_bert_folder_is_a_loadable_checkpoint_of_the_architecture(tmp_pat
     assert len(tokenizer) == 30522
     torch_model = transformers.BertModel.from_pretrained(folder)
     assert torch_model.config.num_hidden_layers == 2
+
+
+def test_the_peak_and_its_shape_come_from_the_same_measurement(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_throughput
+
+    measured = {
+        "times": [0.2, 0.25, 0.3],
+        "data_times": [],
+        "cpu_times": [0.4, 0.5, 0.6],
+        "compile_s": 1.0,
+        "compile_phases": {},
+        "first_call_s": 1.5,
+        "compiles": 1,
+        "jit_cache_size": 1,
+        # Before the timed steps, then after: the best is the first one.
+        "peaks": [
+            {"gflops_per_s": 400.0, "shape": [1024, 1024, 1024]},
+            {"gflops_per_s": 300.0, "shape": [2048, 2048, 2048]},
+        ],
+        "peak_compute": None,
+        "profile": None,
+    }
+    args = type("Args", (), {"steps": 3})()
+    rates = train_throughput._rates(args, measured, flops=50e9, rows=32)
+    assert rates["step_ms_median"] == 250.0 and rates["gflops_per_s"] == 200.0
+    assert rates["peak_gflops_per_s"] == 400.0 and rates["peak_shape"] == [1024, 1024, 1024]
+    assert rates["fraction_of_peak"] == 0.5
