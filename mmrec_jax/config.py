@@ -91,7 +91,12 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
         if isinstance(current, bool):
             return _parse_bool(key, text)
         if isinstance(current, int):
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:
+                if not _takes_fractions(key):
+                    raise
+                return float(text)  # a run's config.json may hold 4096 for 4096.0
         if isinstance(current, float):
             return float(text)
         if isinstance(current, str):
@@ -146,8 +151,11 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     current = node[leaf]
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"Config key {key!r} is a group; set one of its fields instead.")
+    value = _parse_value(key, text, current)
     with node.unlocked():
-        node[leaf] = _parse_value(key, text, current)
+        if type(value) is not type(current):
+            del node[leaf]  # a fraction for a field an older config.json wrote as an int
+        node[leaf] = value
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -307,6 +315,12 @@ def _choice_rules() -> dict[str, tuple[str, ...]]:
         "model.image.conv_kernel_grad": layers.CONV_KERNEL_GRADS,
         "model.audio.frontend": audio.FRONTENDS,
     }
+
+
+def _takes_fractions(key: str) -> bool:
+    """Whether a numeric field may hold a fraction (its rule asks for a number)."""
+    rule = _VALUE_RULES.get(key)
+    return rule is not None and "number" in rule[1]
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:

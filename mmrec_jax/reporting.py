@@ -22,9 +22,13 @@ class MetricsWriter:
     Args:
       workdir: the run folder.
       enabled: False on processes other than 0 (then nothing is written).
+      resume_step: the checkpoint step a resumed run starts from. The steps after it
+        are trained again, so their earlier records are dropped (from metrics.jsonl,
+        with any line a killed process cut off, and from TensorBoard's view), instead of
+        appearing twice.
     """
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tensorboard = None
@@ -32,18 +36,11 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
-
-    def forget_after(self, step: int) -> None:
-        """Drops the records of steps after `step` (a run resuming from that checkpoint).
-
-        The steps after a run's last checkpoint are trained again when it resumes; their
-        records would otherwise appear twice. A line cut off by a killed process goes too.
-        """
-        if not self.enabled or not self.path.is_file():
-            return
-        kept = [json.dumps(r) for r in read_metrics(self.path.parent) if r["step"] <= step]
-        write_atomic(self.path, "".join(f"{line}\n" for line in kept))
+            if resume_step is not None and self.path.is_file():
+                kept = [json.dumps(r) for r in read_metrics(workdir) if r["step"] <= resume_step]
+                write_atomic(self.path, "".join(f"{line}\n" for line in kept))
+            purge = None if resume_step is None else resume_step + 1
+            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Records scalar `metrics` (names like "train/loss") at `step`; None values are skipped."""

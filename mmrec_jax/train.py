@@ -729,8 +729,9 @@ def train_and_evaluate(
         compiler_options=runtime.compiler_options(config.model.dtype),
     )
     predict_fn = predict.make_predict_fn(model, mesh, param_shardings)
-    writer = reporting.MetricsWriter(workdir, enabled=is_chief)
-    writer.forget_after(start_step)  # steps after the checkpoint are trained again
+    writer = reporting.MetricsWriter(
+        workdir, enabled=is_chief, resume_step=start_step if restored is not None else None
+    )
     meta = {"config": json.loads(config_to_json(config)), "dataset": info.name}
 
     stop = _StopRequest()

@@ -222,9 +222,17 @@ def test_value_checks_report_every_bad_field_and_allow_what_is_sane():
         ],
     )
     assert config.train.num_steps == 5
-    # A fractional memory budget for an integer-looking default.
+    # A fractional memory budget, also where an older run's config.json holds an integer.
     config = load_config(ROOT / "configs/tiny.py", [("data.max_item_memory_mib", "0.5")])
     assert config.data.max_item_memory_mib == 0.5
+    stored = json.loads(config_lib.config_to_json(config))
+    stored["data"]["max_item_memory_mib"] = 4096  # as a run's config.json once held it
+    config = config_lib.config_from_dict(stored)
+    assert isinstance(config.data.max_item_memory_mib, int)
+    config_lib.apply_override(config, "data.max_item_memory_mib", "0.5")
+    assert config.data.max_item_memory_mib == 0.5
+    with pytest.raises(ConfigError, match="expects an integer"):
+        config_lib.apply_override(config, "train.batch_size", "0.5")
     # The user tower's heads only matter when the history tower is used.
     load_config(
         ROOT / "configs/tiny.py", [("model.user.num_heads", "7"), ("model.towers", "text,id")]

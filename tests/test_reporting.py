@@ -1,0 +1,47 @@
+"""Metric records: a resumed run keeps one record per step, in metrics.jsonl and TensorBoard."""
+
+import json
+import struct
+
+from tensorboardX.proto import event_pb2
+
+from mmrec_jax import reporting
+
+
+def _events(folder):
+    """Every Event of the TFRecord event files in `folder` (length, crc, data, crc)."""
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            record = data[offset + 12 : offset + 12 + length]
+            events.append(event_pb2.Event.FromString(record))
+            offset += 12 + length + 4
+    return events
+
+
+def test_a_resumed_run_drops_the_records_of_the_steps_it_trains_again(tmp_path):
+    writer = reporting.MetricsWriter(tmp_path)
+    for step in range(1, 6):
+        writer.write(step, {"train/loss": 1.0 / step})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 6, "train/lo')  # cut off by a killed process
+    # Resumed from the checkpoint of step 3: steps 4 and 5 are trained (and logged) again.
+    writer = reporting.MetricsWriter(tmp_path, resume_step=3)
+    for step in (4, 5):
+        writer.write(step, {"train/loss": 2.0 / step})
+    writer.close()
+    records = reporting.read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["train/loss"] for r in records[3:]] == [0.5, 0.4]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+    # TensorBoard is told to drop the first run's events from step 4 on (tensorboardX's
+    # purge_step: a SessionLog START at that step).
+    starts = [
+        e.step for e in _events(tmp_path / "tensorboard")
+        if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START
+    ]  # fmt: skip
+    assert starts == [4]
