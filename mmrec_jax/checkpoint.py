@@ -183,7 +183,8 @@ class Checkpointer:
         """Restores the newest checkpoint that restores cleanly.
 
         A checkpoint that fails is reported with its step and error, and the one before
-        it is tried.
+        it is tried. Running out of device memory is raised as it is: it says nothing
+        about the files.
 
         Returns:
           (step, state, data_state, meta, damaged): `damaged` lists the newer steps that
@@ -202,7 +203,9 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 state, data_state, meta = self.restore(step, abstract_state)
-            except Exception as error:  # noqa: BLE001 -- any failure means "damaged"
+            except Exception as error:  # noqa: BLE001 -- any failure means "damaged" ...
+                if "RESOURCE_EXHAUSTED" in str(error):
+                    raise  # ... but memory: the state does not fit, the files are fine
                 print(
                     f"WARNING: Checkpoint {self.directory / str(step)} is damaged and was "
                     f"skipped ({type(error).__name__}: {str(error)[:300]}).",

@@ -107,9 +107,13 @@ def _out_of_memory_message(
 
 
 def _state_out_of_memory_message(
-    error: Exception, config: ml_collections.ConfigDict, num_devices: int
+    error: Exception,
+    config: ml_collections.ConfigDict,
+    num_devices: int,
+    checkpoints: Path | None = None,
 ) -> str:
-    """Out of memory creating the train state: the overrides that make it smaller."""
+    """Out of memory creating (or restoring from `checkpoints`) the train state: the
+    overrides that make it smaller."""
     options = []
     if not config.train.fsdp and num_devices > 1:
         options.append(
@@ -122,10 +126,14 @@ def _state_out_of_memory_message(
             "parameters or optimizer state in training"
         )
     options.append("a smaller text model: --config.model.text.model=NAME_OR_FOLDER")
+    doing, then = "creating", "Nothing was trained or saved yet. To fit, rerun with one of:"
+    if checkpoints is not None:
+        doing = "restoring"
+        then = f"The checkpoints in {checkpoints} are intact. To fit, rerun with one of:"
     return _fixes_message(
-        f"Out of memory creating the parameters and optimizer state on {num_devices} "
+        f"Out of memory {doing} the parameters and optimizer state on {num_devices} "
         f"device(s): {str(error).splitlines()[0]}",
-        "Nothing was trained or saved yet. To fit, rerun with one of:",
+        then,
         options,
     )
 
@@ -686,6 +694,12 @@ def train_and_evaluate(
     except checkpoint_lib.CheckpointError:
         checkpointer.close()  # release Orbax's background threads before the error surfaces
         raise
+    except jax.errors.JaxRuntimeError as error:
+        checkpointer.close()
+        if not is_out_of_memory(error):
+            raise
+        message = _state_out_of_memory_message(error, config, mesh.size, checkpointer.directory)
+        raise OutOfMemory(message) from error
     start_step = 0
     # Early stopping's record travels in each checkpoint's metadata, so a resumed run
     # counts on (and an early-stopped run stays stopped) as an uninterrupted one would.

@@ -455,6 +455,19 @@ def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoints(
     train.train_and_evaluate(sharded, tmp_path)
     assert "Resuming from checkpoint step 4" in capsys.readouterr().out
     assert train.restore_params(tmp_path, "latest")[3] == 6
+    # Out of memory restoring says the checkpoints are intact, and moves none aside.
+    from mmrec_jax import checkpoint
+
+    def restore(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5 bytes.")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore)
+    with pytest.raises(train.OutOfMemory) as info:
+        train.train_and_evaluate(sharded, tmp_path)
+    assert "Out of memory restoring the parameters" in str(info.value)
+    assert f"The checkpoints in {tmp_path / 'checkpoints'} are intact" in str(info.value)
+    assert not (tmp_path / "checkpoints_damaged").exists()
+    assert "damaged" not in capsys.readouterr().out
 
 
 def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, monkeypatch):
