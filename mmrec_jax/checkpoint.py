@@ -198,13 +198,17 @@ class Checkpointer:
             return None
         failures: list[int] = []
         previous_hook = sys.unraisablehook
-        # Kept after a failure: the failed reads' echoes may arrive later.
-        sys.unraisablehook = _QuietFailedRestore(previous_hook)
+        if not isinstance(previous_hook, _QuietFailedRestore):
+            # Kept after a failure (once): the failed reads' echoes may arrive later.
+            sys.unraisablehook = _QuietFailedRestore(previous_hook)
         for step in reversed(steps):
             try:
                 state, data_state, meta = self.restore(step, abstract_state)
             except Exception as error:  # noqa: BLE001 -- any failure means "damaged" ...
-                if "RESOURCE_EXHAUSTED" in str(error):
+                if isinstance(error, jax.errors.JaxRuntimeError) and (
+                    "RESOURCE_EXHAUSTED" in str(error)
+                ):
+                    sys.unraisablehook = previous_hook
                     raise  # ... but memory: the state does not fit, the files are fine
                 print(
                     f"WARNING: Checkpoint {self.directory / str(step)} is damaged and was "

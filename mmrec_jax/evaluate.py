@@ -770,6 +770,8 @@ def resolve_splits(splits: Sequence[str] | None, info: Any) -> list[str]:
             for split in ("test", "test_cold"):
                 if split not in chosen:
                     print(f"Note: {info.name!r} has no {split} rows; it is not evaluated.")
+            if chosen and chosen[0] not in ("test", "test_cold"):
+                print(f"Note: evaluating {chosen[0]} instead.")
         return chosen
     names: list[str] = []
     for value in splits:

@@ -7,19 +7,8 @@ or the new one, never a half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
-
-
-def _read_umask() -> int:
-    """The process's umask. Reading it means setting it, so it is read once, on import
-    (before the threads that write checkpoints exist), and set straight back."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -28,13 +17,13 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     The bytes go to a temporary file beside `path`, are flushed to disk, and the file is
     renamed over `path`; on any failure the temporary file is removed and `path` keeps
     its old content. The file gets the permissions `open` would give a new file (0666
-    less the umask), not the temporary file's private 0600.
+    less the umask), not a private 0600 like `tempfile.mkstemp`'s.
     """
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()

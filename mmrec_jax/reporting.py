@@ -22,10 +22,10 @@ class MetricsWriter:
     Args:
       workdir: the run folder.
       enabled: False on processes other than 0 (then nothing is written).
-      resume_step: the checkpoint step a resumed run starts from. The steps after it
-        are trained again, so their earlier records are dropped (from metrics.jsonl,
-        with any line a killed process cut off, and from TensorBoard's view), instead of
-        appearing twice.
+      resume_step: the step the run starts from (its checkpoint's; 0 for a fresh run).
+        The steps after it are trained again, so their earlier records are dropped (from
+        metrics.jsonl, with any line a killed process cut off, and from TensorBoard's
+        view), instead of appearing twice. None keeps every record.
     """
 
     def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None):
@@ -63,7 +63,8 @@ class MetricsWriter:
 def read_metrics(workdir: str | Path) -> list[dict]:
     """The records of `workdir/metrics.jsonl`, in order (empty if there are none).
 
-    A line a killed process cut off is left out.
+    A line a killed process cut off (or any line that is not a record with a step) is
+    left out.
     """
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
@@ -71,9 +72,11 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
     return records
 
 

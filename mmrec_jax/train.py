@@ -113,19 +113,22 @@ def _state_out_of_memory_message(
     checkpoints: Path | None = None,
 ) -> str:
     """Out of memory creating (or restoring from `checkpoints`) the train state: the
-    overrides that make it smaller."""
+    overrides that make it smaller (and, when restoring, whether each resumes)."""
+    resumes, new_run = (
+        (" (resumes)", " (in a new --workdir: another model)") if checkpoints else ("", "")
+    )
     options = []
     if not config.train.fsdp and num_devices > 1:
         options.append(
-            f"--config.train.fsdp=True: parameters and optimizer state sharded over the "
-            f"{num_devices} devices instead of copied to each"
+            f"--config.train.fsdp=True{resumes}: parameters and optimizer state sharded "
+            f"over the {num_devices} devices instead of copied to each"
         )
     if config.model.text.mode != "frozen":
         options.append(
-            "--config.model.text.mode=frozen: BERT's embeddings cached once, no BERT "
-            "parameters or optimizer state in training"
+            f"--config.model.text.mode=frozen{new_run}: BERT's embeddings cached once, no "
+            "BERT parameters or optimizer state in training"
         )
-    options.append("a smaller text model: --config.model.text.model=NAME_OR_FOLDER")
+    options.append(f"a smaller text model{new_run}: --config.model.text.model=NAME_OR_FOLDER")
     doing, then = "creating", "Nothing was trained or saved yet. To fit, rerun with one of:"
     if checkpoints is not None:
         doing = "restoring"
@@ -656,10 +659,14 @@ def train_and_evaluate(
     if epoch_steps == 0:
         examples = pipeline.num_examples(info, "train", config.data.negatives_per_positive)
         fitting = pipeline.fitting_batch_size(examples, mesh.size)
+        fix = (
+            f"Lower the batch size, for example --config.train.batch_size={fitting}."
+            if fitting
+            else f"It has fewer examples than the {mesh.size} devices: add data."
+        )
         raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is larger than the training "
-            f"split of {info.name!r} ({examples} examples). Lower the batch size, for "
-            f"example --config.train.batch_size={fitting}."
+            f"split of {info.name!r} ({examples} examples). {fix}"
         )
     total_steps = config.train.num_steps or config.train.num_epochs * epoch_steps
     updates = max(total_steps // max(config.train.grad_accum_steps, 1), 1)
@@ -743,9 +750,8 @@ def train_and_evaluate(
         compiler_options=runtime.compiler_options(config.model.dtype),
     )
     predict_fn = predict.make_predict_fn(model, mesh, param_shardings)
-    writer = reporting.MetricsWriter(
-        workdir, enabled=is_chief, resume_step=start_step if restored is not None else None
-    )
+    # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
+    writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
     meta = {"config": json.loads(config_to_json(config)), "dataset": info.name}
 
     stop = _StopRequest()

@@ -2,6 +2,8 @@
 
 import logging
 import shutil
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,26 @@ def _step_1_and_a_temporary_step_2(tmp_path, mesh):
     temporary = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234"
     shutil.copytree(tmp_path / "checkpoints" / "1", temporary)
     return temporary
+
+
+def test_a_failed_restore_quiets_only_its_own_echoes_and_only_once(tmp_path, monkeypatch):
+    mesh = sharding.make_mesh()
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    for step in (1, 2):
+        checkpointer.save(step, _state(mesh, step), {}, {})
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "state")
+    for _ in range(2):  # two restores that fall back: one filter, not two
+        assert checkpointer.restore_latest_good(abstract_like(_state(mesh, 0.0)))[0] == 1
+    checkpointer.close()
+    hook = sys.unraisablehook
+    assert hook.previous == seen.append  # the hook before, wrapped once
+    echo = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    hook(echo)
+    hook(other)
+    assert seen == [other]
 
 
 def test_a_reader_leaves_a_save_in_progress_alone(tmp_path, caplog):

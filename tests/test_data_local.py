@@ -188,7 +188,7 @@ def test_folder_with_every_media_kind_imports_and_feeds_the_pipeline(tmp_path, c
     train_rows = builder.read_metadata(tmp_path / "data", "shop")["split_sizes"]["train"]
     command = local.train_command("shop", tmp_path / "data", train_rows)
     # A small dataset's command lowers configs/local.py's batch to one that fits it.
-    assert command in out and f"batch_size={pipeline.fitting_batch_size(train_rows, 8)}" in out
+    assert command in out and f"batch_size={pipeline.fitting_batch_size(train_rows)}" in out
     assert load_config(ROOT / "configs" / "local.py").train.batch_size == local._LOCAL_BATCH_SIZE
     splits = tfds.data_source("shop", data_dir=str(tmp_path / "data"))
     assert {"train", "validation", "test"} <= set(splits)
@@ -321,6 +321,15 @@ def test_malformed_csv_and_other_encodings_are_named(tmp_path):
     local.import_folder(folder, tmp_path / "data", options, verbose=False)
     texts = [builder.text(r["text"]) for r in records(tmp_path / "data", "x", "items")["items"]]
     assert long_text.strip() in texts
+
+
+def test_problems_are_listed_by_file_and_line():
+    problems = local.Problems()
+    for where in ("b.csv:10", "a.parquet row 10", "b.csv:9", "a.parquet row 2", "a.parquet"):
+        problems.add(where, "bad", "x")
+    assert [line.split(": ")[0] for line in problems.lines()] == [
+        "a.parquet", "a.parquet row 2", "a.parquet row 10", "b.csv:9", "b.csv:10"
+    ]  # fmt: skip
 
 
 def test_split_shares_out_of_range_and_empty_splits_are_named(tmp_path, capsys):

@@ -380,3 +380,15 @@ def test_negatives_avoid_engaged_items_and_a_user_with_none_left_is_named():
     assert set(drawn[:200]) == {0, 4, 6} and set(drawn[200:]) == {2, 4, 6}  # brute force
     with pytest.raises(ConfigError, match=r"1 user\(s\) \(rows \[2\] .* every one of the 4"):
         pipeline.NegativeSampler((offsets, rows), pool, 7, seed=1)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 6, 8])
+def test_fitting_batch_sizes_fit_the_split_and_the_devices(devices):
+    for examples in range(1, 3000):
+        size = pipeline.fitting_batch_size(examples, devices)
+        if examples < devices:
+            assert size == 0
+            continue
+        assert size % devices == 0 and devices <= size <= examples, (examples, size)
+        if examples >= 16 * devices:
+            assert examples // size >= 8, (examples, size)  # a few batches per epoch

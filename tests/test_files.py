@@ -30,9 +30,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
-def test_written_files_get_the_usual_permissions(tmp_path):
-    path = tmp_path / "summary.json"
-    files.write_atomic(path, "{}")
-    plain = tmp_path / "plain.json"
-    plain.write_text("{}")  # what open() gives a new file under this umask
-    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not 0600
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_usual_permissions(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        files.write_atomic(tmp_path / "summary.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")  # what open() gives a new file
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "summary.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -45,3 +45,12 @@ def test_a_resumed_run_drops_the_records_of_the_steps_it_trains_again(tmp_path):
         if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START
     ]  # fmt: skip
     assert starts == [4]
+
+
+def test_a_fresh_start_drops_an_earlier_attempts_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 0.9}\n{"note": "by hand"}\n{"step": 2, "train/l')
+    writer = reporting.MetricsWriter(tmp_path, resume_step=0)  # nothing was saved before
+    writer.write(1, {"train/loss": 0.7})
+    writer.close()
+    assert reporting.read_metrics(tmp_path) == [{"step": 1, "train/loss": 0.7}]

@@ -466,6 +466,7 @@ def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoints(
         train.train_and_evaluate(sharded, tmp_path)
     assert "Out of memory restoring the parameters" in str(info.value)
     assert f"The checkpoints in {tmp_path / 'checkpoints'} are intact" in str(info.value)
+    assert "a smaller text model (in a new --workdir: another model)" in str(info.value)
     assert not (tmp_path / "checkpoints_damaged").exists()
     assert "damaged" not in capsys.readouterr().out
 

@@ -52,6 +52,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -164,8 +165,8 @@ class Problems:
         """One "where: kind: detail" line per problem, by file and then line."""
 
         def position(entry: tuple[str, str, str]) -> tuple[str, int]:
-            file, _, line = entry[0].rpartition(":")
-            return (file, int(line)) if line.isdigit() else (entry[0], 0)
+            found = re.fullmatch(r"(.*?)(?::| row )(\d+)", entry[0])  # "f.csv:7", "f.parquet row 7"
+            return (found[1], int(found[2])) if found else (entry[0], 0)
 
         entries = sorted(self.entries, key=position)  # stable: a line's problems keep order
         return [f"{where}: {kind}: {detail}" for where, kind, detail in entries]
@@ -631,7 +632,8 @@ def train_command(name: str, data_dir: str | Path, train_rows: int | None = None
         f"--config.data.name={name} --config.data.data_dir={data_dir}"
     )
     if train_rows is not None and train_rows < 8 * _LOCAL_BATCH_SIZE:
-        command += f" --config.train.batch_size={pipeline.fitting_batch_size(train_rows, 8)}"
+        # A power of two, so that it divides over 1, 2, 4 or 8 devices once large enough.
+        command += f" --config.train.batch_size={pipeline.fitting_batch_size(train_rows)}"
     return command
 
 

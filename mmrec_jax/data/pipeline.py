@@ -634,10 +634,14 @@ def _negatives(info: DatasetInfo, negatives_per_positive: int) -> int:
 
 
 def fitting_batch_size(examples: int, num_devices: int = 1) -> int:
-    """A batch size for a small training split: a power of two giving at least 8 batches
-    per epoch where the split allows, divisible by the devices."""
+    """A batch size for a small training split, divisible by the devices: a power of two
+    giving about 8 batches per epoch where the split allows, else the largest that fits.
+
+    Returns 0 when the split has fewer examples than there are devices.
+    """
     power = 1 << (max(examples // 8, 1).bit_length() - 1)  # the largest power of 2 <= n / 8
-    return max(power // num_devices * num_devices, num_devices)
+    size = max(power // num_devices * num_devices, num_devices)
+    return size if size <= examples else examples // num_devices * num_devices
 
 
 def num_batches(
