@@ -250,6 +250,11 @@ def test_train_and_evaluate_checks_values_before_building_the_dataset(tmp_path):
     with pytest.raises(ConfigError, match="batch_size=-4"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "data").exists()
+    # A batch the 8 devices cannot share equally: named with the sizes that divide.
+    config.train.batch_size = 30
+    with pytest.raises(ConfigError, match=r"batch_size=30 must be divisible .* \(8\).* 24 or 32"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "data").exists()
     config.train.batch_size = 4
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file; pass a folder"):
