@@ -24,6 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from mmrec_jax import runtime
+
 # The validation metric that picks the best checkpoint (higher is better).
 BEST_METRIC = "validation_auc"
 
@@ -205,9 +207,7 @@ class Checkpointer:
             try:
                 state, data_state, meta = self.restore(step, abstract_state)
             except Exception as error:  # noqa: BLE001 -- any failure means "damaged" ...
-                if isinstance(error, jax.errors.JaxRuntimeError) and (
-                    "RESOURCE_EXHAUSTED" in str(error)
-                ):
+                if runtime.is_out_of_memory(error):
                     sys.unraisablehook = previous_hook
                     raise  # ... but memory: the state does not fit, the files are fine
                 print(

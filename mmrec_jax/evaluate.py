@@ -456,14 +456,15 @@ def rank_catalogue(
     ):
         exclude = _dense_rows(users.train_positives, local, num_items)  # (local Bu, N)
         exclude = jax.make_array_from_process_local_data(data, exclude)
-        top_items, has_nan = sharding.to_host(rank(params, items, arrays, exclude))
-        if has_nan[: rows.size].any():
+        top_items, has_nan = (
+            a[: rows.size] for a in sharding.to_host(rank(params, items, arrays, exclude))
+        )  # (Bu, top), (Bu,): the padding users dropped
+        if has_nan.any():
             raise ValueError(
-                f"The model's scores hold NaN for {int(has_nan[: rows.size].sum())} of the "
-                f"{rows.size} users scored last; ranking them would be meaningless. The "
-                "parameters are not finite: evaluate a checkpoint from before the run diverged."
+                f"The model's scores hold NaN for {int(has_nan.sum())} of the {rows.size} "
+                "users scored last; ranking them would be meaningless. The parameters are "
+                "not finite: evaluate a checkpoint from before the run diverged."
             )
-        top_items = top_items[: rows.size]
         chunk = metrics_lib.per_user_ranking_metrics(
             top_items,
             _dense_rows(relevant, rows, num_items),
@@ -864,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     except jax.errors.JaxRuntimeError as error:
         from mmrec_jax import train
 
-        if not train.is_out_of_memory(error):
+        if not runtime.is_out_of_memory(error):
             raise
         batch = (
             args.batch_size or train.load_run_config(args.workdir, args.data_dir).train.batch_size

@@ -224,3 +224,10 @@ def compiler_options(compute_dtype_name: str = "float32") -> dict[str, str | boo
             continue
         accepted[name] = value
     return accepted or None
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether XLA failed for lack of memory (on any platform it says RESOURCE_EXHAUSTED)."""
+    import jax
+
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)

@@ -54,11 +54,6 @@ class OutOfMemory(RuntimeError):
     """A train step or evaluation needed more memory than a device has."""
 
 
-def is_out_of_memory(error: Exception) -> bool:
-    """Whether XLA failed for lack of memory (on any platform it says RESOURCE_EXHAUSTED)."""
-    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
-
-
 def halved_batch_size(batch_size: int, num_devices: int) -> int:
     """Half of `batch_size` rounded down to a multiple of the devices (0: none is smaller)."""
     return batch_size // 2 // num_devices * num_devices
@@ -685,7 +680,7 @@ def train_and_evaluate(
         setup = build_train_state(config, model, mesh, example, updates)
         jax.block_until_ready(setup.state)  # an allocation failure surfaces here, not later
     except jax.errors.JaxRuntimeError as error:
-        if not is_out_of_memory(error):
+        if not runtime.is_out_of_memory(error):
             raise
         raise OutOfMemory(_state_out_of_memory_message(error, config, mesh.size)) from error
     state, state_shardings = setup.state, setup.shardings
@@ -703,7 +698,7 @@ def train_and_evaluate(
         raise
     except jax.errors.JaxRuntimeError as error:
         checkpointer.close()
-        if not is_out_of_memory(error):
+        if not runtime.is_out_of_memory(error):
             raise
         message = _state_out_of_memory_message(error, config, mesh.size, checkpointer.directory)
         raise OutOfMemory(message) from error
@@ -892,9 +887,8 @@ def train_and_evaluate(
         if step == total_steps and last_saved != step:
             save(step)
     except jax.errors.JaxRuntimeError as error:
-        if not is_out_of_memory(error):
+        if not runtime.is_out_of_memory(error):
             raise
-        checkpointer.wait()
         saved = f"Checkpoint step {last_saved} in {checkpointer.directory} is intact."
         message = _out_of_memory_message(error, config, mesh.size, step, saved)
         raise OutOfMemory(message) from error
