@@ -12,7 +12,8 @@ encoded items (`score`) and reduced to each user's top K on the device (`top_k_i
 with the user's training positives excluded and the split's positives as the relevant
 items. The results are printed beside the dataset's oracle and written
 to `WORKDIR/eval/<split>.json` (with the split's calibration curve, bin by bin); the
-splits' reliability diagrams go to `WORKDIR/eval/calibration.png`. `--ablate` re-scores
+reliability diagrams of every split evaluated at that checkpoint (by this call or an
+earlier one) go to `WORKDIR/eval/calibration.png`. `--ablate` re-scores
 the split with each content modality marked absent in turn and reports the AUC each one
 is worth.
 
@@ -707,7 +708,8 @@ def evaluate_run(
 ) -> dict[str, dict]:
     """Evaluates a checkpoint of a run; writes `workdir/eval/<split>.json` for each split.
 
-    Also draws the splits' reliability diagrams into `workdir/eval/calibration.png`.
+    Also draws the reliability diagrams of the splits evaluated at this checkpoint, by
+    this call or an earlier one, into `workdir/eval/calibration.png`.
 
     Args:
       workdir: the training run's folder.
@@ -751,9 +753,33 @@ def evaluate_run(
         out.mkdir(parents=True, exist_ok=True)
         for split, entry in results.items():
             write_atomic(out / f"{split}.json", json.dumps(entry, indent=2) + "\n")
-        curves = {split: entry["calibration"] for split, entry in results.items()}
-        reporting.plot_calibration(curves, out / "calibration.png")
+        reporting.plot_calibration(calibration_curves(out, int(step)), out / "calibration.png")
     return results
+
+
+def calibration_curves(eval_dir: str | Path, step: int) -> dict[str, dict]:
+    """The calibration curves of every split in `eval_dir` evaluated at checkpoint `step`.
+
+    Each `evaluate_run` call writes its splits' `<split>.json`; the reliability diagram
+    draws these together with the splits an earlier call evaluated at the same checkpoint
+    (a later `--split validation` keeps test's curve beside it), never a curve of another
+    checkpoint.
+
+    Returns:
+      {split: `metrics.calibration_curve`}, in the order train, validation, test, test_cold.
+    """
+    from mmrec_jax.train import REPORT_SPLITS
+
+    curves = {}
+    for split in REPORT_SPLITS:
+        path = Path(eval_dir) / f"{split}.json"
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # not evaluated (or not readable): not drawn
+        if entry.get("checkpoint_step") == step and "calibration" in entry:
+            curves[split] = entry["calibration"]
+    return curves
 
 
 def resolve_splits(splits: Sequence[str] | None, info: Any) -> list[str]:

@@ -288,3 +288,22 @@ def test_a_run_whose_data_moved_evaluates_with_data_dir(workdir, tmp_path, capsy
 
     out = export.export_run(moved, tmp_path / "export", data_dir=config.data.data_dir)
     assert (out / exported.MANIFEST_FILE).is_file()
+
+
+def test_calibration_plot_keeps_earlier_splits_of_the_same_checkpoint(tmp_path):
+    def curve(rate):
+        return {"bin_edges": [0.0, 1.0], "count": [2], "mean_prob": [0.5], "positive_rate": [rate]}
+
+    written = {
+        "test": {"checkpoint_step": 30, "calibration": curve(0.4)},  # an earlier call
+        "validation": {"checkpoint_step": 30, "calibration": curve(0.6)},  # this call
+        "train": {"checkpoint_step": 20, "calibration": curve(0.1)},  # another checkpoint
+    }
+    for split, entry in written.items():
+        (tmp_path / f"{split}.json").write_text(json.dumps(entry))
+    (tmp_path / "test_cold.json").write_text('{"checkpoint_step": 30, "calib')  # cut off
+
+    curves = evaluate.calibration_curves(tmp_path, 30)
+    assert list(curves) == ["validation", "test"]
+    assert curves["test"]["positive_rate"] == [0.4]
+    assert list(evaluate.calibration_curves(tmp_path, 20)) == ["train"]
