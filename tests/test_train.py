@@ -171,6 +171,32 @@ def test_a_second_signal_stops_at_once(data_dir, tmp_path, monkeypatch, capsys):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [0]
 
 
+def test_a_second_signal_during_a_save_does_not_wait_for_it(data_dir, tmp_path, monkeypatch):
+    from mmrec_jax import checkpoint
+
+    save, waits, checkpointers = checkpoint.Checkpointer.save, [], []
+
+    def save_then_signal_twice(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)  # an asynchronous save is now in flight
+        checkpointers.append(self)
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_signal_twice)
+    monkeypatch.setattr(checkpoint.Checkpointer, "wait", lambda self: waits.append(self))
+    config = tiny_config(data_dir, train__num_steps=20, train__checkpoint_every=5)
+    config.train.eval_every = 0
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train.train_and_evaluate(config, tmp_path)
+    finally:
+        for checkpointer in checkpointers:
+            checkpointer.manager.wait_until_finished()  # before tmp_path goes
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert waits == []  # the run did not block on the save in flight
+
+
 def _train_cmd(workdir, data_dir, *extra):
     return [
         sys.executable,
