@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     params = setup.state["params"]
 
     # Pairs: the evaluation forward pass.
-    predict_fn = predict.make_predict_fn(model, mesh, setup.shardings["params"])
+    predict_fn = predict.make_predict_fn(model, setup.shardings["params"])
     pair_s, pair_cpu = _timed(lambda: jax.block_until_ready(predict_fn(params, batch)), args.steps)
 
     # Catalogue: every item encoded once, as evaluation and export do.

@@ -253,7 +253,7 @@ def main(argv=None) -> None:
 
     if args.inference:
         name = PREDICT_NAME
-        jitted = predict.make_predict_fn(model, mesh, setup.shardings["params"])
+        jitted = predict.make_predict_fn(model, setup.shardings["params"])
         params = state["params"]
 
         def run(batch):

@@ -38,9 +38,16 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     """
     path = Path(path)
     if not path.is_file():
+        project_configs = Path(__file__).resolve().parents[1] / "configs"
+        where = (
+            f"the project's configs are in {project_configs}"
+            if project_configs.is_dir()
+            else "the configs/ folder of the mmrec_jax repository"
+        )
         raise ConfigError(
-            f"Config file {str(path)!r} does not exist. Pass one of the files in configs/, "
-            "for example --config configs/default.py."
+            f"Config file {str(path)!r} does not exist (relative paths start at the current "
+            f"directory, {Path.cwd()}). Pass one of the files in configs/, for example "
+            f"--config configs/default.py from the repository root; {where}."
         )
     if path.suffix == ".json":
         try:

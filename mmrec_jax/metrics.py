@@ -172,6 +172,8 @@ def auc(labels, scores, weights=None) -> float:
             raise ValueError("weights must be non-negative; found a negative weight.")
     groups = np.zeros(labels.shape[0], dtype=np.int8)
     (total,), (positive,), (negative,), _ = _grouped_auc(groups, labels, scores, weights)
+    if positive == 0 and negative == 0:
+        raise ValueError("AUC is undefined: every row has weight 0; pass non-zero weights.")
     if positive == 0 or negative == 0:
         present = "positives" if positive > 0 else "negatives"
         raise ValueError(
@@ -399,7 +401,12 @@ def click_metrics(
 
 def _cutoffs(k, num_items: int) -> tuple[int, ...]:
     """`k` (an int or a sequence of ints) as a tuple of cut-offs in [1, num_items]."""
-    ks = (k,) if isinstance(k, int | np.integer) and not isinstance(k, bool) else tuple(k)
+    if isinstance(k, int | np.integer) and not isinstance(k, bool):
+        ks = (k,)
+    elif isinstance(k, str) or not hasattr(k, "__iter__"):
+        raise ValueError(f"k must be an int or a sequence of ints, got {k!r}.")
+    else:
+        ks = tuple(k)
     if not ks:
         raise ValueError("k is empty; pass an int or a non-empty sequence of ints.")
     for value in ks:
@@ -475,6 +482,16 @@ def top_k_items(scores: jax.Array, k: int, exclude: jax.Array | None = None):
       excluded items) and the item indices (int32) they belong to.
     """
     scores = jnp.asarray(scores, jnp.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (users, items), got shape {scores.shape}.")
+    num_items = scores.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= num_items:
+        raise ValueError(f"k={k!r} must be an int in [1, {num_items}], the number of items.")
+    if exclude is not None and jnp.shape(exclude) != scores.shape:
+        raise ValueError(
+            f"exclude has shape {jnp.shape(exclude)} but scores has shape {scores.shape}; "
+            "pass one entry per (user, item)."
+        )
     lowest = jnp.finfo(jnp.float32).min
     # Fast path: XLA's float top-k (on integer keys it sorts every row in full). Excluded
     # items and NaN go to -inf, a real -inf to the lowest finite float, -0.0 to 0.0; the

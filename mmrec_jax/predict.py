@@ -10,19 +10,22 @@ import numpy as np
 
 from mmrec_jax import runtime, sharding
 
-# Row fields gathered beside the logits, for metrics.
+# Row fields gathered beside the logits, where the batch has them, for metrics.
 _ROW_FIELDS = ("label", "weight", "user_index")
 
 
-def make_predict_fn(model: Any, mesh: jax.sharding.Mesh, param_shardings: Any) -> Callable:
+def make_predict_fn(model: Any, param_shardings: Any) -> Callable:
     """A jitted `(params, batch) -> {"logit", "label", "weight", "user_index"}`.
 
-    Outputs stay split over the `data` axis; `predict_batches` gathers them to the host.
+    The batch's `label`, `weight` and `user_index` come back beside the logits where it
+    has them. Outputs stay split over the `data` axis; `predict_batches` gathers them to
+    the host.
     """
 
     def predict(params, batch):
         logits = model.apply({"params": params}, batch, train=False)
-        return {"logit": logits.astype("float32"), **{k: batch[k] for k in _ROW_FIELDS}}
+        rows = {k: batch[k] for k in _ROW_FIELDS if k in batch}
+        return {"logit": logits.astype("float32"), **rows}
 
     return jax.jit(
         predict,
@@ -36,8 +39,11 @@ def predict_batches(
 ) -> dict[str, np.ndarray]:
     """Runs `predict_fn` over local batches; returns every process's rows, padding dropped.
 
+    Rows with `weight` 0 are padding; batches without a `weight` field have none.
+
     Returns:
-      {"logit", "label", "weight", "user_index"}: 1-D numpy arrays over the split's rows.
+      {"logit", and "label", "weight", "user_index" where the batches have them}: 1-D
+      numpy arrays over the split's rows.
     """
     chunks: list[dict] = []
     for local_batch in batches:
@@ -46,5 +52,7 @@ def predict_batches(
     if not chunks:
         raise ValueError("The split yielded no batches: it is empty.")
     merged = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
+    if "weight" not in merged:
+        return merged
     keep = merged["weight"] > 0
     return {key: value[keep] for key, value in merged.items()}

@@ -9,6 +9,7 @@ item block, so every item's content towers run once per batch.
         "user_index":   int32   (B,)     user's row in the dataset's user table (metrics only)
         "item_slot":    int32   (B,)     candidate item's slot in batch["items"]
         "history_slot": int32   (B, H)   history items' slots, most recent first   [history]
+                                         (any value where history_mask is False)
         "history_mask": bool    (B, H)   True where a history entry is real        [history]
         "label":        float32 (B,)     1 engaged, 0 not
         "weight":       float32 (B,)     1 for real rows, 0 for padding rows
@@ -131,7 +132,12 @@ def item_fields(towers: tuple[str, ...], text_mode: str = "frozen") -> list[Fiel
 def _check_field(
     where: str, spec: FieldSpec, array, dims: dict[str, int], expected_dims: Mapping[str, int]
 ) -> None:
-    shape = tuple(getattr(array, "shape", ()))
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        raise BatchError(
+            f"Batch field {where}{spec.name!r} ({spec.doc}) is a {type(array).__name__}; "
+            f"pass a numpy or jax array of dtype {spec.dtype} and shape {spec.shape}."
+        )
+    shape = tuple(array.shape)
     if len(shape) != len(spec.shape):
         raise BatchError(
             f"Batch field {where}{spec.name!r} ({spec.doc}) must have shape "
@@ -152,12 +158,22 @@ def _check_field(
                 f"Batch field {where}{spec.name!r} ({spec.doc}) must have shape {spec.shape} "
                 f"with {symbol}={want}; got {shape} (axis {axis} is {size})."
             )
-    dtype = np.dtype(getattr(array, "dtype", None))
-    want_dtype = np.dtype(spec.dtype)
-    if dtype.kind != want_dtype.kind:
+        if isinstance(symbol, str):
+            dims[symbol] = size
+    if _dtype_kind(array.dtype) != _dtype_kind(spec.dtype):
         raise BatchError(
-            f"Batch field {where}{spec.name!r} must be {spec.dtype}; got {dtype} ({spec.doc})."
+            f"Batch field {where}{spec.name!r} must be {spec.dtype}; got {array.dtype} "
+            f"({spec.doc})."
         )
+
+
+def _dtype_kind(dtype) -> str:
+    """numpy's kind letter, with bfloat16 (numpy kind "V") counted as a float ("f")."""
+    from jax import dtypes
+
+    if dtypes.issubdtype(dtype, np.floating):
+        return "f"
+    return np.dtype(dtype).kind
 
 
 def validate_batch(
@@ -205,14 +221,20 @@ def validate_items(
     text_mode: str = "frozen",
     expected_dims: Mapping[str, int] | None = None,
     dims: dict[str, int] | None = None,
+    for_model: bool = False,
 ) -> dict[str, int]:
     """Checks an item block (batch["items"], or the input of `encode_items`).
+
+    `for_model` checks only what the model reads: `item_index` (for the metrics) may then
+    be absent.
 
     Returns the symbol sizes found; raises `BatchError` like `validate_batch`.
     """
     towers = parse_towers(towers)
     dims = {} if dims is None else dims
     for spec in item_fields(towers, text_mode):
+        if for_model and spec.name == "item_index":
+            continue
         if spec.name not in items:
             raise BatchError(
                 f"Item block is missing the required field {spec.name!r} ({spec.doc}), shape "
@@ -236,11 +258,22 @@ def concrete_values(array) -> np.ndarray | None:
         return None
 
 
-def check_index_range(name: str, array, size: int, fix: str) -> None:
-    """Raises BatchError when concrete `array` holds an index outside [0, size)."""
+def check_index_range(name: str, array, size: int, fix: str, where=None) -> None:
+    """Raises BatchError when concrete `array` holds an index outside [0, size).
+
+    `where`, a boolean mask of `array`'s shape, limits the check to the entries it marks
+    (padding entries may hold anything); a traced mask skips the check like a traced array.
+    """
     values = concrete_values(array)
     if values is None or values.size == 0:
         return
+    if where is not None:
+        mask = concrete_values(where)
+        if mask is None:
+            return
+        values = values[np.broadcast_to(mask.astype(bool), values.shape)]
+        if values.size == 0:
+            return
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= size:
         raise BatchError(
@@ -248,7 +281,8 @@ def check_index_range(name: str, array, size: int, fix: str) -> None:
         )
 
 
-# Row fields the model reads (the rest are for the loss and the metrics).
+# Row fields the model reads (the rest are for the loss and the metrics); `user_id` only
+# with the id tower, the history fields only with the history tower.
 SCORE_FIELDS = ("user_id", "item_slot", "history_slot", "history_mask")
 
 
@@ -265,7 +299,7 @@ def validate_score_rows(
     towers = parse_towers(towers)
     dims = {} if dims is None else dims
     for spec in row_fields(towers):
-        if spec.name not in SCORE_FIELDS:
+        if spec.name not in SCORE_FIELDS or (spec.name == "user_id" and "id" not in towers):
             continue
         if spec.name not in rows:
             raise BatchError(
@@ -327,9 +361,14 @@ def example_batch(config: Any, text_dim: int | None = None) -> dict:
       config: a run config (model towers and sizes, data.history_len, data.max_text_len).
         Parameter shapes follow from it and `text_dim` alone, so this batch initialises
         (or gives the abstract shapes of) a model without reading any data.
-      text_dim: Dt, the cached text embedding width (frozen text mode only).
+      text_dim: Dt, the cached text embedding width (frozen text mode only); None reads
+        it from the text model's config (`models.text.cached_text_dim`).
     """
     towers = parse_towers(config.model.towers)
+    if text_dim is None:
+        from mmrec_jax.models.text import cached_text_dim
+
+        text_dim = cached_text_dim(config.model)
     dims = batch_dims(config, 1, 1, text_dim or 1)
 
     def zeros(spec: FieldSpec) -> np.ndarray:

@@ -74,6 +74,16 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
+def _data_axis_size(mesh: Mesh) -> int:
+    """The size of the mesh's `data` axis, or a ValueError naming the axes it has."""
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"The mesh has axes {tuple(mesh.axis_names)}; these helpers split batches and "
+            f"parameters over an axis named {DATA_AXIS!r} (`make_mesh` builds such a mesh)."
+        )
+    return mesh.shape[DATA_AXIS]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding of an array copied whole onto every device."""
     return NamedSharding(mesh, PartitionSpec())
@@ -81,6 +91,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """The sharding of a batch array: leading axis split over `data`."""
+    _data_axis_size(mesh)
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
@@ -105,7 +116,7 @@ def state_shardings(mesh: Mesh, abstract_state: Any, fsdp: bool) -> Any:
       abstract_state: the state's shapes, e.g. from `jax.eval_shape`.
       fsdp: split large arrays over `data` instead of replicating everything.
     """
-    num_shards = mesh.shape[DATA_AXIS]
+    num_shards = _data_axis_size(mesh)
 
     def sharding_of(leaf: Any) -> NamedSharding:
         shape = tuple(getattr(leaf, "shape", ()))
@@ -155,10 +166,20 @@ def global_batch(mesh: Mesh, local_batch: Mapping) -> Any:
     concatenation along the leading axis, split over the `data` axis.
     """
     sharding = data_sharding(mesh)
-    return jax.tree.map(
-        lambda array: jax.make_array_from_process_local_data(sharding, np.asarray(array)),
-        dict(local_batch),
-    )
+    local_devices = len(mesh.local_devices)
+
+    def put(path, array):
+        array = np.asarray(array)
+        if array.ndim == 0 or array.shape[0] % local_devices:
+            name = ".".join(str(getattr(key, "key", key)) for key in path)
+            raise ValueError(
+                f"Batch field {name!r} has shape {array.shape}: its leading axis must split "
+                f"evenly over this process's {local_devices} device(s) of the mesh; pad it "
+                "to a multiple."
+            )
+        return jax.make_array_from_process_local_data(sharding, array)
+
+    return jax.tree_util.tree_map_with_path(put, dict(local_batch))
 
 
 def to_host(tree: Any) -> Any:

@@ -744,7 +744,7 @@ def train_and_evaluate(
         donate_argnums=0,
         compiler_options=runtime.compiler_options(config.model.dtype),
     )
-    predict_fn = predict.make_predict_fn(model, mesh, param_shardings)
+    predict_fn = predict.make_predict_fn(model, param_shardings)
     # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
     writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
     meta = {"config": json.loads(config_to_json(config)), "dataset": info.name}

@@ -227,6 +227,13 @@ def test_bad_token_ids_are_errors_naming_the_input(tiny):
         bert.apply(variables, ids, mask, types[:, :4])
     with pytest.raises(ValueError, match="attention_mask of the same shape"):
         bert.apply(variables, ids, mask[:, :4], types)
+    with pytest.raises(ValueError, match="integer token ids; got float32"):
+        bert.apply(variables, ids.astype(np.float32), mask, types)
+    # No mask: every token is real.
+    np.testing.assert_array_equal(
+        bert.apply(variables, ids, None, types)[0],
+        bert.apply(variables, ids, np.ones_like(mask), types)[0],
+    )
     # Compiled code cannot check values; valid ids run there as eagerly.
     hidden = jax.jit(bert.apply)(variables, ids, mask, types)[0]
     np.testing.assert_allclose(hidden, bert.apply(variables, ids, mask, types)[0], atol=1e-5)

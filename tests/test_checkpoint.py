@@ -173,3 +173,18 @@ def test_fsdp_shards_large_arrays_only():
     assert shardings["small"].spec == jax.sharding.PartitionSpec()
     replicated = sharding.state_shardings(mesh, abstract, fsdp=False)
     assert replicated["big"].spec == jax.sharding.PartitionSpec()
+
+
+def test_sharding_helpers_name_a_mesh_without_a_data_axis_and_an_indivisible_field():
+    other = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+    abstract = {"w": jax.ShapeDtypeStruct((1024, 64), jnp.float32)}
+    with pytest.raises(ValueError, match=r"axes \('batch',\); .* an axis named 'data'"):
+        sharding.state_shardings(other, abstract, fsdp=True)
+    mesh = sharding.make_mesh()  # 8 devices
+    batch = {"label": np.ones(16, np.float32), "items": {"audio": np.zeros((12, 5), np.float32)}}
+    with pytest.raises(ValueError, match=r"'items.audio' has shape \(12, 5\): .* 8 device"):
+        sharding.global_batch(mesh, batch)
+    batch["items"]["audio"] = np.arange(80, dtype=np.float32).reshape(16, 5)
+    placed = sharding.global_batch(mesh, batch)
+    np.testing.assert_array_equal(placed["items"]["audio"], batch["items"]["audio"])
+    assert placed["label"].sharding.spec == jax.sharding.PartitionSpec("data")

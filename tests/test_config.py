@@ -150,9 +150,12 @@ def test_train_py_rejects_unknown_key(tmp_path):
     assert "no_such_key" in result.stderr
 
 
-def test_missing_config_file_is_clear():
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_config("configs/nope.py")
+def test_missing_config_file_is_clear(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs/default.py is not found from here
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        load_config("configs/default.py")
+    assert str(tmp_path) in str(info.value)  # where relative paths start
+    assert f"configs are in {Path(__file__).resolve().parents[1] / 'configs'}" in str(info.value)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -404,6 +404,8 @@ def test_bad_click_inputs_name_the_argument():
         metrics.auc([0, 1], [0.1, 0.2], weights=[1.0, -1.0])
     with pytest.raises(ValueError, match="user_ids contains NaN"):
         metrics.gauc([np.nan, np.nan, 1, 1], [1, 0, 1, 0], [0.1, 0.2, 0.3, 0.1])
+    with pytest.raises(ValueError, match="every row has weight 0"):
+        metrics.auc([0, 1], [0.1, 0.2], weights=[0.0, 0.0])
 
 
 def test_bad_ranking_inputs_name_the_argument():
@@ -425,6 +427,16 @@ def test_bad_ranking_inputs_name_the_argument():
         metrics.ranking_metrics(scores, relevant, 2, exclude=relevant)
     with pytest.raises(ValueError, match="top_items holds 2 items per user, fewer than k=3"):
         metrics.per_user_ranking_metrics(np.zeros((3, 2), dtype=int), relevant, 3)
+    for k in (5.0, None, "5"):
+        with pytest.raises(ValueError, match="k must be an int or a sequence of ints"):
+            metrics.ranking_metrics(scores, relevant, k)
+    with pytest.raises(ValueError, match=r"scores must be 2-D \(users, items\)"):
+        metrics.top_k_items(scores[0], 2)
+    for k in (0, 6, 2.0):
+        with pytest.raises(ValueError, match=rf"k={k!r} must be an int in \[1, 5\]"):
+            metrics.top_k_items(scores, k)
+    with pytest.raises(ValueError, match=r"exclude has shape \(2, 5\)"):
+        metrics.top_k_items(scores, 2, relevant[:2])
 
 
 def test_click_metrics_reports_undefined_gauc_as_none():

@@ -212,10 +212,12 @@ def test_image_tower_matches_torch_style_reference():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_image_tower_rejects_wrong_size():
+def test_image_tower_rejects_wrong_size_and_float_pixels():
     tower = ImageTower(_image_config(size=8), width=4)
     with pytest.raises(ValueError, match="config.model.image.size=8"):
         tower.init(INIT_KEY, np.zeros((1, 10, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8 RGB pixels in .0, 255.; got float32"):
+        tower.init(INIT_KEY, np.zeros((1, 8, 8, 3), np.float32))
 
 
 # --- audio ---------------------------------------------------------------------------
@@ -340,6 +342,8 @@ def test_audio_tower_rejects_bad_input():
     tower = audio_lib.AudioTower(_audio_config("raw", 56), width=4)
     with pytest.raises(ValueError, match="clip_samples"):
         tower.init(INIT_KEY, np.zeros((1, 60), np.float32))
+    with pytest.raises(ValueError, match="float waveforms in .-1, 1.; got int16"):
+        tower.init(INIT_KEY, np.zeros((1, 56), np.int16))
     tower = audio_lib.AudioTower(_audio_config("mfcc", 56), width=4)
     with pytest.raises(ValueError, match="frontend='mfcc'"):
         tower.init(INIT_KEY, np.zeros((1, 56), np.float32))
@@ -358,9 +362,11 @@ def test_id_embedding_maps_unknown_ids_to_the_oov_row():
     np.testing.assert_array_equal(out, table[np.array([0, 1, 5, 0, 0, 0])])
 
 
-def test_id_embedding_needs_a_vocabulary():
+def test_id_embedding_needs_a_vocabulary_and_integer_ids():
     with pytest.raises(ValueError, match="num_users / num_items"):
         IdEmbedding(num_ids=0, width=3).init(INIT_KEY, np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="integer ID-vocabulary indices; got float32"):
+        IdEmbedding(num_ids=4, width=3).init(INIT_KEY, np.zeros(2, np.float32))
 
 
 def test_history_attention_ignores_padding_and_empty_histories():
@@ -381,6 +387,11 @@ def test_history_attention_ignores_padding_and_empty_histories():
     changed = history.copy()
     changed[0, 0] = rng.normal(size=8)
     assert not np.allclose(layer.apply(variables, candidate, changed, mask)[0][0], token[0])
+    # An integer mask means the same; a mask of another shape is named.
+    token3, _ = layer.apply(variables, candidate, history, mask.astype(np.int32))
+    np.testing.assert_array_equal(token3, token)
+    with pytest.raises(ValueError, match=r"history_mask \(B, H\); got .* and \(3, 3\)"):
+        layer.apply(variables, candidate, history, mask[:, :3])
 
 
 # --- fusion --------------------------------------------------------------------------
@@ -416,6 +427,9 @@ def test_fusion_ignores_masked_tokens_and_scores_each_row():
     changed = tokens.copy()
     changed[:, 0] = np.random.default_rng(1).normal(size=(3, 8))
     assert not np.allclose(fusion.apply(variables, changed, mask)[:2], logits[:2])
+    np.testing.assert_array_equal(fusion.apply(variables, tokens, mask.astype(np.int32)), logits)
+    with pytest.raises(ValueError, match=r"mask \(B, T\); got tokens \(3, 4, 8\) and mask"):
+        fusion.apply(variables, tokens, mask[:, :3])
 
 
 def test_fusion_modality_dropout_only_in_training():

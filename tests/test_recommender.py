@@ -314,6 +314,76 @@ def test_out_of_range_slots_and_a_foreign_text_width_are_errors_when_applied_eag
     np.testing.assert_array_equal(model.apply(variables, rows), model.apply(variables, batch))
 
 
+def test_padding_history_slots_may_hold_anything_but_real_ones_are_checked():
+    model, variables, _ = full_model()
+    batch = make_batch(model.config, seed=4)
+    mask = batch["history_mask"]
+    padded = {**batch, "history_slot": np.where(mask, batch["history_slot"], -1)}
+    np.testing.assert_array_equal(model.apply(variables, padded), model.apply(variables, batch))
+    real = np.where(mask, U, batch["history_slot"])  # a real entry out of range
+    with pytest.raises(schema.BatchError, match=r"'history_slot' holds indices in \[.*, 7\]"):
+        model.apply(variables, {**batch, "history_slot": real})
+
+
+def test_the_model_needs_only_the_fields_it_reads():
+    model, variables, _ = full_model()
+    batch = make_batch(model.config)
+    items = {k: v for k, v in batch["items"].items() if k != "item_index"}  # metrics only
+    np.testing.assert_array_equal(
+        model.apply(variables, {**batch, "items": items}), model.apply(variables, batch)
+    )
+    with pytest.raises(schema.BatchError, match="'user_id'"):  # read by the id tower
+        model.apply(variables, {k: v for k, v in batch.items() if k != "user_id"})
+    cfg = tiny_config("text,image")  # no id tower: user_id is not read
+    content = Recommender(cfg)
+    content_batch = make_batch(cfg)
+    params = {"params": random_params(content, content_batch)}
+    rows = {k: v for k, v in content_batch.items() if k != "user_id"}
+    np.testing.assert_array_equal(content.apply(params, rows), content.apply(params, content_batch))
+
+
+def test_predict_batches_scores_rows_without_metric_fields():
+    from mmrec_jax import predict, sharding
+
+    model, variables, apply = full_model()
+    batch = make_batch(model.config)
+    rows = {k: v for k, v in batch.items() if k not in ("label", "weight", "user_index")}
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    predict_fn = predict.make_predict_fn(model, None)
+    out = predict.predict_batches(predict_fn, variables["params"], [rows, rows], mesh)
+    assert sorted(out) == ["logit"]
+    expected = np.asarray(apply(variables, batch))
+    np.testing.assert_allclose(out["logit"], np.concatenate([expected, expected]), rtol=1e-6)
+    padded = {**batch, "weight": np.array([1, 1, 0, 1, 0], np.float32)}  # 2 padding rows
+    out = predict.predict_batches(predict_fn, variables["params"], [padded], mesh)
+    np.testing.assert_array_equal(out["user_index"], [0, 1, 3])
+
+
+def test_bfloat16_and_float64_inputs_are_floats_lists_are_named():
+    model, variables, apply = full_model()
+    batch = make_batch(model.config)
+    expected = apply(variables, batch)
+    for dtype in (jnp.bfloat16, np.float64):  # e.g. from a BERT computing in bfloat16
+        embedding = batch["items"]["text_embedding"].astype(dtype)
+        got = model.apply(variables, _replace_items(batch, text_embedding=embedding))
+        rounded = _replace_items(batch, text_embedding=embedding.astype(np.float32))
+        np.testing.assert_allclose(got, apply(variables, rounded), rtol=1e-5, atol=1e-5)
+    assert expected.shape == (B,)
+    as_list = {**batch, "item_slot": batch["item_slot"].tolist()}
+    with pytest.raises(schema.BatchError, match="'item_slot' .* is a list; pass a numpy"):
+        model.apply(variables, as_list)
+    with pytest.raises(schema.BatchError, match="'image' must be uint8; got float32"):
+        model.apply(variables, _replace_items(batch, image=np.zeros((U, 8, 8, 3), np.float32)))
+
+
+def test_example_batch_reads_the_text_width_and_validation_reports_every_size():
+    cfg = default.get_config()
+    batch = schema.example_batch(cfg)  # frozen MiniLM: 384-wide cached embeddings
+    assert batch["items"]["text_embedding"].shape == (1, 384)
+    dims = schema.validate_batch(batch, cfg.model.towers, expected_dims={"S": 56, "T": 4000})
+    assert dims == {"B": 1, "U": 1, "H": cfg.data.history_len, "Dt": 384, "S": 56, "T": 4000}
+
+
 def test_config_errors_name_the_key():
     cfg = tiny_config("text,id")
     cfg.num_users = 0

@@ -147,6 +147,11 @@ class AudioTower(nn.Module):
                 f"Audio tower expects waveforms of shape (U, {cfg.clip_samples}) "
                 f"(config.model.audio.clip_samples); got {audio.shape}."
             )
+        if not jnp.issubdtype(audio.dtype, jnp.floating):
+            raise ValueError(
+                f"Audio tower expects float waveforms in [-1, 1]; got {audio.dtype}. Scale "
+                "integer PCM to floats first (int16: divide by 32768)."
+            )
         if cfg.frontend == "raw":
             x = audio.astype(self.dtype)[..., None]  # (U, T, 1)
         elif cfg.frontend == "logmel":

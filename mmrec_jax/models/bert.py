@@ -374,13 +374,14 @@ class Bert(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True
+        self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True
     ) -> tuple[jax.Array, jax.Array | None]:
         """Encodes token ids.
 
         Args:
           input_ids: int (B, L) token ids.
-          attention_mask: (B, L), 1 (or True) for real tokens, 0 for padding.
+          attention_mask: (B, L), 1 (or True) for real tokens, 0 for padding; None means
+            every token is real.
           token_type_ids: int (B, L) segment ids; None means all zeros.
           deterministic: False applies the config's dropout (needs a "dropout" rng).
 
@@ -389,6 +390,15 @@ class Bert(nn.Module):
           and the pooled output (B, H) (None when `config.has_pooler` is False).
         """
         cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"BERT input_ids must be integer token ids; got {input_ids.dtype}. Tokenize "
+                "the texts with this model's tokenizer."
+            )
+        attention_mask = (
+            jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+        )
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"BERT input_ids must be (B, L) with an attention_mask of the same shape; got "
@@ -407,10 +417,10 @@ class Bert(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        elif token_type_ids.shape != input_ids.shape:
+        elif jnp.shape(token_type_ids) != input_ids.shape:
             raise ValueError(
                 f"BERT token_type_ids must have input_ids' shape {input_ids.shape}; got "
-                f"{token_type_ids.shape}. Pass None for single-segment texts."
+                f"{jnp.shape(token_type_ids)}. Pass None for single-segment texts."
             )
         # Out-of-range ids would read NaN embeddings; checked when the values are concrete.
         schema.check_index_range(

@@ -100,6 +100,12 @@ class Fusion(nn.Module):
         """
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if tokens.ndim != 3 or jnp.shape(mask) != tokens.shape[:2]:
+            raise ValueError(
+                f"Fusion takes tokens (B, T, D) and a mask (B, T); got tokens {tokens.shape} "
+                f"and mask {jnp.shape(mask)}."
+            )
+        mask = jnp.asarray(mask, bool)  # (B, T)
         if train and cfg.modality_dropout > 0 and self.num_item_tokens > 1:
             mask = modality_dropout(
                 self.make_rng("dropout"), mask, self.num_item_tokens, cfg.modality_dropout

@@ -60,6 +60,12 @@ class ImageTower(nn.Module):
                 f"Image tower expects images of shape (U, {size}, {size}, 3) "
                 f"(config.model.image.size={size}); got {image.shape}."
             )
+        if jnp.dtype(image.dtype) != jnp.uint8:
+            raise ValueError(
+                f"Image tower expects uint8 RGB pixels in [0, 255]; got {image.dtype}. Pass the "
+                "decoded pixels as they are (float images in [0, 1]: multiply by 255 and round "
+                "to uint8); the tower standardises them itself."
+            )
         if size >> len(self.config.channels) < 1:
             raise ValueError(
                 f"config.model.image.size={size} is too small for "

@@ -133,7 +133,11 @@ class Recommender(nn.Module):
            "embedding": (U, D) masked mean of the tokens, the item's summary vector}.
         """
         schema.validate_items(
-            items, self.towers, self.config.text.mode, expected_dims=self._expected_dims()
+            items,
+            self.towers,
+            self.config.text.mode,
+            expected_dims=self._expected_dims(),
+            for_model=True,
         )
         num_items = items["item_id"].shape[0]
         tokens, masks = [], []
@@ -160,8 +164,9 @@ class Recommender(nn.Module):
         """Scores rows against an encoded item block.
 
         Args:
-          rows: `user_id` (B,), `item_slot` (B,) and, with the history tower,
-            `history_slot` (B, H) and `history_mask` (B, H); slots index the item block.
+          rows: `item_slot` (B,), with the id tower `user_id` (B,) and with the history
+            tower `history_slot` (B, H) and `history_mask` (B, H); slots index the item
+            block (a history slot where the mask is False may hold anything).
           encoded: the output of `encode_items` for that item block.
           train: enables dropout and modality dropout (rng stream "dropout").
 
@@ -177,6 +182,7 @@ class Recommender(nn.Module):
                 rows[name],
                 num_items,
                 f"slots index the {num_items} items of the encoded item block.",
+                where=rows["history_mask"] if name == "history_slot" else None,
             )
         slot = rows["item_slot"]  # (B,)
         tokens = [encoded["tokens"][slot]]  # [(B, M, D)]
@@ -201,8 +207,8 @@ class Recommender(nn.Module):
 
         Args:
           batch: a batch of `mmrec_jax.schema`: the rows `score` reads plus the "items"
-            block (`label`, `weight` and `user_index` are for the loss and the metrics,
-            and may be absent).
+            block (`label`, `weight`, `user_index` and `items["item_index"]` are for the
+            loss and the metrics, and may be absent).
           train: enables dropout and modality dropout (rng stream "dropout").
 
         Returns:

@@ -47,6 +47,11 @@ class IdEmbedding(nn.Module):
                 "config.model.num_users / num_items (the training code fills them from "
                 "the dataset)."
             )
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(
+                f"ID embedding takes integer ID-vocabulary indices; got {ids.dtype} values."
+            )
         ids = jnp.where((ids < 0) | (ids > self.num_ids), 0, ids)
         return nn.Embed(
             self.num_ids + 1,
@@ -85,6 +90,17 @@ class HistoryAttention(nn.Module):
           token: (B, D) the history token, zeros for rows without any history.
           present: (B,) bool, whether the row has any history.
         """
+        if (
+            candidate.ndim != 2
+            or history.shape[::2] != candidate.shape
+            or jnp.shape(history_mask) != history.shape[:2]
+        ):
+            raise ValueError(
+                "History attention takes candidate (B, D), history (B, H, D) and "
+                f"history_mask (B, H); got {candidate.shape}, {history.shape} and "
+                f"{jnp.shape(history_mask)}."
+            )
+        history_mask = jnp.asarray(history_mask, bool)  # (B, H)
         norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         query = nn.LayerNorm(name="query_norm", **norm)(candidate)[:, None, :]  # (B, 1, D)
         keys = nn.LayerNorm(name="history_norm", **norm)(history)  # (B, H, D)
