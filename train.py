@@ -19,14 +19,19 @@ def main() -> None:
     from mmrec_jax import runtime, train
     from mmrec_jax.checkpoint import CheckpointError
     from mmrec_jax.config import ConfigError
-    from mmrec_jax.data.pipeline import DatasetNotBuiltError
+    from mmrec_jax.data.pipeline import DatasetMismatchError, DatasetNotBuiltError
     from mmrec_jax.hub import PretrainedModelNotFound
 
     runtime.tune_host_allocator()
 
     try:
         train.train_and_evaluate(config, args.workdir)
-    except (ConfigError, DatasetNotBuiltError, PretrainedModelNotFound) as error:
+    except (
+        ConfigError,
+        DatasetNotBuiltError,
+        DatasetMismatchError,
+        PretrainedModelNotFound,
+    ) as error:
         # A config that does not fit the dataset, the machine or the workdir's run, or a
         # text model that is not here: the message says the fix.
         parser.exit(2, f"{parser.prog}: error: {error}\n")

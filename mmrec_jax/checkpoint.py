@@ -118,6 +118,17 @@ class Checkpointer:
             self.directory, options=options, item_names=("state", "data", "meta")
         )
 
+    @classmethod
+    def has_checkpoints(cls, workdir: str | Path) -> bool:
+        """Whether `workdir` holds a finished checkpoint (read without changing anything)."""
+        if not (Path(workdir) / "checkpoints").is_dir():
+            return False
+        reader = cls(workdir, read_only=True)
+        try:
+            return bool(reader.all_steps())
+        finally:
+            reader.close()
+
     def all_steps(self) -> list[int]:
         """Steps of the finished checkpoints, oldest first."""
         return sorted(self.manager.all_steps())

@@ -330,6 +330,46 @@ def _takes_fractions(key: str) -> bool:
     return rule is not None and "number" in rule[1]
 
 
+def _tower_shape_problems(config: ml_collections.ConfigDict, towers: tuple) -> list[str]:
+    """Inputs too small for the conv towers' 2x pooling blocks (one per channels entry)."""
+    problems = []
+    blocks = _lookup(config, "model.image.channels")
+    size = _lookup(config, "model.image.size")
+    if "image" in towers and _integer(size) and isinstance(blocks, tuple | list):
+        if size >= 1 and size >> len(blocks) < 1:
+            problems.append(
+                f"config.model.image.size={size} is too small for {len(blocks)} 2x2 pooling "
+                f"blocks (config.model.image.channels); use at least {1 << len(blocks)} or "
+                "fewer channels entries."
+            )
+    audio = {
+        key: _lookup(config, f"model.audio.{key}")
+        for key in ("frontend", "clip_samples", "n_fft", "hop_length", "channels")
+    }
+    numbers = [audio[k] for k in ("clip_samples", "n_fft", "hop_length")]
+    if "audio" not in towers or not all(_integer(n) and n >= 1 for n in numbers):
+        return problems
+    if not isinstance(audio["channels"], tuple | list):
+        return problems
+    length = audio["clip_samples"]
+    if audio["frontend"] == "logmel":
+        if length < audio["n_fft"] // 2 + 1:
+            return problems + [
+                f"config.model.audio.clip_samples={length} is too short for "
+                f"config.model.audio.n_fft={audio['n_fft']}; lower n_fft or raise clip_samples."
+            ]
+        length = 1 + length // audio["hop_length"]  # frames
+    blocks = len(audio["channels"])
+    if length >> blocks < 1:
+        problems.append(
+            f"config.model.audio.clip_samples={audio['clip_samples']} gives {length} "
+            f"{'frames' if audio['frontend'] == 'logmel' else 'samples'}, too few for "
+            f"{blocks} 2x pooling blocks (config.model.audio.channels); raise clip_samples "
+            "or use fewer channels entries."
+        )
+    return problems
+
+
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Checks that every field of a run config holds a usable value, before any work.
 
@@ -357,6 +397,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     except schema.BatchError as error:
         problems.append(str(error))
         towers = ()
+    if towers and not set(towers) & {"text", "image", "audio", "id"}:
+        problems.append(
+            f"config.model.towers={','.join(towers)!r} has no item tower; add at least one "
+            "of text, image, audio or id."
+        )
+    problems += _tower_shape_problems(config, towers)
     width = _lookup(config, "model.width")
     heads = {"model.fusion.num_heads": True, "model.user.num_heads": "history" in towers}
     for key, used in heads.items():

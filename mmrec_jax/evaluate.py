@@ -545,6 +545,7 @@ def score_split(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         item_store=item_store,
+        multiple=len(mesh.local_devices),
     )
     if absent:
         batches = (mark_absent(batch, absent) for batch in batches)
@@ -652,7 +653,8 @@ def evaluate_params(
                         split_fn, params, config, split, mesh, (modality,), catalogue.item_store
                     )
                 )
-                absent["auc_drop"] = entry["click"]["auc"] - absent["auc"]
+                full, without = entry["click"]["auc"], absent["auc"]
+                absent["auc_drop"] = None if None in (full, without) else full - without
                 entry["ablation"][modality] = absent
         results[split] = entry
     return results
@@ -691,7 +693,8 @@ def format_results(results: Mapping[str, Mapping]) -> str:
             for modality, values in entry["ablation"].items():
                 cells = [values[n] for n in ("auc", "auc_drop", "logloss")]
                 rows.append([modality] + [reporting.format_cell(v) for v in cells])
-            lines += ["", f"Modality ablation on {split} (AUC {entry['click']['auc']:.4f}):"]
+            auc = reporting.format_cell(entry["click"]["auc"])
+            lines += ["", f"Modality ablation on {split} (AUC {auc}):"]
             lines += reporting.align_table(rows)
     return "\n".join(lines)
 
@@ -705,6 +708,7 @@ def evaluate_run(
     devices: list | None = None,
     data_dir: str | Path | None = None,
     batch_size: int | None = None,
+    write: bool = True,
 ) -> dict[str, dict]:
     """Evaluates a checkpoint of a run; writes `workdir/eval/<split>.json` for each split.
 
@@ -719,8 +723,10 @@ def evaluate_run(
       ablate: also report the AUC lost without each content modality.
       devices: mesh devices (default: all).
       data_dir: where the run's dataset is now, if it moved (default: where it was).
-      batch_size: rows scored per batch (default: the run's `train.batch_size`); the
-        metrics do not depend on it, the memory used does.
+      batch_size: rows scored per batch (default: the run's `train.batch_size`, rounded
+        up to a multiple of the devices); the metrics do not depend on it, the memory
+        used does.
+      write: write the results (`write_results`); False only returns them.
 
     Returns:
       `evaluate_params`' results, each with "checkpoint_step" and "k" added.
@@ -743,18 +749,38 @@ def evaluate_run(
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     if batch_size is not None:
         config.train.batch_size = batch_size
+    elif config.train.batch_size % mesh.size:
+        # The run trained on another number of devices: the next multiple of these.
+        config.train.batch_size = -(-config.train.batch_size // mesh.size) * mesh.size
     catalogue = open_catalogue(config)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
     for split, entry in results.items():
         entry.update(split=split, checkpoint=str(checkpoint), checkpoint_step=int(step))
         entry["k"] = [int(k) for k in ks]
-    if results and jax.process_index() == 0:
-        out = Path(workdir) / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        for split, entry in results.items():
-            write_atomic(out / f"{split}.json", json.dumps(entry, indent=2) + "\n")
-        reporting.plot_calibration(calibration_curves(out, int(step)), out / "calibration.png")
+    if write and results and jax.process_index() == 0:
+        write_results(workdir, results)
     return results
+
+
+def write_results(workdir: str | Path, results: Mapping[str, dict]) -> list[Path]:
+    """Writes `evaluate_run`'s results to `workdir/eval/<split>.json` and the diagrams.
+
+    Returns:
+      The files written, the reliability diagrams' `calibration.png` last.
+
+    Raises:
+      OSError: the eval folder cannot be written.
+    """
+    out = Path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, entry in results.items():
+        written.append(out / f"{split}.json")
+        write_atomic(written[-1], json.dumps(entry, indent=2) + "\n")
+    step = int(next(iter(results.values()))["checkpoint_step"])
+    curves = calibration_curves(out, step)
+    written.append(reporting.plot_calibration(curves, out / "calibration.png"))
+    return written
 
 
 def calibration_curves(eval_dir: str | Path, step: int) -> dict[str, dict]:
@@ -824,7 +850,8 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
-def _parse_checkpoint(text: str) -> str | int:
+def parse_checkpoint(text: str) -> str | int:
+    """`--checkpoint` of the command lines: "best", "latest" or a step number."""
     if text in ("best", "latest"):
         return text
     if text.isdigit():
@@ -855,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--checkpoint",
-        type=_parse_checkpoint,
+        type=parse_checkpoint,
         default="best",
         help="best (validation AUC), latest, or a step",
     )
@@ -885,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ablate,
             data_dir=args.data_dir,
             batch_size=args.batch_size,
+            write=False,
         )
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{moved_data_hint(error, args)}\n")
@@ -911,9 +939,15 @@ def main(argv: list[str] | None = None) -> int:
     which = "" if str(args.checkpoint) == str(step) else f" ({args.checkpoint})"
     print(f"{args.workdir}, checkpoint step {step}{which}:\n")
     print(format_results(results))
-    written = ", ".join(str(Path(args.workdir) / "eval" / f"{s}.json") for s in results)
-    written += f" and {Path(args.workdir) / 'eval' / 'calibration.png'}"
-    print(f"\nWrote {written}.")
+    try:
+        written = [str(path) for path in write_results(args.workdir, results)]
+    except OSError as error:
+        parser.exit(
+            1,
+            f"{parser.prog}: error: the results above could not be written to "
+            f"{Path(args.workdir) / 'eval'}: {error}\n",
+        )
+    print(f"\nWrote {', '.join(written[:-1])} and {written[-1]}.")
     return 0
 
 

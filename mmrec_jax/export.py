@@ -169,6 +169,28 @@ def _default_permissions(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _check_out(out: Path, workdir: Path, overwrite: bool) -> None:
+    """Refuses an `out` whose replacement would lose anything but an earlier export."""
+    if out == workdir or out in workdir.parents:
+        raise FileExistsError(
+            f"--out {out} is or holds the training run {workdir}; choose a folder outside it."
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    is_export = out.is_dir() and (out / exported.MANIFEST_FILE).is_file()
+    if not is_export:
+        what = "a folder that is not an export" if out.is_dir() else "a file"
+        raise FileExistsError(
+            f"{out} already exists and is {what} (an export holds {exported.MANIFEST_FILE}); "
+            "--overwrite replaces only an earlier export. Choose another --out."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{out} already holds an export. Choose another --out, or pass --overwrite to "
+            "replace it."
+        )
+
+
 def export_run(
     workdir: str | Path,
     out: str | Path,
@@ -192,15 +214,13 @@ def export_run(
       The export folder.
 
     Raises:
-      FileExistsError: `out` exists and `overwrite` is False.
+      FileExistsError: `out` exists and `overwrite` is False, or `out` is not an earlier
+        export (only an export is ever replaced), or it holds the training run.
     """
     from mmrec_jax import train
 
     out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists. Choose another --out, or pass --overwrite to replace it."
-        )
+    _check_out(out, Path(workdir).resolve(), overwrite)
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     mesh = sharding.make_mesh(devices)
     catalogue = evaluate.open_catalogue(config)
@@ -237,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the training run's folder")
     parser.add_argument("--out", required=True, help="the export folder to create")
     parser.add_argument(
-        "--checkpoint", default="best", help="best (validation AUC), latest, or a step"
+        "--checkpoint",
+        default="best",
+        type=evaluate.parse_checkpoint,
+        help="best (validation AUC), latest, or a step",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(

@@ -1,13 +1,17 @@
-"""Files written whole or not at all: a temporary file in the same folder, then a rename.
+"""Safe file handling: files written whole or not at all, and folders one process owns.
 
-A reader (another process, or the next run after a crash) sees either the old content
-or the new one, never a half-written file.
+`write_atomic` writes a temporary file in the same folder, then renames it: a reader
+(another process, or the next run after a crash) sees either the old content or the new
+one, never a half-written file. `exclusive_lock` keeps a second process out of a folder
+(a training run's workdir) while the first works in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -32,3 +36,31 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, enabled: bool = True) -> Iterator[bool]:
+    """Holds an exclusive, non-blocking `flock` on the file `path` for the `with` block.
+
+    Yields True when this process holds the lock, False when another process holds it
+    (nothing waits). The lock goes with the process: a killed holder leaves no stale
+    lock behind, only the empty file. Where `enabled` is False (or the platform has no
+    `fcntl`) it yields True without locking.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        enabled = False
+    if not enabled:
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -158,8 +158,9 @@ def auc(labels, scores, weights=None) -> float:
       The AUC in [0, 1].
 
     Raises:
-      ValueError: bad input, or the (non-zero-weight) rows hold a single class, for which
-        AUC is undefined.
+      ValueError: bad input.
+      UndefinedMetricError (a ValueError): the (non-zero-weight) rows hold a single
+        class, for which AUC is undefined.
     """
     labels, scores = _click_inputs(labels, "scores", scores)
     scores = _finite("scores", scores)
@@ -176,7 +177,7 @@ def auc(labels, scores, weights=None) -> float:
         raise ValueError("AUC is undefined: every row has weight 0; pass non-zero weights.")
     if positive == 0 or negative == 0:
         present = "positives" if positive > 0 else "negatives"
-        raise ValueError(
+        raise UndefinedMetricError(
             f"AUC is undefined: labels (with non-zero weight) hold only {present}; "
             "it needs at least one positive and one negative."
         )
@@ -367,11 +368,11 @@ def click_metrics(
       num_bins: number of bins of `expected_calibration_error`.
 
     Returns:
-      {"auc", "gauc" (only with user_ids; None if undefined), "logloss", "accuracy",
-      "ece"} as floats.
+      {"auc" (None if undefined: labels of one class), "gauc" (only with user_ids; None
+      if undefined), "logloss", "accuracy", "ece"} as floats.
 
     Raises:
-      ValueError: bad input, or AUC / GAUC undefined for it (see `auc`, `gauc`).
+      ValueError: bad input.
     """
     if (logits is None) == (probs is None):
         raise ValueError("Pass exactly one of logits and probs to click_metrics.")
@@ -384,7 +385,10 @@ def click_metrics(
         labels, probs = _click_inputs(labels, "probs", probs)
         scores = probs = _probabilities("probs", probs)
         loss = logloss(labels, probs)
-    results = {"auc": auc(labels, scores)}
+    try:
+        results = {"auc": auc(labels, scores)}
+    except UndefinedMetricError:
+        results = {"auc": None}
     if user_ids is not None:
         try:
             results["gauc"] = gauc(user_ids, labels, scores)

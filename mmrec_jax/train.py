@@ -8,6 +8,7 @@ end reports every split beside the dataset's oracle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -26,8 +27,8 @@ import numpy as np
 import optax
 
 from mmrec_jax import checkpoint as checkpoint_lib
+from mmrec_jax import files, optim, predict, profiling, reporting, runtime, schema, sharding
 from mmrec_jax import metrics as metrics_lib
-from mmrec_jax import optim, predict, profiling, reporting, runtime, schema, sharding
 from mmrec_jax.config import (
     ConfigError,
     check_values,
@@ -170,8 +171,9 @@ def resolve_config(
     Sets `model.num_users` / `model.num_items` from the dataset's ID vocabularies (when 0),
     drops content towers for modalities the dataset does not have, resolves
     `model.dtype = "auto"` for this platform (`runtime.compute_dtype`), so that the run's
-    config.json records the dtype it trained with, and makes `data.data_dir` absolute, so
-    that evaluation and export find the dataset from any working directory.
+    config.json records the dtype it trained with, and makes `data.data_dir` (and a local
+    `model.text.model` folder) absolute, so that evaluation and export find the dataset
+    and the text model from any working directory.
 
     Returns:
       A copy of `config`.
@@ -187,6 +189,9 @@ def resolve_config(
         model.num_users = int(info.num_users)
     if model.num_items == 0:
         model.num_items = int(info.num_items)
+    text_folder = Path(model.text.model).expanduser()
+    if text_folder.is_dir():  # a local folder, found from any working directory later
+        model.text.model = str(text_folder.resolve())
     towers = pipeline.available_towers(model.towers, info)
     if towers != ",".join(schema.parse_towers(model.towers)) and verbose:
         print(
@@ -442,7 +447,15 @@ def _recover_run_config(
     return None
 
 
-def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two paths (a run's recorded relative one, say) name one existing folder."""
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.is_dir() and second.is_dir() and first.resolve() == second.resolve()
+
+
+def check_resumable(
+    workdir: str | Path, config: ml_collections.ConfigDict, info: Any | None = None
+) -> None:
     """Refuses to resume checkpoints in `workdir` that another model, dataset or optimizer wrote.
 
     A workdir's checkpoints can only continue the run its `config.json` describes: the
@@ -458,10 +471,13 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
     Args:
       workdir: the run folder.
       config: the resolved config of the new command (`resolve_config`).
+      info: the dataset the command opened; when given, it must be the one the newest
+        checkpoint recorded (`pipeline.dataset_fingerprint`).
 
     Raises:
       ConfigError: `workdir` holds checkpoints from a run whose config differs, naming
         the fields with both values.
+      DatasetMismatchError: the dataset is another one than the run trained on.
     """
     workdir = Path(workdir)
     stored_path = workdir / "config.json"
@@ -474,8 +490,14 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
             stored = json.loads(stored_path.read_text())
         else:
             stored = _recover_run_config(reader, steps, stored_path)
+        try:
+            recorded = reader.restore_meta(steps[-1]).get("dataset_fingerprint")
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is reported when restoring
+            recorded = None
     finally:
         reader.close()
+    if info is not None:
+        pipeline.check_same_dataset(recorded, info, f"step {steps[-1]} of {workdir}")
     if stored is None:
         return  # no checkpoint reads: restoring reports it
     stored = flatten(stored)
@@ -486,6 +508,7 @@ def check_resumable(workdir: str | Path, config: ml_collections.ConfigDict) -> N
         if key.startswith(("model.", "data."))
         and key not in _RESUME_MAY_DIFFER
         and stored[key] != wanted[key]
+        and not (key == "model.text.model" and _same_folder(stored[key], wanted[key]))
     ]
     if differences:
         shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
@@ -552,6 +575,11 @@ def restore_params(
         step = int(which)
         if step not in steps:
             raise ValueError(f"No checkpoint at step {step} in {workdir}; it has {steps}.")
+    pipeline.check_same_dataset(
+        checkpointer.restore_meta(step).get("dataset_fingerprint"),
+        pipeline.load_dataset_info(config.data),
+        f"step {step} of {workdir}",
+    )
     mesh = sharding.make_mesh(devices)
     model = recommender.build_model(config.model)
     # Shapes only: no data is read.
@@ -614,7 +642,7 @@ def train_and_evaluate(
     Raises:
       ConfigError: a config value that is bad in itself, or does not fit the dataset or
         the devices (a batch larger than the training split, a history longer than the
-        stored one, ...).
+        stored one, ...); or another process is training in `workdir`.
       DatasetNotBuiltError: `config.data.name` is not in `config.data.data_dir`.
       CheckpointError: `workdir` holds checkpoints and none of them restores.
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
@@ -629,15 +657,51 @@ def train_and_evaluate(
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"The workdir {workdir} is a file; pass a folder for the run.")
-    workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            locked = stack.enter_context(files.exclusive_lock(workdir / ".lock", enabled=is_chief))
+        except OSError as error:
+            raise ConfigError(
+                f"Cannot write in the workdir {workdir} ({error.strerror or error}): "
+                "training writes its checkpoints and records there. Pass a --workdir you "
+                "can write to (python -m mmrec_jax.evaluate scores a finished run's "
+                "checkpoints)."
+            ) from error
+        if not locked:
+            raise ConfigError(
+                f"Another training process is running in {workdir} (it holds "
+                f"{workdir / '.lock'}). Wait for it to finish, stop it, or pass another "
+                "--workdir."
+            )
+        return _train_and_evaluate(config, workdir, devices, process_index, process_count)
 
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    devices: list | None,
+    process_index: int,
+    process_count: int,
+) -> dict:
+    """`train_and_evaluate` once the workdir is this process's alone."""
+    is_chief = process_index == 0
     mesh = sharding.make_mesh(devices)
     if config.train.batch_size % mesh.size != 0:
-        below = config.train.batch_size // mesh.size * mesh.size
+        batch = config.train.batch_size
+        below = batch // mesh.size * mesh.size
         sizes = " or ".join(str(b) for b in (below, below + mesh.size) if b > 0)
+        fix = f"use {sizes}"
+        if checkpoint_lib.Checkpointer.has_checkpoints(workdir):
+            counts = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+            fix = (
+                f"to start a new run in another --workdir, use {sizes}; to resume this "
+                f"one, which keeps its batch size, run on a number of devices that divides "
+                f"{batch} ({counts})"
+            )
         raise ConfigError(
-            f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-            f"number of devices ({mesh.size}), which each take an equal part: use {sizes}."
+            f"config.train.batch_size={batch} must be divisible by the number of devices "
+            f"({mesh.size}), which each take an equal part: {fix}."
         )
     if is_chief:
         pipeline.ensure_dataset(config.data)
@@ -647,7 +711,7 @@ def train_and_evaluate(
         multihost_utils.sync_global_devices("dataset ready")
     info = pipeline.load_dataset_info(config.data)
     config = resolve_config(config, info, verbose=is_chief)
-    check_resumable(workdir, config)
+    check_resumable(workdir, config, info)
 
     model = recommender.build_model(config.model)
     epoch_steps = pipeline.num_batches(config, "train", train=True, info=info)
@@ -673,6 +737,7 @@ def train_and_evaluate(
         process_index=process_index,
         process_count=process_count,
         item_store=item_store,
+        multiple=len(mesh.local_devices),
     )
     first_local = next(iter(loader("train", train=True)))
     example = sharding.global_batch(mesh, first_local)
@@ -747,7 +812,11 @@ def train_and_evaluate(
     predict_fn = predict.make_predict_fn(model, param_shardings)
     # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
     writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
-    meta = {"config": json.loads(config_to_json(config)), "dataset": info.name}
+    meta = {
+        "config": json.loads(config_to_json(config)),
+        "dataset": info.name,
+        "dataset_fingerprint": pipeline.dataset_fingerprint(info),
+    }
 
     stop = _StopRequest()
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked
@@ -862,7 +931,16 @@ def train_and_evaluate(
                 result = evaluate_split(
                     predict_fn, state["params"], loader, "validation", mesh, info
                 )
-                if result is not None:
+                if result is not None and result["auc"] is None:
+                    # One class only: no AUC to rank checkpoints or stop early by.
+                    writer.write(step, {f"validation/{k}": v for k, v in result.items()})
+                    progress.write(
+                        f"step {step}: validation logloss {result['logloss']:.4f} (AUC "
+                        "undefined: the validation split holds one class only, so no "
+                        "checkpoint is marked best and early stopping does not count)"
+                    )
+                    save(step)
+                elif result is not None:
                     writer.write(step, {f"validation/{k}": v for k, v in result.items()})
                     progress.write(
                         f"step {step}: validation auc {result['auc']:.4f} "

@@ -199,6 +199,16 @@ def test_every_default_field_has_a_value_check():
         ([("train.tower_lr_scale", "text")], "'text' is not NAME=NUMBER"),
         ([("train.tower_lr_scale", "text=nan")], "scale of 'text' must be a finite number >= 0"),
         ([("train.tower_lr_scale", "image=-5")], "scale of 'image' must be a finite"),
+        ([("model.towers", "history")], "towers='history' has no item tower"),
+        ([("model.image.size", "2")], r"image.size=2 is too small for 2 2x2 pooling .* 4 or"),
+        (
+            [("model.audio.clip_samples", "10")],  # n_fft 256 in the default log-mel front end
+            "clip_samples=10 is too short for config.model.audio.n_fft=256",
+        ),
+        (
+            [("model.audio.frontend", "raw"), ("model.audio.clip_samples", "3")],
+            "clip_samples=3 gives 3 samples, too few for 2 2x pooling blocks",
+        ),
     ],
 )
 def test_bad_values_are_named_before_any_work(overrides, needle):

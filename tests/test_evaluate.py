@@ -233,6 +233,11 @@ def test_batch_size_changes_memory_not_metrics(workdir, capsys, monkeypatch):
         assert small["click"][name] == pytest.approx(value, abs=1e-6), name
     with pytest.raises(ValueError, match="--batch_size 12 must be a positive multiple of the 8"):
         evaluate.evaluate_run(workdir, ["test"], batch_size=12)
+    # On 3 devices the run's 32 rows do not split: the next multiple, 33, is scored.
+    three = evaluate.evaluate_run(workdir, ["test"], ks=(5,), devices=jax.devices()[:3])
+    assert batch_sizes[-1] == 33
+    for name, value in trained_with_32["model"].items():
+        assert three["test"]["click"][name] == pytest.approx(value, abs=1e-6), name
 
     # Running out of memory names the batch size and a smaller one.
     def out_of_memory(*args, **kwargs):
@@ -255,6 +260,20 @@ def test_bad_split_and_k_are_clear_errors(workdir, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--workdir", str(workdir), "--split", "test", "--k", "10,500"])
     assert "catalogue size" in capsys.readouterr().err
+
+
+def test_results_are_printed_even_where_they_cannot_be_written(workdir, capsys, monkeypatch):
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(evaluate, "write_atomic", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(workdir), "--split", "test", "--k", "5"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "auc" in captured.out and "hr@5" in captured.out  # the table came first
+    assert "the results above could not be written" in captured.err
+    assert "Permission denied" in captured.err
 
 
 def test_resolve_splits(workdir, capsys):
@@ -288,6 +307,14 @@ def test_a_run_whose_data_moved_evaluates_with_data_dir(workdir, tmp_path, capsy
 
     out = export.export_run(moved, tmp_path / "export", data_dir=config.data.data_dir)
     assert (out / exported.MANIFEST_FILE).is_file()
+    # Another dataset under the run's name is refused, not scored.
+    other = train.load_run_config(workdir, tmp_path / "other")
+    other.data.synthetic.num_items += 8
+    pipeline.ensure_dataset(other.data)
+    with pytest.raises(pipeline.DatasetMismatchError, match="num_item_rows 40 then, 48 now"):
+        evaluate.evaluate_run(moved, ["test"], data_dir=other.data.data_dir)
+    with pytest.raises(pipeline.DatasetMismatchError, match="is not the one step"):
+        export.export_run(moved, tmp_path / "export2", data_dir=other.data.data_dir)
 
 
 def test_calibration_plot_keeps_earlier_splits_of_the_same_checkpoint(tmp_path):

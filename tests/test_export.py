@@ -154,6 +154,29 @@ def test_interrupted_export_leaves_the_old_export_and_no_partial_folder(
     mmrec_jax.load_exported(export_dir)
 
 
+def test_overwrite_replaces_only_an_earlier_export(workdir, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("important")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("important")
+    for out in (notes, a_file):
+        with pytest.raises(FileExistsError, match="--overwrite replaces only an earlier export"):
+            export.export_run(workdir, out, overwrite=True)
+    for out in (workdir, workdir.parent):
+        with pytest.raises(FileExistsError, match="is or holds the training run"):
+            export.export_run(workdir, out, overwrite=True)
+    assert (notes / "thesis.txt").read_text() == a_file.read_text() == "important"
+    assert (workdir / "checkpoints").is_dir()
+
+
+def test_a_bad_checkpoint_argument_is_named(workdir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--workdir", str(workdir), "--out", str(tmp_path / "x"), "--checkpoint", "x"])
+    assert exit_info.value.code == 2
+    assert "--checkpoint 'x': use best, latest or a step" in capsys.readouterr().err
+
+
 def _user_records(config) -> list[dict]:
     source = builder.open_source(config.data.data_dir, config.data.name, builder.USERS, "users")
     return source.__getitems__(list(range(len(source))))

@@ -1,4 +1,4 @@
-"""Atomic file writes: a file holds its old content or the new one, never a part."""
+"""Safe files: atomic writes (old content or new, never a part) and the workdir lock."""
 
 import os
 
@@ -40,3 +40,15 @@ def test_written_files_get_the_usual_permissions(tmp_path, umask):
         os.umask(previous)
     mode = (tmp_path / "summary.json").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_exclusive_lock_keeps_a_second_holder_out_until_released(tmp_path):
+    lock = tmp_path / ".lock"
+    with files.exclusive_lock(lock) as first:
+        assert first
+        with files.exclusive_lock(lock) as second:  # another open file: refused at once
+            assert not second
+        with files.exclusive_lock(lock, enabled=False) as unlocked:
+            assert unlocked
+    with files.exclusive_lock(lock) as again:
+        assert again

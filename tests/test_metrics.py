@@ -439,6 +439,16 @@ def test_bad_ranking_inputs_name_the_argument():
         metrics.top_k_items(scores, 2, relevant[:2])
 
 
+def test_click_metrics_reports_an_undefined_auc_as_none():
+    result = metrics.click_metrics([1, 1, 1], np.array([0.3, -1.0, 2.0]), user_ids=[0, 0, 1])
+    assert result["auc"] is None and result["gauc"] is None
+    assert result["logloss"] == pytest.approx(
+        metrics.logloss([1, 1, 1], metrics.sigmoid(np.array([0.3, -1.0, 2.0])))
+    )
+    with pytest.raises(metrics.UndefinedMetricError, match="hold only positives"):
+        metrics.auc([1, 1, 1], [0.3, -1.0, 2.0])
+
+
 def test_click_metrics_reports_undefined_gauc_as_none():
     """One held-out row per user (leave-last splits): GAUC is undefined, the rest is not."""
     labels = np.array([1, 0, 1, 0])

@@ -17,8 +17,9 @@ import optax
 import pytest
 from _profile_trace import traced_steps
 
-from mmrec_jax import reporting, runtime, train
+from mmrec_jax import checkpoint, reporting, runtime, train
 from mmrec_jax.config import ConfigError, load_config
+from mmrec_jax.data import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -100,6 +101,38 @@ def test_one_and_eight_devices_and_fsdp_give_the_same_losses(data_dir, tmp_path)
     assert jax.sharding.PartitionSpec() in specs and len(specs) > 1, specs
 
 
+def test_a_workdir_another_process_trains_in_or_unwritable_is_refused(
+    data_dir, tmp_path, monkeypatch
+):
+    from mmrec_jax import files
+
+    with files.exclusive_lock(tmp_path / ".lock"):  # as a running train.py holds it
+        with pytest.raises(ConfigError, match="Another training process is running in"):
+            train.train_and_evaluate(tiny_config(data_dir), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing was touched
+
+    def read_only(path, enabled=True):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(files, "exclusive_lock", read_only)
+    with pytest.raises(ConfigError, match=r"Cannot write in the workdir .* \(Permission denied\)"):
+        train.train_and_evaluate(tiny_config(data_dir), tmp_path)
+
+
+def test_a_local_text_model_folder_is_recorded_absolute(data_dir, tmp_path, monkeypatch):
+    config = tiny_config(data_dir)
+    pipeline.ensure_dataset(config.data)
+    info = pipeline.load_dataset_info(config.data)
+    (tmp_path / "my_bert").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config.model.text.model = "my_bert"
+    resolved = train.resolve_config(config, info, verbose=False)
+    assert resolved.model.text.model == str(tmp_path / "my_bert")
+    assert train._same_folder("my_bert", resolved.model.text.model)  # resumes a relative run
+    hub_name = tiny_config(data_dir).model.text.model  # not a folder here: kept as it is
+    assert train.resolve_config(tiny_config(data_dir), info, False).model.text.model == hub_name
+
+
 def test_early_stopping_after_evaluations_without_gain(data_dir, tmp_path, capsys):
     # A zero learning rate never improves validation AUC, so patience 1 stops at the
     # second evaluation.
@@ -140,6 +173,32 @@ def test_early_stopping_record_of_older_checkpoints_is_replayed_from_the_metrics
     assert train._early_stopping_record(record, tmp_path, 20) == (0.8, 3)
 
 
+def test_a_validation_split_of_one_class_trains_on_without_a_best_checkpoint(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    evaluate_split = train.evaluate_split
+
+    def one_class_validation(predict_fn, params, loader, split, *args, **kwargs):
+        result = evaluate_split(predict_fn, params, loader, split, *args, **kwargs)
+        if split == "validation":  # as click_metrics reports labels of one class
+            result = dict(result, auc=None, gauc=None)
+        return result
+
+    monkeypatch.setattr(train, "evaluate_split", one_class_validation)
+    config = tiny_config(data_dir, train__num_steps=10, train__eval_every=5)
+    config.train.early_stopping_patience = 1
+    summary = train.train_and_evaluate(config, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("AUC undefined: the validation split holds one class only") == 2
+    assert summary["validation"]["model"]["auc"] is None and summary["test"]["model"]["auc"]
+    reader = checkpoint.Checkpointer(tmp_path, read_only=True)
+    assert reader.all_steps() == [5, 10] and reader.best_step() is None  # none marked best
+    reader.close()
+    records = reporting.read_metrics(tmp_path)
+    assert [r["step"] for r in records if "validation/logloss" in r] == [5, 10]
+    assert not any("validation/auc" in r for r in records)
+
+
 def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, monkeypatch):
     evaluate_split = train.evaluate_split
 
@@ -172,8 +231,6 @@ def test_a_second_signal_stops_at_once(data_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_a_second_signal_during_a_save_does_not_wait_for_it(data_dir, tmp_path, monkeypatch):
-    from mmrec_jax import checkpoint
-
     save, waits, checkpointers = checkpoint.Checkpointer.save, [], []
 
     def save_then_signal_twice(self, step, *args, **kwargs):
@@ -291,6 +348,15 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path)
     (run / "config.json").write_text(json.dumps(stored))
     same.model.fusion.mlp_dim = 7
     train.check_resumable(run, same)
+    # On devices that cannot share its batch, the run is pointed at counts that can.
+    with pytest.raises(ConfigError, match=r"divides 32 \(1, 2, 4, 8, 16, 32\)"):
+        train.train_and_evaluate(same, run, devices=jax.devices()[:3])
+    # Another dataset under the same name and settings (here: more users) is refused.
+    train.check_resumable(run, same, pipeline.load_dataset_info(same.data))
+    other = tiny_config(tmp_path / "other", data__synthetic__num_users=50)
+    pipeline.ensure_dataset(other.data)
+    with pytest.raises(pipeline.DatasetMismatchError, match="num_users 60 then, 50 now"):
+        train.check_resumable(run, same, pipeline.load_dataset_info(other.data))
     # Without checkpoints (a run that stopped before saving) any config may start there.
     shutil.rmtree(run / "checkpoints")
     train.check_resumable(run, config)
@@ -482,7 +548,6 @@ def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoints(
     assert "Resuming from checkpoint step 4" in capsys.readouterr().out
     assert train.restore_params(tmp_path, "latest")[3] == 6
     # Out of memory restoring says the checkpoints are intact, and moves none aside.
-    from mmrec_jax import checkpoint
 
     def restore(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5 bytes.")

@@ -40,6 +40,8 @@ whatever its loading options (worker processes, prefetch) were before.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,10 @@ _DEFAULT_EPOCHS = object()
 
 class DatasetNotBuiltError(FileNotFoundError):
     """The configured dataset is not in the configured data folder."""
+
+
+class DatasetMismatchError(ValueError):
+    """The dataset opened is not the one a checkpoint was trained on."""
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -216,14 +222,58 @@ def load_dataset_info(data_config) -> DatasetInfo:
     )
 
 
+def dataset_fingerprint(info: DatasetInfo) -> dict:
+    """What identifies a dataset's content: its sizes and a hash of its user and item ids.
+
+    A run records it with each checkpoint; evaluation, export and resuming compare it with
+    the dataset they open, so that another dataset under the same name is refused.
+    """
+    ids = json.dumps([list(info.user_ids), list(info.item_ids)]).encode()
+    return {
+        "name": info.name,
+        "num_users": info.num_users,
+        "num_items": info.num_items,
+        "num_user_rows": info.num_user_rows,
+        "num_item_rows": info.num_item_rows,
+        "split_sizes": dict(info.split_sizes),
+        "ids_sha256": hashlib.sha256(ids).hexdigest(),
+    }
+
+
+def check_same_dataset(recorded: Mapping | None, info: DatasetInfo, what: str) -> None:
+    """Raises DatasetMismatchError when `info` is not the dataset `recorded` describes.
+
+    Args:
+      recorded: a `dataset_fingerprint` kept with a checkpoint (None for checkpoints
+        written before fingerprints: nothing to compare).
+      info: the dataset opened now.
+      what: the checkpoint, for the message ("step 30 of runs/demo").
+    """
+    if not recorded:
+        return
+    found = dataset_fingerprint(info)
+    differences = [
+        f"{key} {recorded[key]!r} then, {found[key]!r} now"
+        for key in found
+        if key in recorded and recorded[key] != found[key]
+    ]
+    if differences:
+        raise DatasetMismatchError(
+            f"The dataset in {info.data_dir} is not the one {what} was trained on: "
+            f"{'; '.join(differences)}. Point --data_dir (or config.data.data_dir) at the "
+            "run's own dataset."
+        )
+
+
 def available_towers(towers: str | Sequence[str], info: DatasetInfo) -> str:
     """`towers` without the content towers of modalities the dataset lacks ("text,id")."""
     names = schema.parse_towers(towers)
     kept = [t for t in names if t not in builder.MODALITIES or t in info.modalities]
-    if not kept:
+    if not set(kept) & {*builder.MODALITIES, "id"}:
         raise ConfigError(
             f"Towers {','.join(names)} need modalities dataset {info.name!r} lacks (it has "
-            f"{', '.join(info.modalities) or 'none'}); add the id or history tower."
+            f"{', '.join(info.modalities) or 'none'}), which leaves no item tower; add the "
+            "id tower (--config.model.towers=" + ",".join([*kept, "id"]) + ")."
         )
     return ",".join(kept)
 
