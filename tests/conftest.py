@@ -2,9 +2,18 @@
 
 The XLA flag must be set before JAX is imported anywhere, which is why it lives at the
 top of the suite's conftest.
+
+Many tests compile the same programs (the tiny config's train and evaluation steps, in
+this process, in the other pytest-xdist worker and in the training subprocesses), so the
+suite shares JAX's persistent compilation cache: a folder made fresh for each run of the
+suite (by the controlling process, before the workers start, which inherit it) and
+removed at its end, so that no run reads what an earlier run or another code version
+compiled. `MMREC_TEST_COMPILATION_CACHE=0` turns it off.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -12,3 +21,22 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_CACHE_OWNER = False
+if (
+    os.environ.get("MMREC_TEST_COMPILATION_CACHE", "1") != "0"
+    and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    and "PYTEST_XDIST_WORKER" not in os.environ
+):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmrec-jax-test-xla-")
+    # Programs that took a second or more to compile; caching the many tiny programs of
+    # eager tests costs more file traffic than it saves.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+    # A size limit makes JAX lock the cache folder: processes read whole entries only.
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+    _CACHE_OWNER = True
+
+
+def pytest_unconfigure(config):
+    if _CACHE_OWNER:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

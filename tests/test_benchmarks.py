@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one_device_env() -> dict:
-    """The environment without the suite's 8 virtual devices: one CPU device, as measured."""
+    """The environment without the suite's 8 virtual devices: one CPU device, as measured.
+
+    Nor the suite's compilation cache: the benchmarks count and time real compilations.
+    """
     env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     flags = env.get("XLA_FLAGS", "").split()
     env["XLA_FLAGS"] = " ".join(f for f in flags if "device_count" not in f)
     return env
