@@ -786,6 +786,12 @@ def _train_and_evaluate(
             f"(config.train.early_stopping_patience={patience}): the run stops at step "
             f"{start_step} and reports it. Raise the patience (0: never stop) to train on."
         )
+    if is_chief and start_step > total_steps:
+        print(
+            f"The run has trained {start_step} steps, more than the {total_steps} asked for "
+            f"now: nothing is trained, and it reports its checkpoints as they are (step "
+            f"{start_step} the newest). Pass a new --workdir to train {total_steps} steps."
+        )
     if is_chief and start_step < total_steps and not stopped_early:
         # The settings the checkpoints from now on are trained with (not written when
         # nothing trains, so a finished run's record keeps the settings it finished with).

@@ -302,7 +302,7 @@ def reference_run(data_dir, tmp_path_factory):
 
 
 @WITH_REFERENCE_RUN
-def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path):
+def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     before = (run / "config.json").read_text()
@@ -335,6 +335,10 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path)
     other = train.load_run_config(run)
     other.train.learning_rate = 0.5
     train.train_and_evaluate(other, run)
+    assert (run / "config.json").read_text() == before
+    other.train.num_steps = 20  # shorter than the run: said, not silently ignored
+    train.train_and_evaluate(other, run)
+    assert "trained 30 steps, more than the 20 asked for" in capsys.readouterr().out
     assert (run / "config.json").read_text() == before
     # Without config.json the checkpoints' own record of the config is compared, and the
     # file is written back from it.
