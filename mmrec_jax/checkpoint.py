@@ -14,6 +14,7 @@ is tried; the training run then moves the damaged folder to `WORKDIR/checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -74,7 +75,7 @@ class _QuietFailedRestore:
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint could be restored."""
+    """No checkpoint could be restored, or one could not be saved."""
 
 
 class Checkpointer:
@@ -167,7 +168,32 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
         )
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        try:
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+        except jax.errors.JaxRuntimeError:
+            raise  # device errors (out of memory) are the caller's to explain
+        except Exception as error:  # noqa: BLE001 - Orbax raises a save's failure as it is
+            raise self._save_failed(step, error) from error
+
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
+        """The error for a save that failed (a full or read-only disk), naming what is safe.
+
+        Orbax writes into a temporary folder and renames it when complete: the failed save
+        never looks finished, and the checkpoints finished before it are intact.
+        """
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        steps = self.all_steps()
+        intact = (
+            f"The checkpoints finished before it (steps {steps}) are intact"
+            if steps
+            else "No checkpoint was finished before it"
+        )
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        return CheckpointError(
+            f"Saving {what} in {self.directory} failed: {type(error).__name__}: {cause}. "
+            f"{intact}. Fix the cause (free disk space, write permission) and rerun the "
+            "same command: it resumes from the newest intact checkpoint."
+        )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restores one checkpoint into the shapes and shardings of `abstract_state`.
@@ -266,12 +292,26 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        """Blocks until any asynchronous save has been written and committed."""
-        self.manager.wait_until_finished()
+        """Blocks until any asynchronous save has been written and committed.
+
+        Raises:
+          CheckpointError: the save in flight failed.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except jax.errors.JaxRuntimeError:
+            raise
+        except Exception as error:  # noqa: BLE001 - Orbax raises a save's failure as it is
+            raise self._save_failed(None, error) from error
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
-        self.manager.wait_until_finished()
+        try:
+            self.wait()
+        except CheckpointError:
+            with contextlib.suppress(Exception):  # it would raise the same failure again
+                self.manager.close()
+            raise
         self.manager.close()
 
 

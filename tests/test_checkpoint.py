@@ -188,3 +188,24 @@ def test_sharding_helpers_name_a_mesh_without_a_data_axis_and_an_indivisible_fie
     placed = sharding.global_batch(mesh, batch)
     np.testing.assert_array_equal(placed["items"]["audio"], batch["items"]["audio"])
     assert placed["label"].sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+def test_a_failed_save_names_the_intact_checkpoints(tmp_path, monkeypatch):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=2, async_save=False)
+    checkpointer.save(1, _state(mesh, 1.0), {}, {})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointer.manager, "save", disk_full)
+    with pytest.raises(CheckpointError) as info:
+        checkpointer.save(2, _state(mesh, 2.0), {}, {})
+    message = str(info.value)
+    assert "Saving checkpoint step 2" in message and "No space left on device" in message
+    assert "steps [1]) are intact" in message and "rerun the same command" in message
+    # A failure of the save in flight surfaces from wait (and close) the same way.
+    monkeypatch.setattr(checkpointer.manager, "wait_until_finished", disk_full)
+    with pytest.raises(CheckpointError, match="Saving a checkpoint in .* No space left"):
+        checkpointer.close()
+    assert Checkpointer(tmp_path, read_only=True).all_steps() == [1]
