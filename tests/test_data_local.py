@@ -348,6 +348,26 @@ def test_split_shares_out_of_range_and_empty_splits_are_named(tmp_path, capsys):
     assert "Note: validation and test are empty" in capsys.readouterr().out
 
 
+def test_evaluation_splits_of_one_class_are_pointed_out(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id"], [[f"i{k}"] for k in range(6)])
+    # Every user's last interactions are positives: leave_last puts only them in
+    # validation and test.
+    rows = [[f"u{u}", f"i{(u + k) % 6}", int(k >= 3), 10 * k] for u in range(4) for k in range(5)]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], rows)
+    options = local.ImportOptions(name="s", split="leave_last")
+    local.import_folder(folder, tmp_path / "d", options)
+    out = capsys.readouterr().out
+    assert "Note: validation (only positives) and test (only positives) hold one class" in out
+    meta = builder.read_metadata(tmp_path / "d", "s")
+    assert meta["split_positives"]["validation"] == meta["split_sizes"]["validation"] > 0
+    mixed = [[u, i, 1 - label if u == "u0" else label, t] for u, i, label, t in rows]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], mixed)
+    local.import_folder(folder, tmp_path / "d2", options)
+    assert "one class" not in capsys.readouterr().out
+
+
 def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -618,6 +618,10 @@ def build_content(
             int(round(options.max_audio_seconds * options.audio_sample_rate)) if has_audio else None
         ),
         "seed": options.seed,
+        # Positive interactions per split: a split of one class has no AUC.
+        "split_positives": {
+            split: int(labels[codes == code].sum()) for code, split in enumerate(builder.SPLITS)
+        },
     }
     return builder.prepare(
         options.name, table, list(user_index), interactions, options.history_len, metadata
@@ -649,6 +653,22 @@ def format_summary(content: builder.DatasetContent) -> str:
         f"{meta['labels']}{sampled}; {meta['split_method']} split: {sizes}"
     )
     empty = [s for s in ("validation", "test") if meta["split_sizes"][s] == 0]
+    positives = meta.get("split_positives") or {}
+    one_class = [
+        f"{s} ({'only positives' if positives[s] else 'only negatives'})"
+        for s in ("validation", "test", "test_cold")
+        if not meta["positives_only"]
+        and s in positives
+        and meta["split_sizes"][s] > 0
+        and positives[s] in (0, meta["split_sizes"][s])
+    ]
+    if one_class:
+        summary += (
+            f"\nNote: {' and '.join(one_class)} hold{'s' if len(one_class) == 1 else ''} one "
+            "class of label, for which AUC is undefined: training reports logloss there and "
+            "marks no best checkpoint. With leave_last, each user's last interactions form "
+            "the evaluation splits; --split random mixes them."
+        )
     if empty:
         summary += (
             f"\nNote: {' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty, so "
