@@ -8,12 +8,15 @@ this process, in the other pytest-xdist worker and in the training subprocesses)
 suite shares JAX's persistent compilation cache: a folder made fresh for each run of the
 suite (by the controlling process, before the workers start, which inherit it) and
 removed at its end, so that no run reads what an earlier run or another code version
-compiled. `MMREC_TEST_COMPILATION_CACHE=0` turns it off.
+compiled; the folder of a run that was killed is removed by the next run. A
+`JAX_COMPILATION_CACHE_DIR` set by the caller is used as it is, and
+`MMREC_TEST_COMPILATION_CACHE=0` turns the cache off.
 """
 
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -22,13 +25,30 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+_CACHE_PREFIX = "mmrec-jax-test-xla-"
+
+
+def _remove_caches_of_dead_runs() -> None:
+    """Removes the cache folders of suite runs whose process is gone (killed runs)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_CACHE_PREFIX}*-*"):
+        try:
+            os.kill(int(folder.name[len(_CACHE_PREFIX) :].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue  # not ours, or another user's live process
+
+
 _CACHE_OWNER = False
 if (
     os.environ.get("MMREC_TEST_COMPILATION_CACHE", "1") != "0"
     and "JAX_COMPILATION_CACHE_DIR" not in os.environ
     and "PYTEST_XDIST_WORKER" not in os.environ
 ):
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmrec-jax-test-xla-")
+    _remove_caches_of_dead_runs()
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix=f"{_CACHE_PREFIX}{os.getpid()}-"
+    )
     # Programs that took a second or more to compile; caching the many tiny programs of
     # eager tests costs more file traffic than it saves.
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
