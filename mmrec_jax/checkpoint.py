@@ -94,6 +94,8 @@ class Checkpointer:
     ):
         self.workdir = Path(workdir).resolve()
         self.directory = self.workdir / "checkpoints"
+        self.read_only = read_only
+        self._in_flight: int | None = None  # the step of an asynchronous save not yet waited for
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=max(keep, 1)),
@@ -168,12 +170,14 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
         )
+        self.wait()  # a failure of the save before this one is reported as that save's
         try:
             self.manager.save(step, args=args, metrics=metrics, force=True)
         except jax.errors.JaxRuntimeError:
             raise  # device errors (out of memory) are the caller's to explain
         except Exception as error:  # noqa: BLE001 - Orbax raises a save's failure as it is
             raise self._save_failed(step, error) from error
+        self._in_flight = step
 
     def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
         """The error for a save that failed (a full or read-only disk), naming what is safe.
@@ -297,12 +301,13 @@ class Checkpointer:
         Raises:
           CheckpointError: the save in flight failed.
         """
+        step, self._in_flight = self._in_flight, None
         try:
             self.manager.wait_until_finished()
         except jax.errors.JaxRuntimeError:
             raise
         except Exception as error:  # noqa: BLE001 - Orbax raises a save's failure as it is
-            raise self._save_failed(None, error) from error
+            raise self._save_failed(step, error) from error
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""

@@ -747,11 +747,7 @@ def evaluate_run(
             f"--batch_size {batch_size} must be a positive multiple of the {mesh.size} devices."
         )
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
-    if batch_size is not None:
-        config.train.batch_size = batch_size
-    elif config.train.batch_size % mesh.size:
-        # The run trained on another number of devices: the next multiple of these.
-        config.train.batch_size = -(-config.train.batch_size // mesh.size) * mesh.size
+    config.train.batch_size = batch_size or default_batch_size(config, mesh.size)
     catalogue = open_catalogue(config)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
     for split, entry in results.items():
@@ -806,6 +802,14 @@ def calibration_curves(eval_dir: str | Path, step: int) -> dict[str, dict]:
         if entry.get("checkpoint_step") == step and "calibration" in entry:
             curves[split] = entry["calibration"]
     return curves
+
+
+def default_batch_size(config: Any, num_devices: int) -> int:
+    """Rows per evaluation batch: the run's batch, rounded up to a multiple of the devices.
+
+    A run trained on another number of devices may have a batch they cannot share.
+    """
+    return -(-int(config.train.batch_size) // num_devices) * num_devices
 
 
 def resolve_splits(splits: Sequence[str] | None, info: Any) -> list[str]:
@@ -898,8 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch_size",
         type=int,
-        help="rows scored per batch (default: the run's train.batch_size); lower it if "
-        "evaluation runs out of memory",
+        help="rows scored per batch (default: the run's train.batch_size, rounded up to a "
+        "multiple of the devices); lower it if evaluation runs out of memory",
     )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
@@ -921,8 +925,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not runtime.is_out_of_memory(error):
             raise
-        batch = (
-            args.batch_size or train.load_run_config(args.workdir, args.data_dir).train.batch_size
+        batch = args.batch_size or default_batch_size(
+            train.load_run_config(args.workdir, args.data_dir), jax.device_count()
         )
         smaller = train.halved_batch_size(batch, jax.device_count()) or jax.device_count()
         parser.exit(

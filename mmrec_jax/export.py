@@ -216,6 +216,7 @@ def export_run(
     Raises:
       FileExistsError: `out` exists and `overwrite` is False, or `out` is not an earlier
         export (only an export is ever replaced), or it holds the training run.
+      DatasetMismatchError: the dataset found is not the one the checkpoint recorded.
     """
     from mmrec_jax import train
 

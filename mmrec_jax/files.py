@@ -9,10 +9,15 @@ one, never a half-written file. `exclusive_lock` keeps a second process out of a
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+# What flock raises where the filesystem has no locks (not "held by another process").
+_NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -45,7 +50,8 @@ def exclusive_lock(path: str | Path, enabled: bool = True) -> Iterator[bool]:
     Yields True when this process holds the lock, False when another process holds it
     (nothing waits). The lock goes with the process: a killed holder leaves no stale
     lock behind, only the empty file. Where `enabled` is False (or the platform has no
-    `fcntl`) it yields True without locking.
+    `fcntl`) it yields True without locking, and so it does, with a warning, on a
+    filesystem that does not support locks (a Lustre mount without `-o flock`, say).
     """
     try:
         import fcntl
@@ -61,6 +67,14 @@ def exclusive_lock(path: str | Path, enabled: bool = True) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                raise
+            warnings.warn(
+                f"{path}: this filesystem does not support file locks ({error.strerror}); "
+                "nothing keeps a second process out of this folder.",
+                stacklevel=3,
+            )
         yield True
     finally:
         os.close(fd)  # closing releases the lock

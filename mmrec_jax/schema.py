@@ -360,9 +360,10 @@ def example_batch(config: Any, text_dim: int | None = None) -> dict:
     Args:
       config: a run config (model towers and sizes, data.history_len, data.max_text_len).
         Parameter shapes follow from it and `text_dim` alone, so this batch initialises
-        (or gives the abstract shapes of) a model without reading any data.
+        (or gives the abstract shapes of) a model without reading any dataset.
       text_dim: Dt, the cached text embedding width (frozen text mode only); None reads
-        it from the text model's config (`models.text.cached_text_dim`).
+        it from the text model's config.json (`models.text.cached_text_dim`: a local
+        file, or the model hub's copy when the model is named by its hub id).
     """
     towers = parse_towers(config.model.towers)
     if text_dim is None:

@@ -447,6 +447,16 @@ def _recover_run_config(
     return None
 
 
+def _resumed_batch_size(workdir: Path) -> int | None:
+    """The batch size a run in `workdir` keeps when resumed; None with no checkpoint."""
+    if not checkpoint_lib.Checkpointer.has_checkpoints(workdir):
+        return None
+    try:
+        return int(load_run_config(workdir).train.batch_size)
+    except (OSError, ValueError, AttributeError):
+        return None  # no readable config.json: resuming restores it, then compares
+
+
 def _same_folder(a: str, b: str) -> bool:
     """Whether two paths (a run's recorded relative one, say) name one existing folder."""
     first, second = Path(a).expanduser(), Path(b).expanduser()
@@ -496,8 +506,6 @@ def check_resumable(
             recorded = None
     finally:
         reader.close()
-    if info is not None:
-        pipeline.check_same_dataset(recorded, info, f"step {steps[-1]} of {workdir}")
     if stored is None:
         return  # no checkpoint reads: restoring reports it
     stored = flatten(stored)
@@ -542,6 +550,14 @@ def check_resumable(
             f"training settings:\n  " + "\n  ".join(reasons) + "\nKeep those values to "
             "resume, or pass a new --workdir to train from scratch."
         )
+    if info is not None:  # the same settings, and yet another dataset
+        pipeline.check_same_dataset(
+            recorded,
+            info,
+            f"step {steps[-1]} of {workdir}",
+            "Point --config.data.data_dir at the run's own dataset, or pass a new --workdir "
+            "to train on this one from scratch.",
+        )
 
 
 def restore_params(
@@ -561,6 +577,11 @@ def restore_params(
     Returns:
       (config, model, params, step): the resolved run config, the model built from it,
       its parameters on the mesh (replicated or FSDP as trained), and the step loaded.
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint in `workdir`.
+      ValueError: no checkpoint at the step asked for.
+      DatasetMismatchError: the dataset found is not the one the checkpoint recorded.
     """
     config = load_run_config(workdir, data_dir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
@@ -579,6 +600,7 @@ def restore_params(
         checkpointer.restore_meta(step).get("dataset_fingerprint"),
         pipeline.load_dataset_info(config.data),
         f"step {step} of {workdir}",
+        "Pass --data_dir with the folder of the run's own dataset.",
     )
     mesh = sharding.make_mesh(devices)
     model = recommender.build_model(config.model)
@@ -644,7 +666,9 @@ def train_and_evaluate(
         the devices (a batch larger than the training split, a history longer than the
         stored one, ...); or another process is training in `workdir`.
       DatasetNotBuiltError: `config.data.name` is not in `config.data.data_dir`.
-      CheckpointError: `workdir` holds checkpoints and none of them restores.
+      DatasetMismatchError: the checkpoints in `workdir` were trained on another dataset.
+      CheckpointError: `workdir` holds checkpoints and none of them restores, or a
+        checkpoint could not be saved (the ones saved before are intact).
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
       OutOfMemory: the train state, a train step or a validation pass ran out of device
         memory (the message says how to fit it; the checkpoints already saved are kept).
@@ -658,22 +682,31 @@ def train_and_evaluate(
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"The workdir {workdir} is a file; pass a folder for the run.")
     with contextlib.ExitStack() as stack:
+        problem = None  # process 0 takes the workdir; every process learns the outcome
         try:
             workdir.mkdir(parents=True, exist_ok=True)
             locked = stack.enter_context(files.exclusive_lock(workdir / ".lock", enabled=is_chief))
+            if not locked:
+                problem = (
+                    f"Another training process is running in {workdir} (it holds "
+                    f"{workdir / '.lock'}). Wait for it to finish, stop it, or pass another "
+                    "--workdir."
+                )
         except OSError as error:
-            raise ConfigError(
+            problem = (
                 f"Cannot write in the workdir {workdir} ({error.strerror or error}): "
                 "training writes its checkpoints and records there. Pass a --workdir you "
                 "can write to (python -m mmrec_jax.evaluate scores a finished run's "
                 "checkpoints)."
-            ) from error
-        if not locked:
-            raise ConfigError(
-                f"Another training process is running in {workdir} (it holds "
-                f"{workdir / '.lock'}). Wait for it to finish, stop it, or pass another "
-                "--workdir."
             )
+        if process_count > 1:
+            from jax.experimental import multihost_utils
+
+            refused = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+            if refused and problem is None:
+                problem = f"Process 0 cannot train in the workdir {workdir}; see its error."
+        if problem is not None:
+            raise ConfigError(problem)
         return _train_and_evaluate(config, workdir, devices, process_index, process_count)
 
 
@@ -692,12 +725,13 @@ def _train_and_evaluate(
         below = batch // mesh.size * mesh.size
         sizes = " or ".join(str(b) for b in (below, below + mesh.size) if b > 0)
         fix = f"use {sizes}"
-        if checkpoint_lib.Checkpointer.has_checkpoints(workdir):
-            counts = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+        kept = _resumed_batch_size(workdir)
+        if kept is not None:
+            counts = ", ".join(str(n) for n in range(1, kept + 1) if kept % n == 0)
             fix = (
                 f"to start a new run in another --workdir, use {sizes}; to resume this "
-                f"one, which keeps its batch size, run on a number of devices that divides "
-                f"{batch} ({counts})"
+                f"one, keep its batch size {kept} and run on a number of devices that "
+                f"divides it ({counts})"
             )
         raise ConfigError(
             f"config.train.batch_size={batch} must be divisible by the number of devices "
@@ -1014,7 +1048,11 @@ def _final_report(
             continue
         oracle = (info.oracle or {}).get(split)
         if oracle is not None:
-            oracle = {k: float(oracle[k]) for k in ("auc", "logloss") if k in oracle}
+            oracle = {
+                k: None if oracle[k] is None else float(oracle[k])  # AUC of one class: None
+                for k in ("auc", "logloss")
+                if k in oracle
+            }
         summary[split] = {"model": result, "oracle": oracle}
     if is_chief:
         table = reporting.summary_table(summary)

@@ -52,3 +52,16 @@ def test_exclusive_lock_keeps_a_second_holder_out_until_released(tmp_path):
             assert unlocked
     with files.exclusive_lock(lock) as again:
         assert again
+
+
+def test_exclusive_lock_on_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="does not support file locks"):
+        with files.exclusive_lock(tmp_path / ".lock") as locked:
+            assert locked

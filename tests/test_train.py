@@ -19,7 +19,7 @@ from _profile_trace import traced_steps
 
 from mmrec_jax import checkpoint, reporting, runtime, train
 from mmrec_jax.config import ConfigError, load_config
-from mmrec_jax.data import pipeline
+from mmrec_jax.data import builder, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -173,29 +173,36 @@ def test_early_stopping_record_of_older_checkpoints_is_replayed_from_the_metrics
     assert train._early_stopping_record(record, tmp_path, 20) == (0.8, 3)
 
 
-def test_a_validation_split_of_one_class_trains_on_without_a_best_checkpoint(
-    data_dir, tmp_path, monkeypatch, capsys
-):
-    evaluate_split = train.evaluate_split
-
-    def one_class_validation(predict_fn, params, loader, split, *args, **kwargs):
-        result = evaluate_split(predict_fn, params, loader, split, *args, **kwargs)
-        if split == "validation":  # as click_metrics reports labels of one class
-            result = dict(result, auc=None, gauc=None)
-        return result
-
-    monkeypatch.setattr(train, "evaluate_split", one_class_validation)
-    config = tiny_config(data_dir, train__num_steps=10, train__eval_every=5)
-    config.train.early_stopping_patience = 1
-    summary = train.train_and_evaluate(config, tmp_path)
+def test_a_validation_split_of_one_class_trains_on_without_a_best_checkpoint(tmp_path, capsys):
+    # Two users: this seed's validation split holds 6 negatives and no positive.
+    config = tiny_config(
+        tmp_path / "data",
+        data__synthetic__num_users=2,
+        data__synthetic__seed=51,
+        model__towers="id,history",
+        train__num_steps=4,
+        train__eval_every=2,
+        train__checkpoint_every=2,
+        train__early_stopping_patience=1,
+    )
+    pipeline.ensure_dataset(config.data)
+    info = pipeline.load_dataset_info(config.data)
+    source = builder.open_source(
+        config.data.data_dir, config.data.name, builder.INTERACTIONS, "validation"
+    )
+    labels = {float(r["label"]) for r in source.__getitems__(list(range(len(source))))}
+    assert len(labels) == 1 and info.oracle["validation"]["auc"] is None
+    summary = train.train_and_evaluate(config, tmp_path / "run")
     out = capsys.readouterr().out
     assert out.count("AUC undefined: the validation split holds one class only") == 2
     assert summary["validation"]["model"]["auc"] is None and summary["test"]["model"]["auc"]
-    reader = checkpoint.Checkpointer(tmp_path, read_only=True)
-    assert reader.all_steps() == [5, 10] and reader.best_step() is None  # none marked best
+    assert summary["validation"]["oracle"]["auc"] is None
+    assert "validation" in out.split("Results (")[1]  # the report's table has the split
+    reader = checkpoint.Checkpointer(tmp_path / "run", read_only=True)
+    assert reader.all_steps() == [2, 4] and reader.best_step() is None  # none marked best
     reader.close()
-    records = reporting.read_metrics(tmp_path)
-    assert [r["step"] for r in records if "validation/logloss" in r] == [5, 10]
+    records = reporting.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "validation/logloss" in r] == [2, 4]
     assert not any("validation/auc" in r for r in records)
 
 
@@ -231,17 +238,24 @@ def test_a_second_signal_stops_at_once(data_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_a_second_signal_during_a_save_does_not_wait_for_it(data_dir, tmp_path, monkeypatch):
-    save, waits, checkpointers = checkpoint.Checkpointer.save, [], []
+    save, wait = checkpoint.Checkpointer.save, checkpoint.Checkpointer.wait
+    waits, checkpointers, stopped = [], [], []
 
     def save_then_signal_twice(self, step, *args, **kwargs):
         save(self, step, *args, **kwargs)  # an asynchronous save is now in flight
         checkpointers.append(self)
         if step == 5:
+            stopped.append(step)
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def wait_for_writer(self):
+        if stopped and not self.read_only:  # a reader's wait has nothing to wait for
+            waits.append(self)
+        wait(self)
+
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_signal_twice)
-    monkeypatch.setattr(checkpoint.Checkpointer, "wait", lambda self: waits.append(self))
+    monkeypatch.setattr(checkpoint.Checkpointer, "wait", wait_for_writer)
     config = tiny_config(data_dir, train__num_steps=20, train__checkpoint_every=5)
     config.train.eval_every = 0
     try:
@@ -353,8 +367,13 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path,
     same.model.fusion.mlp_dim = 7
     train.check_resumable(run, same)
     # On devices that cannot share its batch, the run is pointed at counts that can.
-    with pytest.raises(ConfigError, match=r"divides 32 \(1, 2, 4, 8, 16, 32\)"):
+    keep = r"keep its batch size 32 and run on a number of devices that divides it \(1, 2, 4, 8"
+    with pytest.raises(ConfigError, match=keep):
         train.train_and_evaluate(same, run, devices=jax.devices()[:3])
+    wider = train.load_run_config(run)
+    wider.train.batch_size = 36  # nor does 36 split over 8, and a resume keeps 32
+    with pytest.raises(ConfigError, match=r"use 32 or 40; to resume this one, keep .* 32"):
+        train.train_and_evaluate(wider, run)
     # Another dataset under the same name and settings (here: more users) is refused.
     train.check_resumable(run, same, pipeline.load_dataset_info(same.data))
     other = tiny_config(tmp_path / "other", data__synthetic__num_users=50)
@@ -586,7 +605,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _launch_two_processes(command: list[str]) -> list[str]:
+def _launch_two_processes(command: list[str], returncode: int = 0) -> list[str]:
     """Runs `command` as two JAX processes of one device each; returns their outputs."""
     port = _free_port()
     processes = [
@@ -606,8 +625,17 @@ def _launch_two_processes(command: list[str]) -> list[str]:
     ]
     outputs = [p.communicate(timeout=900)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
+        assert process.returncode == returncode, output[-3000:]
     return outputs
+
+
+def test_every_process_stops_when_process_0_cannot_take_the_workdir(data_dir, tmp_path):
+    from mmrec_jax import files
+
+    with files.exclusive_lock(tmp_path / ".lock"):  # a run already trains there
+        outputs = _launch_two_processes(_train_cmd(tmp_path, data_dir), returncode=2)
+    assert "Another training process is running in" in outputs[0]
+    assert "Process 0 cannot train in the workdir" in outputs[1]
 
 
 @WITH_REFERENCE_RUN

@@ -240,7 +240,7 @@ def dataset_fingerprint(info: DatasetInfo) -> dict:
     }
 
 
-def check_same_dataset(recorded: Mapping | None, info: DatasetInfo, what: str) -> None:
+def check_same_dataset(recorded: Mapping | None, info: DatasetInfo, what: str, fix: str) -> None:
     """Raises DatasetMismatchError when `info` is not the dataset `recorded` describes.
 
     Args:
@@ -248,6 +248,7 @@ def check_same_dataset(recorded: Mapping | None, info: DatasetInfo, what: str) -
         written before fingerprints: nothing to compare).
       info: the dataset opened now.
       what: the checkpoint, for the message ("step 30 of runs/demo").
+      fix: what the user of this command does about it, for the message.
     """
     if not recorded:
         return
@@ -260,8 +261,7 @@ def check_same_dataset(recorded: Mapping | None, info: DatasetInfo, what: str) -
     if differences:
         raise DatasetMismatchError(
             f"The dataset in {info.data_dir} is not the one {what} was trained on: "
-            f"{'; '.join(differences)}. Point --data_dir (or config.data.data_dir) at the "
-            "run's own dataset."
+            f"{'; '.join(differences)}. {fix}"
         )
 
 
