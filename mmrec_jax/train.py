@@ -971,9 +971,10 @@ def _train_and_evaluate(
                 result = evaluate_split(
                     predict_fn, state["params"], loader, "validation", mesh, info
                 )
+                if result is not None:
+                    writer.write(step, {f"validation/{k}": v for k, v in result.items()})
                 if result is not None and result["auc"] is None:
                     # One class only: no AUC to rank checkpoints or stop early by.
-                    writer.write(step, {f"validation/{k}": v for k, v in result.items()})
                     progress.write(
                         f"step {step}: validation logloss {result['logloss']:.4f} (AUC "
                         "undefined: the validation split holds one class only, so no "
@@ -981,7 +982,6 @@ def _train_and_evaluate(
                     )
                     save(step)
                 elif result is not None:
-                    writer.write(step, {f"validation/{k}": v for k, v in result.items()})
                     progress.write(
                         f"step {step}: validation auc {result['auc']:.4f} "
                         f"logloss {result['logloss']:.4f}"
