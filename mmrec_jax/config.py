@@ -397,7 +397,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     except schema.BatchError as error:
         problems.append(str(error))
         towers = ()
-    if towers and not set(towers) & {"text", "image", "audio", "id"}:
+    if towers and not set(towers) & set(schema.ITEM_TOWERS):
         problems.append(
             f"config.model.towers={','.join(towers)!r} has no item tower; add at least one "
             "of text, image, audio or id."

@@ -45,6 +45,9 @@ import numpy as np
 
 # Towers a model can enable (config.model.towers).
 TOWERS = ("text", "image", "audio", "id", "history")
+# The towers that give an item a token; a model needs at least one (history attends over
+# the items' tokens).
+ITEM_TOWERS = ("text", "image", "audio", "id")
 
 
 @dataclass(frozen=True)

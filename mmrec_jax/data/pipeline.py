@@ -269,7 +269,7 @@ def available_towers(towers: str | Sequence[str], info: DatasetInfo) -> str:
     """`towers` without the content towers of modalities the dataset lacks ("text,id")."""
     names = schema.parse_towers(towers)
     kept = [t for t in names if t not in builder.MODALITIES or t in info.modalities]
-    if not set(kept) & {*builder.MODALITIES, "id"}:
+    if not set(kept) & set(schema.ITEM_TOWERS):
         raise ConfigError(
             f"Towers {','.join(names)} need modalities dataset {info.name!r} lacks (it has "
             f"{', '.join(info.modalities) or 'none'}), which leaves no item tower; add the "
