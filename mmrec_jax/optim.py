@@ -25,18 +25,19 @@ def parse_lr_scales(text: str) -> dict[str, float]:
     scales = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
+        name = name.strip()
         try:
             if not sep:
                 raise ValueError(part)
-            scales[name.strip()] = float(value)
+            scales[name] = float(value)
         except ValueError as error:
             raise ValueError(
                 f"config.train.tower_lr_scale={text!r}: {part!r} is not NAME=NUMBER, "
                 'e.g. "text=0.1,image=1.0".'
             ) from error
-        if not math.isfinite(scales[name.strip()]) or scales[name.strip()] < 0:
+        if not math.isfinite(scales[name]) or scales[name] < 0:
             raise ValueError(
-                f"config.train.tower_lr_scale={text!r}: the scale of {name.strip()!r} must "
+                f"config.train.tower_lr_scale={text!r}: the scale of {name!r} must "
                 "be a finite number >= 0 (0 freezes that tower)."
             )
     return scales

@@ -665,9 +665,9 @@ def format_summary(content: builder.DatasetContent) -> str:
     if one_class:
         summary += (
             f"\nNote: {' and '.join(one_class)} hold{'s' if len(one_class) == 1 else ''} one "
-            "class of label, for which AUC is undefined: training reports logloss there and "
-            "marks no best checkpoint. With leave_last, each user's last interactions form "
-            "the evaluation splits; --split random mixes them."
+            "class of label, for which AUC is undefined (reported as '-'; without a "
+            "validation AUC no checkpoint is marked best). With leave_last, each user's last "
+            "interactions form the evaluation splits; --split random mixes them."
         )
     if empty:
         summary += (
