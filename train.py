@@ -35,7 +35,12 @@ def main() -> None:
         # A config that does not fit the dataset, the machine or the workdir's run, or a
         # text model that is not here: the message says the fix.
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except (CheckpointError, train.TrainingDiverged, train.OutOfMemory) as error:
+    except (
+        CheckpointError,
+        train.TrainingDiverged,
+        train.OutOfMemory,
+        train.StorageError,
+    ) as error:
         # The message names the cause and the fix; a traceback would bury it.
         parser.exit(1, f"{parser.prog}: error: {error}\n")
 

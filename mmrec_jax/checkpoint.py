@@ -50,9 +50,27 @@ class _ExpectedOrbaxWarningsFilter(logging.Filter):
         return not any(expected in message for expected in self.EXPECTED)
 
 
+class _OneLineOrbaxStorageErrors(logging.Filter):
+    """Logs Orbax's reports of a failed file operation (a full disk, a read-only folder)
+    as one line each, without the traceback.
+
+    Orbax logs such a failure from each of its background threads with a traceback of
+    ~50 lines; `Checkpointer` raises it again as a `CheckpointError` that names the step,
+    the cause and the checkpoints still intact. Failures of other kinds keep their
+    tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OSError) and "orbax" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 _ABSL_LOGGER = logging.getLogger("absl")
-if not any(isinstance(f, _ExpectedOrbaxWarningsFilter) for f in _ABSL_LOGGER.filters):
-    _ABSL_LOGGER.addFilter(_ExpectedOrbaxWarningsFilter())
+for _filter in (_ExpectedOrbaxWarningsFilter, _OneLineOrbaxStorageErrors):
+    if not any(isinstance(f, _filter) for f in _ABSL_LOGGER.filters):
+        _ABSL_LOGGER.addFilter(_filter())
 
 
 class _QuietFailedRestore:

@@ -55,6 +55,10 @@ class OutOfMemory(RuntimeError):
     """A train step or evaluation needed more memory than a device has."""
 
 
+class StorageError(RuntimeError):
+    """A file of the run could not be written or read while training (a full disk, say)."""
+
+
 def halved_batch_size(batch_size: int, num_devices: int) -> int:
     """Half of `batch_size` rounded down to a multiple of the devices (0: none is smaller)."""
     return batch_size // 2 // num_devices * num_devices
@@ -1010,6 +1014,20 @@ def _train_and_evaluate(
         saved = f"Checkpoint step {last_saved} in {checkpointer.directory} is intact."
         message = _out_of_memory_message(error, config, mesh.size, step, saved)
         raise OutOfMemory(message) from error
+    except OSError as error:
+        # A full disk or a lost file system: the records and the data reader fail like
+        # this; a failed checkpoint save is a CheckpointError of its own.
+        where = f" ({error.filename})" if error.filename else ""
+        intact = (
+            f"Checkpoint step {last_saved} in {checkpointer.directory} is intact"
+            if last_saved is not None
+            else f"No checkpoint was saved in {checkpointer.directory}"
+        )
+        raise StorageError(
+            f"Training stopped at step {step}: {error.strerror or error}{where}. {intact}. "
+            "Fix the cause (free disk space, write permission) and rerun the same command: "
+            "it resumes from the newest intact checkpoint."
+        ) from error
     finally:
         if not stop.forced:  # a save in flight completes, unless told to stop at once
             checkpointer.wait()

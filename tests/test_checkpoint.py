@@ -4,6 +4,7 @@ import logging
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -214,3 +215,30 @@ def test_a_failed_save_names_the_intact_checkpoints(tmp_path, monkeypatch):
         checkpointer.save(4, _state(mesh, 4.0), {}, {})
     with pytest.raises(CheckpointError, match="Saving a checkpoint in .* No space left"):
         checkpointer.close()  # nothing in flight any more: no step to name
+
+
+def test_orbax_storage_errors_are_logged_in_one_line(caplog):
+    # Orbax logs a failed write from each of its background threads with a ~50-line
+    # traceback; the CheckpointError raised afterwards names the cause, so one line each.
+    import orbax.checkpoint
+
+    orbax_file = str(Path(orbax.checkpoint.__file__).parent / "_src" / "futures" / "future.py")
+    logger = logging.getLogger("absl")
+
+    def log(error, pathname=orbax_file):
+        try:
+            raise error
+        except type(error):
+            record = logging.LogRecord(
+                "absl", logging.ERROR, pathname, 1, "write failed", None, sys.exc_info()
+            )
+        logger.handle(record)
+        return caplog.records[-1]
+
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        disk_full = log(OSError(28, "No space left on device"))
+        assert disk_full.exc_info is None and disk_full.getMessage() == "write failed"
+        assert "Traceback" not in caplog.text
+        # Other failures, and other libraries' records, keep their tracebacks.
+        assert log(ValueError("a bug")).exc_info is not None
+        assert log(OSError(28, "No space left"), pathname=__file__).exc_info is not None

@@ -585,6 +585,37 @@ def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoints(
     assert "damaged" not in capsys.readouterr().out
 
 
+def test_a_full_disk_while_training_names_the_intact_checkpoint(data_dir, tmp_path, monkeypatch):
+    # The records of step 4 cannot be written, as on a full disk.
+    real_write = reporting.MetricsWriter.write
+
+    def write(self, step, metrics):
+        if step >= 4:
+            raise OSError(28, "No space left on device", str(self.path))
+        real_write(self, step, metrics)
+
+    monkeypatch.setattr(reporting.MetricsWriter, "write", write)
+    config = tiny_config(
+        data_dir,
+        train__num_steps=6,
+        train__log_every=2,
+        train__checkpoint_every=2,
+        train__eval_every=0,
+    )
+    with pytest.raises(train.StorageError) as info:
+        train.train_and_evaluate(config, tmp_path)
+    message = str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    assert message.startswith("Training stopped at step 4: No space left on device (")
+    assert f"{tmp_path / 'metrics.jsonl'}). Checkpoint step 2 in" in message
+    assert "rerun the same command" in message
+    assert train.restore_params(tmp_path, "latest")[3] == 2
+    # Once the disk has room again, the same command resumes and finishes the run.
+    monkeypatch.setattr(reporting.MetricsWriter, "write", real_write)
+    train.train_and_evaluate(config, tmp_path)
+    assert train.restore_params(tmp_path, "latest")[3] == 6
+
+
 def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, monkeypatch):
     def build_train_state(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 7 bytes.")
