@@ -124,6 +124,19 @@ def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path, computations,
     assert len(computations) == 2
 
 
+def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(tiny, tmp_path, computations):
+    # A dataset folder the user cannot write (a shared, read-only copy): the embeddings
+    # are computed and returned; the warning says nothing was cached and why.
+    folder, _ = tiny
+    args = dict(texts=TEXTS, model_name=str(folder), pooling="mean", max_len=8)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    with pytest.warns(UserWarning, match="Cannot write the text embedding cache .*a_file"):
+        got = text_embeddings(**args, cache_dir=blocked / "text_cache")
+    np.testing.assert_array_equal(got, text_embeddings(**args, cache_dir=tmp_path / "cache"))
+    assert len(computations) == 2 and blocked.read_text() == "not a folder"
+
+
 def test_tokenize_texts_pads_to_max_len(tiny):
     folder, _ = tiny
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))

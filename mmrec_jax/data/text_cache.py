@@ -6,7 +6,8 @@ sha256 over the weight files, the tokenizer files, `config.json`, max_len, pooli
 every item text. Any change gives a new fingerprint and a rebuild; an unchanged rerun
 loads the file. Files are written atomically (temp file, then `os.replace`), and a JSON
 sidecar holds the array's sha256, so a corrupted or truncated cache is detected, reported
-with a warning and rebuilt, never used.
+with a warning and rebuilt, never used. A cache folder that cannot be written (a
+read-only dataset folder) is warned about; the embeddings are then computed every run.
 
 `tokenize_texts` is the tokenization the input pipeline uses for the trained text modes.
 """
@@ -159,7 +160,8 @@ def text_embeddings(
       model_name: a hub id or a local BERT folder (config.model.text.model).
       pooling: "cls", "mean" or "pooler" (config.model.text.pooling).
       max_len: tokens per text (config.data.max_text_len).
-      cache_dir: folder for the cache files (created if needed), e.g. beside the dataset.
+      cache_dir: folder for the cache files (created if needed), e.g. beside the dataset;
+        when it cannot be written, a warning says so and nothing is cached.
       batch_size: texts per jit-compiled BERT call.
 
     Returns:
@@ -172,7 +174,6 @@ def text_embeddings(
     folder = resolve_pretrained(model_name)
     fingerprint, weights_sha = _fingerprint(folder, texts, pooling, max_len)
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     array_path = cache_dir / f"text_embeddings_{fingerprint[:24]}.npy"
     meta_path = array_path.with_suffix(".json")
     cached = _load_cached(array_path, meta_path, fingerprint, len(texts))
@@ -193,6 +194,15 @@ def text_embeddings(
         "max_len": max_len,
         "num_texts": len(texts),
     }
-    write_atomic(array_path, data)
-    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(array_path, data)
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    except OSError as error:  # a read-only dataset folder, a full disk: the run goes on
+        warnings.warn(
+            f"Cannot write the text embedding cache {array_path} ({error.strerror or error}): "
+            "the embeddings serve this run only and are computed again by the next one. "
+            f"Make {cache_dir} writable to keep them.",
+            stacklevel=2,
+        )
     return array
