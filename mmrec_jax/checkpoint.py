@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -138,6 +141,35 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+        if not read_only:
+            self._check_writable()
+
+    def _check_writable(self) -> None:
+        """Raises CheckpointError now if no checkpoint can be written in the folder.
+
+        Without this, the first save fails in Orbax's background threads, which then
+        keep the process from exiting for minutes while they wait for the step folder.
+        Every process learns whether any of them failed, so all raise together.
+        """
+        probe = self.directory / f".write-test-{os.getpid()}-{uuid.uuid4().hex}"
+        problem = None
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            probe.unlink()
+        except OSError as error:
+            problem = error.strerror or str(error)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            failed = multihost_utils.process_allgather(np.int32(problem is not None))
+            if np.any(failed) and problem is None:
+                problem = "another process cannot write there; see its error"
+        if problem is not None:
+            self.manager.close()
+            raise CheckpointError(
+                f"Cannot write checkpoints in {self.directory} ({problem}). Make the folder "
+                "writable, or pass another --workdir."
+            )
 
     @classmethod
     def has_checkpoints(cls, workdir: str | Path) -> bool:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmrec_jax import sharding
+from mmrec_jax import checkpoint, sharding
 from mmrec_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 
 
@@ -242,3 +242,25 @@ def test_orbax_storage_errors_are_logged_in_one_line(caplog):
         # Other failures, and other libraries' records, keep their tracebacks.
         assert log(ValueError("a bug")).exc_info is not None
         assert log(OSError(28, "No space left"), pathname=__file__).exc_info is not None
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_at_once(tmp_path, monkeypatch):
+    # Otherwise the first save fails inside Orbax's background threads, which keep the
+    # process from exiting for minutes.
+    Checkpointer(tmp_path / "fine").close()
+    assert list((tmp_path / "fine" / "checkpoints").iterdir()) == []  # the probe is gone
+    real_open = checkpoint.os.open
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).parent == tmp_path / "run" / "checkpoints":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.os, "open", read_only)
+    with pytest.raises(CheckpointError) as info:
+        Checkpointer(tmp_path / "run")
+    assert str(info.value) == (
+        f"Cannot write checkpoints in {tmp_path / 'run' / 'checkpoints'} (Permission "
+        "denied). Make the folder writable, or pass another --workdir."
+    )
+    Checkpointer(tmp_path / "run", read_only=True).close()  # reading needs no writing
