@@ -403,6 +403,10 @@ def test_bfloat16_compute_with_float32_params():
     logits16 = jax.jit(model16.apply)(variables, batch)
     assert logits16.dtype == jnp.float32
     np.testing.assert_allclose(logits16, apply(variables, batch), atol=0.1)
+    # The logit itself is not rounded to bfloat16 (whose rounding ties scores).
+    logits16 = np.asarray(logits16)
+    rounded = logits16.astype(jnp.bfloat16).astype(np.float32)
+    assert np.mean(logits16 != rounded) > 0.5, logits16
 
 
 def test_auto_dtype_computes_in_bfloat16_on_accelerators_and_float32_on_cpu(monkeypatch):

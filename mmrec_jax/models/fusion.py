@@ -122,5 +122,8 @@ class Fusion(nn.Module):
         x = nn.LayerNorm(name="final_norm", **kw)(x)
         pooled = masked_mean(x, mask, axis=1)  # (B, D)
         h = nn.gelu(nn.Dense(cfg.mlp_dim, name="head_hidden", **kw)(pooled), approximate=False)
-        logits = nn.Dense(1, name="head_out", **kw)(h)  # (B, 1)
-        return logits[:, 0].astype(jnp.float32)
+        # The logit in float32 under any compute dtype: bfloat16 keeps 8 bits of mantissa,
+        # and its rounding would tie scores that AUC and the ranking must tell apart.
+        out_kw = dict(kw, dtype=jnp.float32)
+        logits = nn.Dense(1, name="head_out", **out_kw)(h.astype(jnp.float32))  # (B, 1)
+        return logits[:, 0]
