@@ -313,9 +313,21 @@ def test_malformed_csv_and_other_encodings_are_named(tmp_path):
     items.write_text('item_id,text\na,fine\nb,"a quote that never ends\nc,more\n')
     with pytest.raises(local.ImportFailed, match=r"items.csv:3: not valid CSV"):
         local.import_folder(folder, tmp_path / "data", options)
-    items.write_bytes("item_id,text\na,café\nb,x\n".encode("latin-1"))
-    with pytest.raises(local.ImportFailed, match="items.csv is not UTF-8 text.*Save it as UTF-8"):
+    # The line of the first bad byte in the whole file, not in the decoder's chunk.
+    rows = "".join(f"i{n},plain text {n}\n" for n in range(4000))
+    items.write_bytes(f"item_id,text\n{rows}a,café\nb,x\n".encode("latin-1"))
+    with pytest.raises(local.ImportFailed) as failure:
         local.import_folder(folder, tmp_path / "data", options)
+    message = str(failure.value)
+    assert message.startswith("items.csv:4002: not UTF-8 text (byte 0xe9 at offset ")
+    assert "Save the file as UTF-8" in message
+    # A byte-order mark (Notepad's UTF-8) starts JSON Lines as it starts CSV.
+    items.unlink()
+    jsonl = '{"item_id": "a", "text": "one"}\n{"item_id": "b", "text": "two"}\n'
+    (folder / "items.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl.encode())
+    local.import_folder(folder, tmp_path / "bom", options, verbose=False)
+    assert len(records(tmp_path / "bom", "x", "items")["items"]) == 2
+    (folder / "items.jsonl").unlink()
     long_text = "word " * 40_000  # 200 KB: over the csv module's default cell limit
     write_csv(items, ["item_id", "text"], [["a", long_text], ["b", "short"]])
     local.import_folder(folder, tmp_path / "data", options, verbose=False)
@@ -330,6 +342,12 @@ def test_problems_are_listed_by_file_and_line():
     assert [line.split(": ")[0] for line in problems.lines()] == [
         "a.parquet", "a.parquet row 2", "a.parquet row 10", "b.csv:9", "b.csv:10"
     ]  # fmt: skip
+    # A column wrong throughout: its first problems, then their count.
+    for line in range(2, 100_002):
+        problems.add(f"c.csv:{line}", "bad timestamp", "x")
+    lines = problems.lines()
+    assert len(lines) == 5 + 20 + 1 and lines[-1].startswith("... and 99980 more bad timestamp")
+    assert lines[5] == "c.csv:2: bad timestamp: x" and len(problems.lines(per_kind=None)) == 100_005
 
 
 def test_split_shares_out_of_range_and_empty_splits_are_named(tmp_path, capsys):
@@ -402,6 +420,14 @@ def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, caps
     item_keys = builder.read_metadata(tmp_path / "d", "lab")["item_ids"]
     kept = sorted((item_keys[r["item_index"]], r["label"], int(r["timestamp"])) for r in rows)
     assert kept == [("m0", 1.0, 1), ("m1", 0.0, 4)]
+    # With ratings alike: a 5 outweighs a later 2 of the same item.
+    rated = [("u", "m0", 5, 1), ("u", "m0", 2, 2), ("u", "m1", 3, 3), ("u", "m1", 1, 4)]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "rating", "timestamp"], rated)
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="rat"), verbose=False)
+    rows = [r for split in records(tmp_path / "d", "rat").values() for r in split]
+    item_keys = builder.read_metadata(tmp_path / "d", "rat")["item_ids"]
+    kept = sorted((item_keys[r["item_index"]], r["label"], int(r["timestamp"])) for r in rows)
+    assert kept == [("m0", 1.0, 1), ("m1", 0.0, 4)]
 
 
 def test_jsonl_and_parquet_inputs_with_several_text_columns(tmp_path):
@@ -426,6 +452,16 @@ def test_jsonl_and_parquet_inputs_with_several_text_columns(tmp_path):
     meta = builder.read_metadata(tmp_path / "data", "pq")
     assert meta["positives_only"] and meta["split_method"] == "random"
     assert sum(meta["split_sizes"].values()) == 24
+    # Integer ids stored as floats (pandas' integer column with a gap) match "1", "2", ...
+    write_csv(folder / "items.csv", ["item_id", "text"], [[str(i), f"t {i}"] for i in range(8)])
+    (folder / "items.jsonl").unlink()
+    float_ids = [float(i[1:]) for i in items]
+    pq.write_table(
+        pa.table({"user_id": users, "item_id": float_ids}), folder / "interactions.parquet"
+    )
+    local.import_folder(folder, tmp_path / "floats", options, verbose=False)
+    meta = builder.read_metadata(tmp_path / "floats", "pq")
+    assert sum(meta["split_sizes"].values()) == 24 and not meta.get("skipped")
 
 
 def test_split_methods(tmp_path):
@@ -597,3 +633,19 @@ def test_ml100k_layout(tmp_path):
     meta = builder.read_metadata(tmp_path / "data", "ml100k")
     assert meta["skipped"] == {"non-numeric rating": 1}
     assert sum(meta["split_sizes"].values()) == 6
+
+
+def test_a_cut_movielens_row_is_a_named_problem(tmp_path):
+    # A truncated last line of ratings.csv ("1,1029,3.0") lacks its timestamp cell.
+    ml_subset(tmp_path / "ml", max_user=3, max_movie=40)
+    ratings = tmp_path / "ml" / "ratings.csv"
+    lines = ratings.read_text().splitlines()
+    ratings.write_text("\n".join([*lines, "1,29,3.0"]) + "\n")
+    options = local.ImportOptions(name="ml")
+    with pytest.raises(local.ImportFailed, match=rf"ratings.csv:{len(lines) + 1}: bad timestamp"):
+        movielens.import_movielens(tmp_path / "ml", tmp_path / "data", options, verbose=False)
+    options.skip_invalid = True
+    movielens.import_movielens(tmp_path / "ml", tmp_path / "data", options, verbose=False)
+    meta = builder.read_metadata(tmp_path / "data", "ml")
+    assert meta["skipped"] == {"bad timestamp": 1}
+    assert sum(meta["split_sizes"].values()) == len(lines) - 1

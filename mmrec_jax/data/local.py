@@ -143,6 +143,9 @@ class RawInteraction:
 class Problems:
     """Bad rows found in the input, each with its location, grouped by kind."""
 
+    # Problems of one kind listed by default (the rest are counted).
+    SHOWN_PER_KIND = 20
+
     def __init__(self):
         self.entries: list[tuple[str, str, str]] = []  # (where, kind, detail)
 
@@ -161,15 +164,29 @@ class Problems:
         """The counts in one line, e.g. "2 bad image, 1 empty item_id"."""
         return ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
 
-    def lines(self) -> list[str]:
-        """One "where: kind: detail" line per problem, by file and then line."""
+    def lines(self, per_kind: int | None = SHOWN_PER_KIND) -> list[str]:
+        """One "where: kind: detail" line per problem, by file and then line.
+
+        Only the first `per_kind` problems of each kind are listed (None: all), then a line
+        with the count of the others: a column that is wrong throughout (dates in another
+        format, say) is one kind of problem, not a hundred thousand lines.
+        """
 
         def position(entry: tuple[str, str, str]) -> tuple[str, int]:
             found = re.fullmatch(r"(.*?)(?::| row )(\d+)", entry[0])  # "f.csv:7", "f.parquet row 7"
             return (found[1], int(found[2])) if found else (entry[0], 0)
 
         entries = sorted(self.entries, key=position)  # stable: a line's problems keep order
-        return [f"{where}: {kind}: {detail}" for where, kind, detail in entries]
+        shown: collections.Counter = collections.Counter()
+        lines = []
+        for where, kind, detail in entries:
+            shown[kind] += 1
+            if per_kind is None or shown[kind] <= per_kind:
+                lines.append(f"{where}: {kind}: {detail}")
+        for kind, count in shown.items():
+            if per_kind is not None and count > per_kind:
+                lines.append(f"... and {count - per_kind} more {kind} (the first are above)")
+        return lines
 
 
 # ------------------------------------------------------------------------------ reading
@@ -196,6 +213,10 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float) and math.isnan(value):
         return ""
+    if isinstance(value, float) and value.is_integer():
+        # An integer column with gaps comes out of pandas (Parquet, JSON Lines) as floats:
+        # id 1 is 1.0 there, and must match the "1" of another file.
+        return str(int(value))
     if isinstance(value, (list, tuple)):
         return ", ".join(_cell(v) for v in value if _cell(v))
     return str(value).strip()
@@ -213,11 +234,19 @@ def read_table(path: Path, problems: Problems) -> tuple[list[str], list[Row]]:
         return [], rows
     try:
         columns = _read_rows(path, rows, problems)
-    except UnicodeDecodeError as error:
-        raise ImportFailed(
-            f"{path} is not UTF-8 text ({error}). Save it as UTF-8 (in a spreadsheet: "
-            "'CSV UTF-8'; or `iconv -f latin1 -t utf-8`)."
-        ) from error
+    except UnicodeDecodeError:
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as error:  # the offset in the whole file, not in a chunk
+            line = data.count(b"\n", 0, error.start) + 1
+            byte = data[error.start : error.start + 1].hex()
+            raise ImportFailed(
+                f"{path.name}:{line}: not UTF-8 text (byte 0x{byte} at offset {error.start} "
+                "of the file). Save the file as UTF-8 (in a spreadsheet: 'CSV UTF-8'; or "
+                f"`iconv -f latin1 -t utf-8 {path.name}`)."
+            ) from error
+        raise
     if not rows:
         problems.add(path.name, "empty file", "the file has no data rows")
     return columns, rows
@@ -259,7 +288,7 @@ def _read_rows(path: Path, rows: list[Row], problems: Problems) -> list[str]:
         return columns
     if path.suffix == ".jsonl":
         columns = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not JSON
             for number, text in enumerate(f, start=1):
                 if not text.strip():
                     continue
@@ -569,8 +598,14 @@ def build_content(
     times = np.array(
         [i.timestamp if has_time else position for position, i in enumerate(kept)], np.int64
     )
-    # Impressions with labels: a click counts over a later impression without one.
-    engaged = np.array([(i.label or 0.0) for i in kept], np.float32)  # (n,)
+    # A positive counts over a later negative of the same pair (a click over a later
+    # impression without one; a rating at or above the threshold over a later low one).
+    if columns.get("label"):
+        engaged = np.array([(i.label or 0.0) for i in kept], np.float32)  # (n,)
+    elif columns.get("rating"):
+        engaged = np.array([i.rating >= options.positive_threshold for i in kept], np.float32)
+    else:
+        engaged = np.ones(len(kept), np.float32)
     chosen = _chosen_of_each_pair(users, item_rows, times, engaged)  # (n,) bool
     repeats = int((~chosen).sum())
     if repeats:

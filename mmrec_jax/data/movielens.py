@@ -12,6 +12,9 @@ DIR is an unpacked MovieLens release in one of two layouts:
   title | release date | video release date | IMDb URL | 19 genre flags, Latin-1), and
   `u.genre` for the genre names.
 
+The `::`-separated `.dat` files of ml-1m and ml-10m are not read (convert them to the
+first layout).
+
 Each movie's text is "TITLE. Genres: A, B. Tags: x, y" (tags as users gave them, each
 once). Ratings at or above `--positive_threshold` are positives, the others negatives.
 Movies have no image or audio, so the dataset is text-only and trains with the text,
@@ -45,8 +48,11 @@ def detect_layout(folder: Path) -> str:
     if (folder / "u.data").is_file() and (folder / "u.item").is_file():
         return "100k"
     raise local.ImportFailed(
-        f"{folder} is not a MovieLens folder: expected ratings.csv and movies.csv "
-        "(ml-latest-small layout) or u.data and u.item (ml-100k layout)."
+        f"{folder} is not a MovieLens folder this importer reads: expected ratings.csv and "
+        "movies.csv (ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m layout) or u.data "
+        "and u.item (ml-100k layout). The '::'-separated .dat files of ml-1m and ml-10m are "
+        "not read: convert them to the CSV layout (ratings.csv: userId,movieId,rating,"
+        "timestamp; movies.csv: movieId,title,genres)."
     )
 
 
@@ -94,9 +100,10 @@ def read_latest(folder: Path, problems: local.Problems):
     interactions = []
     rows = _csv_rows(folder / "ratings.csv", problems, ["userId", "movieId", "rating", "timestamp"])
     for row in rows:
-        values = {k: local._cell(v) for k, v in row.values.items()}
+        values = {k: local._cell(row.values.get(k)) for k in ("userId", "movieId", "rating")}
+        stamp = local._cell(row.values.get("timestamp"))  # "" on a short (cut) row
         parsed = _interaction(values["userId"], values["movieId"], values["rating"],
-                              values["timestamp"], row.where, problems)  # fmt: skip
+                              stamp, row.where, problems)  # fmt: skip
         if parsed is not None:
             interactions.append(parsed)
     return items, interactions
