@@ -2,7 +2,8 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. `state` is the pytree
 (params, opt_state, step, rng), `data` the input position as JSON (`{"rows": N}`, the
-training rows consumed, so a resumed run sees exactly the next batch), `meta` the run
+training rows consumed, so a resumed run sees exactly the next batch, and the step
+metrics summed since the last logging step, so it logs the same means), `meta` the run
 config, the early-stopping record and metrics as JSON.
 
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
@@ -24,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from mmrec_jax import runtime
+from mmrec_jax import runtime, sharding
 
 # The validation metric that picks the best checkpoint (higher is better).
 BEST_METRIC = "validation_auc"
@@ -158,12 +158,9 @@ class Checkpointer:
             probe.unlink()
         except OSError as error:
             problem = error.strerror or str(error)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            failed = multihost_utils.process_allgather(np.int32(problem is not None))
-            if np.any(failed) and problem is None:
-                problem = "another process cannot write there; see its error"
+        failed = sharding.failed_processes(problem is not None)
+        if failed and problem is None:
+            problem = f"process {failed[0]} cannot write there; see its error"
         if problem is not None:
             self.manager.close()
             raise CheckpointError(
@@ -294,21 +291,31 @@ class Checkpointer:
         if not isinstance(previous_hook, _QuietFailedRestore):
             # Kept after a failure (once): the failed reads' echoes may arrive later.
             sys.unraisablehook = _QuietFailedRestore(previous_hook)
+        is_chief = jax.process_index() == 0
         for step in reversed(steps):
+            problem = None
             try:
                 state, data_state, meta = self.restore(step, abstract_state)
             except Exception as error:  # noqa: BLE001 -- any failure means "damaged" ...
                 if runtime.is_out_of_memory(error):
                     sys.unraisablehook = previous_hook
                     raise  # ... but memory: the state does not fit, the files are fine
-                print(
-                    f"WARNING: Checkpoint {self.directory / str(step)} is damaged and was "
-                    f"skipped ({type(error).__name__}: {str(error)[:300]}).",
-                    flush=True,
-                )
+                problem = f"{type(error).__name__}: {str(error)[:300]}"
+            # Each process reads its own shards: a step counts as good only where every
+            # process restored it, so all resume from the same step.
+            failed = sharding.failed_processes(problem is not None)
+            if failed:
+                if problem is None and is_chief:
+                    problem = f"process {failed[0]} could not read its part"
+                if problem is not None:
+                    print(
+                        f"WARNING: Checkpoint {self.directory / str(step)} is damaged and was "
+                        f"skipped ({problem}).",
+                        flush=True,
+                    )
                 failures.append(step)
                 continue
-            if failures:
+            if failures and is_chief:
                 print(f"Resuming from the previous good checkpoint, step {step}.", flush=True)
             else:
                 sys.unraisablehook = previous_hook

@@ -228,6 +228,8 @@ def export_run(
     encoded = evaluate.encode_catalogue(
         model, params, catalogue.item_block, catalogue.num_items, mesh, progress="encoding items"
     )
+    # Parameters sharded over processes (FSDP) are gathered by all of them together.
+    params = sharding.to_host(params)
     if jax.process_index() != 0:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -189,3 +189,18 @@ def to_host(tree: Any) -> Any:
     if jax.process_count() > 1:
         tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
+
+
+def failed_processes(failed: bool) -> list[int]:
+    """The indices of the processes where `failed` is True, known to every process.
+
+    A collective when there are several processes: every process calls it at the same
+    point, so that a failure on one of them stops all of them together instead of
+    leaving the others waiting in the next collective.
+    """
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(failed))
+    return [int(i) for i in np.flatnonzero(flags)]

@@ -149,6 +149,7 @@ class _StopRequest:
     leaves a checkpoint that looks finished; the previous ones are kept).
     """
 
+    when: str = "after the current step"
     signum: int | None = None
     forced: bool = False
 
@@ -160,8 +161,8 @@ class _StopRequest:
             raise SystemExit(128 + signum)
         self.signum = signum
         print(
-            f"\n{name} received: saving a checkpoint after the current step (send it again "
-            "to stop at once without saving).",
+            f"\n{name} received: saving a checkpoint {self.when} (send it again to stop at "
+            "once without saving).",
             file=sys.stderr,
             flush=True,
         )
@@ -184,6 +185,7 @@ def resolve_config(
 
     Raises:
       ValueError: `model.dtype` names no compute dtype.
+      ConfigError: `data.max_text_len` is longer than the text model's positions.
     """
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.data_dir = str(Path(config.data.data_dir).resolve())
@@ -203,6 +205,16 @@ def resolve_config(
             f"training towers {towers}."
         )
     model.towers = towers
+    if "text" in schema.parse_towers(towers):
+        from mmrec_jax.models.bert import load_bert_config
+
+        limit = load_bert_config(model.text.model).max_position_embeddings
+        if config.data.max_text_len > limit:
+            raise ConfigError(
+                f"config.data.max_text_len={config.data.max_text_len} is more tokens than "
+                f"the text model {model.text.model} takes ({limit}, its "
+                f"max_position_embeddings): lower it to {limit} or less."
+            )
     return config
 
 
@@ -537,6 +549,12 @@ def check_resumable(
                 "position, the gradient accumulation and the learning-rate schedule count "
                 f"in steps of one batch; keep {stored[key]!r}"
             )
+    if "seed" in stored and "seed" in wanted and stored["seed"] != wanted["seed"]:
+        reasons.append(
+            f"config.seed={stored['seed']!r} there and {wanted['seed']!r} now: the seed "
+            "orders the training examples, and a new order in the middle of an epoch would "
+            f"show some examples twice and skip others; keep {stored['seed']!r}"
+        )
     for key, (switched_on, on, off) in _OPTIMIZER_SWITCHES.items():
         if key not in stored or key not in wanted:
             continue
@@ -637,17 +655,22 @@ def _early_stopping_record(meta: dict, workdir: Path, step: int) -> tuple[float,
     return best, since
 
 
-def _set_aside(
-    checkpointer: checkpoint_lib.Checkpointer, steps: list[int], is_chief: bool, processes: int
-) -> None:
+def _set_aside(checkpointer: checkpoint_lib.Checkpointer, steps: list[int], is_chief: bool) -> None:
     """Moves checkpoints that failed to restore out of the way, so their steps can be saved."""
+    move_error = None
     if is_chief:
-        for step, target in checkpointer.set_aside(steps).items():
-            print(f"Moved damaged checkpoint step {step} to {target} (delete it when done).")
-    if processes > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("damaged checkpoints set aside")
+        try:
+            for step, target in checkpointer.set_aside(steps).items():
+                print(f"Moved damaged checkpoint step {step} to {target} (delete it when done).")
+        except OSError as error:
+            move_error = error
+    if sharding.failed_processes(move_error is not None):
+        checkpointer.close()
+        raise checkpoint_lib.CheckpointError(
+            f"Could not move the damaged checkpoints {steps} out of {checkpointer.directory}"
+            + (f" ({move_error.strerror or move_error})" if move_error else " (on process 0)")
+            + ". Move them away by hand, or make the folder writable, and rerun."
+        )
     checkpointer.reload()
 
 
@@ -703,12 +726,9 @@ def train_and_evaluate(
                 "can write to (python -m mmrec_jax.evaluate scores a finished run's "
                 "checkpoints)."
             )
-        if process_count > 1:
-            from jax.experimental import multihost_utils
-
-            refused = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
-            if refused and problem is None:
-                problem = f"Process 0 cannot train in the workdir {workdir}; see its error."
+        failed = sharding.failed_processes(problem is not None)
+        if failed and problem is None:
+            problem = f"Process {failed[0]} cannot train in the workdir {workdir}; see its error."
         if problem is not None:
             raise ConfigError(problem)
         return _train_and_evaluate(config, workdir, devices, process_index, process_count)
@@ -741,12 +761,16 @@ def _train_and_evaluate(
             f"config.train.batch_size={batch} must be divisible by the number of devices "
             f"({mesh.size}), which each take an equal part: {fix}."
         )
-    if is_chief:
-        pipeline.ensure_dataset(config.data)
-    if process_count > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dataset ready")
+    build_error = None
+    if is_chief:  # builds the dataset if needed; the others wait for it
+        try:
+            pipeline.ensure_dataset(config.data)
+        except Exception as error:  # noqa: BLE001 - raised below, once every process knows
+            build_error = error
+    if sharding.failed_processes(build_error is not None):
+        if build_error is not None:
+            raise build_error
+        raise ConfigError("Process 0 could not prepare the dataset; see its error.")
     info = pipeline.load_dataset_info(config.data)
     config = resolve_config(config, info, verbose=is_chief)
     check_resumable(workdir, config, info)
@@ -812,7 +836,7 @@ def _train_and_evaluate(
     if restored is not None:
         start_step, state, data_state, restored_meta, damaged = restored
         if damaged:
-            _set_aside(checkpointer, damaged, is_chief, process_count)
+            _set_aside(checkpointer, damaged, is_chief)
         if is_chief:
             print(f"Resuming from checkpoint step {start_step} in {checkpointer.directory}.")
         best_auc, evals_without_gain = _early_stopping_record(restored_meta, workdir, start_step)
@@ -862,15 +886,43 @@ def _train_and_evaluate(
         "dataset_fingerprint": pipeline.dataset_fingerprint(info),
     }
 
-    stop = _StopRequest()
+    # Saving is collective: under several processes, all stop at the same step, the first
+    # logging step after any of them got the signal.
+    stop = _StopRequest(
+        "after the current step"
+        if process_count == 1
+        else f"at the next logging step (config.train.log_every={config.train.log_every})"
+    )
+
+    def agreed_stop() -> int | None:
+        """The signal to stop for, the same on every process; None to train on."""
+        if process_count == 1:
+            return stop.signum
+        if step % config.train.log_every:
+            return None
+        from jax.experimental import multihost_utils
+
+        signums = multihost_utils.process_allgather(np.int32(stop.signum or 0))
+        return int(np.max(signums)) or None
+
+    def say(message: str) -> None:
+        """Prints a line above the progress bar, on process 0 only."""
+        if is_chief:
+            progress.write(message)
+
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked
+    # Sums of the step metrics since the last logging step; saved with each checkpoint, so
+    # a resumed run logs the same means as an uninterrupted one.
+    restored_window = data_state.get("log_window") if restored else None
+    window = {"steps": 0, "sums": {}} if restored_window is None else dict(restored_window)
     last_saved = checkpointer.all_steps()[-1] if checkpointer.all_steps() else None
     examples_per_step = config.train.batch_size
 
-    def check_pending() -> dict[str, float]:
-        """Fetches the pending step metrics; raises at the first diverged step."""
+    def check_pending() -> None:
+        """Adds the pending step metrics to the logging window; raises at the first
+        diverged step."""
         if not pending:
-            return {}
+            return
         host = jax.device_get([m for _, m in pending])
         for (step, _), values in zip(pending, host, strict=True):
             loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
@@ -886,8 +938,17 @@ def _train_and_evaluate(
                 "config.train.warmup_steps) and rerun the same command: it resumes from that "
                 "checkpoint."
             )
-        means = {k: float(np.mean([v[k] for v in host])) for k in host[0]}
+        for values in host:
+            for name, value in values.items():
+                window["sums"][name] = window["sums"].get(name, 0.0) + float(value)
+        window["steps"] += len(host)
         pending.clear()
+
+    def window_means() -> dict[str, float]:
+        """The means of the step metrics since the last logging step; starts a new window."""
+        check_pending()
+        means = {name: total / window["steps"] for name, total in window["sums"].items()}
+        window.update(steps=0, sums={})
         return means
 
     def save(step: int, metrics: dict | None = None) -> None:
@@ -898,7 +959,10 @@ def _train_and_evaluate(
             "evals_without_gain": evals_without_gain,
         }
         step_meta = dict(meta, early_stopping=stopping)
-        checkpointer.save(step, state, {"rows": rows_done}, step_meta, metrics)
+        # A copy: the asynchronous save writes it while the window fills again.
+        log_window = {"steps": window["steps"], "sums": dict(window["sums"])}
+        position = {"rows": rows_done, "log_window": log_window}
+        checkpointer.save(step, state, position, step_meta, metrics)
         last_saved = step
 
     from tqdm.auto import tqdm
@@ -918,7 +982,7 @@ def _train_and_evaluate(
         first_step=start_step + 3,
         num_steps=config.train.get("profile_steps", 0),  # absent in older runs' config.json
         enabled=is_chief,
-        report=progress.write,
+        report=say,
     )
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
@@ -929,17 +993,18 @@ def _train_and_evaluate(
             # diverges at its first steps leaves a usable checkpoint to resume from.
             save(0)
         while step < total_steps and not stopped_early:
-            if stop.signum is not None:
+            signum = agreed_stop()
+            if signum is not None:
                 if last_saved != step:  # the signal may have come during a save or evaluation
                     save(step)
                 checkpointer.wait()
                 progress.close()
-                name = signal.Signals(stop.signum).name
-                print(
-                    f"\n{name} received: saved checkpoint step {step} in "
-                    f"{checkpointer.directory}. Rerun the same command to resume."
-                )
-                raise SystemExit(128 + stop.signum)
+                if is_chief:
+                    print(
+                        f"\n{signal.Signals(signum).name} received: saved checkpoint step "
+                        f"{step} in {checkpointer.directory}. Rerun the same command to resume."
+                    )
+                raise SystemExit(128 + signum)
             local_batch = next(train_iter)
             profiler.before_step(step + 1, state)
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
@@ -955,7 +1020,7 @@ def _train_and_evaluate(
                 jax.block_until_ready(pending[-_MAX_STEPS_AHEAD - 1][1]["loss"])
             progress.update(1)
             if step % config.train.log_every == 0 or step == total_steps:
-                means = check_pending()
+                means = window_means()
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps / max(elapsed, 1e-9)
                 logged = {f"train/{k}": v for k, v in means.items()}
@@ -979,14 +1044,14 @@ def _train_and_evaluate(
                     writer.write(step, {f"validation/{k}": v for k, v in result.items()})
                 if result is not None and result["auc"] is None:
                     # One class only: no AUC to rank checkpoints or stop early by.
-                    progress.write(
+                    say(
                         f"step {step}: validation logloss {result['logloss']:.4f} (AUC "
                         "undefined: the validation split holds one class only, so no "
                         "checkpoint is marked best and early stopping does not count)"
                     )
                     save(step)
                 elif result is not None:
-                    progress.write(
+                    say(
                         f"step {step}: validation auc {result['auc']:.4f} "
                         f"logloss {result['logloss']:.4f}"
                     )
@@ -996,7 +1061,7 @@ def _train_and_evaluate(
                         evals_without_gain += 1
                     save(step, {checkpoint_lib.BEST_METRIC: result["auc"]})
                     if patience and evals_without_gain >= patience:
-                        progress.write(
+                        say(
                             f"Early stopping at step {step}: no validation gain in "
                             f"{patience} evaluations."
                         )
