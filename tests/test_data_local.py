@@ -412,22 +412,18 @@ def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, caps
     assert pairs[("u", "m1")][0][0].startswith("test")  # test_cold: m1 is in no train row
     assert pairs[("u", "m0")][0][0] == "validation"
     assert meta["repeated_interactions_left_out"] == 3
-    # With labels, a click outweighs a later impression of the same item without one.
-    labelled = [("u", "m0", 1, 1), ("u", "m0", 0, 2), ("u", "m1", 0, 3), ("u", "m1", 0, 4)]
-    write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], labelled)
-    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="lab"), verbose=False)
-    rows = [r for split in records(tmp_path / "d", "lab").values() for r in split]
-    item_keys = builder.read_metadata(tmp_path / "d", "lab")["item_ids"]
-    kept = sorted((item_keys[r["item_index"]], r["label"], int(r["timestamp"])) for r in rows)
-    assert kept == [("m0", 1.0, 1), ("m1", 0.0, 4)]
-    # With ratings alike: a 5 outweighs a later 2 of the same item.
-    rated = [("u", "m0", 5, 1), ("u", "m0", 2, 2), ("u", "m1", 3, 3), ("u", "m1", 1, 4)]
-    write_csv(folder / "interactions.csv", ["user_id", "item_id", "rating", "timestamp"], rated)
-    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="rat"), verbose=False)
-    rows = [r for split in records(tmp_path / "d", "rat").values() for r in split]
-    item_keys = builder.read_metadata(tmp_path / "d", "rat")["item_ids"]
-    kept = sorted((item_keys[r["item_index"]], r["label"], int(r["timestamp"])) for r in rows)
-    assert kept == [("m0", 1.0, 1), ("m1", 0.0, 4)]
+    # A click outweighs a later impression of the same item without one; a rating of 5
+    # a later 2 alike.
+    for column, values in (("label", (1, 0, 0, 0)), ("rating", (5, 2, 3, 1))):
+        events = [("u", "m0", values[0], 1), ("u", "m0", values[1], 2)]
+        events += [("u", "m1", values[2], 3), ("u", "m1", values[3], 4)]
+        write_csv(folder / "interactions.csv", ["user_id", "item_id", column, "timestamp"], events)
+        options = local.ImportOptions(name=column)
+        local.import_folder(folder, tmp_path / "d", options, verbose=False)
+        rows = [r for split in records(tmp_path / "d", column).values() for r in split]
+        item_keys = builder.read_metadata(tmp_path / "d", column)["item_ids"]
+        kept = sorted((item_keys[r["item_index"]], r["label"], int(r["timestamp"])) for r in rows)
+        assert kept == [("m0", 1.0, 1), ("m1", 0.0, 4)], column
 
 
 def test_jsonl_and_parquet_inputs_with_several_text_columns(tmp_path):
