@@ -315,10 +315,10 @@ class Checkpointer:
                     )
                 failures.append(step)
                 continue
-            if failures and is_chief:
-                print(f"Resuming from the previous good checkpoint, step {step}.", flush=True)
-            else:
+            if not failures:
                 sys.unraisablehook = previous_hook
+            elif is_chief:
+                print(f"Resuming from the previous good checkpoint, step {step}.", flush=True)
             return step, state, data_state, meta, failures
         raise CheckpointError(
             f"None of the checkpoints in {self.directory} (steps {steps}) could be restored. "
