@@ -598,25 +598,6 @@ def build_content(
     times = np.array(
         [i.timestamp if has_time else position for position, i in enumerate(kept)], np.int64
     )
-    # A positive counts over a later negative of the same pair (a click over a later
-    # impression without one; a rating at or above the threshold over a later low one).
-    if columns.get("label"):
-        engaged = np.array([(i.label or 0.0) for i in kept], np.float32)  # (n,)
-    elif columns.get("rating"):
-        engaged = np.array([i.rating >= options.positive_threshold for i in kept], np.float32)
-    else:
-        engaged = np.ones(len(kept), np.float32)
-    chosen = _chosen_of_each_pair(users, item_rows, times, engaged)  # (n,) bool
-    repeats = int((~chosen).sum())
-    if repeats:
-        # A pair in two splits would put the answer to a test row into training.
-        kept = [inter for inter, keep in zip(kept, chosen, strict=True) if keep]
-        users, item_rows, times = users[chosen], item_rows[chosen], times[chosen]
-        if verbose:
-            print(
-                f"Kept one of each user's repeated interactions with an item: {repeats} "
-                "others left out, so that no (user, item) pair is in two splits."
-            )
     if columns.get("label"):
         labels, label_source = np.array([i.label for i in kept], np.float32), "the label column"
     elif columns.get("rating"):
@@ -625,6 +606,19 @@ def build_content(
         label_source = f"rating >= {options.positive_threshold:g}"
     else:
         labels, label_source = np.ones(len(kept), np.float32), "implicit (every row a positive)"
+    # A positive counts over a later negative of the same pair (a click over a later
+    # impression without one; a rating at or above the threshold over a later low one).
+    chosen = _chosen_of_each_pair(users, item_rows, times, labels)  # (n,) bool
+    repeats = int((~chosen).sum())
+    if repeats:
+        # A pair in two splits would put the answer to a test row into training.
+        users, item_rows, times = users[chosen], item_rows[chosen], times[chosen]
+        labels = labels[chosen]
+        if verbose:
+            print(
+                f"Kept one of each user's repeated interactions with an item: {repeats} "
+                "others left out, so that no (user, item) pair is in two splits."
+            )
     method = options.split or ("leave_last" if has_time else "random")
     if method == "leave_last" and not has_time and verbose:
         print("No timestamp column: leave_last takes each user's file order as time order.")

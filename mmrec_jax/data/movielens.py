@@ -31,6 +31,8 @@ from pathlib import Path
 from mmrec_jax.data import builder, local
 
 DEFAULT_NAME = "movielens"
+# The columns of ratings.csv (ml-latest layout).
+_RATING_COLUMNS = ("userId", "movieId", "rating", "timestamp")
 # Tags kept per movie text (the first ones given).
 MAX_TAGS = 20
 # ml-100k's genres, in the order of u.item's flags (used when u.genre is absent).
@@ -98,12 +100,12 @@ def read_latest(folder: Path, problems: local.Problems):
         text = _movie_text(local._cell(row.values.get("title")), genres, tags.get(key, []))
         items.append(local.RawItem(key, text, None, None, row.where))
     interactions = []
-    rows = _csv_rows(folder / "ratings.csv", problems, ["userId", "movieId", "rating", "timestamp"])
+    rows = _csv_rows(folder / "ratings.csv", problems, list(_RATING_COLUMNS))
     for row in rows:
-        values = {k: local._cell(row.values.get(k)) for k in ("userId", "movieId", "rating")}
-        stamp = local._cell(row.values.get("timestamp"))  # "" on a short (cut) row
+        # A short (cut) row lacks its last cells: they read as "", a named problem.
+        values = {k: local._cell(row.values.get(k)) for k in _RATING_COLUMNS}
         parsed = _interaction(values["userId"], values["movieId"], values["rating"],
-                              stamp, row.where, problems)  # fmt: skip
+                              values["timestamp"], row.where, problems)  # fmt: skip
         if parsed is not None:
             interactions.append(parsed)
     return items, interactions
