@@ -103,6 +103,7 @@ class Catalogue:
       num_items: N, items in the item table.
       item_block: item rows (n,) -> the item block of exactly those items, in order.
       item_ids: (N,) original item ids, in item-table order.
+      item_id_index: (N,) int32 each item's ID-vocabulary index (0 = out of vocabulary).
       user_ids: (U,) original user ids, in user-table order.
       users: the `UserTable` (ID index, latest history, training positives).
       item_store: the `pipeline.ItemStore` the blocks come from (shared with the
@@ -113,6 +114,7 @@ class Catalogue:
     num_items: int
     item_block: Callable[[np.ndarray], Mapping]
     item_ids: np.ndarray
+    item_id_index: np.ndarray
     user_ids: np.ndarray
     users: UserTable
     item_store: Any = None
@@ -141,6 +143,7 @@ def open_catalogue(config: Any) -> Catalogue:
         num_items=info.num_item_rows,
         item_block=lambda rows: store.block(rows, len(rows)),
         item_ids=np.asarray(info.item_ids),
+        item_id_index=store.item_id,
         user_ids=np.asarray(info.user_ids),
         users=users,
         item_store=store,

@@ -11,6 +11,8 @@ The folder's layout (file names are the constants below):
     config.json              the full resolved run config
     params.safetensors       every parameter, key = "/"-joined path, float32
     item_ids.npy             (N,) original item ids, in item-table order
+    item_id_index.npy        (N,) each item's ID-vocabulary index (0 = out of vocabulary):
+                             the `items["item_id"]` of a batch holding that item
     item_embeddings.npy      (N, D) each item's summary vector (`encode_items`' embedding)
     item_tokens.npy          (N, M, D) each item's modality tokens (`encode_items`' tokens)
     item_token_mask.npy      (N, M) True where the item has that modality
@@ -45,7 +47,7 @@ from mmrec_jax import schema
 from mmrec_jax.config import config_from_dict
 
 # Version of the layout above; bumped when it changes incompatibly.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 
 MANIFEST_FILE = "export.json"
 CONFIG_FILE = "config.json"
@@ -57,6 +59,7 @@ README_FILE = "README.md"
 # Table name -> file: what `load_tables` reads.
 TABLE_FILES = {
     "item_ids": "item_ids.npy",
+    "item_id_index": "item_id_index.npy",
     "item_embeddings": "item_embeddings.npy",
     "item_tokens": "item_tokens.npy",
     "item_token_mask": "item_token_mask.npy",

@@ -120,6 +120,24 @@ def test_item_table_and_manifest(export_dir, checkpoint, workdir):
     assert json.loads((export_dir / "config.json").read_text()) == run_config
 
 
+def test_item_id_index_builds_batches_that_reproduce_the_item_tokens(export_dir, checkpoint):
+    """With item_id_index.npy, the export alone says what `items["item_id"]` to feed."""
+    config, _, _ = checkpoint
+    tables = exported.load_tables(export_dir)
+    info = pipeline.load_dataset_info(config.data)
+    source = builder.open_source(info.data_dir, info.name, builder.ITEMS, "items")
+    records = source.__getitems__(list(range(len(source))))
+    np.testing.assert_array_equal(tables["item_id_index"], [r["item_id"] for r in records])
+    assert tables["item_id_index"].dtype == np.int32 and (tables["item_id_index"] == 0).any()
+
+    model, variables = mmrec_jax.load_exported(export_dir)
+    rows = np.arange(tables["item_ids"].shape[0])
+    items = dict(pipeline.ItemStore(config, info).block(rows, len(rows)))
+    items["item_id"] = tables["item_id_index"]
+    encoded = model.apply(variables, items, method="encode_items")
+    np.testing.assert_allclose(encoded["tokens"], tables["item_tokens"], rtol=1e-5, atol=1e-5)
+
+
 def test_incomplete_or_damaged_exports_are_refused(export_dir, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(export_dir, partial)
