@@ -27,6 +27,7 @@ another checkpoint's parameters, reuses the compilations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -550,9 +551,12 @@ def score_split(
         item_store=item_store,
         multiple=len(mesh.local_devices),
     )
-    if absent:
-        batches = (mark_absent(batch, absent) for batch in batches)
-    return predict.predict_batches(split_fn, params, batches, mesh)
+    with contextlib.closing(batches):  # stops the pipeline's worker processes, if any
+        if absent:
+            return predict.predict_batches(
+                split_fn, params, (mark_absent(b, absent) for b in batches), mesh
+            )
+        return predict.predict_batches(split_fn, params, batches, mesh)
 
 
 def click_metrics_of(rows: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -312,8 +312,10 @@ def evaluate_split(
     """
     if int(info.split_sizes.get(split, 0)) == 0:
         return None
-    batches = itertools.islice(loader(split, train=False), max_batches)
-    rows = predict.predict_batches(predict_fn, params, batches, mesh)
+    with contextlib.closing(loader(split, train=False)) as batches:  # stops its workers
+        rows = predict.predict_batches(
+            predict_fn, params, itertools.islice(batches, max_batches), mesh
+        )
     return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
 
 
@@ -801,7 +803,8 @@ def _train_and_evaluate(
         item_store=item_store,
         multiple=len(mesh.local_devices),
     )
-    first_local = next(iter(loader("train", train=True)))
+    with contextlib.closing(loader("train", train=True)) as batches:
+        first_local = next(batches)
     example = sharding.global_batch(mesh, first_local)
     try:
         setup = build_train_state(config, model, mesh, example, updates)
@@ -1096,6 +1099,7 @@ def _train_and_evaluate(
     finally:
         if not stop.forced:  # a save in flight completes, unless told to stop at once
             checkpointer.wait()
+        train_iter.close()
         profiler.close()
         progress.close()
         for sig, handler in previous_handlers.items():

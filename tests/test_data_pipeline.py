@@ -2,7 +2,13 @@
 
 import io
 import itertools
+import multiprocessing
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +363,66 @@ def test_grain_worker_processes_give_the_same_batches(syn):
         assert_same_batches(take(resumed, 3), plain[3:])
     finally:
         resumed.close()
+
+
+def _grain_workers() -> set:
+    return {p for p in multiprocessing.active_children() if p.name.startswith("grain")}
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (an orphan's new parent may not reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_grain_workers_leave_ctrl_c_to_the_training_process(syn):
+    """Ctrl-C reaches the workers too; they must keep serving while training saves."""
+    plain = list(pipeline.make_batches(make_config(syn), "train", train=False))
+    before = _grain_workers()
+    iterator = pipeline.make_batches(make_config(syn, data__num_workers=2), "train", train=False)
+    try:
+        batches = take(iterator, 2)  # one from each worker: both have started
+        workers = _grain_workers() - before
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert all(worker.is_alive() for worker in workers)
+        batches += list(iterator)
+    finally:
+        iterator.close()
+    assert_same_batches(batches, plain)
+
+
+def test_grain_workers_exit_when_their_process_dies(syn):
+    script = f"""
+import multiprocessing, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_data_pipeline import make_config
+from mmrec_jax.data import pipeline
+iterator = pipeline.make_batches(
+    make_config({str(syn)!r}, data__num_workers=2), "train", train=False
+)
+next(iterator)
+workers = [p.pid for p in multiprocessing.active_children() if p.name.startswith("grain")]
+print(" ".join(map(str, workers)), flush=True)
+os._exit(0)  # gone without a word to the workers, as when killed
+"""
+    # The workers hold the pipe too: read the line, not to the end of the output.
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    with process.stdout:
+        workers = [int(pid) for pid in process.stdout.readline().split()]
+    assert process.wait(timeout=300) == 0
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while not all(_exited(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    running = [pid for pid in workers if not _exited(pid)]
+    for pid in running:
+        os.kill(pid, signal.SIGKILL)
+    assert not running, "Grain workers outlived the process they served"
 
 
 def test_bad_arguments_are_named(syn):

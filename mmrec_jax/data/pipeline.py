@@ -42,6 +42,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -831,6 +835,31 @@ def make_batches(
         iter_ds = iter_ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=workers, per_worker_buffer_size=max(prefetch, 1)
-            )
+            ),
+            worker_init_fn=_init_worker,
         )
     return iter(iter_ds)
+
+
+# How often a Grain worker checks that the process it serves is still there.
+_PARENT_CHECK_S = 1.0
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Runs first in each Grain worker process.
+
+    Ctrl-C in a terminal reaches every process of the foreground group: the workers
+    ignore it and leave it to the training process, which then saves a checkpoint (and
+    may need the workers' batches to finish a validation pass first). A worker whose
+    parent process is gone (killed, out of memory) exits instead of waiting forever.
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
