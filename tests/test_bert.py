@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from _tiny_bert import WORDS, make_tiny_bert, torch_outputs
+from _tiny_bert import WORDS, make_tiny_bert, torch_outputs, write_tiny_tokenizer
 from safetensors.numpy import load_file, save_file
 
 from mmrec_jax.hub import resolve_pretrained
@@ -165,6 +165,42 @@ def test_missing_weight_names_key(tiny, tmp_path):
         load_pretrained(_rewrite(tiny, tmp_path, lambda tensors: tensors.pop(key)))
 
 
+def test_a_roberta_checkpoint_is_refused_not_loaded_with_shifted_positions(tmp_path):
+    """RoBERTa saves its weights under BERT's names: only model_type tells them apart."""
+    config = transformers.RobertaConfig(
+        vocab_size=len(WORDS) + 3, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=4, intermediate_size=48, max_position_embeddings=40,
+        pad_token_id=1, type_vocab_size=1,
+    )  # fmt: skip
+    transformers.RobertaModel(config).save_pretrained(str(tmp_path))
+    shutil.copy(tmp_path / "config.json", tmp_path / "roberta.json")
+    with pytest.raises(ValueError, match="model_type='roberta'.*BERT"):
+        load_pretrained(tmp_path)
+    # The same weights under a BERT config.json load: the weights were not the problem.
+    bert_config = json.loads((tmp_path / "roberta.json").read_text())
+    bert_config["model_type"] = "bert"
+    (tmp_path / "config.json").write_text(json.dumps(bert_config))
+    write_tiny_tokenizer(tmp_path)
+    load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("position_embedding_type", "relative_key", "position_embedding_type"),
+        ("is_decoder", True, "decoder"),
+    ],
+)
+def test_configs_this_bert_does_not_implement_are_named(tiny, tmp_path, field, value, needle):
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=needle):
+        load_pretrained(folder)
+
+
 def test_checkpoint_without_pooler_has_no_pooled_output(tmp_path):
     model = make_tiny_bert(tmp_path, pooler=False, seed=3)
     assert not load_bert_config(tmp_path).has_pooler
@@ -229,6 +265,14 @@ def test_bad_token_ids_are_errors_naming_the_input(tiny):
         bert.apply(variables, ids, mask[:, :4], types)
     with pytest.raises(ValueError, match="integer token ids; got float32"):
         bert.apply(variables, ids.astype(np.float32), mask, types)
+    additive = np.where(mask == 1, 0.0, -10000.0).astype(np.float32)  # Hugging Face's inner form
+    with pytest.raises(ValueError, match=r"attention_mask holds -10000\.0.*wrong way round"):
+        bert.apply(variables, ids, additive, types)
+    # Boolean and float 0/1 masks are the same mask.
+    for same in (mask.astype(bool), mask.astype(np.float32)):
+        np.testing.assert_array_equal(
+            bert.apply(variables, ids, same, types)[0], bert.apply(variables, ids, mask, types)[0]
+        )
     # No mask: every token is real.
     np.testing.assert_array_equal(
         bert.apply(variables, ids, None, types)[0],

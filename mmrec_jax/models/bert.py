@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmrec_jax import schema
 from mmrec_jax.models.layers import Dropout
@@ -94,8 +95,18 @@ class BertConfig:
 
         Raises:
           ValueError: the config describes a model this BERT does not implement
-            (relative position embeddings, a decoder, an unknown activation).
+            (another model type, relative position embeddings, a decoder, an unknown
+            activation).
         """
+        model_type = config.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(
+                f"config.json has model_type={model_type!r}; this text tower implements "
+                "BERT (model_type 'bert') only. Models such as RoBERTa, XLM-RoBERTa or "
+                "CamemBERT store weights under BERT's names but number positions and mask "
+                "padding differently, so they would load and give wrong outputs. Choose a "
+                "BERT checkpoint (e.g. sentence-transformers/all-MiniLM-L6-v2)."
+            )
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(
@@ -435,6 +446,15 @@ class Bert(nn.Module):
             cfg.type_vocab_size,
             f"this model has {cfg.type_vocab_size} segment types.",
         )
+        mask_values = schema.concrete_values(attention_mask)
+        if mask_values is not None and not np.isin(mask_values, (0, 1)).all():
+            odd = mask_values[~np.isin(mask_values, (0, 1))].flat[0]
+            raise ValueError(
+                f"BERT attention_mask holds {odd.item()!r}; it must be 1 (or True) for real tokens "
+                "and 0 for padding. An additive mask (0 for real tokens, a large negative "
+                "number for padding) would be read the wrong way round: pass the tokenizer's "
+                "attention_mask."
+            )
         kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
         x = BertEmbeddings(**kw, name="embeddings")(input_ids, token_type_ids, deterministic)
         mask = jnp.asarray(attention_mask).astype(bool)  # (B, L)
