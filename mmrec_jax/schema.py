@@ -58,6 +58,7 @@ class FieldSpec:
     dtype: str
     shape: tuple  # entries are ints or symbol names resolved by `batch_dims`
     doc: str
+    fix: str = ""  # how to convert an array of another dtype, said when one is passed
 
 
 class BatchError(ValueError):
@@ -112,7 +113,13 @@ def item_fields(towers: tuple[str, ...], text_mode: str = "frozen") -> list[Fiel
         if text_is_trained(text_mode):
             fields += [
                 FieldSpec("text_ids", "int32", ("U", "L"), "BERT token ids"),
-                FieldSpec("text_mask", "int32", ("U", "L"), "1 for real tokens"),
+                FieldSpec(
+                    "text_mask",
+                    "int32",
+                    ("U", "L"),
+                    "1 for real tokens",
+                    "Convert a boolean mask with .astype(np.int32).",
+                ),
             ]
         else:
             fields.append(
@@ -121,12 +128,25 @@ def item_fields(towers: tuple[str, ...], text_mode: str = "frozen") -> list[Fiel
         fields.append(FieldSpec("has_text", "bool", ("U",), "item has text"))
     if "image" in towers:
         fields += [
-            FieldSpec("image", "uint8", ("U", "S", "S", 3), "RGB pixels"),
+            FieldSpec(
+                "image",
+                "uint8",
+                ("U", "S", "S", 3),
+                "RGB pixels",
+                "Pass decoded pixels as they are; float images in [0, 1]: multiply by 255 "
+                "and round to uint8.",
+            ),
             FieldSpec("has_image", "bool", ("U",), "item has an image"),
         ]
     if "audio" in towers:
         fields += [
-            FieldSpec("audio", "float32", ("U", "T"), "mono waveform in [-1, 1]"),
+            FieldSpec(
+                "audio",
+                "float32",
+                ("U", "T"),
+                "mono waveform in [-1, 1]",
+                "Scale integer PCM to floats first (int16: divide by 32768).",
+            ),
             FieldSpec("has_audio", "bool", ("U",), "item has audio"),
         ]
     return fields
@@ -166,7 +186,7 @@ def _check_field(
     if _dtype_kind(array.dtype) != _dtype_kind(spec.dtype):
         raise BatchError(
             f"Batch field {where}{spec.name!r} must be {spec.dtype}; got {array.dtype} "
-            f"({spec.doc})."
+            f"({spec.doc}).{' ' + spec.fix if spec.fix else ''}"
         )
 
 

@@ -166,6 +166,28 @@ def test_absent_modality_content_is_ignored_present_is_used(flag, field, new_con
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.parametrize("field,flag", [("text_embedding", "has_text"), ("audio", "has_audio")])
+def test_nan_in_absent_content_reaches_neither_logits_nor_gradients(field, flag):
+    model, variables, apply = full_model()
+    batch = make_batch(model.config, seed=5)
+    has = np.arange(U) % 2 == 0  # every other item lacks the modality
+    clean = _replace_items(batch, **{flag: has})
+    content = np.array(clean["items"][field])
+    content[~has] = np.nan
+    content[np.flatnonzero(~has)[0]] = np.inf
+    dirty = _replace_items(clean, **{field: content})
+
+    def loss(params, batch):
+        return jnp.mean(model.apply({"params": params}, batch) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    np.testing.assert_array_equal(apply(variables, dirty), apply(variables, clean))
+    dirty_grads = jax.tree_util.tree_leaves_with_path(grad(variables["params"], dirty))
+    clean_grads = jax.tree.leaves(grad(variables["params"], clean))
+    for (path, leaf), expected in zip(dirty_grads, clean_grads, strict=True):
+        np.testing.assert_array_equal(leaf, expected, err_msg=jax.tree_util.keystr(path))
+
+
 def test_history_padding_does_not_change_the_output():
     model, variables, apply = full_model()
     batch = make_batch(model.config, seed=4)
@@ -372,8 +394,11 @@ def test_bfloat16_and_float64_inputs_are_floats_lists_are_named():
     as_list = {**batch, "item_slot": batch["item_slot"].tolist()}
     with pytest.raises(schema.BatchError, match="'item_slot' .* is a list; pass a numpy"):
         model.apply(variables, as_list)
-    with pytest.raises(schema.BatchError, match="'image' must be uint8; got float32"):
+    with pytest.raises(schema.BatchError, match="'image' must be uint8; got float32.*by 255"):
         model.apply(variables, _replace_items(batch, image=np.zeros((U, 8, 8, 3), np.float32)))
+    pcm = np.zeros(batch["items"]["audio"].shape, np.int16)
+    with pytest.raises(schema.BatchError, match="'audio' must be float32; got int16.*32768"):
+        model.apply(variables, _replace_items(batch, audio=pcm))
 
 
 def test_example_batch_reads_the_text_width_and_validation_reports_every_size():

@@ -139,6 +139,7 @@ class Recommender(nn.Module):
             expected_dims=self._expected_dims(),
             for_model=True,
         )
+        items = _zero_absent_content(items)
         num_items = items["item_id"].shape[0]
         tokens, masks = [], []
         for name in token_names(self.towers)[0]:
@@ -217,6 +218,27 @@ class Recommender(nn.Module):
         if "items" not in batch:
             raise schema.BatchError("Batch is missing the required 'items' dict (the item block).")
         return self.score(batch, self.encode_items(batch["items"], train), train)
+
+
+# Float content fields and the flag that says whether an item has them. (Images are
+# uint8 and token ids integers: they cannot hold NaN.)
+_FLOAT_CONTENT = (("text_embedding", "has_text"), ("audio", "has_audio"))
+
+
+def _zero_absent_content(items: Mapping) -> dict:
+    """`items` with the float content of absent modalities set to zero.
+
+    The towers run on every item and their outputs for absent modalities are masked
+    out, but a NaN or inf input would still reach the parameters' gradients through the
+    towers' backward pass (0 * NaN). Zeroing it first keeps such input harmless.
+    """
+    items = dict(items)
+    for field, flag in _FLOAT_CONTENT:
+        if field in items:
+            has = jnp.asarray(items[flag], bool)  # (U,)
+            content = items[field]  # (U, ...)
+            items[field] = jnp.where(has.reshape(has.shape + (1,) * (content.ndim - 1)), content, 0)
+    return items
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> Recommender:
