@@ -214,6 +214,14 @@ def gauc(user_ids, labels, scores) -> float:
     _same_length("labels", labels, "user_ids", user_ids)
     if user_ids.dtype.kind in "fc" and np.isnan(user_ids).any():
         raise ValueError("user_ids contains NaN; every impression needs the id of its user.")
+    if user_ids.dtype == object:  # Python objects: a None or a mix of kinds cannot sort
+        try:
+            np.unique(user_ids)
+        except TypeError as error:
+            raise ValueError(
+                f"user_ids cannot be sorted ({error}): pass ids of one kind (all integers "
+                "or all strings); every impression needs the id of its user."
+            ) from None
     total, positive, negative, count = _grouped_auc(
         user_ids, labels, scores, np.ones(labels.shape[0])
     )

@@ -404,6 +404,13 @@ def test_bad_click_inputs_name_the_argument():
         metrics.auc([0, 1], [0.1, 0.2], weights=[1.0, -1.0])
     with pytest.raises(ValueError, match="user_ids contains NaN"):
         metrics.gauc([np.nan, np.nan, 1, 1], [1, 0, 1, 0], [0.1, 0.2, 0.3, 0.1])
+    for mixed in (["u1", "u1", None, None], ["u1", "u1", 2, 2]):
+        with pytest.raises(ValueError, match="user_ids cannot be sorted"):
+            metrics.gauc(np.array(mixed, object), [1, 0, 1, 0], [0.1, 0.2, 0.3, 0.1])
+    # Python objects of one kind are ids like any other.
+    assert metrics.gauc(
+        np.array(["u1", "u1", "u2", "u2"], object), [1, 0, 0, 1], [0.9, 0.1, 0.2, 0.8]
+    ) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="every row has weight 0"):
         metrics.auc([0, 1], [0.1, 0.2], weights=[0.0, 0.0])
 
