@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # Public names imported on first use, so that `import mmrec_jax` stays cheap (no JAX).
-_LAZY = {"load_exported": "mmrec_jax.exported"}
+_LAZY = {"load_exported": "mmrec_jax.exported", "load_tables": "mmrec_jax.exported"}
 
 
 def __getattr__(name: str):

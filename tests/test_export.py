@@ -1,6 +1,7 @@
 """Export -> load_exported -> the checkpoint's logits; the files alone; recommend."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from mmrec_jax.config import load_config
 from mmrec_jax.data import builder, pipeline
 from mmrec_jax.models.bert import Bert, load_bert_config
 from mmrec_jax.models.bert_weights import save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.xdist_group(GROUP)
 
@@ -236,6 +239,16 @@ def test_recommend_excludes_engaged_items_and_matches_brute_force(
     assert not {r.item_id for r in results} & {item_ids[i] for i in engaged}
     probabilities = [r.probability for r in results]
     assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_readme_scores_from_the_export_alone_as_recommend_does(export_dir):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if 'method="score"' in b]
+    namespace = {}
+    exec(block.replace('"export/"', repr(str(export_dir))), namespace)
+    user_id = namespace["tables"]["user_ids"][namespace["user"]]
+    expected = recommend.ExportedRecommender(export_dir).scores(user_id)
+    np.testing.assert_allclose(namespace["scores"], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_recommend_cli_and_unknown_user(export_dir, capsys):
