@@ -645,3 +645,157 @@ def test_a_cut_movielens_row_is_a_named_problem(tmp_path):
     meta = builder.read_metadata(tmp_path / "data", "ml")
     assert meta["skipped"] == {"bad timestamp": 1}
     assert sum(meta["split_sizes"].values()) == len(lines) - 1
+
+
+def rated(data_dir: Path, name: str) -> list[tuple[str, str, float, int]]:
+    """(user key, movie key, label, timestamp) of every interaction of a dataset, sorted."""
+    meta = builder.read_metadata(data_dir, name)
+    return sorted(
+        (meta["user_ids"][r["user_index"]], meta["item_ids"][r["item_index"]], float(r["label"]),
+         int(r["timestamp"]))
+        for rows in records(data_dir, name).values()
+        for r in rows
+    )  # fmt: skip
+
+
+def item_texts(data_dir: Path, name: str) -> dict[str, str]:
+    items = records(data_dir, name, "items")["items"]
+    return {builder.text(r["item_key"]): builder.text(r["text"]) for r in items}
+
+
+def test_ml1m_dat_layout(tmp_path):
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    with pytest.raises(local.ImportFailed, match="ratings.dat and movies.dat"):
+        movielens.import_movielens(folder, tmp_path / "data", verbose=False)
+    movies = [
+        "1::Toy Story (1995)::Animation|Children's|Comedy",
+        "2::Misérables, Les (1995)::Drama|Musical",
+        '3::"Great Performances" Cats (1998)::Musical',
+        "4::Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)"
+        "::Sci-Fi|War",
+        "5::Rosencrantz & Guildenstern Are Dead (1990)::Comedy|Drama",
+    ]
+    # ISO-8859-1 with CRLF line ends: "é" is the single byte 0xE9.
+    (folder / "movies.dat").write_bytes("".join(m + "\r\n" for m in movies).encode("latin-1"))
+    assert b"Mis\xe9rables" in (folder / "movies.dat").read_bytes()
+    (folder / "users.dat").write_bytes(b"1::F::1::10::48067\n2::M::56::16::70072\n")
+    ratings = [
+        "1::1::5::978300760",
+        "1::2::3::978300761",
+        "1::3::4::978300762",
+        "1::4::2::978300763",
+        "2::2::4::978300770",
+        "2::5::1::978300771",
+        "2::4::5::978300772",
+        "2::3::5",  # line 8: cut short
+        "x2::1::4::978300790",  # line 9
+        "3::99::5::978300800",  # line 10: movie 99 is not in movies.dat
+        "3::1::3::978300801",
+    ]
+    (folder / "ratings.dat").write_text("\n".join(ratings) + "\n", encoding="ascii")
+    options = local.ImportOptions(name="ml1m")
+    with pytest.raises(local.ImportFailed) as failed:
+        movielens.import_movielens(folder, tmp_path / "data", options, verbose=False)
+    message = str(failed.value)
+    assert (
+        "ratings.dat:8: bad row: expected 4 '::'-separated fields "
+        "(UserID::MovieID::Rating::Timestamp), found 3" in message
+    )
+    assert "ratings.dat:9: non-numeric id: UserID 'x2' is not a whole number" in message
+    assert "ratings.dat:10: unknown item: item_id '99'" in message
+    assert "3 problem(s)" in message
+
+    options.skip_invalid = True
+    movielens.import_movielens(folder, tmp_path / "data", options, verbose=False)
+    meta = builder.read_metadata(tmp_path / "data", "ml1m")
+    assert meta["skipped"] == {"bad row": 1, "non-numeric id": 1, "unknown item": 1}
+    assert meta["source"].startswith("MovieLens (ml-1m / ml-10m) ")
+    assert (meta["num_user_rows"], meta["num_item_rows"]) == (3, 5)
+    assert item_texts(tmp_path / "data", "ml1m") == {
+        "1": "Toy Story (1995). Genres: Animation, Children's, Comedy",
+        "2": "Misérables, Les (1995). Genres: Drama, Musical",
+        "3": '"Great Performances" Cats (1998). Genres: Musical',
+        "4": "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963). "
+        "Genres: Sci-Fi, War",
+        "5": "Rosencrantz & Guildenstern Are Dead (1990). Genres: Comedy, Drama",
+    }
+    # Ratings of 4 and 5 stars are positives (--positive_threshold 4).
+    assert rated(tmp_path / "data", "ml1m") == [
+        ("1", "1", 1.0, 978300760),
+        ("1", "2", 0.0, 978300761),
+        ("1", "3", 1.0, 978300762),
+        ("1", "4", 0.0, 978300763),
+        ("2", "2", 1.0, 978300770),
+        ("2", "4", 1.0, 978300772),
+        ("2", "5", 0.0, 978300771),
+        ("3", "1", 0.0, 978300801),
+    ]
+
+
+def test_ml10m_dat_layout_with_half_stars_and_tags(tmp_path):
+    folder = tmp_path / "ml-10M100K"
+    folder.mkdir()
+    movies = [
+        b"1::Toy Story (1995)::Adventure|Animation|Children|Comedy|Fantasy",
+        "2::Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001)::Comedy|Romance".encode(),
+        # One Latin-1 line in a UTF-8 file is read as Latin-1, the others stay UTF-8.
+        "3::Pokémon: The First Movie (1998)::Animation|Children".encode("latin-1"),
+        b"4::Pull My Daisy (1958)::(no genres listed)",
+    ]
+    (folder / "movies.dat").write_bytes(b"\n".join(movies) + b"\n")
+    tags = [
+        "15::1::pixar::1215184630",
+        "15::2::quirky, romantic::1215184640",
+        "20::2::Audrey Tautou::1215184641",
+        "21::2::quirky, romantic::1215184642",  # the same tag again: kept once
+        "15::3::classic:::1215184650",  # the tag "classic:"
+        "15::4::Kerouac – beat::1215184660",
+        "15::999::orphan::1215184670",  # a movie not in movies.dat: no text to add it to
+        "15::1::broken",  # line 8: cut short
+    ]
+    (folder / "tags.dat").write_text("\n".join(tags) + "\n", encoding="utf-8")
+    ratings = [
+        "1::1::5::838985046",
+        "1::2::3.5::838983525",
+        "1::3::4.5::838983392",
+        "1::4::0.5::838983421",
+        "2::1::4::868245777",
+        "2::2::2.5::868245920",
+        "2::3::3::868245645",
+        "2::77::4.5::868246000",  # line 8: movie 77 is not in movies.dat
+    ]
+    (folder / "ratings.dat").write_text("\r\n".join(ratings) + "\r\n", encoding="ascii")
+    options = local.ImportOptions(name="ml10m", positive_threshold=3.5)
+    with pytest.raises(local.ImportFailed) as failed:
+        movielens.import_movielens(folder, tmp_path / "data", options, verbose=False)
+    message = str(failed.value)
+    assert (
+        "tags.dat:8: bad row: expected 4 '::'-separated fields "
+        "(UserID::MovieID::Tag::Timestamp), found 3" in message
+    )
+    assert "ratings.dat:8: unknown item: item_id '77'" in message
+
+    options.skip_invalid = True
+    movielens.import_movielens(folder, tmp_path / "data", options, verbose=False)
+    meta = builder.read_metadata(tmp_path / "data", "ml10m")
+    assert meta["skipped"] == {"bad row": 1, "unknown item": 1}
+    assert (meta["num_user_rows"], meta["num_item_rows"]) == (2, 4)
+    assert item_texts(tmp_path / "data", "ml10m") == {
+        "1": "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. "
+        "Tags: pixar",
+        "2": "Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001). Genres: Comedy, Romance. "
+        "Tags: quirky, romantic, Audrey Tautou",
+        "3": "Pokémon: The First Movie (1998). Genres: Animation, Children. Tags: classic:",
+        "4": "Pull My Daisy (1958). Tags: Kerouac – beat",
+    }
+    # Half stars: 3.5 meets --positive_threshold 3.5, 3 and 2.5 do not.
+    assert rated(tmp_path / "data", "ml10m") == [
+        ("1", "1", 1.0, 838985046),
+        ("1", "2", 1.0, 838983525),
+        ("1", "3", 1.0, 838983392),
+        ("1", "4", 0.0, 838983421),
+        ("2", "1", 1.0, 868245777),
+        ("2", "2", 0.0, 868245920),
+        ("2", "3", 0.0, 868245645),
+    ]

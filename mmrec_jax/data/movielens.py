@@ -3,29 +3,38 @@
     python -m mmrec_jax.data.movielens --input DIR --output DATA_DIR [--name movielens]
         [--split leave_last|random|cold_items] [--positive_threshold 4.0] [--skip_invalid]
 
-DIR is an unpacked MovieLens release in one of two layouts:
+DIR is an unpacked MovieLens release in one of three layouts:
 
 - ml-latest-small (and the other ml-latest / ml-20m / ml-25m style releases):
   `ratings.csv` (userId, movieId, rating, timestamp), `movies.csv` (movieId, title,
   genres separated by "|"), optional `tags.csv` (userId, movieId, tag, timestamp);
 - ml-100k: `u.data` (user, item, rating, timestamp, tab-separated), `u.item` (movie id |
   title | release date | video release date | IMDb URL | 19 genre flags, Latin-1), and
-  `u.genre` for the genre names.
-
-The `::`-separated `.dat` files of ml-1m and ml-10m are not read (convert them to the
-first layout).
+  `u.genre` for the genre names;
+- ml-1m and ml-10m (ml-10M100K): `::`-separated `.dat` files without a header:
+  `ratings.dat` (UserID::MovieID::Rating::Timestamp), `movies.dat`
+  (MovieID::Title::Genres, genres separated by "|") and, in ml-10m, `tags.dat`
+  (UserID::MovieID::Tag::Timestamp); `users.dat` is not read. ml-1m's files are Latin-1,
+  ml-10m's UTF-8, so each line is read as UTF-8, or as Latin-1 where it is not valid
+  UTF-8 (Latin-1 text with accents is practically never valid UTF-8, so a file in either
+  encoding, or mixing them, reads right). A title or tag is what lies between the fields
+  before and after it, so one that ends or begins with ":" keeps it ("Foo:::Drama" is
+  "Foo:"). A line with another number of fields (a title or tag holding "::" included),
+  or with an id that is not a whole number, is a bad row.
 
 Each movie's text is "TITLE. Genres: A, B. Tags: x, y" (tags as users gave them, each
 once). Ratings at or above `--positive_threshold` are positives, the others negatives.
 Movies have no image or audio, so the dataset is text-only and trains with the text,
-id and history towers. Bad rows are reported with their file and line exactly as the
-local importer does.
+id and history towers. Bad rows (a rating of a movie missing from the movies file among
+them) are reported with their file and line exactly as the local importer does, and
+`--skip_invalid` skips them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from mmrec_jax.data import builder, local
@@ -33,6 +42,12 @@ from mmrec_jax.data import builder, local
 DEFAULT_NAME = "movielens"
 # The columns of ratings.csv (ml-latest layout).
 _RATING_COLUMNS = ("userId", "movieId", "rating", "timestamp")
+# The fields of each .dat file (ml-1m and ml-10m layout), and which one is free text.
+_DAT_FIELDS = {
+    "ratings.dat": (("UserID", "MovieID", "Rating", "Timestamp"), None),
+    "movies.dat": (("MovieID", "Title", "Genres"), 1),
+    "tags.dat": (("UserID", "MovieID", "Tag", "Timestamp"), 2),
+}
 # Tags kept per movie text (the first ones given).
 MAX_TAGS = 20
 # ml-100k's genres, in the order of u.item's flags (used when u.genre is absent).
@@ -44,17 +59,18 @@ ML100K_GENRES = (
 
 
 def detect_layout(folder: Path) -> str:
-    """'latest' (ratings.csv + movies.csv) or '100k' (u.data + u.item)."""
+    """'latest' (ratings.csv + movies.csv), '100k' (u.data + u.item) or 'dat' (ratings.dat
+    + movies.dat)."""
     if (folder / "ratings.csv").is_file() and (folder / "movies.csv").is_file():
         return "latest"
     if (folder / "u.data").is_file() and (folder / "u.item").is_file():
         return "100k"
+    if (folder / "ratings.dat").is_file() and (folder / "movies.dat").is_file():
+        return "dat"
     raise local.ImportFailed(
         f"{folder} is not a MovieLens folder this importer reads: expected ratings.csv and "
-        "movies.csv (ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m layout) or u.data "
-        "and u.item (ml-100k layout). The '::'-separated .dat files of ml-1m and ml-10m are "
-        "not read: convert them to the CSV layout (ratings.csv: userId,movieId,rating,"
-        "timestamp; movies.csv: movieId,title,genres)."
+        "movies.csv (ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m layout), u.data "
+        "and u.item (ml-100k layout), or ratings.dat and movies.dat (ml-1m, ml-10m layout)."
     )
 
 
@@ -123,12 +139,18 @@ def _interaction(user, item, rating, stamp, where, problems) -> local.RawInterac
     except ValueError:
         problems.add(where, "non-numeric rating", f"rating {rating!r} is not a number")
         return None
+    time = _time(stamp, where, problems)
+    if time is None:
+        return None
+    return local.RawInteraction(user, item, None, value, time, where)
+
+
+def _time(stamp: str, where: str, problems: local.Problems) -> int | None:
     try:
-        time = local._timestamp(stamp)
+        return local._timestamp(stamp)
     except (ValueError, OverflowError, OSError):
         problems.add(where, "bad timestamp", f"timestamp {stamp!r} is not a number")
         return None
-    return local.RawInteraction(user, item, None, value, time, where)
 
 
 def read_100k(folder: Path, problems: local.Problems):
@@ -171,6 +193,107 @@ def read_100k(folder: Path, problems: local.Problems):
     return items, interactions
 
 
+def _split_dat(line: str, count: int, text_at: int | None) -> list[str] | None:
+    """The `count` stripped fields of a .dat line, or None if it has another number.
+
+    The free-text field `text_at` (a title, a tag) is what lies between the fields before
+    and after it, so that its own leading or trailing ":" is not taken for a separator.
+    """
+    if text_at is None:
+        fields = line.split("::")
+    else:
+        head = line.split("::", text_at)
+        if len(head) <= text_at:
+            return None
+        text, *tail = head[-1].rsplit("::", count - text_at - 1)
+        if "::" in text:
+            return None
+        fields = [*head[:-1], text, *tail]
+    return [f.strip() for f in fields] if len(fields) == count else None
+
+
+def _dat_rows(path: Path, problems: local.Problems) -> Iterator[tuple[str, list[str]]]:
+    """(location, fields) of each well-formed line of a .dat file; the others are problems.
+
+    A line is decoded as UTF-8, or as Latin-1 where it is not valid UTF-8 (see the module
+    docstring). A file without data lines is an "empty file" problem.
+    """
+    names, text_at = _DAT_FIELDS[path.name]
+    empty = True
+    with open(path, "rb") as f:
+        for number, data in enumerate(f, 1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError:
+                line = data.decode("latin-1")
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            empty = False
+            where = f"{path.name}:{number}"
+            fields = _split_dat(line, len(names), text_at)
+            if fields is None:
+                problems.add(
+                    where,
+                    "bad row",
+                    f"expected {len(names)} '::'-separated fields ({'::'.join(names)}), "
+                    f"found {len(line.split('::'))}",
+                )
+                continue
+            yield where, fields
+    if empty:
+        problems.add(path.name, "empty file", "the file has no data lines")
+
+
+def _dat_ids(where: str, problems: local.Problems, **ids: str) -> bool:
+    """Whether each id (UserID=..., MovieID=...) is a whole number; records the first that
+    is not."""
+    for name, value in ids.items():
+        if not value:
+            kind = "user_id" if name == "UserID" else "item_id"
+            problems.add(where, f"empty {kind}", f"the row has no {name}")
+            return False
+        if not (value.isascii() and value.isdigit()):
+            problems.add(where, "non-numeric id", f"{name} {value!r} is not a whole number")
+            return False
+    return True
+
+
+def read_dat(folder: Path, problems: local.Problems):
+    """Items and interactions of an ml-1m or ml-10m folder (`::`-separated .dat files)."""
+    tags: dict[str, list[str]] = {}
+    if (folder / "tags.dat").is_file():
+        for where, (user, movie, tag, stamp) in _dat_rows(folder / "tags.dat", problems):
+            if not _dat_ids(where, problems, UserID=user, MovieID=movie):
+                continue
+            if _time(stamp, where, problems) is None:
+                continue
+            if tag and tag not in tags.setdefault(movie, []):
+                tags[movie].append(tag)
+    items = []
+    for where, (key, title, genres) in _dat_rows(folder / "movies.dat", problems):
+        if _dat_ids(where, problems, MovieID=key):
+            text = _movie_text(title, genres.split("|"), tags.get(key, []))
+            items.append(local.RawItem(key, text, None, None, where))
+    interactions = []
+    for where, (user, movie, rating, stamp) in _dat_rows(folder / "ratings.dat", problems):
+        if _dat_ids(where, problems, UserID=user, MovieID=movie):
+            parsed = _interaction(user, movie, rating, stamp, where, problems)
+            if parsed is not None:
+                interactions.append(parsed)
+    return items, interactions
+
+
+# Each layout's reader, and the releases it stands for (in the dataset's "source").
+_LAYOUTS = {
+    "latest": (read_latest, "ml-latest"),
+    "100k": (read_100k, "ml-100k"),
+    "dat": (read_dat, "ml-1m / ml-10m"),
+}
+
+
 def import_movielens(
     input_dir: str | Path,
     output: str | Path,
@@ -193,14 +316,15 @@ def import_movielens(
         raise local.ImportFailed(f"--input {str(folder)!r} is not a folder.")
     layout = detect_layout(folder)
     problems = local.Problems()
-    items, interactions = (read_latest if layout == "latest" else read_100k)(folder, problems)
+    read, release = _LAYOUTS[layout]
+    items, interactions = read(folder, problems)
     empty = [w for w, kind, _ in problems.entries if kind == "empty file"]
     if empty:
         raise local.ImportFailed(
             "\n".join(problems.lines()) + f"\nNothing to import from {', '.join(empty)}."
         )
     columns = {"rating": True, "timestamp": True}
-    source = f"MovieLens ({'ml-latest' if layout == 'latest' else 'ml-100k'}) {folder.resolve()}"
+    source = f"MovieLens ({release}) {folder.resolve()}"
     content = local.build_content(items, interactions, columns, options, problems, source, verbose)
     return local.write(content, output, overwrite, verbose)
 
