@@ -67,11 +67,20 @@ def maybe_initialize_distributed() -> bool:
 def make_mesh(devices: list | None = None) -> Mesh:
     """A 1-D mesh over `devices` (default: every device of every process).
 
+    The devices are ordered by process (stably), so each process's devices hold one
+    contiguous part of the `data` axis: a global batch is the processes' local batches
+    end to end, which the item slots of the input pipeline rely on.
+
     The axis type is given explicitly as Auto: shardings are fixed at the jit boundary
     (batch over `data`, parameters replicated or FSDP) and XLA propagates them inside.
     """
-    devices = jax.devices() if devices is None else devices
+    devices = by_process(jax.devices() if devices is None else devices)
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def by_process(devices) -> list:
+    """`devices` grouped by `process_index` in process order, each group in given order."""
+    return sorted(devices, key=lambda device: device.process_index)
 
 
 def _data_axis_size(mesh: Mesh) -> int:
