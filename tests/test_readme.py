@@ -34,6 +34,8 @@ def test_recommender_example(in_repo_root):
     exec(_block_with("build_model("), namespace)
     assert namespace["logits"].shape == (1,)
     assert np.isfinite(namespace["logits"]).all()
+    assert namespace["train_logits"].shape == (1,)
+    assert np.isfinite(namespace["train_logits"]).all()
     width = namespace["config"].model.width
     assert namespace["items"]["embedding"].shape == (1, width)
 
