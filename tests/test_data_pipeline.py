@@ -377,8 +377,9 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def test_grain_workers_leave_ctrl_c_to_the_training_process(syn):
-    """Ctrl-C reaches the workers too; they must keep serving while training saves."""
+def test_grain_workers_leave_ctrl_c_and_sigterm_to_the_training_process(syn):
+    """Ctrl-C and a scheduler's SIGTERM reach the workers too; they must keep serving
+    while training finishes its validation pass and saves."""
     plain = list(pipeline.make_batches(make_config(syn), "train", train=False))
     before = _grain_workers()
     iterator = pipeline.make_batches(make_config(syn, data__num_workers=2), "train", train=False)
@@ -388,6 +389,7 @@ def test_grain_workers_leave_ctrl_c_to_the_training_process(syn):
         assert len(workers) == 2
         for worker in workers:
             os.kill(worker.pid, signal.SIGINT)
+            os.kill(worker.pid, signal.SIGTERM)
         time.sleep(1.0)
         assert all(worker.is_alive() for worker in workers)
         batches += list(iterator)
@@ -405,7 +407,7 @@ from mmrec_jax.data import pipeline
 iterator = pipeline.make_batches(
     make_config({str(syn)!r}, data__num_workers=2), "train", train=False
 )
-next(iterator)
+next(iterator), next(iterator)  # one batch from each worker: both have started
 workers = [p.pid for p in multiprocessing.active_children() if p.name.startswith("grain")]
 print(" ".join(map(str, workers)), flush=True)
 os._exit(0)  # gone without a word to the workers, as when killed

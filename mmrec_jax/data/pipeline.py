@@ -40,6 +40,7 @@ whatever its loading options (worker processes, prefetch) were before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -836,7 +837,7 @@ def make_batches(
             grain.MultiprocessingOptions(
                 num_workers=workers, per_worker_buffer_size=max(prefetch, 1)
             ),
-            worker_init_fn=_init_worker,
+            worker_init_fn=functools.partial(_init_worker, parent=os.getpid()),
         )
     return iter(iter_ds)
 
@@ -845,17 +846,25 @@ def make_batches(
 _PARENT_CHECK_S = 1.0
 
 
-def _init_worker(worker_index: int, worker_count: int) -> None:
+def _init_worker(worker_index: int, worker_count: int, *, parent: int) -> None:
     """Runs first in each Grain worker process.
 
-    Ctrl-C in a terminal reaches every process of the foreground group: the workers
-    ignore it and leave it to the training process, which then saves a checkpoint (and
-    may need the workers' batches to finish a validation pass first). A worker whose
-    parent process is gone (killed, out of memory) exits instead of waiting forever.
+    Ctrl-C in a terminal reaches every process of the foreground group, and a cluster
+    scheduler's SIGTERM (preemption, cancellation) every process of the job: the workers
+    ignore both and leave them to the training process, which then saves a checkpoint
+    (and may need the workers' batches to finish a validation pass first; a worker that
+    died would end the pass early or leave it waiting). Grain stops its workers through
+    its own channel, and a worker whose parent process is gone (killed, out of memory)
+    exits by itself instead of waiting forever.
+
+    Args:
+      worker_index, worker_count: from Grain (unused).
+      parent: the process id of the process the worker serves (taken there, since it
+        may be gone before the worker starts).
     """
     del worker_index, worker_count
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
     def exit_with_parent() -> None:
         while os.getppid() == parent:
