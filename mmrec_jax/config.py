@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,35 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
         sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"_mmrec_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"Config file {str(path)!r} defines no get_config() function.")
-    config = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"Config file {str(path)!r} defines no get_config() function.")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any error of the user's code, named
+        raise ConfigError(
+            f"Config file {str(path)!r} failed to load: {_where_in(error, path)}"
+            f"{type(error).__name__}: {error}. Fix the file (configs/ holds working ones)."
+        ) from error
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(
             f"get_config() in {str(path)!r} must return an ml_collections.ConfigDict."
         )
     return config
+
+
+def _where_in(error: Exception, path: Path) -> str:
+    """'line N: ' of the deepest frame of `error` inside the file `path`, or ''."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f"line {error.lineno}: "
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(error.__traceback__)
+        if Path(frame.filename).resolve() == path.resolve()
+    ]
+    return f"line {lines[-1]}: " if lines else ""
 
 
 def _parse_bool(key: str, text: str) -> bool:
@@ -246,9 +267,16 @@ def _channel_list() -> tuple[Callable[[Any], bool], str]:
     ), "a non-empty tuple of integers >= 1, e.g. (16, 32)"
 
 
-# What each numeric field of a run config may hold (fields a config lacks are skipped).
+def _non_empty_text(what: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, str) and v.strip() != ""), f"{what} (it is empty)"
+
+
+# What each field of a run config may hold (fields a config lacks are skipped).
 _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _int_at_least(0),
+    # An empty path would mean the current directory without saying so.
+    "data.data_dir": _non_empty_text("a folder for datasets, e.g. data"),
+    "data.name": _non_empty_text("a dataset name, e.g. mmrec_synthetic"),
     "data.max_text_len": _int_at_least(2),  # [CLS] and [SEP] take two
     "data.history_len": _int_at_least(1),
     "data.negatives_per_positive": _int_at_least(0),
@@ -415,9 +443,18 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     scales = _lookup(config, "train.tower_lr_scale")
     if scales is not _MISSING:
         try:
-            optim.parse_lr_scales(scales)
+            named = set(optim.parse_lr_scales(scales))
         except ValueError as error:
             problems.append(str(error))
+        else:
+            from mmrec_jax.models.recommender import PARAM_TOWERS
+
+            known = set(schema.TOWERS) | set(PARAM_TOWERS) | set(PARAM_TOWERS.values())
+            if named - known:
+                problems.append(
+                    f"config.train.tower_lr_scale={scales!r} names {sorted(named - known)}, "
+                    f"which are no towers; known: {', '.join(sorted(known))}."
+                )
     if _lookup(config, "train.num_steps") == 0 and _lookup(config, "train.num_epochs") == 0:
         problems.append(
             "config.train.num_steps=0 and config.train.num_epochs=0 train nothing; "

@@ -185,12 +185,17 @@ def compute_dtype(name: str, platform: str | None = None) -> str:
             f"config.model.dtype={name!r} is not a compute dtype; use one of "
             f"{', '.join(COMPUTE_DTYPES)} (auto: bfloat16 on GPU and TPU, float32 on CPU)."
         )
-    if name != "auto":
-        return name
     if platform is None:
         import jax
 
         platform = jax.default_backend()
+    if name == "float16" and platform == "cpu":
+        raise ValueError(
+            "config.model.dtype='float16' does not run on a CPU (XLA's CPU matrix "
+            "multiplies have no float16); use auto, float32 or bfloat16."
+        )
+    if name != "auto":
+        return name
     return "bfloat16" if platform in ("gpu", "cuda", "rocm", "tpu") else "float32"
 
 

@@ -705,6 +705,12 @@ def train_and_evaluate(
     """
     sharding.maybe_initialize_distributed()
     check_values(config)  # bad values fail before the dataset is built
+    try:
+        runtime.compute_dtype(config.model.dtype)  # the dtype runs on this backend
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not str(workdir).strip():
+        raise ConfigError("The workdir is empty; pass a folder for the run, e.g. runs/demo.")
     process_index, process_count = _process_index_and_count()
     is_chief = process_index == 0
     workdir = Path(workdir)

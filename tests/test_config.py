@@ -199,6 +199,9 @@ def test_every_default_field_has_a_value_check():
         ([("train.tower_lr_scale", "text")], "'text' is not NAME=NUMBER"),
         ([("train.tower_lr_scale", "text=nan")], "scale of 'text' must be a finite number >= 0"),
         ([("train.tower_lr_scale", "image=-5")], "scale of 'image' must be a finite"),
+        ([("train.tower_lr_scale", "txt=0.1")], r"names \['txt'\], which are no towers"),
+        ([("data.data_dir", "")], "config.data.data_dir='' must be a folder"),
+        ([("data.name", " ")], "config.data.name=' ' must be a dataset name"),
         ([("model.towers", "history")], "towers='history' has no item tower"),
         ([("model.image.size", "2")], r"image.size=2 is too small for 2 2x2 pooling .* 4 or"),
         (
@@ -272,6 +275,12 @@ def test_train_and_evaluate_checks_values_before_building_the_dataset(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file; pass a folder"):
         train.train_and_evaluate(config, tmp_path / "file")
+    with pytest.raises(ConfigError, match="The workdir is empty"):
+        train.train_and_evaluate(config, "")
+    config.model.dtype = "float16"  # valid on a GPU; this suite runs on the CPU
+    with pytest.raises(ConfigError, match="'float16' does not run on a CPU"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "data").exists()
 
 
 def test_train_py_reports_bad_values_without_a_traceback(tmp_path):
@@ -302,3 +311,10 @@ def test_unusable_config_files_are_named(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must hold a JSON object"):
         load_config(tmp_path / "list.json")
+    # Errors in the user's own Python: named with the file and line, not a traceback.
+    (tmp_path / "syntax.py").write_text("def get_config():\n    return (\n")
+    with pytest.raises(ConfigError, match=r"syntax.py' failed to load: line \d+: SyntaxError"):
+        load_config(tmp_path / "syntax.py")
+    (tmp_path / "raises.py").write_text("X = 1\n\n\ndef get_config():\n    return {}['key']\n")
+    with pytest.raises(ConfigError, match=r"raises.py' failed to load: line 5: KeyError"):
+        load_config(tmp_path / "raises.py")

@@ -133,6 +133,9 @@ def test_compute_dtype_defaults_to_jaxs_backend_and_rejects_unknown_names():
     assert runtime.compute_dtype("auto") == expected
     with pytest.raises(ValueError, match=r"config.model.dtype='fp32'.*auto, float32, bfloat16"):
         runtime.compute_dtype("fp32")
+    # XLA's CPU matmuls have no float16: said before a run starts, not in its first step.
+    with pytest.raises(ValueError, match="'float16' does not run on a CPU"):
+        runtime.compute_dtype("float16", "cpu")
 
 
 def test_compiler_options_follow_the_resolved_dtype():
