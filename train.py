@@ -8,7 +8,7 @@ A workdir that already holds checkpoints is resumed from the latest one.
 
 import argparse
 
-from mmrec_jax.cli import add_config_argument, parse_config_args
+from mmrec_jax.cli import add_config_argument, exit_quietly_on_interrupt, parse_config_args
 
 
 def main() -> None:
@@ -25,7 +25,8 @@ def main() -> None:
     runtime.tune_host_allocator()
 
     try:
-        train.train_and_evaluate(config, args.workdir)
+        with exit_quietly_on_interrupt(parser):  # before and after the training loop
+            train.train_and_evaluate(config, args.workdir)
     except (
         ConfigError,
         DatasetNotBuiltError,

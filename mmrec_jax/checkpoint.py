@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from mmrec_jax import runtime, sharding
+from mmrec_jax import files, runtime, sharding
 
 # The validation metric that picks the best checkpoint (higher is better).
 BEST_METRIC = "validation_auc"
@@ -151,13 +149,7 @@ class Checkpointer:
         keep the process from exiting for minutes while they wait for the step folder.
         Every process learns whether any of them failed, so all raise together.
         """
-        probe = self.directory / f".write-test-{os.getpid()}-{uuid.uuid4().hex}"
-        problem = None
-        try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            probe.unlink()
-        except OSError as error:
-            problem = error.strerror or str(error)
+        problem = files.unwritable_reason(self.directory)
         failed = sharding.failed_processes(problem is not None)
         if failed and problem is None:
             problem = f"process {failed[0]} cannot write there; see its error"

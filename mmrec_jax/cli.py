@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import ml_collections
 
+from mmrec_jax import files
 from mmrec_jax.config import ConfigError, load_config, split_overrides
+
+
+@contextlib.contextmanager
+def exit_quietly_on_interrupt(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Ends the command on Ctrl-C with one line and status 130 instead of a traceback.
+
+    Output written so far is left as each command leaves it: datasets, exports and
+    checkpoints are renamed into place only when complete.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        parser.exit(130, f"\n{parser.prog}: interrupted.\n")
+
+
+def require_writable_folder(parser: argparse.ArgumentParser, flag: str, folder) -> None:
+    """Exits with status 2, naming `flag`, when `folder` cannot take the command's output.
+
+    Checked before any work, so that a long import or export does not fail at its end.
+    """
+    reason = files.unwritable_reason(Path(folder))
+    if reason is not None:
+        parser.exit(
+            2,
+            f"{parser.prog}: error: cannot write in {flag} {str(folder)!r} ({reason}); "
+            "pass a folder you can write to.\n",
+        )
 
 
 def add_config_argument(parser: argparse.ArgumentParser, example: str = "configs/default.py"):

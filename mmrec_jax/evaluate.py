@@ -42,6 +42,7 @@ import numpy as np
 
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import predict, reporting, runtime, schema, sharding
+from mmrec_jax.cli import exit_quietly_on_interrupt
 from mmrec_jax.files import write_atomic
 
 # Content modalities `--ablate` marks absent in turn (those the model's towers have).
@@ -895,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         type=parse_checkpoint,
         default="best",
-        help="best (validation AUC), latest, or a step",
+        help="best (validation AUC; the default), latest, or a step",
     )
     parser.add_argument(
         "--k", type=_parse_ks, default=DEFAULT_KS, help="ranking cut-offs (default 10,20)"
@@ -915,16 +916,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
     try:
-        results = evaluate_run(
-            args.workdir,
-            args.split,
-            args.checkpoint,
-            args.k,
-            args.ablate,
-            data_dir=args.data_dir,
-            batch_size=args.batch_size,
-            write=False,
-        )
+        with exit_quietly_on_interrupt(parser):
+            results = evaluate_run(
+                args.workdir,
+                args.split,
+                args.checkpoint,
+                args.k,
+                args.ablate,
+                data_dir=args.data_dir,
+                batch_size=args.batch_size,
+                write=False,
+            )
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{moved_data_hint(error, args)}\n")
     except jax.errors.JaxRuntimeError as error:

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from mmrec_jax import evaluate, exported, runtime, schema, sharding
+from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
 from mmrec_jax.config import config_to_json
 
 _README = """\
@@ -179,6 +180,8 @@ def _check_out(out: Path, workdir: Path, overwrite: bool) -> None:
         )
     if not out.exists() and not out.is_symlink():
         return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty folder made for the export
     is_export = out.is_dir() and (out / exported.MANIFEST_FILE).is_file()
     if not is_export:
         what = "a folder that is not an export" if out.is_dir() else "a file"
@@ -265,18 +268,22 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         default="best",
         type=evaluate.parse_checkpoint,
-        help="best (validation AUC), latest, or a step",
+        help="best (validation AUC; the default), latest, or a step",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds an earlier export"
+    )
     parser.add_argument(
         "--data_dir", help="where the run's dataset is now, if it moved since training"
     )
     args = parser.parse_args(argv)
+    require_writable_folder(parser, "the folder of --out", Path(args.out).resolve().parent)
     sharding.maybe_initialize_distributed()
     try:
-        out = export_run(
-            args.workdir, args.out, args.checkpoint, args.overwrite, data_dir=args.data_dir
-        )
+        with exit_quietly_on_interrupt(parser):
+            out = export_run(
+                args.workdir, args.out, args.checkpoint, args.overwrite, data_dir=args.data_dir
+            )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{evaluate.moved_data_hint(error, args)}\n")
     if jax.process_index() != 0:  # process 0 writes the export and reports it

@@ -3,7 +3,8 @@
 `write_atomic` writes a temporary file in the same folder, then renames it: a reader
 (another process, or the next run after a crash) sees either the old content or the new
 one, never a half-written file. `exclusive_lock` keeps a second process out of a folder
-(a training run's workdir) while the first works in it.
+(a training run's workdir) while the first works in it. `unwritable_reason` tells before
+any work whether a folder can take a command's output.
 """
 
 from __future__ import annotations
@@ -18,6 +19,23 @@ from pathlib import Path
 
 # What flock raises where the filesystem has no locks (not "held by another process").
 _NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def unwritable_reason(folder: str | Path) -> str | None:
+    """Why files cannot be written into `folder` (created if missing), or None if they can.
+
+    Probes by creating (and removing) an empty file, which also catches read-only
+    filesystems and permissions that `os.access` does not see for every user.
+    """
+    folder = Path(folder)
+    probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

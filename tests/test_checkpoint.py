@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmrec_jax import checkpoint, sharding
+from mmrec_jax import files, sharding
 from mmrec_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 
 
@@ -249,14 +249,14 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_at_once(tmp_path,
     # process from exiting for minutes.
     Checkpointer(tmp_path / "fine").close()
     assert list((tmp_path / "fine" / "checkpoints").iterdir()) == []  # the probe is gone
-    real_open = checkpoint.os.open
+    real_open = files.os.open
 
     def read_only(path, *args, **kwargs):
         if Path(path).parent == tmp_path / "run" / "checkpoints":
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.os, "open", read_only)
+    monkeypatch.setattr(files.os, "open", read_only)
     with pytest.raises(CheckpointError) as info:
         Checkpointer(tmp_path / "run")
     assert str(info.value) == (

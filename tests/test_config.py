@@ -318,3 +318,21 @@ def test_unusable_config_files_are_named(tmp_path):
     (tmp_path / "raises.py").write_text("X = 1\n\n\ndef get_config():\n    return {}['key']\n")
     with pytest.raises(ConfigError, match=r"raises.py' failed to load: line 5: KeyError"):
         load_config(tmp_path / "raises.py")
+
+
+def test_commands_end_on_ctrl_c_and_unwritable_output_with_one_line(tmp_path, capsys):
+    from mmrec_jax import cli
+    from mmrec_jax.data import synthetic
+
+    parser = argparse.ArgumentParser(prog="prog")
+    with pytest.raises(SystemExit) as exit_info, cli.exit_quietly_on_interrupt(parser):
+        raise KeyboardInterrupt
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "prog: interrupted."
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--output", str(tmp_path / "file" / "data")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot write in --output" in err and "Not a directory" in err
+    assert "Traceback" not in err

@@ -249,6 +249,14 @@ def test_bad_rows_fail_naming_each_one(tmp_path):
     assert "interactions.csv:5: unknown item" in message and "'i99'" in message
     assert "3 problem(s)" in message and "--skip_invalid" in message
     assert not builder.is_built(tmp_path / "data", "bad")
+    # A dataset of that name already there is named first, before the input is read.
+    (tmp_path / "data" / "bad" / "notes").mkdir(parents=True)
+    with pytest.raises(builder.DatasetExistsError, match="Pass --overwrite"):
+        local.import_folder(tmp_path / "in", tmp_path / "data", local.ImportOptions(name="bad"))
+    with pytest.raises(builder.DatasetExistsError):
+        movielens.import_movielens(
+            tmp_path / "in", tmp_path / "data", local.ImportOptions(name="bad")
+        )
 
 
 def test_skip_invalid_builds_and_reports_the_three_skips(tmp_path, capsys):

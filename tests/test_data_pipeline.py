@@ -122,11 +122,30 @@ def test_first_use_builds_the_synthetic_dataset(tmp_path, capsys):
     other = make_config(tmp_path, data__synthetic__num_users=21, data__synthetic__num_items=30)
     with pytest.raises(ValueError, match="num_users: built 20, configured 21"):
         pipeline.ensure_dataset(other.data)
-    # An interrupted build (interactions never written) is generated again.
+    # An interrupted build (interactions never written) is generated again, by a run or
+    # by the generator's command without --overwrite.
     shutil.rmtree(builder.config_dir(tmp_path, "mmrec_synthetic", "interactions"))
     pipeline.ensure_dataset(config.data)
     assert "incomplete" in capsys.readouterr().out
     assert builder.is_built(tmp_path, "mmrec_synthetic")
+    shutil.rmtree(builder.config_dir(tmp_path, "mmrec_synthetic", "interactions"))
+    synthetic.main(["--output", str(tmp_path), "--num_users", "20", "--num_items", "30"])
+    assert "incomplete" in capsys.readouterr().out
+    assert builder.is_built(tmp_path, "mmrec_synthetic")
+    # A folder of that name that is not this layout is never taken for a partial build.
+    foreign = tmp_path / "foreign"
+    (foreign / "mmrec_synthetic" / "notes").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        synthetic.main(["--output", str(foreign), "--num_users", "20", "--num_items", "30"])
+    assert "already exists" in capsys.readouterr().err
+    assert (foreign / "mmrec_synthetic" / "notes").is_dir()
+
+
+def test_a_data_dir_that_cannot_be_written_is_named_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    config = make_config(tmp_path / "file" / "data")
+    with pytest.raises(ConfigError, match=r"config.data.data_dir=.*file/data.*Not a directory"):
+        pipeline.ensure_dataset(config.data)
 
 
 def test_missing_imported_dataset_names_the_importer(tmp_path):

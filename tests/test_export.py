@@ -189,6 +189,10 @@ def test_overwrite_replaces_only_an_earlier_export(workdir, tmp_path):
             export.export_run(workdir, out, overwrite=True)
     assert (notes / "thesis.txt").read_text() == a_file.read_text() == "important"
     assert (workdir / "checkpoints").is_dir()
+    empty = tmp_path / "made_for_it"  # an empty folder is no one's data: it is used
+    empty.mkdir()
+    export.export_run(workdir, empty)
+    assert (empty / "export.json").is_file()
 
 
 def test_a_bad_checkpoint_argument_is_named(workdir, tmp_path, capsys):

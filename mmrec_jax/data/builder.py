@@ -456,6 +456,27 @@ def is_built(data_dir: str | Path, name: str) -> bool:
     return all((config_dir(data_dir, name, c) / "dataset_info.json").is_file() for c in CONFIGS)
 
 
+def is_incomplete(data_dir: str | Path, name: str) -> bool:
+    """Whether DATA_DIR/NAME is what an interrupted build leaves: this layout's folders
+    (and TFDS's own), but not all three configs complete."""
+    target = dataset_dir(data_dir, name)
+    if not target.is_dir() or is_built(data_dir, name):
+        return False
+    return all(child.name in (*CONFIGS, ".config") for child in target.iterdir())
+
+
+def check_can_write(data_dir: str | Path, name: str, overwrite: bool) -> None:
+    """Raises `DatasetExistsError` if writing `name` into `data_dir` would replace a
+    dataset without `overwrite` (a folder left by an interrupted build does not count).
+    Importers call it first, before reading their input."""
+    target = dataset_dir(data_dir, name)
+    if target.exists() and not overwrite and not is_incomplete(data_dir, name):
+        raise DatasetExistsError(
+            f"Dataset {name!r} already exists in {target}. Pass --overwrite to replace it, "
+            "or choose another --name or --output."
+        )
+
+
 def write_dataset(
     content: DatasetContent,
     data_dir: str | Path,
@@ -477,15 +498,14 @@ def write_dataset(
       DATA_DIR/NAME.
 
     Raises:
-      DatasetExistsError: the dataset exists and `overwrite` is False.
+      DatasetExistsError: the dataset exists and `overwrite` is False (a folder left by
+        an interrupted build is replaced without it).
     """
     target = dataset_dir(data_dir, content.name)
+    check_can_write(data_dir, content.name, overwrite)
+    if is_incomplete(data_dir, content.name):
+        print(f"{target} is incomplete (an interrupted build); writing it again.")
     if target.exists():
-        if not overwrite:
-            raise DatasetExistsError(
-                f"Dataset {content.name!r} already exists in {target}. Pass --overwrite to "
-                "replace it, or choose another --name or --output."
-            )
         shutil.rmtree(target)
     builder_cls = builder_cls or builder_class(content.name)
     tfds.display_progress_bar(False)

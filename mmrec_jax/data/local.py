@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
 from mmrec_jax.data import builder, media, pipeline
 
 DEFAULT_NAME = "mmrec_local"
@@ -742,6 +743,7 @@ def import_folder(
     folder = Path(input_dir)
     if not folder.is_dir():
         raise ImportFailed(f"--input {str(folder)!r} is not a folder.")
+    builder.check_can_write(output, builder.check_name(options.name), overwrite)
     problems = Problems()
     raw_items = read_items(folder, options, problems)
     raw_interactions, columns = read_interactions(folder, problems)
@@ -811,8 +813,10 @@ def main(argv: list[str] | None = None) -> None:
         max_audio_seconds=args.max_audio_seconds,
         text_columns=text_columns,
     )
+    require_writable_folder(parser, "--output", args.output)
     try:
-        import_folder(args.input, args.output, options, overwrite=args.overwrite)
+        with exit_quietly_on_interrupt(parser):
+            import_folder(args.input, args.output, options, overwrite=args.overwrite)
     except (ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)

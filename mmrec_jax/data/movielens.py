@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
 from mmrec_jax.data import builder, local
 
 DEFAULT_NAME = "movielens"
@@ -314,6 +315,7 @@ def import_movielens(
     folder = Path(input_dir)
     if not folder.is_dir():
         raise local.ImportFailed(f"--input {str(folder)!r} is not a folder.")
+    builder.check_can_write(output, builder.check_name(options.name), overwrite)
     layout = detect_layout(folder)
     problems = local.Problems()
     read, release = _LAYOUTS[layout]
@@ -339,10 +341,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")
     local.add_common_flags(parser, DEFAULT_NAME)
     args = parser.parse_args(argv)
+    require_writable_folder(parser, "--output", args.output)
     try:
-        import_movielens(
-            args.input, args.output, local.options_from_args(args), overwrite=args.overwrite
-        )
+        with exit_quietly_on_interrupt(parser):
+            import_movielens(
+                args.input, args.output, local.options_from_args(args), overwrite=args.overwrite
+            )
     except (local.ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -54,7 +54,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmrec_jax import schema
+from mmrec_jax import files, schema
 from mmrec_jax.config import ConfigError
 from mmrec_jax.data import builder, media
 
@@ -170,11 +170,14 @@ def ensure_dataset(data_config) -> None:
                 "folder to regenerate it."
             )
         return
-    # A folder left by an interrupted build is incomplete: replace it.
-    partial = builder.dataset_dir(data_dir, name).exists()
-    if partial:
-        print(f"{builder.dataset_dir(data_dir, name)} is incomplete; generating it again.")
-    synthetic.build(data_dir, **wanted, overwrite=partial)
+    reason = files.unwritable_reason(data_dir)
+    if reason is not None:
+        raise ConfigError(
+            f"Cannot write the dataset {name} into config.data.data_dir={data_dir!r} "
+            f"({reason}). Point config.data.data_dir at a folder you can write to."
+        )
+    # A folder left by an interrupted build is replaced by `write_dataset`.
+    synthetic.build(data_dir, **wanted)
 
 
 def _synthetic_args(data_config) -> dict[str, Any]:

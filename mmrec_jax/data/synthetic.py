@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
 from mmrec_jax.data import builder, media
 
 NAME = "mmrec_synthetic"
@@ -564,16 +565,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
     args = parser.parse_args(argv)
+    require_writable_folder(parser, "--output", args.output)
     try:
-        build(
-            args.output,
-            num_users=args.num_users,
-            num_items=args.num_items,
-            seed=args.seed,
-            cold_item_share=args.cold_item_share,
-            missing_share=args.missing_share,
-            overwrite=args.overwrite,
-        )
+        with exit_quietly_on_interrupt(parser):
+            build(
+                args.output,
+                num_users=args.num_users,
+                num_items=args.num_items,
+                seed=args.seed,
+                cold_item_share=args.cold_item_share,
+                missing_share=args.missing_share,
+                overwrite=args.overwrite,
+            )
     except (ValueError, builder.DatasetExistsError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
