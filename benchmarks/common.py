@@ -6,6 +6,7 @@ repository root; this folder is on `sys.path` as the scripts' own folder).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import functools
 import math
@@ -13,6 +14,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -192,6 +194,45 @@ def time_calls(fn: Callable[[], object], steps: int) -> tuple[list[float], list[
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return wall, cpu
+
+
+def at_least(low: int):
+    """An argparse `type`: an integer >= `low`, else a usage error naming the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    return parse
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """`value` rounded to `digits` significant digits (FLOP counts of tiny and huge models)."""
+    return float(f"{value:.{digits}g}")
+
+
+def report_errors(main) -> None:
+    """Runs a benchmark's `main`, ending with one line on the library's errors that name
+    their fix (a bad config value, a dataset or text model that is not there)."""
+    from mmrec_jax.config import ConfigError
+    from mmrec_jax.data.pipeline import DatasetMismatchError, DatasetNotBuiltError
+    from mmrec_jax.hub import PretrainedModelNotFound
+    from mmrec_jax.schema import BatchError
+
+    try:
+        main()
+    except PretrainedModelNotFound as error:
+        sys.exit(
+            f"error: {error}\nOr run without it: --random_text_weights gives the text tower "
+            "random weights of the same architecture."
+        )
+    except (ConfigError, DatasetNotBuiltError, DatasetMismatchError, BatchError) as error:
+        sys.exit(f"error: {error}")
 
 
 def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:

@@ -38,16 +38,24 @@ from mmrec_jax.models import recommender
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_config_argument(parser)
-    parser.add_argument("--steps", type=int, default=10, help="timed calls per measurement")
-    parser.add_argument("--catalogue", type=int, default=1000, help="items in the catalogue")
-    parser.add_argument("--encode_chunk", type=int, default=256, help="items per encode call")
+    parser.add_argument(
+        "--steps", type=common.at_least(1), default=10, help="timed calls per measurement"
+    )
+    parser.add_argument(
+        "--catalogue", type=common.at_least(1), default=1000, help="items in the catalogue"
+    )
+    parser.add_argument(
+        "--encode_chunk", type=common.at_least(1), default=256, help="items per encode call"
+    )
     parser.add_argument(
         "--users_per_call",
-        type=int,
+        type=common.at_least(1),
         default=None,
         help="users per top-K call (default: as evaluation, ROWS_PER_CALL // catalogue)",
     )
-    parser.add_argument("--k", type=int, default=10, help="items recommended per user")
+    parser.add_argument(
+        "--k", type=common.at_least(1), default=10, help="items recommended per user"
+    )
     return parser
 
 
@@ -59,7 +67,10 @@ def _timed(fn, steps: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    args, config = cli.parse_config_args(_parser(), argv)
+    parser = _parser()
+    args, config = cli.parse_config_args(parser, argv)
+    if args.k > args.catalogue:
+        parser.error(f"--k {args.k} is more than the --catalogue of {args.catalogue} items.")
     config.model.dtype = runtime.compute_dtype(config.model.dtype)  # "auto" -> this platform's
     runtime.tune_host_allocator()
     common.fill_vocab(config)
@@ -136,4 +147,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     runtime.restart_with_huge_pages()
-    main()
+    common.report_errors(main)

@@ -42,10 +42,11 @@ def _run(script: str, *args: str) -> dict:
 def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path):
     out = _run(
         "train_throughput.py",
-        *("--steps", "2", "--warmup", "0", "--no_peak"),
+        *("--steps", "2", "--warmup=0", "--no_peak", "--config.train.batch_size", "16"),
         *("--profile", str(tmp_path), "--profile_steps", "2"),
     )
     assert out["compiles"] == 1 and out["jit_cache_size"] == 1
+    assert out["rows"] == 16 and out["overrides"] == ["train.batch_size=16"]
     # The two profiled steps are in the trace, each marked as one step.
     assert out["profile"] == str(profiling.newest_trace(tmp_path))
     assert traced_steps(tmp_path, name="benchmark_train_step") == [1, 2]
@@ -69,7 +70,7 @@ def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path
     assert memory["host_peak_rss_mib"] > memory["state_mib"]
     # Compiled on the state's shapes alone, the step is the same program: the same FLOPs and
     # the same buffers, without running it.
-    shapes_only = _run("train_throughput.py", "--compile_only")
+    shapes_only = _run("train_throughput.py", "--compile_only", "--config.train.batch_size=16")
     assert shapes_only["compile_only"] and "samples_per_s" not in shapes_only
     for key in ("gflop_per_sample", "xla_gflop_per_sample"):
         assert shapes_only[key] == out[key]
@@ -81,6 +82,32 @@ def test_serve_throughput_reports_pairs_and_users():
     out = _run("serve_throughput.py", "--steps", "1", "--catalogue", "40", "--k", "5")
     assert out["pairs_per_s"] > 0 and out["topk_users_per_s"] > 0
     assert out["catalogue"] == 40
+
+
+@pytest.mark.parametrize(
+    "script,args,needle",
+    [
+        ("train_throughput.py", ["--steps", "0"], "--steps: 0 is below the minimum 1"),
+        ("serve_throughput.py", ["--catalogue", "5", "--k", "6"], "--k 6 is more than"),
+        (
+            "train_throughput.py",
+            ["--config.train.batch_size=6", "--no_peak"],  # 8 devices in this environment
+            "batch_size=6 must be divisible by the 8 devices",
+        ),
+    ],
+)
+def test_benchmarks_refuse_bad_arguments_in_one_line(script, args, needle):
+    env = {**_one_device_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--config", "configs/tiny.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and needle in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_random_bert_folder_is_a_loadable_checkpoint_of_the_architecture(tmp_path):
@@ -127,7 +154,7 @@ def test_the_peak_and_its_shape_come_from_the_same_measurement(monkeypatch):
             {"gflops_per_s": 400.0, "shape": [1024, 1024, 1024]},
             {"gflops_per_s": 300.0, "shape": [2048, 2048, 2048]},
         ],
-        "peak_compute": None,
+        "peak_float32": None,
         "profile": None,
     }
     args = type("Args", (), {"steps": 3})()
