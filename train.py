@@ -27,14 +27,11 @@ def main() -> None:
     try:
         with exit_quietly_on_interrupt(parser):  # before and after the training loop
             train.train_and_evaluate(config, args.workdir)
-    except (
-        ConfigError,
-        DatasetNotBuiltError,
-        DatasetMismatchError,
-        PretrainedModelNotFound,
-    ) as error:
-        # A config that does not fit the dataset, the machine or the workdir's run, or a
-        # text model that is not here: the message says the fix.
+    except PretrainedModelNotFound as error:
+        parser.exit(2, f"{parser.prog}: error: config.model.text.model: {error}\n")
+    except (ConfigError, DatasetNotBuiltError, DatasetMismatchError) as error:
+        # A config that does not fit the dataset, the machine or the workdir's run: the
+        # message says the fix.
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except (
         CheckpointError,

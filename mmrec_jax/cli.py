@@ -14,6 +14,16 @@ from mmrec_jax import files
 from mmrec_jax.config import ConfigError, load_config, split_overrides
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's own layout and shows each flag's default where it has one
+    (not "None" for required flags, or for defaults the help text explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 @contextlib.contextmanager
 def exit_quietly_on_interrupt(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Ends the command on Ctrl-C with one line and status 130 instead of a traceback.

@@ -526,6 +526,7 @@ def score_split(
     mesh: jax.sharding.Mesh,
     absent: Sequence[str] = (),
     item_store: Any = None,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Scores every row of a split (this process's share of it, gathered from all).
 
@@ -537,6 +538,8 @@ def score_split(
       mesh: the device mesh.
       absent: content modalities to mark absent in every item (`mark_absent`).
       item_store: a `pipeline.ItemStore` of this config to share (default: a new one).
+      progress: the label of a progress bar over the batches (process 0 prints it), or
+        None for none.
 
     Returns:
       `split_fn`'s fields as 1-D numpy arrays over the split's real rows.
@@ -552,12 +555,16 @@ def score_split(
         item_store=item_store,
         multiple=len(mesh.local_devices),
     )
-    with contextlib.closing(batches):  # stops the pipeline's worker processes, if any
-        if absent:
-            return predict.predict_batches(
-                split_fn, params, (mark_absent(b, absent) for b in batches), mesh
-            )
-        return predict.predict_batches(split_fn, params, batches, mesh)
+    total = pipeline.num_batches(config, split, train=False)
+
+    def counted(bar):
+        for batch in batches:
+            yield mark_absent(batch, absent) if absent else batch
+            bar.update(1)
+
+    # The pipeline's worker processes, if any, stop when the pass is done.
+    with contextlib.closing(batches), _progress_bar(progress, total, "batch") as bar:
+        return predict.predict_batches(split_fn, params, counted(bar), mesh)
 
 
 def click_metrics_of(rows: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -612,7 +619,9 @@ def evaluate_params(
     for split in splits:
         if int(info.split_sizes.get(split, 0)) == 0:
             continue
-        rows = score_split(split_fn, params, config, split, mesh, (), catalogue.item_store)
+        rows = score_split(
+            split_fn, params, config, split, mesh, (), catalogue.item_store, f"scoring {split}"
+        )
         entry: dict[str, Any] = {
             "click": click_metrics_of(rows),
             "calibration": metrics_lib.calibration_curve(
@@ -658,7 +667,14 @@ def evaluate_params(
             for modality in content_modalities(model):
                 absent = click_metrics_of(
                     score_split(
-                        split_fn, params, config, split, mesh, (modality,), catalogue.item_store
+                        split_fn,
+                        params,
+                        config,
+                        split,
+                        mesh,
+                        (modality,),
+                        catalogue.item_store,
+                        f"scoring {split} without {modality}",
                     )
                 )
                 full, without = entry["click"]["auc"], absent["auc"]

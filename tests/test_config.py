@@ -290,6 +290,17 @@ def test_train_py_reports_bad_values_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_train_py_names_the_config_key_of_a_missing_text_model(tmp_path):
+    result = _train_py(
+        tmp_path / "run",
+        f"--config.data.data_dir={tmp_path / 'data'}",
+        f"--config.model.text.model={tmp_path / 'no_such_bert'}",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: config.model.text.model: Pretrained text model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_runs_config_json_loads_as_a_config(tmp_path):
     """train.py --config RUN/config.json reruns or resumes a run with its own settings."""
     original = load_config(ROOT / "configs/tiny.py")

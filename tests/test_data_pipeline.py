@@ -154,6 +154,15 @@ def test_missing_imported_dataset_names_the_importer(tmp_path):
         pipeline.ensure_dataset(config.data)
     with pytest.raises(pipeline.DatasetNotBuiltError, match="my_shop"):
         pipeline.load_dataset_info(config.data)
+    # The synthetic one: the command that generates it with the config's own settings.
+    config = make_config(tmp_path)
+    with pytest.raises(pipeline.DatasetNotBuiltError) as error:
+        pipeline.load_dataset_info(config.data)
+    command = str(error.value).split("settings: ")[1].split(" (from Python")[0]
+    assert command.startswith("python -m mmrec_jax.data.synthetic --output ")
+    synthetic.main(command.split()[3:])
+    assert pipeline.load_dataset_info(config.data).num_user_rows == 40
+    pipeline.ensure_dataset(config.data)  # what the config asks for: nothing to redo
 
 
 def test_batches_follow_the_schema_and_point_at_the_right_items(syn):

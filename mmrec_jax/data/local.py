@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
+from mmrec_jax.cli import HelpFormatter, exit_quietly_on_interrupt, require_writable_folder
 from mmrec_jax.data import builder, media, pipeline
 
 DEFAULT_NAME = "mmrec_local"
@@ -762,7 +762,13 @@ def add_common_flags(parser: argparse.ArgumentParser, default_name: str) -> None
     """Flags shared by the local and MovieLens importers."""
     parser.add_argument("--output", required=True, help="data folder (DATA_DIR)")
     parser.add_argument("--name", default=default_name, help="dataset name (snake_case)")
-    parser.add_argument("--split", choices=SPLIT_METHODS, default=None, help="split method")
+    parser.add_argument(
+        "--split",
+        choices=SPLIT_METHODS,
+        default=None,
+        help="split method (default: leave_last when the interactions have timestamps, "
+        "else random)",
+    )
     parser.add_argument(
         "--positive_threshold", type=float, default=4.0, help="ratings >= this are positives"
     )
@@ -795,12 +801,16 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: import a folder (see the module docstring); exits 2 on bad input."""
     parser = argparse.ArgumentParser(
         prog="python -m mmrec_jax.data.local",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Import interactions and item content from a folder as a TFDS dataset.",
+        formatter_class=HelpFormatter,
+        description=__doc__,
     )
     parser.add_argument("--input", required=True, help="folder with interactions.* and items.*")
     add_common_flags(parser, DEFAULT_NAME)
-    parser.add_argument("--text_columns", default="", help="item text columns, comma-separated")
+    parser.add_argument(
+        "--text_columns",
+        default="",
+        help='item text columns, comma-separated (default: "text", else every "text_*")',
+    )
     parser.add_argument("--max_image_side", type=int, default=128, help="stored image size")
     parser.add_argument("--audio_sample_rate", type=int, default=16000, help="stored audio rate")
     parser.add_argument("--max_audio_seconds", type=float, default=10.0, help="stored audio length")

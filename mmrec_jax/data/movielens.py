@@ -37,7 +37,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
+from mmrec_jax.cli import HelpFormatter, exit_quietly_on_interrupt, require_writable_folder
 from mmrec_jax.data import builder, local
 
 DEFAULT_NAME = "movielens"
@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: convert a MovieLens folder (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m mmrec_jax.data.movielens",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Convert MovieLens into an mmrec TFDS dataset.",
+        formatter_class=HelpFormatter,
+        description=__doc__,
     )
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")
     local.add_common_flags(parser, DEFAULT_NAME)

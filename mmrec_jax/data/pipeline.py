@@ -202,8 +202,11 @@ def load_dataset_info(data_config) -> DatasetInfo:
         raise DatasetNotBuiltError(
             f"Dataset {name!r} is not built in {data_dir!r}. "
             + (
-                "Run pipeline.ensure_dataset(config.data) or "
-                f"python -m mmrec_jax.data.synthetic --output {data_dir}."
+                "train.py generates it on first use; to generate it now with this "
+                "config's settings: python -m mmrec_jax.data.synthetic --output "
+                f"{data_dir} "
+                + " ".join(f"--{k} {v}" for k, v in _synthetic_args(data_config).items())
+                + " (from Python: pipeline.ensure_dataset(config.data))."
                 if name == "mmrec_synthetic"
                 else _importer_hint(name, data_dir)
             )

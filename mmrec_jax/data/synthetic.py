@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
+from mmrec_jax.cli import HelpFormatter, exit_quietly_on_interrupt, require_writable_folder
 from mmrec_jax.data import builder, media
 
 NAME = "mmrec_synthetic"
@@ -550,13 +550,13 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: generate `mmrec_synthetic` into a data folder."""
     parser = argparse.ArgumentParser(
         prog="python -m mmrec_jax.data.synthetic",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Generate the mmrec_synthetic dataset (TFDS, ArrayRecord).",
     )
     parser.add_argument("--output", required=True, help="data folder (DATA_DIR)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--num_users", type=int, default=1000, help="users")
-    parser.add_argument("--num_items", type=int, default=1200, help="items")
+    parser.add_argument("--num_users", type=int, default=800, help="users (as configs/default.py)")
+    parser.add_argument("--num_items", type=int, default=1200, help="items (as configs/default.py)")
     parser.add_argument(
         "--cold_item_share", type=float, default=0.2, help="share of items never in training"
     )
