@@ -43,6 +43,7 @@ logits = model.apply(variables, batch, train=False)  # batch: see mmrec_jax/sche
 Without mmrec_jax:
 
 ```python
+import numpy
 from safetensors.numpy import load_file
 params = load_file("{name}/params.safetensors")     # {{"fusion/...": float32 array}}
 item_embeddings = numpy.load("{name}/item_embeddings.npy")  # (N, D), rows of item_ids.npy
@@ -60,6 +61,7 @@ Top-K items for a user: `python -m mmrec_jax.recommend --export {name} --user US
 | `user_ids.npy`, `user_id_index.npy` | original user ids and their ID-vocabulary index |
 | `user_history.npy`, `user_history_mask.npy` | each user's latest history (item rows) |
 | `user_engaged_offsets.npy`, `user_engaged_items.npy` | items each user engaged with (CSR) |
+| `text_model/`, `tokenizer/` | the text tower's BERT and its tokenizer (runs with text) |
 | `export.json` | format version, checkpoint step, shapes; written last |
 """
 

@@ -245,6 +245,17 @@ def test_recommend_excludes_engaged_items_and_matches_brute_force(
     assert probabilities == sorted(probabilities, reverse=True)
 
 
+def test_the_exports_own_readme_runs_without_mmrec_jax(export_dir, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (export_dir / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if "load_file" in b]
+    monkeypatch.chdir(export_dir.parent)  # its paths are relative to the export's folder
+    namespace = {}
+    exec(block, namespace)
+    tables = exported.load_tables(export_dir)
+    np.testing.assert_array_equal(namespace["item_embeddings"], tables["item_embeddings"])
+    assert namespace["params"].keys() == load_file(export_dir / "params.safetensors").keys()
+
+
 def test_readme_scores_from_the_export_alone_as_recommend_does(export_dir):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     (block,) = [b for b in blocks if 'method="score"' in b]
