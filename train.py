@@ -8,7 +8,7 @@ A workdir that already holds checkpoints is resumed from the latest one.
 
 import argparse
 
-from mmrec_jax.cli import add_config_argument, exit_quietly_on_interrupt, parse_config_args
+from mmrec_jax.cli import add_config_argument, exits_quietly, parse_config_args
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     runtime.tune_host_allocator()
 
     try:
-        with exit_quietly_on_interrupt(parser):  # before and after the training loop
+        with exits_quietly(parser):  # before and after the training loop
             train.train_and_evaluate(config, args.workdir)
     except PretrainedModelNotFound as error:
         parser.exit(2, f"{parser.prog}: error: config.model.text.model: {error}\n")

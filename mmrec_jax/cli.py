@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,8 +26,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 @contextlib.contextmanager
-def exit_quietly_on_interrupt(parser: argparse.ArgumentParser) -> Iterator[None]:
-    """Ends the command on Ctrl-C with one line and status 130 instead of a traceback.
+def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Ends the command without a traceback on Ctrl-C (one line, status 130) and when its
+    output is piped into a program that stopped reading (`| head`; status 141).
 
     Output written so far is left as each command leaves it: datasets, exports and
     checkpoints are renamed into place only when complete.
@@ -35,6 +37,10 @@ def exit_quietly_on_interrupt(parser: argparse.ArgumentParser) -> Iterator[None]
         yield
     except KeyboardInterrupt:
         parser.exit(130, f"\n{parser.prog}: interrupted.\n")
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 def require_writable_folder(parser: argparse.ArgumentParser, flag: str, folder) -> None:

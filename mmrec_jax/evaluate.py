@@ -42,7 +42,7 @@ import numpy as np
 
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax import predict, reporting, runtime, schema, sharding
-from mmrec_jax.cli import exit_quietly_on_interrupt
+from mmrec_jax.cli import exits_quietly
 from mmrec_jax.files import write_atomic
 
 # Content modalities `--ablate` marks absent in turn (those the model's towers have).
@@ -931,18 +931,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
+    with exits_quietly(parser):
+        return _evaluate_and_report(parser, args)
+
+
+def _evaluate_and_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`main` once the arguments are parsed: evaluates, prints the table, writes the files."""
     try:
-        with exit_quietly_on_interrupt(parser):
-            results = evaluate_run(
-                args.workdir,
-                args.split,
-                args.checkpoint,
-                args.k,
-                args.ablate,
-                data_dir=args.data_dir,
-                batch_size=args.batch_size,
-                write=False,
-            )
+        results = evaluate_run(
+            args.workdir,
+            args.split,
+            args.checkpoint,
+            args.k,
+            args.ablate,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            write=False,
+        )
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{moved_data_hint(error, args)}\n")
     except jax.errors.JaxRuntimeError as error:

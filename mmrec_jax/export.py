@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from mmrec_jax import evaluate, exported, runtime, schema, sharding
-from mmrec_jax.cli import exit_quietly_on_interrupt, require_writable_folder
+from mmrec_jax.cli import exits_quietly, require_writable_folder
 from mmrec_jax.config import config_to_json
 
 _README = """\
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     require_writable_folder(parser, "the folder of --out", Path(args.out).resolve().parent)
     sharding.maybe_initialize_distributed()
     try:
-        with exit_quietly_on_interrupt(parser):
+        with exits_quietly(parser):
             out = export_run(
                 args.workdir, args.out, args.checkpoint, args.overwrite, data_dir=args.data_dir
             )

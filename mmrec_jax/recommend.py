@@ -21,6 +21,7 @@ import numpy as np
 
 from mmrec_jax import exported, runtime, schema
 from mmrec_jax import metrics as metrics_lib
+from mmrec_jax.cli import exits_quietly
 
 # Items scored per jit call (the last chunk is padded to this size).
 ITEMS_PER_CALL = 4096
@@ -164,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--list_users", action="store_true", help="print every known user id")
     parser.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     args = parser.parse_args(argv)
+    with exits_quietly(parser):
+        return _recommend_and_print(parser, args)
+
+
+def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`main` once the arguments are parsed."""
     try:
         recommender = ExportedRecommender(args.export)
         if args.list_users:

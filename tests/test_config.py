@@ -336,10 +336,23 @@ def test_commands_end_on_ctrl_c_and_unwritable_output_with_one_line(tmp_path, ca
     from mmrec_jax.data import synthetic
 
     parser = argparse.ArgumentParser(prog="prog")
-    with pytest.raises(SystemExit) as exit_info, cli.exit_quietly_on_interrupt(parser):
+    with pytest.raises(SystemExit) as exit_info, cli.exits_quietly(parser):
         raise KeyboardInterrupt
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "prog: interrupted."
+    # Output piped into a program that stops reading (`| head`): no traceback either.
+    script = (
+        "import argparse\nfrom mmrec_jax.cli import exits_quietly\n"
+        "with exits_quietly(argparse.ArgumentParser(prog='p')):\n"
+        "    for i in range(10**6):\n        print(i)\n"
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    assert reader.stdout.readline() == b"0\n"
+    reader.stdout.close()
+    assert reader.wait(timeout=60) == 141
+    assert reader.stderr.read() == b""
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         synthetic.main(["--output", str(tmp_path / "file" / "data")])

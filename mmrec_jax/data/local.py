@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from mmrec_jax.cli import HelpFormatter, exit_quietly_on_interrupt, require_writable_folder
+from mmrec_jax.cli import HelpFormatter, exits_quietly, require_writable_folder
 from mmrec_jax.data import builder, media, pipeline
 
 DEFAULT_NAME = "mmrec_local"
@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     require_writable_folder(parser, "--output", args.output)
     try:
-        with exit_quietly_on_interrupt(parser):
+        with exits_quietly(parser):
             import_folder(args.input, args.output, options, overwrite=args.overwrite)
     except (ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

@@ -37,7 +37,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmrec_jax.cli import HelpFormatter, exit_quietly_on_interrupt, require_writable_folder
+from mmrec_jax.cli import HelpFormatter, exits_quietly, require_writable_folder
 from mmrec_jax.data import builder, local
 
 DEFAULT_NAME = "movielens"
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_writable_folder(parser, "--output", args.output)
     try:
-        with exit_quietly_on_interrupt(parser):
+        with exits_quietly(parser):
             import_movielens(
                 args.input, args.output, local.options_from_args(args), overwrite=args.overwrite
             )

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmrec_jax.cli import HelpFormatter, exit_quietly_on_interrupt, require_writable_folder
+from mmrec_jax.cli import HelpFormatter, exits_quietly, require_writable_folder
 from mmrec_jax.data import builder, media
 
 NAME = "mmrec_synthetic"
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_writable_folder(parser, "--output", args.output)
     try:
-        with exit_quietly_on_interrupt(parser):
+        with exits_quietly(parser):
             build(
                 args.output,
                 num_users=args.num_users,
