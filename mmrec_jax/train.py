@@ -846,7 +846,13 @@ def _train_and_evaluate(
         start_step, state, data_state, restored_meta, damaged = restored
         if damaged:
             _set_aside(checkpointer, damaged, is_chief)
-        if is_chief:
+        if is_chief and start_step == total_steps:
+            print(
+                f"The run has already trained all {total_steps} steps (checkpoints in "
+                f"{checkpointer.directory}): nothing to train; reporting its results. Raise "
+                "config.train.num_epochs or num_steps to train on."
+            )
+        elif is_chief:
             print(f"Resuming from checkpoint step {start_step} in {checkpointer.directory}.")
         best_auc, evals_without_gain = _early_stopping_record(restored_meta, workdir, start_step)
     patience = config.train.early_stopping_patience

@@ -82,6 +82,12 @@ def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
     # Three steps traced after the compiling and a warm-up step, beside the scalars.
     assert traced_steps(tmp_path / "tensorboard") == [3, 4, 5]
     assert "Traced steps 3-5" in out
+    # Run again, the finished run says so, trains nothing and reports the same results.
+    again = train.train_and_evaluate(tiny_config(data_dir), tmp_path)
+    out = capsys.readouterr().out
+    assert f"already trained all {total} steps" in out and "Resuming" not in out
+    assert again["test"]["model"]["auc"] == summary["test"]["model"]["auc"]
+    assert max(r["step"] for r in reporting.read_metrics(tmp_path)) == total
 
 
 def test_one_and_eight_devices_and_fsdp_give_the_same_losses(data_dir, tmp_path):
