@@ -8,7 +8,12 @@ A workdir that already holds checkpoints is resumed from the latest one.
 
 import argparse
 
-from mmrec_jax.cli import add_config_argument, exits_quietly, parse_config_args
+from mmrec_jax.cli import (
+    add_config_argument,
+    exits_quietly,
+    parse_config_args,
+    show_warnings_plainly,
+)
 
 
 def main() -> None:
@@ -16,6 +21,7 @@ def main() -> None:
     add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
     args, config = parse_config_args(parser)
+    show_warnings_plainly()
     from mmrec_jax import runtime, train
     from mmrec_jax.checkpoint import CheckpointError
     from mmrec_jax.config import ConfigError

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +24,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.required or action.default in (None, ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def show_warnings_plainly() -> None:
+    """Prints warnings as 'UserWarning: message', without the source line that Python
+    adds for programmers (a command's user cannot act on it)."""
+    warnings.formatwarning = lambda message, category, *_args, **_kwargs: (
+        f"{category.__name__}: {message}\n"
+    )
 
 
 @contextlib.contextmanager

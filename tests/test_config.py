@@ -360,3 +360,14 @@ def test_commands_end_on_ctrl_c_and_unwritable_output_with_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert "cannot write in --output" in err and "Not a directory" in err
     assert "Traceback" not in err
+
+
+def test_commands_show_warnings_without_the_source_line(monkeypatch):
+    import warnings
+
+    from mmrec_jax import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
+    cli.show_warnings_plainly()
+    shown = warnings.formatwarning("Cannot write the cache", UserWarning, "cache.py", 7, None)
+    assert shown == "UserWarning: Cannot write the cache\n"
