@@ -141,6 +141,13 @@ def test_first_use_builds_the_synthetic_dataset(tmp_path, capsys):
     assert (foreign / "mmrec_synthetic" / "notes").is_dir()
 
 
+def test_a_foreign_folder_in_the_datasets_place_is_kept_and_named(tmp_path):
+    (tmp_path / "mmrec_synthetic" / "notes").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="not a dataset this version of mmrec_jax wrote"):
+        pipeline.ensure_dataset(make_config(tmp_path).data)
+    assert (tmp_path / "mmrec_synthetic" / "notes").is_dir()
+
+
 def test_a_data_dir_that_cannot_be_written_is_named_before_any_work(tmp_path):
     (tmp_path / "file").write_text("")
     config = make_config(tmp_path / "file" / "data")

@@ -176,8 +176,16 @@ def ensure_dataset(data_config) -> None:
             f"Cannot write the dataset {name} into config.data.data_dir={data_dir!r} "
             f"({reason}). Point config.data.data_dir at a folder you can write to."
         )
-    # A folder left by an interrupted build is replaced by `write_dataset`.
-    synthetic.build(data_dir, **wanted)
+    # A folder left by an interrupted build is replaced by `write_dataset`; any other
+    # folder of that name is not this layout and is kept.
+    try:
+        synthetic.build(data_dir, **wanted)
+    except builder.DatasetExistsError as error:
+        raise ConfigError(
+            f"{builder.dataset_dir(data_dir, name)} exists but is not a dataset this version "
+            "of mmrec_jax wrote, so it is left alone. Move it away, or point "
+            "config.data.data_dir at another folder."
+        ) from error
 
 
 def _synthetic_args(data_config) -> dict[str, Any]:
