@@ -415,9 +415,10 @@ def _exited(pid: int) -> bool:
 def test_grain_workers_leave_ctrl_c_and_sigterm_to_the_training_process(syn):
     """Ctrl-C and a scheduler's SIGTERM reach the workers too; they must keep serving
     while training finishes its validation pass and saves."""
-    plain = list(pipeline.make_batches(make_config(syn), "train", train=False))
+    plain = list(pipeline.make_batches(make_config(syn), "validation", train=False))
     before = _grain_workers()
-    iterator = pipeline.make_batches(make_config(syn, data__num_workers=2), "train", train=False)
+    workers_config = make_config(syn, data__num_workers=2)
+    iterator = pipeline.make_batches(workers_config, "validation", train=False)
     try:
         batches = take(iterator, 2)  # one from each worker: both have started
         workers = _grain_workers() - before

