@@ -708,7 +708,7 @@ def format_results(results: Mapping[str, Mapping]) -> str:
     users = ["ranked users"]
     for entry in results.values():
         users.append(reporting.format_cell(entry.get("ranked_users")))
-        users += [""] if entry.get("oracle") else []
+        users += [reporting.format_cell(None)] if entry.get("oracle") else []  # no oracle count
     table.append(users)
     lines = reporting.align_table(table)
     for split, entry in results.items():

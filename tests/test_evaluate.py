@@ -334,3 +334,18 @@ def test_calibration_plot_keeps_earlier_splits_of_the_same_checkpoint(tmp_path):
     assert list(curves) == ["validation", "test"]
     assert curves["test"]["positive_rate"] == [0.4]
     assert list(evaluate.calibration_curves(tmp_path, 20)) == ["train"]
+
+
+def test_results_table_marks_each_cell_without_a_value():
+    entry = {
+        "click": {"auc": 0.75},
+        "ranking": {"recall@10": 0.5},
+        "rows": {"examples": 8},
+        "oracle": {"auc": 0.9},
+        "ranked_users": 3,
+    }
+    lines = evaluate.format_results({"test": entry}).splitlines()
+    row = {line.split("  ")[0].strip(): line.split()[-2:] for line in lines}
+    assert row["auc"] == ["0.7500", "0.9000"]
+    assert row["recall@10"] == ["0.5000", "-"]  # the oracle ranks no catalogue
+    assert row["ranked users"] == ["3", "-"]
