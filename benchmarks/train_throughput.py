@@ -166,6 +166,9 @@ def _measure(args, run, jitted, batch, iterator, mesh, counter, name: str, dtype
     start = time.perf_counter()
     run(batch)
     first_call_s = time.perf_counter() - start
+    # From here on the step must not be traced again; if it is, JAX logs what differed.
+    explain = jax.config.jax_explain_cache_misses
+    jax.config.update("jax_explain_cache_misses", True)
     for _ in range(args.warmup):
         run(batch)
     data_times = []
@@ -180,6 +183,7 @@ def _measure(args, run, jitted, batch, iterator, mesh, counter, name: str, dtype
 
     times, cpu_times = common.time_calls(timed_step, args.steps)
     profile = _profile(args, timed_step, name) if args.profile else None
+    jax.config.update("jax_explain_cache_misses", explain)
     peak_after = None if args.no_peak else common.matmul_peak(dtype)
     peak_float32 = None
     if not args.no_peak and jax.numpy.dtype(dtype) != jax.numpy.float32:
@@ -367,7 +371,10 @@ def main(argv=None) -> None:
     print(json.dumps(result), flush=True)
     if measured is not None and measured["compiles"] != 1:
         compiles = measured["compiles"]
-        sys.exit(f"The {name} function compiled {compiles} times; it must compile once.")
+        sys.exit(
+            f"The {name} function compiled {compiles} times; it must compile once (JAX's "
+            "explanation of what differed from the first call is logged above)."
+        )
 
 
 if __name__ == "__main__":

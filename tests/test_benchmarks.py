@@ -1,6 +1,7 @@
 """The throughput benchmarks run end to end on the tiny config and report sane numbers."""
 
 import importlib
+import itertools
 import json
 import os
 import subprocess
@@ -158,3 +159,24 @@ def test_the_peak_and_its_shape_come_from_the_same_measurement(monkeypatch):
     assert rates["step_ms_median"] == 250.0 and rates["gflops_per_s"] == 200.0
     assert rates["peak_gflops_per_s"] == 400.0 and rates["peak_shape"] == [1024, 1024, 1024]
     assert rates["fraction_of_peak"] == 0.5
+
+
+def test_a_second_compilation_fails_the_benchmark_and_is_explained(monkeypatch, capsys, caplog):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+    import train_throughput
+
+    batches = train_throughput._batches
+
+    def a_larger_item_block_first(args, config, mesh):
+        config, batch, _, items = batches(args, config, mesh)
+        rows = int(config.train.batch_size)
+        other = common.random_batch(config, rows, items + mesh.size, seed=5)
+        return config, batch, itertools.chain([other], itertools.repeat(batch)), items
+
+    monkeypatch.setattr(train_throughput, "_batches", a_larger_item_block_first)
+    argv = ["--config", str(ROOT / "configs" / "tiny.py"), "--steps", "2", "--warmup", "0"]
+    with pytest.raises(SystemExit, match="benchmark_train_step function compiled 2 times"):
+        train_throughput.main([*argv, "--no_peak"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["compiles"] == 2
+    assert "benchmark_train_step" in caplog.text  # JAX's account of what differed
