@@ -149,10 +149,10 @@ class Checkpointer:
         keep the process from exiting for minutes while they wait for the step folder.
         Every process learns whether any of them failed, so all raise together.
         """
-        problem = files.unwritable_reason(self.directory)
-        failed = sharding.failed_processes(problem is not None)
-        if failed and problem is None:
-            problem = f"process {failed[0]} cannot write there; see its error"
+        problem = sharding.shared_problem(
+            files.unwritable_reason(self.directory),
+            "process {process} cannot write there; see its error",
+        )
         if problem is not None:
             self.manager.close()
             raise CheckpointError(

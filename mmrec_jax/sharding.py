@@ -213,3 +213,16 @@ def failed_processes(failed: bool) -> list[int]:
 
     flags = multihost_utils.process_allgather(np.int32(failed))
     return [int(i) for i in np.flatnonzero(flags)]
+
+
+def shared_problem(problem: str | None, elsewhere: str) -> str | None:
+    """The problem every process reports: None when no process has one.
+
+    A collective (see `failed_processes`). A process with a problem reports its own; one
+    without reports `elsewhere` with "{process}" replaced by the index of the first that
+    has one (a plain replacement: the text may hold braces of its own, in a path say).
+    """
+    failed = failed_processes(problem is not None)
+    if not failed:
+        return None
+    return problem if problem is not None else elsewhere.replace("{process}", str(failed[0]))

@@ -659,19 +659,19 @@ def _early_stopping_record(meta: dict, workdir: Path, step: int) -> tuple[float,
 
 def _set_aside(checkpointer: checkpoint_lib.Checkpointer, steps: list[int], is_chief: bool) -> None:
     """Moves checkpoints that failed to restore out of the way, so their steps can be saved."""
-    move_error = None
+    problem = None
     if is_chief:
         try:
             for step, target in checkpointer.set_aside(steps).items():
                 print(f"Moved damaged checkpoint step {step} to {target} (delete it when done).")
         except OSError as error:
-            move_error = error
-    if sharding.failed_processes(move_error is not None):
+            problem = str(error.strerror or error)
+    problem = sharding.shared_problem(problem, "on process {process}")
+    if problem is not None:
         checkpointer.close()
         raise checkpoint_lib.CheckpointError(
-            f"Could not move the damaged checkpoints {steps} out of {checkpointer.directory}"
-            + (f" ({move_error.strerror or move_error})" if move_error else " (on process 0)")
-            + ". Move them away by hand, or make the folder writable, and rerun."
+            f"Could not move the damaged checkpoints {steps} out of {checkpointer.directory} "
+            f"({problem}). Move them away by hand, or make the folder writable, and rerun."
         )
     checkpointer.reload()
 
@@ -734,9 +734,9 @@ def train_and_evaluate(
                 "can write to (python -m mmrec_jax.evaluate scores a finished run's "
                 "checkpoints)."
             )
-        failed = sharding.failed_processes(problem is not None)
-        if failed and problem is None:
-            problem = f"Process {failed[0]} cannot train in the workdir {workdir}; see its error."
+        problem = sharding.shared_problem(
+            problem, f"Process {{process}} cannot train in the workdir {workdir}; see its error."
+        )
         if problem is not None:
             raise ConfigError(problem)
         return _train_and_evaluate(config, workdir, devices, process_index, process_count)
@@ -776,9 +776,7 @@ def _train_and_evaluate(
         except Exception as error:  # noqa: BLE001 - raised below, once every process knows
             build_error = error
     if sharding.failed_processes(build_error is not None):
-        if build_error is not None:
-            raise build_error
-        raise ConfigError("Process 0 could not prepare the dataset; see its error.")
+        raise build_error or ConfigError("Process 0 could not prepare the dataset; see its error.")
     info = pipeline.load_dataset_info(config.data)
     config = resolve_config(config, info, verbose=is_chief)
     check_resumable(workdir, config, info)

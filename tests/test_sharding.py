@@ -15,3 +15,9 @@ def test_mesh_devices_are_grouped_by_process_in_process_order():
     # One process: the order given is kept.
     reverse = jax.devices()[::-1]
     assert list(sharding.make_mesh(reverse).devices) == reverse
+
+
+def test_every_process_reports_one_problem_from_where_it_arose():
+    # One process: its own problem, or none.
+    assert sharding.shared_problem(None, "process {process} failed") is None
+    assert sharding.shared_problem("disk full", "process {process} failed") == "disk full"
