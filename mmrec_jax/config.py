@@ -442,19 +442,15 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             )
     scales = _lookup(config, "train.tower_lr_scale")
     if scales is not _MISSING:
-        try:
-            named = set(optim.parse_lr_scales(scales))
-        except ValueError as error:
-            problems.append(str(error))
-        else:
-            from mmrec_jax.models.recommender import PARAM_TOWERS
+        from mmrec_jax.models.recommender import PARAM_TOWERS
 
-            known = set(schema.TOWERS) | set(PARAM_TOWERS) | set(PARAM_TOWERS.values())
-            if named - known:
-                problems.append(
-                    f"config.train.tower_lr_scale={scales!r} names {sorted(named - known)}, "
-                    f"which are no towers; known: {', '.join(sorted(known))}."
-                )
+        known = set(schema.TOWERS) | set(PARAM_TOWERS) | set(PARAM_TOWERS.values())
+        try:
+            problem = optim.unknown_scale_names(scales, known)
+        except ValueError as error:
+            problem = str(error)
+        if problem is not None:
+            problems.append(problem)
     if _lookup(config, "train.num_steps") == 0 and _lookup(config, "train.num_epochs") == 0:
         problems.append(
             "config.train.num_steps=0 and config.train.num_epochs=0 train nothing; "

@@ -20,6 +20,18 @@ from mmrec_jax import schema
 FROZEN = "frozen"
 
 
+def unknown_scale_names(text: str, known: set[str]) -> str | None:
+    """What is wrong when `train.tower_lr_scale` (`text`) names something not in `known`
+    (towers and top-level parameter groups); None when it names only those."""
+    unknown = sorted(set(parse_lr_scales(text)) - known)
+    if not unknown:
+        return None
+    return (
+        f"config.train.tower_lr_scale={text!r} names {unknown}, which are no towers; "
+        f"known: {', '.join(sorted(known - {FROZEN}))}."
+    )
+
+
 def parse_lr_scales(text: str) -> dict[str, float]:
     """Parses `train.tower_lr_scale`, e.g. "text=0.1,image=2" -> {"text": 0.1, "image": 2.0}."""
     scales = {}
@@ -100,12 +112,9 @@ def build_optimizer(
     param_towers = dict(param_towers or {})
     names = sorted({leaf for leaf in jax.tree.leaves(labels)})
     known = set(names) | set(param_towers) | set(param_towers.values()) | set(schema.TOWERS)
-    unknown = sorted(set(scales) - known)
-    if unknown:
-        raise ValueError(
-            f"config.train.tower_lr_scale names {unknown}, which are no towers; "
-            f"known: {sorted(known - {FROZEN})}."
-        )
+    problem = unknown_scale_names(train_config.tower_lr_scale, known)
+    if problem is not None:
+        raise ValueError(problem)
     transforms = {}
     for name in names:
         if name == FROZEN:
