@@ -71,15 +71,15 @@ class UserTable:
       history_mask: (U, H) bool, True where a history entry is real.
       train_positives: CSR of the items the user engaged with in the train split (what
         evaluation excludes from the ranking).
-      engaged: CSR of the items the user engaged with in any split (what serving
-        excludes).
+      interacted: CSR of the items of any interaction of the user in any split,
+        positive or not (what serving excludes).
     """
 
     user_id: np.ndarray
     history: np.ndarray
     history_mask: np.ndarray
     train_positives: tuple[np.ndarray, np.ndarray]
-    engaged: tuple[np.ndarray, np.ndarray]
+    interacted: tuple[np.ndarray, np.ndarray]
 
     def __post_init__(self):
         users = self.user_id.shape[0]
@@ -88,7 +88,7 @@ class UserTable:
                 f"UserTable: user_id has {users} users but history {self.history.shape} and "
                 f"history_mask {self.history_mask.shape}; pass (U,), (U, H), (U, H)."
             )
-        for name in ("train_positives", "engaged"):
+        for name in ("train_positives", "interacted"):
             if getattr(self, name)[0].shape != (users + 1,):
                 raise ValueError(
                     f"UserTable: {name} offsets must have shape ({users + 1},), got "
@@ -138,7 +138,7 @@ def open_catalogue(config: Any) -> Catalogue:
         history=history,
         history_mask=history_mask,
         train_positives=store.users.train_positives,
-        engaged=store.users.engaged,
+        interacted=store.users.interacted,
     )
     return Catalogue(
         info=info,

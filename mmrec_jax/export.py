@@ -60,7 +60,8 @@ Top-K items for a user: `python -m mmrec_jax.recommend --export {name} --user US
 | `item_tokens.npy`, `item_token_mask.npy` | each item's (M, D) modality tokens and mask |
 | `user_ids.npy`, `user_id_index.npy` | original user ids and their ID-vocabulary index |
 | `user_history.npy`, `user_history_mask.npy` | each user's latest history (item rows) |
-| `user_engaged_offsets.npy`, `user_engaged_items.npy` | items each user engaged with (CSR) |
+| `user_interacted_items.npy` | the items (rows) each user interacted with, liked or not |
+| `user_interacted_offsets.npy` | user u's are `user_interacted_items[offsets[u]:offsets[u+1]]` |
 | `text_model/`, `tokenizer/` | the text tower's BERT and its tokenizer (runs with text) |
 | `export.json` | format version, checkpoint step, shapes; written last |
 """
@@ -138,8 +139,8 @@ def write_export(
         "user_id_index": users.user_id.astype(np.int32),
         "user_history": users.history.astype(np.int32),
         "user_history_mask": users.history_mask.astype(bool),
-        "user_engaged_offsets": users.engaged[0].astype(np.int64),
-        "user_engaged_items": users.engaged[1].astype(np.int32),
+        "user_interacted_offsets": users.interacted[0].astype(np.int64),
+        "user_interacted_items": users.interacted[1].astype(np.int32),
     }
     for table, array in tables.items():
         np.save(folder / exported.TABLE_FILES[table], array, allow_pickle=False)

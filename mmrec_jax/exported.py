@@ -20,8 +20,10 @@ The folder's layout (file names are the constants below):
     user_id_index.npy        (U,) each user's ID-vocabulary index (0 = out of vocabulary)
     user_history.npy         (U, H) each user's latest history, as rows of the item table
     user_history_mask.npy    (U, H) True where a history entry is real
-    user_engaged_offsets.npy (U + 1,) user u engaged with items
-    user_engaged_items.npy   (E,)     engaged_items[offsets[u]:offsets[u + 1]] (item rows)
+    user_interacted_offsets.npy, user_interacted_items.npy
+                             (U + 1,) offsets and (E,) item rows, CSR: user u interacted
+                             with items[offsets[u]:offsets[u + 1]] (in any split,
+                             positive or not: what recommendations leave out)
     text_model/              the text tower's BERT as a Hugging Face folder (when the run
                              has a text tower), with its tokenizer
     tokenizer/               the tokenizer files (when the run has a text tower)
@@ -47,7 +49,7 @@ from mmrec_jax import schema
 from mmrec_jax.config import config_from_dict
 
 # Version of the layout above; bumped when it changes incompatibly.
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 
 MANIFEST_FILE = "export.json"
 CONFIG_FILE = "config.json"
@@ -67,8 +69,8 @@ TABLE_FILES = {
     "user_id_index": "user_id_index.npy",
     "user_history": "user_history.npy",
     "user_history_mask": "user_history_mask.npy",
-    "user_engaged_offsets": "user_engaged_offsets.npy",
-    "user_engaged_items": "user_engaged_items.npy",
+    "user_interacted_offsets": "user_interacted_offsets.npy",
+    "user_interacted_items": "user_interacted_items.npy",
 }
 
 # Separator of the parameter paths in the safetensors keys.

@@ -5,7 +5,8 @@
 
 The user's ID embedding and latest history (from the export's user table) are scored
 against every item of the export's encoded item table with the model's `score`, in
-jit-compiled chunks of items; the items the user already engaged with are excluded.
+jit-compiled chunks of items; the items the user already interacted with (in any split of
+the dataset, whether the interaction was positive or not) are left out.
 """
 
 from __future__ import annotations
@@ -117,14 +118,14 @@ class ExportedRecommender:
             out.append(np.asarray(logits)[: min(chunk, num_items - start)])
         return np.concatenate(out)
 
-    def engaged_items(self, user_id) -> np.ndarray:
-        """Rows of the item table the user already engaged with."""
+    def interacted_items(self, user_id) -> np.ndarray:
+        """Rows of the item table the user already interacted with, positive or not."""
         row = self.user_row(user_id)
-        offsets = self.tables["user_engaged_offsets"]
-        return self.tables["user_engaged_items"][offsets[row] : offsets[row + 1]]
+        offsets = self.tables["user_interacted_offsets"]
+        return self.tables["user_interacted_items"][offsets[row] : offsets[row + 1]]
 
     def recommend(self, user_id, k: int = 10) -> list[Recommendation]:
-        """The user's top-K items by score, best first, engaged items excluded.
+        """The user's top-K items by score, best first, items interacted with left out.
 
         Fewer than K come back when fewer items are left after the exclusion.
 
@@ -142,7 +143,7 @@ class ExportedRecommender:
                 "finite. Export again from a checkpoint of a run that trained without NaN."
             )
         exclude = np.zeros(logits.shape, bool)
-        exclude[self.engaged_items(user_id)] = True
+        exclude[self.interacted_items(user_id)] = True
         k = min(k, int((~exclude).sum()))
         if k == 0:
             return []
@@ -179,8 +180,11 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
         results = recommender.recommend(args.user, args.k)
     except (UnknownUserError, exported.ExportError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    engaged = recommender.engaged_items(args.user).size
-    print(f"Top {len(results)} items for user {args.user} ({engaged} engaged items excluded):")
+    seen = recommender.interacted_items(args.user).size
+    print(
+        f"Top {len(results)} items for user {args.user} (leaving out the {seen} items "
+        "they interacted with):"
+    )
     width = max([len(str(r.item_id)) for r in results] + [4])
     print(f"{'rank':>4}  {'item':<{width}}  {'probability':>11}  {'logit':>8}")
     for rank, result in enumerate(results, 1):

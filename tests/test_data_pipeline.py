@@ -334,6 +334,22 @@ def test_user_store_history_and_positives(syn):
         )
 
 
+def test_a_dataset_without_interacted_items_serves_its_positives_instead(syn, monkeypatch):
+    """User tables written before the `interacted` field existed still load."""
+    info = pipeline.load_dataset_info(make_config(syn).data)
+    current = pipeline.UserStore.load(info)
+    assert current.interacted[1].size > current.engaged[1].size  # negatives are in it
+    real_read = pipeline._SplitReader.read
+
+    def read_without_interacted(self, indices):
+        return [{k: v for k, v in r.items() if k != "interacted"} for r in real_read(self, indices)]
+
+    monkeypatch.setattr(pipeline._SplitReader, "read", read_without_interacted)
+    older = pipeline.UserStore.load(info)
+    for ours, theirs in zip(older.interacted, current.engaged, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_negatives_avoid_every_positive_and_are_deterministic(implicit):
     config = make_config(implicit, name="implicit", model__towers="id,history")
     info = pipeline.load_dataset_info(config.data)

@@ -141,6 +141,11 @@ def test_histories_are_the_latest_earlier_train_positives(built):
             if r["user_index"] == row and r["label"] == 1
         }
         np.testing.assert_array_equal(user["engaged"], sorted(engaged))
+        interacted = {
+            r["item_index"] for rows in records.values() for r in rows if r["user_index"] == row
+        }
+        np.testing.assert_array_equal(user["interacted"], sorted(interacted))
+        assert engaged <= interacted
 
 
 def test_each_rendering_reveals_its_attribute():

@@ -206,7 +206,7 @@ def _user_records(config) -> list[dict]:
     return source.__getitems__(list(range(len(source))))
 
 
-def test_recommend_excludes_engaged_items_and_matches_brute_force(
+def test_recommend_leaves_out_items_interacted_with_and_matches_brute_force(
     export_dir, checkpoint, monkeypatch
 ):
     config, model, params = checkpoint
@@ -214,7 +214,10 @@ def test_recommend_excludes_engaged_items_and_matches_brute_force(
     store = pipeline.ItemStore(config)
     n = store.num_item_rows
     items = store.block(np.arange(n), n)
-    user = next(u for u, r in enumerate(users) if 0 < len(r["engaged"]) < n - 5)
+    # A user with negative interactions too (shown, not clicked) and items left.
+    user = next(
+        u for u, r in enumerate(users) if 0 < len(r["engaged"]) < len(r["interacted"]) < n - 1
+    )
     record = users[user]
     # Serving must not touch the dataset.
     for name in ("ItemStore", "load_dataset_info", "make_batches"):
@@ -234,12 +237,18 @@ def test_recommend_excludes_engaged_items_and_matches_brute_force(
         "items": items,
     }
     logits = np.asarray(jax.jit(model.apply)({"params": params}, batch))
-    engaged = set(record["engaged"].tolist())
-    ranked = sorted((i for i in range(n) if i not in engaged), key=lambda i: (-logits[i], i))
+    interacted = set(record["interacted"].tolist())
+    np.testing.assert_array_equal(
+        recommender.interacted_items(record["user_key"].decode()), record["interacted"]
+    )
+    ranked = sorted((i for i in range(n) if i not in interacted), key=lambda i: (-logits[i], i))
     item_ids = recommender.tables["item_ids"].tolist()
     assert [r.item_id for r in results] == [item_ids[i] for i in ranked[:5]]
     np.testing.assert_allclose([r.logit for r in results], logits[ranked[:5]], atol=1e-5)
-    assert not {r.item_id for r in results} & {item_ids[i] for i in engaged}
+    assert not {r.item_id for r in results} & {item_ids[i] for i in interacted}
+    # Every item left: all but those interacted with, the negative ones included.
+    everything = recommender.recommend(record["user_key"].decode(), k=n)
+    assert [r.item_id for r in everything] == [item_ids[i] for i in ranked]
     probabilities = [r.probability for r in results]
     assert probabilities == sorted(probabilities, reverse=True)
 

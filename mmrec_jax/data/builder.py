@@ -23,7 +23,8 @@ picture, b"" when absent), `audio` (16-bit mono WAV bytes, b"" when absent), `ha
 User record: `user_key`, `user_id`, `history` (the latest `history_len` train positives,
 most recent first, -1 padded), `train_positives` (sorted unique item rows the user engaged
 with in train: what ranking excludes), `engaged` (the same over every split: what negative
-sampling avoids).
+sampling avoids), `interacted` (the items of every interaction of the user, positive or
+not, in any split: what recommendations leave out).
 
 ID vocabularies: users and items that appear in the train split get indices 1..n in
 table-row order; every other user or item maps to 0, the out-of-vocabulary bucket (so
@@ -136,6 +137,7 @@ class DatasetContent:
     user_history: np.ndarray  # (U, H) latest train positives, -1 padded
     user_train_positives: list[np.ndarray]
     user_engaged: list[np.ndarray]
+    user_interacted: list[np.ndarray]
     interactions: InteractionTable
     history: np.ndarray  # (n, H) per interaction, -1 padded
     split_order: dict[str, np.ndarray]  # split -> interaction indices in record order
@@ -193,6 +195,7 @@ def prepare(
     user_history = np.full((num_users, history_len), -1, np.int32)
     train_pos: list[list[int]] = [[] for _ in range(num_users)]
     engaged: list[list[int]] = [[] for _ in range(num_users)]
+    interacted: list[list[int]] = [[] for _ in range(num_users)]
     users, item_rows = interactions.user.tolist(), interactions.item.tolist()
     is_train, is_pos = train.tolist(), positive.tolist()
     for index in order.tolist():
@@ -201,6 +204,7 @@ def prepare(
         if seen:
             recent = seen[-history_len:][::-1]
             history[index, : len(recent)] = recent
+        interacted[user].append(item_rows[index])
         if is_pos[index]:
             engaged[user].append(item_rows[index])
             if is_train[index]:
@@ -248,6 +252,7 @@ def prepare(
         user_history=user_history,
         user_train_positives=[_unique_sorted(v) for v in train_pos],
         user_engaged=[_unique_sorted(v) for v in engaged],
+        user_interacted=[_unique_sorted(v) for v in interacted],
         interactions=interactions,
         history=history,
         split_order=split_order,
@@ -352,6 +357,7 @@ class MmrecBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "history": history,
                 "train_positives": tfds.features.Tensor(shape=(None,), dtype=np.int32),
                 "engaged": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "interacted": tfds.features.Tensor(shape=(None,), dtype=np.int32),
             }
         features.update(self._extra(config))
         metadata = {}
@@ -412,6 +418,7 @@ class MmrecBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "history": content.user_history[row],
                     "train_positives": content.user_train_positives[row],
                     "engaged": content.user_engaged[row],
+                    "interacted": content.user_interacted[row],
                 },
             )
 

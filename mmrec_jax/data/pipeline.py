@@ -339,12 +339,15 @@ class UserStore:
       history: (U, Hmax) the latest train positives (item rows), most recent first, -1 pad.
       train_positives: CSR (offsets (U+1,), item rows): what ranking excludes.
       engaged: CSR (offsets (U+1,), item rows): positives of any split.
+      interacted: CSR (offsets (U+1,), item rows): items of any interaction of any
+        split, positive or not (a dataset built without this field: its positives).
     """
 
     user_id: np.ndarray
     history: np.ndarray
     train_positives: tuple[np.ndarray, np.ndarray]
     engaged: tuple[np.ndarray, np.ndarray]
+    interacted: tuple[np.ndarray, np.ndarray]
 
     @classmethod
     def load(cls, info: DatasetInfo) -> UserStore:
@@ -353,11 +356,17 @@ class UserStore:
         records = []
         for start in range(0, info.num_user_rows, _ITEM_CHUNK):
             records += reader.read(range(start, min(start + _ITEM_CHUNK, info.num_user_rows)))
+        engaged = _csr([r["engaged"] for r in records])
         return cls(
             user_id=np.array([r["user_id"] for r in records], np.int32),
             history=np.stack([r["history"] for r in records]).astype(np.int32),
             train_positives=_csr([r["train_positives"] for r in records]),
-            engaged=_csr([r["engaged"] for r in records]),
+            engaged=engaged,
+            interacted=(
+                _csr([r["interacted"] for r in records])
+                if records and "interacted" in records[0]
+                else engaged
+            ),
         )
 
     def latest_history(self, history_len: int) -> tuple[np.ndarray, np.ndarray]:
