@@ -716,6 +716,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"The workdir {workdir} is a file; pass a folder for the run.")
+    created = not workdir.exists()
     with contextlib.ExitStack() as stack:
         problem = None  # process 0 takes the workdir; every process learns the outcome
         try:
@@ -739,7 +740,20 @@ def train_and_evaluate(
         )
         if problem is not None:
             raise ConfigError(problem)
-        return _train_and_evaluate(config, workdir, devices, process_index, process_count)
+        try:
+            return _train_and_evaluate(config, workdir, devices, process_index, process_count)
+        except BaseException:
+            if created and is_chief:
+                _remove_if_only_lock(workdir)
+            raise
+
+
+def _remove_if_only_lock(workdir: Path) -> None:
+    """Removes a workdir that a failed start left holding nothing but its lock file."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in workdir.iterdir()] == [".lock"]:
+            (workdir / ".lock").unlink()
+            workdir.rmdir()
 
 
 def _train_and_evaluate(
@@ -1044,7 +1058,10 @@ def _train_and_evaluate(
                 logged["train/examples_per_s"] = rate * examples_per_step
                 writer.write(step, logged)
                 progress.set_postfix(
-                    loss=f"{means['loss']:.4f}", ex_s=f"{rate * examples_per_step:.0f}"
+                    {
+                        "loss": f"{means['loss']:.4f}",
+                        "examples/s": f"{rate * examples_per_step:.0f}",
+                    }
                 )
                 window_start, window_steps = time.perf_counter(), 0
             evaluate_now = config.train.eval_every and step % config.train.eval_every == 0

@@ -271,6 +271,11 @@ def test_train_and_evaluate_checks_values_before_building_the_dataset(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_size=30 must be divisible .* \(8\).* 24 or 32"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "run").exists()  # the failed start took its new workdir away
+    (tmp_path / "mine").mkdir()  # a workdir that was there before is left
+    with pytest.raises(ConfigError, match=r"batch_size=30 must be divisible"):
+        train.train_and_evaluate(config, tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()
     config.train.batch_size = 4
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file; pass a folder"):
