@@ -110,7 +110,9 @@ def _compute_embeddings(
         return pool(hidden, mask, pooled, pooling)
 
     chunks = []  # fetched batch by batch, so the progress bar shows finished work
-    for start in tqdm(range(0, padded, batch), desc="text embeddings", unit="batch"):
+    steps = range(0, padded, batch)
+    bar = tqdm(steps, desc="text embeddings", unit="batch", disable=jax.process_index() != 0)
+    for start in bar:
         chunk = embed(params, ids[start : start + batch], mask[start : start + batch])
         chunks.append(np.asarray(chunk, np.float32))
     out[rows] = np.concatenate(chunks)[: rows.size]
