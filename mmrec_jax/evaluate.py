@@ -193,11 +193,8 @@ def _replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
 
 
 def _progress_bar(label: str | None, total: int, unit: str):
-    """A tqdm bar on process 0 when `label` is given; a silent one otherwise."""
-    from tqdm.auto import tqdm
-
-    disable = label is None or jax.process_index() != 0
-    return tqdm(total=total, desc=label, unit=unit, disable=disable, dynamic_ncols=True)
+    """A progress bar on process 0 when `label` is given; a silent one otherwise."""
+    return reporting.progress_bar(label or "", total, unit, enabled=label is not None)
 
 
 # ------------------------------------------------------------------ compiled programs

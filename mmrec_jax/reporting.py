@@ -9,11 +9,51 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mmrec_jax.files import write_atomic
+
+# Seconds between a progress bar's updates when stderr is a file or a pipe, not a
+# terminal or a notebook: a log gets a line every half minute, not ten a second.
+LOG_UPDATE_INTERVAL_S = 30.0
+
+
+def progress_bar(
+    label: str,
+    total: int | None = None,
+    unit: str = "it",
+    *,
+    iterable: Iterable | None = None,
+    initial: int = 0,
+    enabled: bool = True,
+):
+    """A tqdm progress bar on stderr, shown by process 0 only.
+
+    Args:
+      label: what the bar counts, e.g. "train".
+      total: the count at 100% (default: the length of `iterable`).
+      unit: the unit of the count, e.g. "step".
+      iterable: items to iterate over through the bar (else call `update`).
+      initial: the count to start from (a resumed run's step).
+      enabled: False gives a bar that shows nothing (as on the other processes).
+    """
+    import jax
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return tqdm(
+        iterable,
+        total=total,
+        initial=initial,
+        desc=label,
+        unit=unit,
+        disable=not enabled or jax.process_index() != 0,
+        dynamic_ncols=True,
+        mininterval=0.1 if interactive else LOG_UPDATE_INTERVAL_S,
+    )
 
 
 class MetricsWriter:

@@ -992,15 +992,8 @@ def _train_and_evaluate(
         checkpointer.save(step, state, position, step_meta, metrics)
         last_saved = step
 
-    from tqdm.auto import tqdm
-
-    progress = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        disable=not is_chief,
-        dynamic_ncols=True,
+    progress = reporting.progress_bar(
+        "train", total_steps, "step", initial=start_step, enabled=is_chief
     )
     # The first step after a start or resume compiles and the second warms up (its dispatch
     # still takes longer): the trace starts at the third.
@@ -1057,11 +1050,12 @@ def _train_and_evaluate(
                 logged["train/steps_per_s"] = rate
                 logged["train/examples_per_s"] = rate * examples_per_step
                 writer.write(step, logged)
-                progress.set_postfix(
+                progress.set_postfix(  # shown with the bar's next update
                     {
                         "loss": f"{means['loss']:.4f}",
                         "examples/s": f"{rate * examples_per_step:.0f}",
-                    }
+                    },
+                    refresh=False,
                 )
                 window_start, window_steps = time.perf_counter(), 0
             evaluate_now = config.train.eval_every and step % config.train.eval_every == 0

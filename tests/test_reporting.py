@@ -1,7 +1,11 @@
-"""Metric records: a resumed run keeps one record per step, in metrics.jsonl and TensorBoard."""
+"""Metric records: a resumed run keeps one record per step, in metrics.jsonl and TensorBoard.
+
+Progress bars: written to a log, they update every half minute, not ten times a second.
+"""
 
 import json
 import struct
+import time
 
 from tensorboardX.proto import event_pb2
 
@@ -54,3 +58,17 @@ def test_a_fresh_start_drops_an_earlier_attempts_records(tmp_path):
     writer.write(1, {"train/loss": 0.7})
     writer.close()
     assert reporting.read_metrics(tmp_path) == [{"step": 1, "train/loss": 0.7}]
+
+
+def test_a_progress_bar_into_a_log_updates_rarely(capsys):
+    # pytest's captured stderr is no terminal, as a log file or a pipe is not.
+    with reporting.progress_bar("work", 40, "item") as bar:
+        for _ in range(40):  # 0.6 s: six updates at a terminal's interval
+            time.sleep(0.015)
+            bar.update(1)
+    lines = [line for line in capsys.readouterr().err.split("\r") if line.strip()]
+    assert len(lines) == 2, lines  # the start and the end
+    assert lines[0].startswith("work:   0%") and lines[1].startswith("work: 100%|")
+    with reporting.progress_bar("work", 40, "item", enabled=False) as bar:
+        bar.update(40)
+    assert capsys.readouterr().err == ""

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from mmrec_jax.files import write_atomic
 from mmrec_jax.hub import resolve_pretrained
 from mmrec_jax.models.bert_weights import TOKENIZER_FILES, load_pretrained, weight_files
 from mmrec_jax.models.text import POOLINGS, pool
+from mmrec_jax.reporting import progress_bar
 
 # Bump when the stored format or the computation changes, so old caches are not reused.
 _CACHE_VERSION = 1
@@ -111,8 +111,7 @@ def _compute_embeddings(
 
     chunks = []  # fetched batch by batch, so the progress bar shows finished work
     steps = range(0, padded, batch)
-    bar = tqdm(steps, desc="text embeddings", unit="batch", disable=jax.process_index() != 0)
-    for start in bar:
+    for start in progress_bar("text embeddings", unit="batch", iterable=steps):
         chunk = embed(params, ids[start : start + batch], mask[start : start + batch])
         chunks.append(np.asarray(chunk, np.float32))
     out[rows] = np.concatenate(chunks)[: rows.size]
