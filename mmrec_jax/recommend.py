@@ -1,12 +1,14 @@
 """Top-K recommendations for a user, served from an export folder alone.
 
     python -m mmrec_jax.recommend --export export/ --user USER_ID [--k 10]
+        [--include_interacted]
     python -m mmrec_jax.recommend --export export/ --list_users
 
 The user's ID embedding and latest history (from the export's user table) are scored
 against every item of the export's encoded item table with the model's `score`, in
 jit-compiled chunks of items; the items the user already interacted with (in any split of
-the dataset, whether the interaction was positive or not) are left out.
+the dataset, whether the interaction was positive or not) are left out unless
+--include_interacted is given.
 """
 
 from __future__ import annotations
@@ -124,10 +126,16 @@ class ExportedRecommender:
         offsets = self.tables["user_interacted_offsets"]
         return self.tables["user_interacted_items"][offsets[row] : offsets[row + 1]]
 
-    def recommend(self, user_id, k: int = 10) -> list[Recommendation]:
-        """The user's top-K items by score, best first, items interacted with left out.
+    def recommend(
+        self, user_id, k: int = 10, leave_out_interacted: bool = True
+    ) -> list[Recommendation]:
+        """The user's top-K items by score, best first.
 
-        Fewer than K come back when fewer items are left after the exclusion.
+        Args:
+          user_id: the user's original id (as given, or as text).
+          k: how many items; fewer come back when fewer are left to recommend.
+          leave_out_interacted: leave out the items the user interacted with in the
+            dataset, positively or not (False: rank every item, e.g. for replays).
 
         Raises:
           UnknownUserError: the export has no such user.
@@ -143,7 +151,8 @@ class ExportedRecommender:
                 "finite. Export again from a checkpoint of a run that trained without NaN."
             )
         exclude = np.zeros(logits.shape, bool)
-        exclude[self.interacted_items(user_id)] = True
+        if leave_out_interacted:
+            exclude[self.interacted_items(user_id)] = True
         k = min(k, int((~exclude).sum()))
         if k == 0:
             return []
@@ -165,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--user", help="the user's original id")
     who.add_argument("--list_users", action="store_true", help="print every known user id")
     parser.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    parser.add_argument(
+        "--include_interacted",
+        action="store_true",
+        help="rank the items the user interacted with too (left out by default)",
+    )
     args = parser.parse_args(argv)
     with exits_quietly(parser):
         return _recommend_and_print(parser, args)
@@ -177,14 +191,12 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
         if args.list_users:
             print("\n".join(str(u) for u in recommender.user_ids.tolist()))
             return 0
-        results = recommender.recommend(args.user, args.k)
+        results = recommender.recommend(args.user, args.k, not args.include_interacted)
     except (UnknownUserError, exported.ExportError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     seen = recommender.interacted_items(args.user).size
-    print(
-        f"Top {len(results)} items for user {args.user} (leaving out the {seen} items "
-        "they interacted with):"
-    )
+    left_out = "" if args.include_interacted else f" (leaving out the {seen} they interacted with)"
+    print(f"Top {len(results)} items for user {args.user}{left_out}:")
     width = max([len(str(r.item_id)) for r in results] + [4])
     print(f"{'rank':>4}  {'item':<{width}}  {'probability':>11}  {'logit':>8}")
     for rank, result in enumerate(results, 1):

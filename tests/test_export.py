@@ -249,6 +249,11 @@ def test_recommend_leaves_out_items_interacted_with_and_matches_brute_force(
     # Every item left: all but those interacted with, the negative ones included.
     everything = recommender.recommend(record["user_key"].decode(), k=n)
     assert [r.item_id for r in everything] == [item_ids[i] for i in ranked]
+    # Or every item, for replays.
+    replays = recommender.recommend(record["user_key"].decode(), k=n, leave_out_interacted=False)
+    assert [r.item_id for r in replays] == [
+        item_ids[i] for i in sorted(range(n), key=lambda i: (-logits[i], i))
+    ]
     probabilities = [r.probability for r in results]
     assert probabilities == sorted(probabilities, reverse=True)
 
@@ -279,6 +284,11 @@ def test_recommend_cli_and_unknown_user(export_dir, capsys):
     assert recommend.main(["--export", str(export_dir), "--user", user, "--k", "3"]) == 0
     out = capsys.readouterr().out
     assert f"Top 3 items for user {user}" in out and len(out.strip().splitlines()) == 5
+    assert "they interacted with" in out
+    args = ["--export", str(export_dir), "--user", user, "--k", "6", "--include_interacted"]
+    assert recommend.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"Top 6 items for user {user}:" in out and len(out.strip().splitlines()) == 8
     with pytest.raises(SystemExit) as exit_info:
         recommend.main(["--export", str(export_dir), "--user", "no_such_user"])
     assert exit_info.value.code == 2
