@@ -20,7 +20,10 @@ FLOPs are the model's matmul and convolution FLOPs counted from its shapes
 (`mmrec_jax.flops`), cross-checked against XLA's cost analysis of the compiled step
 (`counted_over_xla`). XLA's count adds the elementwise work and the optimizer, and
 counts some fused operations its own way: on the MiniLM shapes the two agree within 2%
-either way; on tiny models, where elementwise work is a large share, XLA's is larger.
+either way; on tiny models, where elementwise work is a large share, XLA's is larger. A
+trained BERT over an item block of 512 or more slots runs in a loop of text chunks
+(`mmrec_jax.schema.TEXT_CHUNKS`) whose body XLA counts once: `counted_over_xla` is then
+about 8 (seen with `--items 0` and history).
 The peak is the best `jnp.dot` rate of the step's compute dtype measured in the same
 run, before and after the timed steps (for a bfloat16 model, the float32 rate is
 reported beside it).
@@ -132,7 +135,12 @@ def _batches(args, config, mesh):
     if args.items == 0:
         towers = schema.parse_towers(config.model.towers)
         items = schema.item_capacity(
-            rows, config.data.history_len, config.model.num_items, mesh.size, "history" in towers
+            rows,
+            config.data.history_len,
+            config.model.num_items,
+            mesh.size,
+            "history" in towers,
+            "text" in towers and schema.text_is_trained(config.model.text.mode),
         )
     else:
         items = rows if args.items is None else args.items

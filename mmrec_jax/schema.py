@@ -33,6 +33,14 @@ modality an item lacks is marked by its `has_*` flag; its content array then hol
 that the model must ignore.
 
 `encode_items` of the model takes the `items` dict alone.
+
+Text chunks: a trained BERT encodes an item block of U >= TEXT_CHUNKS * MIN_CHUNK_ITEMS
+slots (U a multiple of TEXT_CHUNKS) in TEXT_CHUNKS chunks, one after the other, and skips
+a chunk none of whose items has text. Chunk c holds the slots s with s % TEXT_CHUNKS == c,
+so every chunk is spread evenly over the devices the block is sharded across. The input
+pipeline fills the chunks in order (`slot_order`), so the padding of a block that its
+batch does not fill lands in whole chunks at the end, which BERT then skips. Any other
+placement gives the same results, only without the saving.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# Chunks of a large item block that a trained text tower encodes one by one (see above),
+# and the fewest items a chunk has: smaller blocks are encoded in one go.
+TEXT_CHUNKS = 8
+MIN_CHUNK_ITEMS = 64
 
 # Towers a model can enable (config.model.towers).
 TOWERS = ("text", "image", "audio", "id", "history")
@@ -334,7 +347,12 @@ def validate_score_rows(
 
 
 def item_capacity(
-    batch_size: int, history_len: int, num_items: int, multiple: int = 1, use_history: bool = True
+    batch_size: int,
+    history_len: int,
+    num_items: int,
+    multiple: int = 1,
+    use_history: bool = True,
+    text_in_chunks: bool = False,
 ) -> int:
     """Slots in the item block: enough for every candidate and history item of a batch.
 
@@ -344,13 +362,38 @@ def item_capacity(
       num_items: items in the dataset's item table (an upper bound on distinct items).
       multiple: round up to this (the number of devices the block is sharded over).
       use_history: whether history items take slots.
+      text_in_chunks: whether a trained BERT encodes the block (in text chunks when it is
+        large enough; see `TEXT_CHUNKS`).
 
     Returns:
-      U, a multiple of `multiple`.
+      U, a multiple of `multiple` (of `multiple * TEXT_CHUNKS` when BERT encodes it in
+      text chunks).
     """
     per_row = 1 + (history_len if use_history else 0)
     capacity = min(batch_size * per_row, num_items)
+    if text_in_chunks and capacity >= TEXT_CHUNKS * MIN_CHUNK_ITEMS:
+        # Each chunk (every TEXT_CHUNKS-th slot) then splits evenly over the devices.
+        multiple *= TEXT_CHUNKS
     return -(-capacity // multiple) * multiple
+
+
+def text_chunks(num_slots: int) -> int:
+    """How many chunks a trained text tower encodes an item block of `num_slots` in (1: one go)."""
+    if num_slots % TEXT_CHUNKS or num_slots < TEXT_CHUNKS * MIN_CHUNK_ITEMS:
+        return 1
+    return TEXT_CHUNKS
+
+
+def slot_order(capacity: int) -> np.ndarray:
+    """(capacity,) int: the slot of a block's j-th item, filling the text chunks in order.
+
+    The identity for a block encoded in one go; else chunk 0's slots (0, k, 2k, ...), then
+    chunk 1's (1, k + 1, ...), and so on, k = `text_chunks(capacity)`.
+    """
+    chunks = text_chunks(capacity)
+    position = np.arange(capacity)
+    per_chunk = capacity // chunks
+    return (position % per_chunk) * chunks + position // per_chunk
 
 
 def batch_dims(config: Any, rows: int, items: int, text_dim: int | None = None) -> dict[str, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmrec_jax.models.bert import BertConfig
+from mmrec_jax import schema, sharding
+from mmrec_jax.models.bert import Bert, BertConfig
 from mmrec_jax.models.text import TextTower, frozen_text_param, pool
 
 BERT = BertConfig(
@@ -137,3 +140,82 @@ def test_trained_modes_need_bert_config_and_tokens():
     with pytest.raises(ValueError, match="text_ids"):
         tower = TextTower(_text_config("finetune"), WIDTH, BERT)
         tower.init(jax.random.key(0), {"text_embedding": np.zeros((2, 16), np.float32)})
+
+
+def _large_block(filled: int) -> dict:
+    """A block just large enough for chunks; its first `filled` positions hold text."""
+    slots = schema.TEXT_CHUNKS * schema.MIN_CHUNK_ITEMS
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 7, slots)
+    mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(1, BERT.vocab_size, size=(slots, 6)).astype(np.int32) * mask
+    has_text = np.zeros(slots, bool)
+    has_text[schema.slot_order(slots)[:filled]] = True
+    return {"text_ids": ids, "text_mask": mask, "has_text": has_text}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 4 items, so that a block of 32 is encoded in 8 chunks (fast to test)."""
+    monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 4)
+    assert schema.text_chunks(31) == schema.text_chunks(28) == 1  # not a multiple; too small
+    assert schema.text_chunks(32) == schema.TEXT_CHUNKS == 8
+
+
+def test_a_large_block_in_chunks_matches_one_go_and_skips_chunks_without_text(
+    small_chunks, monkeypatch
+):
+    items = _large_block(filled=3 * 4 - 1)  # 3 of the 8 chunks hold text
+    slots = items["has_text"].shape[0]
+    tower = TextTower(_text_config("finetune_top_n", "mean", top_n=2), WIDTH, BERT)
+    params = tower.init(jax.random.key(0), items)["params"]
+    target = jax.random.normal(jax.random.key(1), (slots, WIDTH))
+    has_text = items["has_text"][:, None]
+
+    def loss(params):  # what the model reads: the outputs of items with text
+        return jnp.sum(jnp.where(has_text, tower.apply({"params": params}, items), 0) * target)
+
+    def outputs_and_grads():
+        out, grads = jax.jit(lambda p: (tower.apply({"params": p}, items), jax.grad(loss)(p)))(
+            params
+        )
+        return np.asarray(out), jax.tree.map(np.asarray, grads)
+
+    # Count BERT runs: once per chunk encoded, never for a chunk without text.
+    runs = []
+    real_apply = Bert.apply
+
+    def counted_apply(self, *args, **kwargs):
+        jax.debug.callback(lambda: runs.append(1))
+        return real_apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(Bert, "apply", counted_apply)
+    chunked, chunked_grads = jax.block_until_ready(outputs_and_grads())
+    assert len(runs) == 3 + 3  # the forward pass of the outputs and of the gradient
+    monkeypatch.setattr(Bert, "apply", real_apply)
+    # The block sharded over the 8 devices, as a train step shards it: the same outputs.
+    placed = jax.device_put(items, sharding.data_sharding(sharding.make_mesh()))
+    sharded = np.asarray(jax.jit(lambda i: tower.apply({"params": params}, i))(placed))
+    monkeypatch.setattr(schema, "text_chunks", lambda slots: 1)
+    whole, whole_grads = outputs_and_grads()
+    np.testing.assert_allclose(chunked[has_text[:, 0]], whole[has_text[:, 0]], atol=2e-6)
+    np.testing.assert_allclose(sharded[has_text[:, 0]], whole[has_text[:, 0]], atol=2e-6)
+    flat, flat_whole = (flax.traverse_util.flatten_dict(g) for g in (chunked_grads, whole_grads))
+    for path, grad in flat.items():
+        np.testing.assert_allclose(grad, flat_whole[path], rtol=1e-4, atol=1e-5, err_msg=path)
+    assert any(np.any(g != 0) for p, g in flat.items() if p[0] == "bert")
+
+
+def test_chunked_dropout_is_reproducible_and_varies_with_the_key(small_chunks):
+    config = dataclasses.replace(BERT, hidden_dropout_prob=0.3)
+    items = _large_block(filled=2 * 4)
+    tower = TextTower(_text_config("finetune", "mean"), WIDTH, config)
+    params = tower.init(jax.random.key(0), items)["params"]
+
+    @jax.jit
+    def run(seed):
+        rngs = {"dropout": jax.random.key(seed)}
+        return tower.apply({"params": params}, items, train=True, rngs=rngs)
+
+    np.testing.assert_array_equal(run(1), run(1))
+    assert not np.allclose(run(1), run(2))

@@ -21,7 +21,9 @@ global batch of a step is the same whatever P is. The item block of process p ho
 unique items (candidates, and history items when the history tower is on) of its rows,
 padded to `capacity` slots; the slots its rows point at are offset by p * capacity, so
 the global item block is the processes' blocks concatenated. Padding slots have
-item_id 0, item_index -1 and every has_* False.
+item_id 0, item_index -1 and every has_* False. A block large enough for a trained BERT
+to encode in chunks (`schema.TEXT_CHUNKS`) places its items chunk by chunk
+(`schema.slot_order`), so its padding fills whole chunks that BERT skips.
 
 Positives-only datasets get `config.data.negatives_per_positive` (k) sampled negatives
 per positive: example e of a split with n interactions (0 <= e < n * (1 + k)) is
@@ -649,11 +651,15 @@ class _Assembler:
         history_len: int,
         capacity: int,
         slot_offset: int,
+        in_chunks: bool,
     ):
         self.reader, self.store, self.sampler = reader, store, sampler
         self.group, self.epoch_length, self.train = group, epoch_length, train
         self.history_len, self.capacity, self.slot_offset = history_len, capacity, slot_offset
         self.use_history = "history" in store.towers
+        # (capacity,) block position -> slot: the text chunks fill in order.
+        self.in_chunks = in_chunks
+        self.slot_order = schema.slot_order(capacity) if in_chunks else np.arange(capacity)
 
     def __call__(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
         examples = rows["example"]
@@ -674,23 +680,34 @@ class _Assembler:
         needed = [candidate]
         if self.use_history:
             needed.append(history[history_mask])
-        block_rows = np.unique(np.concatenate(needed))
+        block_rows = np.unique(np.concatenate(needed))  # (n,) in block position order
+        slot_of = self.slot_order
         batch = {
             "user_id": self.store.users.user_id[user_index],
             "user_index": user_index,
-            "item_slot": (np.searchsorted(block_rows, candidate) + self.slot_offset).astype(
-                np.int32
-            ),
+            "item_slot": (
+                slot_of[np.searchsorted(block_rows, candidate)] + self.slot_offset
+            ).astype(np.int32),
             "label": label,
             "weight": rows["weight"].astype(np.float32),
         }
         if self.use_history:
-            slots = np.searchsorted(block_rows, np.maximum(history, 0))
+            slots = slot_of[np.searchsorted(block_rows, np.maximum(history, 0))]
             slots = np.where(history_mask, slots, 0) + self.slot_offset
             batch["history_slot"] = slots.astype(np.int32)
             batch["history_mask"] = history_mask
-        batch["items"] = self.store.block(block_rows, self.capacity)
+        items = self.store.block(block_rows, self.capacity)  # by position: used ones first
+        if self.in_chunks:
+            items = {name: _by_slot(array, slot_of) for name, array in items.items()}
+        batch["items"] = items
         return batch
+
+
+def _by_slot(array: np.ndarray, slot_of: np.ndarray) -> np.ndarray:
+    """`array` (capacity, ...) in block position order, rearranged into slot order."""
+    placed = np.empty_like(array)
+    placed[slot_of] = array
+    return placed
 
 
 def num_examples(info: DatasetInfo, split: str, negatives_per_positive: int) -> int:
@@ -811,9 +828,12 @@ def make_batches(
 
         multiple = jax.local_device_count()
     local = size // process_count
+    # A trained BERT encodes the item block; a large one in chunks filled in order.
+    text_in_chunks = "text" in store.towers and schema.text_is_trained(store.text_mode)
     capacity = schema.item_capacity(
-        local, history_len, info.num_item_rows, multiple, "history" in store.towers
+        local, history_len, info.num_item_rows, multiple, "history" in store.towers, text_in_chunks
     )
+    in_chunks = text_in_chunks and schema.text_chunks(capacity) > 1
     sampler = None
     if negatives:
         cold_split = split == "test_cold"
@@ -842,6 +862,7 @@ def make_batches(
             history_len,
             capacity,
             process_index * capacity,
+            in_chunks,
         )
     )
     prefetch = int(config.data.prefetch)
