@@ -353,6 +353,7 @@ def item_capacity(
     multiple: int = 1,
     use_history: bool = True,
     text_in_chunks: bool = False,
+    process_count: int = 1,
 ) -> int:
     """Slots in the item block: enough for every candidate and history item of a batch.
 
@@ -362,8 +363,9 @@ def item_capacity(
       num_items: items in the dataset's item table (an upper bound on distinct items).
       multiple: round up to this (the number of devices the block is sharded over).
       use_history: whether history items take slots.
-      text_in_chunks: whether a trained BERT encodes the block (in text chunks when it is
-        large enough; see `TEXT_CHUNKS`).
+      text_in_chunks: whether a trained BERT encodes the block (in text chunks when the
+        global block, every process's together, is large enough; see `TEXT_CHUNKS`).
+      process_count: processes whose blocks make up the global block.
 
     Returns:
       U, a multiple of `multiple` (of `multiple * TEXT_CHUNKS` when BERT encodes it in
@@ -371,7 +373,7 @@ def item_capacity(
     """
     per_row = 1 + (history_len if use_history else 0)
     capacity = min(batch_size * per_row, num_items)
-    if text_in_chunks and capacity >= TEXT_CHUNKS * MIN_CHUNK_ITEMS:
+    if text_in_chunks and capacity * process_count >= TEXT_CHUNKS * MIN_CHUNK_ITEMS:
         # Each chunk (every TEXT_CHUNKS-th slot) then splits evenly over the devices.
         multiple *= TEXT_CHUNKS
     return -(-capacity // multiple) * multiple
@@ -387,13 +389,15 @@ def text_chunks(num_slots: int) -> int:
 def slot_order(capacity: int) -> np.ndarray:
     """(capacity,) int: the slot of a block's j-th item, filling the text chunks in order.
 
-    The identity for a block encoded in one go; else chunk 0's slots (0, k, 2k, ...), then
-    chunk 1's (1, k + 1, ...), and so on, k = `text_chunks(capacity)`.
+    Chunk 0's slots (0, k, 2k, ...) first, then chunk 1's (1, k + 1, ...), and so on,
+    k = TEXT_CHUNKS. A process's block takes this order too: with `capacity` a multiple of
+    k, its chunk c is part of the global block's chunk c.
     """
-    chunks = text_chunks(capacity)
+    if capacity % TEXT_CHUNKS:
+        raise ValueError(f"capacity={capacity} must be a multiple of {TEXT_CHUNKS} chunks.")
     position = np.arange(capacity)
-    per_chunk = capacity // chunks
-    return (position % per_chunk) * chunks + position // per_chunk
+    per_chunk = capacity // TEXT_CHUNKS
+    return (position % per_chunk) * TEXT_CHUNKS + position // per_chunk
 
 
 def batch_dims(config: Any, rows: int, items: int, text_dim: int | None = None) -> dict[str, int]:

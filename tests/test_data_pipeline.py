@@ -239,6 +239,24 @@ def test_a_block_large_enough_for_text_chunks_fills_them_in_order(syn, monkeypat
                 np.testing.assert_array_equal(items[name][slot], before[name][was], name)
     # A frozen BERT does not run in the step: its blocks stay as they were.
     assert_same_batches(take(pipeline.make_batches(frozen, "train", train=True), 2), plain_frozen)
+    # Two processes' blocks of 40 items each are chunked when together they reach 48 slots
+    # (the model sees the global block): each fills its own chunks in order.
+    monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 6)
+    halves = [
+        next(pipeline.make_batches(trained, "train", train=True, process_index=p, process_count=2))
+        for p in range(2)
+    ]
+    merged_rows = []
+    for half in halves:
+        items = half["items"]["item_index"]
+        capacity = items.shape[0]
+        assert capacity == 64  # rounded to 8 chunks x 8 devices (40 slots without chunks)
+        used = int((items >= 0).sum())
+        chunks_used = -(-used // (capacity // 8))
+        assert chunks_used < 8 and (items[np.arange(capacity) % 8 >= chunks_used] == -1).all()
+        local = {k: half[k] % capacity for k in ("item_slot", "history_slot")}  # offsets off
+        merged_rows += rows_of({**half, **local})
+    assert merged_rows == rows_of(plain[0])
 
 
 def test_training_order_is_a_fresh_permutation_every_epoch(syn):
