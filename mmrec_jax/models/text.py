@@ -148,7 +148,8 @@ class TextTower(nn.Module):
 
         Args:
           items: the item block (see `mmrec_jax.schema`): `text_embedding` (U, Dt) in
-            frozen mode, else `text_ids` and `text_mask` (U, L).
+            frozen mode, else `text_ids` and `text_mask` (U, L), and optionally
+            `has_text` (U,): a large block's chunks without text are then skipped.
           train: applies BERT's dropout (needs a "dropout" rng) in the trained modes.
 
         Returns:
@@ -204,7 +205,7 @@ class TextTower(nn.Module):
                     self.variables["params"]["bert"],
                     ids,
                     mask,
-                    items["has_text"],
+                    items.get("has_text", jnp.ones(ids.shape[0], bool)),
                     chunks,
                     cfg.pooling,
                     rng,
