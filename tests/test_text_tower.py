@@ -219,3 +219,8 @@ def test_chunked_dropout_is_reproducible_and_varies_with_the_key(small_chunks):
 
     np.testing.assert_array_equal(run(1), run(1))
     assert not np.allclose(run(1), run(2))
+    # Without has_text flags every chunk is encoded, as with every flag set.
+    unflagged = {k: v for k, v in items.items() if k != "has_text"}
+    flagged = dict(unflagged, has_text=np.ones_like(items["has_text"]))
+    apply = jax.jit(lambda i: tower.apply({"params": params}, i))
+    np.testing.assert_allclose(apply(unflagged), apply(flagged), atol=1e-6)
