@@ -352,7 +352,7 @@ def item_capacity(
     num_items: int,
     multiple: int = 1,
     use_history: bool = True,
-    text_in_chunks: bool = False,
+    trained_text: bool = False,
     process_count: int = 1,
 ) -> int:
     """Slots in the item block: enough for every candidate and history item of a batch.
@@ -363,7 +363,7 @@ def item_capacity(
       num_items: items in the dataset's item table (an upper bound on distinct items).
       multiple: round up to this (the number of devices the block is sharded over).
       use_history: whether history items take slots.
-      text_in_chunks: whether a trained BERT encodes the block (in text chunks when the
+      trained_text: whether a trained BERT encodes the block (in text chunks, when the
         global block, every process's together, is large enough; see `TEXT_CHUNKS`).
       process_count: processes whose blocks make up the global block.
 
@@ -373,7 +373,7 @@ def item_capacity(
     """
     per_row = 1 + (history_len if use_history else 0)
     capacity = min(batch_size * per_row, num_items)
-    if text_in_chunks and capacity * process_count >= TEXT_CHUNKS * MIN_CHUNK_ITEMS:
+    if trained_text and capacity * process_count >= TEXT_CHUNKS * MIN_CHUNK_ITEMS:
         # Each chunk (every TEXT_CHUNKS-th slot) then splits evenly over the devices.
         multiple *= TEXT_CHUNKS
     return -(-capacity // multiple) * multiple

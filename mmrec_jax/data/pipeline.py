@@ -828,19 +828,19 @@ def make_batches(
 
         multiple = jax.local_device_count()
     local = size // process_count
-    # A trained BERT encodes the item block; a large one in chunks filled in order.
-    text_in_chunks = "text" in store.towers and schema.text_is_trained(store.text_mode)
+    # A trained BERT encodes the item block, a large one in chunks that fill in order.
+    trained_text = "text" in store.towers and schema.text_is_trained(store.text_mode)
     capacity = schema.item_capacity(
         local,
         history_len,
         info.num_item_rows,
         multiple,
         "history" in store.towers,
-        text_in_chunks,
+        trained_text,
         process_count,
     )
     # The model decides on the global block: every process's together.
-    in_chunks = text_in_chunks and schema.text_chunks(capacity * process_count) > 1
+    in_chunks = trained_text and schema.text_chunks(capacity * process_count) > 1
     sampler = None
     if negatives:
         cold_split = split == "test_cold"
