@@ -140,7 +140,7 @@ def _batches(args, config, mesh):
             config.model.num_items,
             mesh.size,
             "history" in towers,
-            "text" in towers and schema.text_is_trained(config.model.text.mode),
+            schema.bert_in_step(towers, config.model.text.mode),
         )
     else:
         items = rows if args.items is None else args.items

@@ -99,6 +99,11 @@ def text_is_trained(text_mode: str) -> bool:
     return text_mode != "frozen"
 
 
+def bert_in_step(towers: tuple[str, ...] | str, text_mode: str) -> bool:
+    """Whether the model runs BERT on the item block: a text tower in a trained mode."""
+    return "text" in parse_towers(towers) and text_is_trained(text_mode)
+
+
 def row_fields(towers: tuple[str, ...]) -> list[FieldSpec]:
     """Per-row fields for the enabled towers."""
     fields = [

@@ -657,9 +657,9 @@ class _Assembler:
         self.group, self.epoch_length, self.train = group, epoch_length, train
         self.history_len, self.capacity, self.slot_offset = history_len, capacity, slot_offset
         self.use_history = "history" in store.towers
-        # (capacity,) block position -> slot: the text chunks fill in order.
-        self.in_chunks = in_chunks
-        self.slot_order = schema.slot_order(capacity) if in_chunks else np.arange(capacity)
+        # (capacity,) block position -> slot, filling the text chunks in order; None: the
+        # slot is the position.
+        self.slot_order = schema.slot_order(capacity) if in_chunks else None
 
     def __call__(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
         examples = rows["example"]
@@ -681,26 +681,29 @@ class _Assembler:
         if self.use_history:
             needed.append(history[history_mask])
         block_rows = np.unique(np.concatenate(needed))  # (n,) in block position order
-        slot_of = self.slot_order
         batch = {
             "user_id": self.store.users.user_id[user_index],
             "user_index": user_index,
             "item_slot": (
-                slot_of[np.searchsorted(block_rows, candidate)] + self.slot_offset
+                self._slot(np.searchsorted(block_rows, candidate)) + self.slot_offset
             ).astype(np.int32),
             "label": label,
             "weight": rows["weight"].astype(np.float32),
         }
         if self.use_history:
-            slots = slot_of[np.searchsorted(block_rows, np.maximum(history, 0))]
+            slots = self._slot(np.searchsorted(block_rows, np.maximum(history, 0)))
             slots = np.where(history_mask, slots, 0) + self.slot_offset
             batch["history_slot"] = slots.astype(np.int32)
             batch["history_mask"] = history_mask
         items = self.store.block(block_rows, self.capacity)  # by position: used ones first
-        if self.in_chunks:
-            items = {name: _by_slot(array, slot_of) for name, array in items.items()}
+        if self.slot_order is not None:
+            items = {name: _by_slot(array, self.slot_order) for name, array in items.items()}
         batch["items"] = items
         return batch
+
+    def _slot(self, positions: np.ndarray) -> np.ndarray:
+        """The slots of block positions."""
+        return positions if self.slot_order is None else self.slot_order[positions]
 
 
 def _by_slot(array: np.ndarray, slot_of: np.ndarray) -> np.ndarray:
@@ -829,7 +832,7 @@ def make_batches(
         multiple = jax.local_device_count()
     local = size // process_count
     # A trained BERT encodes the item block, a large one in chunks that fill in order.
-    trained_text = "text" in store.towers and schema.text_is_trained(store.text_mode)
+    trained_text = schema.bert_in_step(store.towers, store.text_mode)
     capacity = schema.item_capacity(
         local,
         history_len,

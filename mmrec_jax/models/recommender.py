@@ -247,9 +247,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> Recommender:
     Reads the BERT architecture (`config.json` only, no weights) when the text tower
     runs BERT. `num_users` / `num_items` must be set when the id tower is enabled.
     """
-    towers = schema.parse_towers(model_config.towers)
     bert_config = None
-    if "text" in towers and schema.text_is_trained(model_config.text.mode):
+    if schema.bert_in_step(model_config.towers, model_config.text.mode):
         bert_config = load_bert_config(model_config.text.model)
     return Recommender(model_config, bert_config)
 
