@@ -58,6 +58,10 @@ def test_max_pool_rejects_too_small_input():
         ("im2col", (5, 6, 7, 3), (3, 3)),
         ("im2col", (5, 9, 2), (3,)),
         ("xla", (5, 6, 7, 3), (3, 3)),
+        ("xla", (5, 9, 2), (3,)),
+        # Even kernels pad one more after than before: the input gradient pads the other way.
+        ("xla", (5, 6, 7, 3), (2, 4)),
+        ("im2col", (5, 9, 2), (2,)),
     ],
 )
 def test_conv_matches_flax_conv_and_its_gradients(monkeypatch, kernel_grad, shape, kernel_size):
@@ -81,6 +85,15 @@ def test_conv_matches_flax_conv_and_its_gradients(monkeypatch, kernel_grad, shap
         strict=True,
     ):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # One gradient alone (a frozen kernel; data that is not differentiated).
+    for argnum in (1, 2):
+        one = jax.grad(loss, argnums=argnum)
+        for got, want in zip(
+            jax.tree.leaves(one(ours, params, x)),
+            jax.tree.leaves(one(reference, params, x)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_masked_mean_ignores_masked_entries_even_nan():

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import max_pool
+from mmrec_jax.models.layers import Conv, max_pool
 
 FRONTENDS = ("raw", "logmel")
 
@@ -175,10 +175,9 @@ class AudioTower(nn.Module):
                 f"{len(cfg.channels)} 2x pooling blocks; use fewer config.model.audio.channels."
             )
         for i, channels in enumerate(cfg.channels):
-            x = nn.Conv(
+            x = Conv(
                 channels,
                 (3,),
-                padding="SAME",
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"conv{i}",

@@ -12,13 +12,16 @@ These are the model's fast paths on XLA's CPU backend as well as plain layers:
   by the module's rng, one fused elementwise pass: the threefry bits behind
   `flax.linen.Dropout` cost about 10 ns per element on CPU (75 ms for the 7.5 M
   dropout draws of one MiniLM training step at 32 tokens, 16x the hash).
-- `Conv` (stride 1, same padding) can compute its kernel gradient as im2col matrix
-  multiplies over cache-sized chunks of the batch (`conv_same`'s custom VJP), with
-  XLA's convolution for the forward pass and the input gradient. Measured on a 2-core
-  CPU (jax 0.10.2), XLA's own kernel gradient was fast for small batches (about 190
+- `Conv` (stride 1, same padding) computes its gradients as forward convolutions in the
+  NHWC / HWIO layout (`conv_same`'s custom VJP): XLA's own convolution gradients use
+  transposed layouts that its CPU backend runs 40-130x slower inside a loop or a
+  conditional; outside them the default config's train step measured the same either
+  way (398-401 vs 404-405 ms). The kernel gradient can instead be im2col matrix
+  multiplies over cache-sized chunks of the batch (`kernel_grad="im2col"`). Measured on
+  a 2-core CPU (jax 0.10.2), XLA's kernel gradient was fast for small batches (about 190
   GFLOP/s at 32 images of 28x28x64 -> 128) and slower for large ones (34 GFLOP/s at
   352), where the chunked im2col was about 2x faster for that conv; inside the whole
-  image tower the two measured the same. Hence an option, `kernel_grad`.
+  image tower the two measured the same. Hence an option.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import itertools
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -175,15 +179,22 @@ def _same_padding(kernel_size: tuple[int, ...]) -> list[tuple[int, int]]:
     return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_size]
 
 
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    padding: list[tuple[int, int]] | None = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """Stride-1 convolution, (N, *spatial, C_in) x (*k, C_in, C_out); SAME padding by default."""
     spatial = "HWD"[: x.ndim - 2]
     numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(1,) * (x.ndim - 2),
-        padding=_same_padding(kernel.shape[:-2]),
+        padding=_same_padding(kernel.shape[:-2]) if padding is None else padding,
         dimension_numbers=numbers,
+        preferred_element_type=preferred_element_type,
     )
 
 
@@ -254,16 +265,62 @@ def conv_kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int, ...]
     return total.reshape(*kernel_size, c_in, c_out)
 
 
-@jax.custom_vjp
-def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1, same-padded convolution with the im2col kernel gradient.
+def conv_input_grad(grad: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The input gradient of a stride-1 same-padded conv, as a forward convolution.
 
-    The forward pass and the input gradient are XLA's convolutions; the kernel
-    gradient is `conv_kernel_grad`.
+    The gradient's convolution with the spatially flipped kernel, its input and output
+    channels swapped, padded the other way round.
+
+    Args:
+      grad: (N, *spatial, C_out) the gradient of the conv's output.
+      kernel: (*kernel_size, C_in, C_out).
+
+    Returns:
+      (N, *spatial, C_in).
+    """
+    kernel_size = kernel.shape[:-2]
+    flipped = jnp.flip(kernel, tuple(range(len(kernel_size)))).swapaxes(-1, -2)  # (*k, O, I)
+    padding = [(after, before) for before, after in _same_padding(kernel_size)]
+    return _conv(grad, flipped, padding)
+
+
+def conv_kernel_grad_as_conv(
+    x: jax.Array, grad: jax.Array, kernel_size: tuple[int, ...]
+) -> jax.Array:
+    """The kernel gradient of a stride-1 same-padded conv, as a forward convolution.
+
+    The input's channels take the batch's place and its batch the channels' (C_in, *spatial,
+    N); the output gradient, as (*spatial, N, C_out), is the kernel whose window spans
+    the whole input: the result's spatial extent is the kernel's.
+
+    Args:
+      x: (N, *spatial, C_in) the conv's input.
+      grad: (N, *spatial, C_out) the gradient of its output.
+      kernel_size: window per spatial axis.
+
+    Returns:
+      (*kernel_size, C_in, C_out) float32.
+    """
+    lhs = jnp.moveaxis(x, (0, -1), (-1, 0))  # (C_in, *spatial, N)
+    rhs = jnp.moveaxis(grad, 0, -2)  # (*spatial, N, C_out)
+    out = _conv(lhs, rhs, _same_padding(kernel_size), jnp.float32)  # (C_in, *k, C_out)
+    return jnp.moveaxis(out, 0, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_same(x: jax.Array, kernel: jax.Array, kernel_grad: str = "xla") -> jax.Array:
+    """Stride-1, same-padded convolution whose gradients are forward convolutions.
+
+    The input gradient is `conv_input_grad`; the kernel gradient is
+    `conv_kernel_grad_as_conv` ("xla") or the im2col `conv_kernel_grad` ("im2col").
+    Every convolution is then in the NHWC / HWIO layout, which XLA's CPU backend runs
+    fast also inside a loop or a conditional, where the transposed layouts of its own
+    convolution gradients run 40-130x slower.
 
     Args:
       x: (N, *spatial, C_in), 1 to 3 spatial axes.
       kernel: (*kernel_size, C_in, C_out).
+      kernel_grad: "xla" or "im2col".
 
     Returns:
       (N, *spatial, C_out), equal to `jax.lax.conv_general_dilated` with SAME padding.
@@ -271,18 +328,38 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _conv(x, kernel)
 
 
-def _conv_same_fwd(x, kernel):
-    return _conv(x, kernel), (x, kernel)
+@flax.struct.dataclass
+class _ConvResiduals:
+    x: jax.Array
+    kernel: jax.Array
+    # Which gradients are needed: a first conv's input (the data) is not differentiated.
+    input_grad: bool = flax.struct.field(pytree_node=False)
+    kernel_grad: bool = flax.struct.field(pytree_node=False)
 
 
-def _conv_same_bwd(residuals, grad):
-    x, kernel = residuals
-    (grad_x,) = jax.vjp(functools.partial(_conv, kernel=kernel), x)[1](grad)
-    grad_kernel = conv_kernel_grad(x, grad, kernel.shape[:-2])
-    return grad_x, grad_kernel.astype(kernel.dtype)
+def _conv_same_fwd(x, kernel, kernel_grad):
+    out = _conv(x.value, kernel.value)
+    return out, _ConvResiduals(x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
-conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+def _conv_same_bwd(kernel_grad, residuals, grad):
+    if isinstance(grad, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    x, kernel = residuals.x, residuals.kernel
+    grad_x = grad_kernel = None
+    if residuals.input_grad:
+        grad_x = conv_input_grad(grad, kernel).astype(x.dtype)
+    if residuals.kernel_grad:
+        kernel_size = kernel.shape[:-2]
+        if kernel_grad == "im2col":
+            grad_kernel = conv_kernel_grad(x, grad, kernel_size)
+        else:
+            grad_kernel = conv_kernel_grad_as_conv(x, grad, kernel_size)
+        grad_kernel = grad_kernel.astype(kernel.dtype)
+    return grad_x, grad_kernel
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd, symbolic_zeros=True)
 
 
 # Kernel-gradient implementations of `Conv`.
@@ -331,8 +408,7 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        conv = conv_same if self.kernel_grad == "im2col" else _conv
-        return conv(x, kernel) + bias
+        return conv_same(x, kernel, self.kernel_grad) + bias
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
