@@ -21,9 +21,10 @@ FLOPs are the model's matmul and convolution FLOPs counted from its shapes
 (`counted_over_xla`). XLA's count adds the elementwise work and the optimizer, and
 counts some fused operations its own way: on the MiniLM shapes the two agree within 2%
 either way; on tiny models, where elementwise work is a large share, XLA's is larger. A
-trained BERT over an item block of 512 or more slots runs in a loop of text chunks
-(`mmrec_jax.schema.TEXT_CHUNKS`) whose body XLA counts once: `counted_over_xla` is then
-about 8 (seen with `--items 0` and history).
+trained BERT over an item block of 512 or more slots runs in a loop of block chunks
+(`mmrec_jax.schema.BLOCK_CHUNKS`) whose body XLA counts once: `counted_over_xla` is then
+about 8 (seen with `--items 0` and history). The image and audio towers' chunks are
+unrolled, and counted in full.
 The peak is the best `jnp.dot` rate of the step's compute dtype measured in the same
 run, before and after the timed steps (for a bfloat16 model, the float32 rate is
 reported beside it).
@@ -140,7 +141,7 @@ def _batches(args, config, mesh):
             config.model.num_items,
             mesh.size,
             "history" in towers,
-            schema.bert_in_step(towers, config.model.text.mode),
+            schema.content_in_step(towers, config.model.text.mode),
         )
     else:
         items = rows if args.items is None else args.items

@@ -34,13 +34,15 @@ that the model must ignore.
 
 `encode_items` of the model takes the `items` dict alone.
 
-Text chunks: a trained BERT encodes an item block of U >= TEXT_CHUNKS * MIN_CHUNK_ITEMS
-slots (U a multiple of TEXT_CHUNKS) in TEXT_CHUNKS chunks, one after the other, and skips
-a chunk none of whose items has text. Chunk c holds the slots s with s % TEXT_CHUNKS == c,
-so every chunk is spread evenly over the devices the block is sharded across. The input
-pipeline fills the chunks in order (`slot_order`), so the padding of a block that its
-batch does not fill lands in whole chunks at the end, which BERT then skips. Any other
-placement gives the same results, only without the saving.
+Block chunks: the towers that run a network over item content (a trained BERT, the
+image and audio towers) encode an item block of U >= BLOCK_CHUNKS * MIN_CHUNK_ITEMS slots
+(U a multiple of BLOCK_CHUNKS) in BLOCK_CHUNKS chunks, one after the other, and each
+skips a chunk none of whose items has its modality. Chunk c holds the slots s with
+s % BLOCK_CHUNKS == c, so every chunk is spread evenly over the devices the block is
+sharded across. The input pipeline fills the chunks in order (`slot_order`), so the
+padding of a block that its batch does not fill lands in whole chunks at the end, which
+those towers then skip. Any other placement gives the same results, only without the
+saving.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ from typing import Any
 
 import numpy as np
 
-# Chunks of a large item block that a trained text tower encodes one by one (see above),
+# Chunks of a large item block that the content towers encode one by one (see above),
 # and the fewest items a chunk has: smaller blocks are encoded in one go.
-TEXT_CHUNKS = 8
+BLOCK_CHUNKS = 8
 MIN_CHUNK_ITEMS = 64
 
 # Towers a model can enable (config.model.towers).
@@ -102,6 +104,15 @@ def text_is_trained(text_mode: str) -> bool:
 def bert_in_step(towers: tuple[str, ...] | str, text_mode: str) -> bool:
     """Whether the model runs BERT on the item block: a text tower in a trained mode."""
     return "text" in parse_towers(towers) and text_is_trained(text_mode)
+
+
+def content_in_step(towers: tuple[str, ...] | str, text_mode: str) -> bool:
+    """Whether a tower runs a network over the item block's content (BERT, image, audio).
+
+    Those towers encode a large block in chunks (see "Block chunks" above); the ID
+    tower and a frozen text tower only look rows up.
+    """
+    return bert_in_step(towers, text_mode) or bool({"image", "audio"} & set(parse_towers(towers)))
 
 
 def row_fields(towers: tuple[str, ...]) -> list[FieldSpec]:
@@ -357,7 +368,7 @@ def item_capacity(
     num_items: int,
     multiple: int = 1,
     use_history: bool = True,
-    trained_text: bool = False,
+    content: bool = False,
     process_count: int = 1,
 ) -> int:
     """Slots in the item block: enough for every candidate and history item of a batch.
@@ -368,41 +379,42 @@ def item_capacity(
       num_items: items in the dataset's item table (an upper bound on distinct items).
       multiple: round up to this (the number of devices the block is sharded over).
       use_history: whether history items take slots.
-      trained_text: whether a trained BERT encodes the block (in text chunks, when the
-        global block, every process's together, is large enough; see `TEXT_CHUNKS`).
+      content: whether towers encode the block's content (`content_in_step`): in
+        chunks, when the global block, every process's together, is large enough (see
+        `BLOCK_CHUNKS`).
       process_count: processes whose blocks make up the global block.
 
     Returns:
-      U, a multiple of `multiple` (of `multiple * TEXT_CHUNKS` when BERT encodes it in
-      text chunks).
+      U, a multiple of `multiple` (of `multiple * BLOCK_CHUNKS` when it is encoded in
+      chunks).
     """
     per_row = 1 + (history_len if use_history else 0)
     capacity = min(batch_size * per_row, num_items)
-    if trained_text and capacity * process_count >= TEXT_CHUNKS * MIN_CHUNK_ITEMS:
-        # Each chunk (every TEXT_CHUNKS-th slot) then splits evenly over the devices.
-        multiple *= TEXT_CHUNKS
+    if content and capacity * process_count >= BLOCK_CHUNKS * MIN_CHUNK_ITEMS:
+        # Each chunk (every BLOCK_CHUNKS-th slot) then splits evenly over the devices.
+        multiple *= BLOCK_CHUNKS
     return -(-capacity // multiple) * multiple
 
 
-def text_chunks(num_slots: int) -> int:
-    """How many chunks a trained text tower encodes an item block of `num_slots` in (1: one go)."""
-    if num_slots % TEXT_CHUNKS or num_slots < TEXT_CHUNKS * MIN_CHUNK_ITEMS:
+def block_chunks(num_slots: int) -> int:
+    """How many chunks the content towers encode an item block of `num_slots` in (1: one go)."""
+    if num_slots % BLOCK_CHUNKS or num_slots < BLOCK_CHUNKS * MIN_CHUNK_ITEMS:
         return 1
-    return TEXT_CHUNKS
+    return BLOCK_CHUNKS
 
 
 def slot_order(capacity: int) -> np.ndarray:
-    """(capacity,) int: the slot of a block's j-th item, filling the text chunks in order.
+    """(capacity,) int: the slot of a block's j-th item, filling the block chunks in order.
 
     Chunk 0's slots (0, k, 2k, ...) first, then chunk 1's (1, k + 1, ...), and so on,
-    k = TEXT_CHUNKS. A process's block takes this order too: with `capacity` a multiple of
+    k = BLOCK_CHUNKS. A process's block takes this order too: with `capacity` a multiple of
     k, its chunk c is part of the global block's chunk c.
     """
-    if capacity % TEXT_CHUNKS:
-        raise ValueError(f"capacity={capacity} must be a multiple of {TEXT_CHUNKS} chunks.")
+    if capacity % BLOCK_CHUNKS:
+        raise ValueError(f"capacity={capacity} must be a multiple of {BLOCK_CHUNKS} chunks.")
     position = np.arange(capacity)
-    per_chunk = capacity // TEXT_CHUNKS
-    return (position % per_chunk) * TEXT_CHUNKS + position // per_chunk
+    per_chunk = capacity // BLOCK_CHUNKS
+    return (position % per_chunk) * BLOCK_CHUNKS + position // per_chunk
 
 
 def batch_dims(config: Any, rows: int, items: int, text_dim: int | None = None) -> dict[str, int]:

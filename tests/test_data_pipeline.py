@@ -214,19 +214,24 @@ def test_batches_follow_the_schema_and_point_at_the_right_items(syn):
         assert row == (record["user_index"], record["item_index"], record["label"], 1.0, history)
 
 
-def test_a_block_large_enough_for_text_chunks_fills_them_in_order(syn, monkeypatch):
+def test_a_block_large_enough_for_block_chunks_fills_them_in_order(syn, monkeypatch):
     trained = make_config(syn, model__towers="text,image,id,history", model__text__mode="finetune")
-    frozen = make_config(syn, model__towers="text,image,id,history")
-    plain, plain_frozen = (
-        take(pipeline.make_batches(c, "train", train=True), 2) for c in (trained, frozen)
+    images = make_config(syn, model__towers="image,id,history")
+    lookups = make_config(syn, model__towers="text,id,history")  # frozen text: nothing to skip
+    configs = (trained, images, lookups)
+    plain, plain_images, plain_lookups = (
+        take(pipeline.make_batches(c, "train", train=True), 2) for c in configs
     )
     monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 2)  # blocks of 16 or more: in 8 chunks
-    chunked = take(pipeline.make_batches(trained, "train", train=True), 2)
-    for one_go, in_chunks in zip(plain, chunked, strict=True):
+    chunked, chunked_images, chunked_lookups = (
+        take(pipeline.make_batches(c, "train", train=True), 2) for c in configs
+    )
+    pairs = zip(plain + plain_images, chunked + chunked_images, strict=True)
+    for one_go, in_chunks in pairs:
         assert rows_of(in_chunks) == rows_of(one_go)  # the same rows, items in other slots
         items, before = in_chunks["items"], one_go["items"]
         capacity = items["item_index"].shape[0]
-        assert schema.text_chunks(capacity) == 8 and capacity % (8 * 8) == 0  # x 8 devices
+        assert schema.block_chunks(capacity) == 8 and capacity % (8 * 8) == 0  # x 8 devices
         used = int((items["item_index"] >= 0).sum())
         assert used == int((before["item_index"] >= 0).sum()) <= capacity * 7 // 8
         chunks_used = -(-used // (capacity // 8))  # the chunks fill in order
@@ -235,10 +240,10 @@ def test_a_block_large_enough_for_text_chunks_fills_them_in_order(syn, monkeypat
         assert (items["item_index"][chunk < chunks_used] >= 0).sum() == used
         for slot in np.flatnonzero(items["item_index"] >= 0):  # content moved with its item
             (was,) = np.flatnonzero(before["item_index"] == items["item_index"][slot])
-            for name in ("item_id", "text_ids", "text_mask", "has_text", "image", "has_image"):
+            for name in items:
                 np.testing.assert_array_equal(items[name][slot], before[name][was], name)
-    # A frozen BERT does not run in the step: its blocks stay as they were.
-    assert_same_batches(take(pipeline.make_batches(frozen, "train", train=True), 2), plain_frozen)
+    # No tower runs a network over a frozen text tower's blocks: they stay as they were.
+    assert_same_batches(chunked_lookups, plain_lookups)
     # Two processes' blocks of 40 items each are chunked when together they reach 48 slots
     # (the model sees the global block): each fills its own chunks in order.
     monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 6)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
+from mmrec_jax import schema, sharding
 from mmrec_jax.models import audio as audio_lib
 from mmrec_jax.models import layers
 from mmrec_jax.models.fusion import Fusion, modality_dropout
@@ -360,6 +361,55 @@ def test_audio_tower_rejects_bad_input():
     tower = audio_lib.AudioTower(_audio_config("mfcc", 56), width=4)
     with pytest.raises(ValueError, match="frontend='mfcc'"):
         tower.init(INIT_KEY, np.zeros((1, 56), np.float32))
+
+
+# --- item blocks in chunks ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_content_towers_encode_a_large_block_in_chunks_skipping_chunks_without_content(
+    monkeypatch, modality
+):
+    monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 4)  # a block of 32: 8 chunks of 4
+    slots = 32
+    rng = np.random.default_rng(0)
+    if modality == "image":
+        tower = ImageTower(_image_config(), width=6)
+        content = rng.integers(0, 256, (slots, 8, 8, 3), dtype=np.uint8)
+    else:
+        tower = audio_lib.AudioTower(_audio_config("logmel", 128), width=6)
+        content = rng.uniform(-1, 1, (slots, 128)).astype(np.float32)
+    present = np.zeros(slots, bool)
+    present[schema.slot_order(slots)[: 3 * 4 - 1]] = True  # 3 of the 8 chunks hold content
+    params = tower.init(INIT_KEY, content)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+    target = jax.random.normal(jax.random.key(1), (slots, 6))
+
+    def loss(params):  # what the model reads: the outputs of slots with content
+        out = tower.apply({"params": params}, content, present)
+        return jnp.sum(jnp.where(present[:, None], out, 0) * jnp.sin(out) * target)
+
+    def outputs_and_grads(present):
+        apply = jax.jit(lambda p: (tower.apply({"params": p}, content, present), jax.grad(loss)(p)))
+        return apply(params)
+
+    chunked, chunked_grads = outputs_and_grads(present)
+    # The block sharded over the 8 devices, as a train step shards it: the same outputs.
+    placed = jax.device_put((content, present), sharding.data_sharding(sharding.make_mesh()))
+    sharded = jax.jit(lambda c, m: tower.apply({"params": params}, c, m))(*placed)
+    unflagged = jax.jit(lambda p: tower.apply({"params": p}, content))(params)
+    monkeypatch.setattr(schema, "block_chunks", lambda slots: 1)
+    whole, whole_grads = outputs_and_grads(present)
+    np.testing.assert_allclose(chunked[present], whole[present], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sharded[present], whole[present], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(unflagged, whole, rtol=1e-5, atol=1e-5)  # no flags: every chunk
+    # Chunks without content are skipped: zeros, where the tower would give other values.
+    chunk_used = np.isin(np.arange(slots) % 8, np.arange(3))
+    assert (np.asarray(chunked)[~chunk_used] == 0).all()
+    assert (np.abs(np.asarray(whole)[~chunk_used]) > 0).any()
+    for got, want in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(whole_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert all(np.any(g != 0) for g in jax.tree.leaves(chunked_grads))
 
 
 # --- user ----------------------------------------------------------------------------

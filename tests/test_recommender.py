@@ -10,7 +10,9 @@ import pytest
 
 from configs import default
 from mmrec_jax import schema
+from mmrec_jax.models import audio as audio_lib
 from mmrec_jax.models import bert_weights
+from mmrec_jax.models import image as image_lib
 from mmrec_jax.models.bert import Bert, BertConfig
 from mmrec_jax.models.layers import absorbed_attention_is_cheaper
 from mmrec_jax.models.recommender import (
@@ -228,6 +230,24 @@ def test_encode_items_then_score_ranks_a_catalogue():
     np.testing.assert_allclose(
         grid[np.arange(B), batch["item_slot"]], apply(variables, batch), rtol=1e-5, atol=1e-6
     )
+
+
+def test_encode_items_lets_the_content_towers_skip_items_without_their_modality(monkeypatch):
+    model, variables, _ = full_model()
+    items = make_batch(model.config, seed=6)["items"]
+    items = {**items, "has_image": np.arange(U) % 2 == 0, "has_audio": np.arange(U) % 3 == 0}
+    seen = {}
+    for module in (image_lib, audio_lib):
+        real = module.apply_in_chunks
+
+        def recording(tower, method, inputs, present, real=real):
+            seen[type(tower).__name__] = present
+            return real(tower, method, inputs, present)
+
+        monkeypatch.setattr(module, "apply_in_chunks", recording)
+    model.apply(variables, items, method=model.encode_items)
+    np.testing.assert_array_equal(seen["ImageTower"], items["has_image"])
+    np.testing.assert_array_equal(seen["AudioTower"], items["has_audio"])
 
 
 def _grads(model, variables, batch):

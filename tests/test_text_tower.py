@@ -144,7 +144,7 @@ def test_trained_modes_need_bert_config_and_tokens():
 
 def _large_block(filled: int) -> dict:
     """A block just large enough for chunks; its first `filled` positions hold text."""
-    slots = schema.TEXT_CHUNKS * schema.MIN_CHUNK_ITEMS
+    slots = schema.BLOCK_CHUNKS * schema.MIN_CHUNK_ITEMS
     rng = np.random.default_rng(2)
     lengths = rng.integers(1, 7, slots)
     mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int32)
@@ -158,8 +158,8 @@ def _large_block(filled: int) -> dict:
 def small_chunks(monkeypatch):
     """Chunks of 4 items, so that a block of 32 is encoded in 8 chunks (fast to test)."""
     monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 4)
-    assert schema.text_chunks(31) == schema.text_chunks(28) == 1  # not a multiple; too small
-    assert schema.text_chunks(32) == schema.TEXT_CHUNKS == 8
+    assert schema.block_chunks(31) == schema.block_chunks(28) == 1  # not a multiple; too small
+    assert schema.block_chunks(32) == schema.BLOCK_CHUNKS == 8
 
 
 def test_a_large_block_in_chunks_matches_one_go_and_skips_chunks_without_text(
@@ -196,7 +196,7 @@ def test_a_large_block_in_chunks_matches_one_go_and_skips_chunks_without_text(
     # The block sharded over the 8 devices, as a train step shards it: the same outputs.
     placed = jax.device_put(items, sharding.data_sharding(sharding.make_mesh()))
     sharded = np.asarray(jax.jit(lambda i: tower.apply({"params": params}, i))(placed))
-    monkeypatch.setattr(schema, "text_chunks", lambda slots: 1)
+    monkeypatch.setattr(schema, "block_chunks", lambda slots: 1)
     whole, whole_grads = outputs_and_grads()
     np.testing.assert_allclose(chunked[has_text[:, 0]], whole[has_text[:, 0]], atol=2e-6)
     np.testing.assert_allclose(sharded[has_text[:, 0]], whole[has_text[:, 0]], atol=2e-6)

@@ -21,9 +21,10 @@ global batch of a step is the same whatever P is. The item block of process p ho
 unique items (candidates, and history items when the history tower is on) of its rows,
 padded to `capacity` slots; the slots its rows point at are offset by p * capacity, so
 the global item block is the processes' blocks concatenated. Padding slots have
-item_id 0, item_index -1 and every has_* False. A block large enough for a trained BERT
-to encode in chunks (`schema.TEXT_CHUNKS`) places its items chunk by chunk
-(`schema.slot_order`), so its padding fills whole chunks that BERT skips.
+item_id 0, item_index -1 and every has_* False. A block large enough for the content towers
+(a trained BERT, image, audio) to encode in chunks (`schema.BLOCK_CHUNKS`) places its
+items chunk by chunk (`schema.slot_order`), so its padding fills whole chunks that they
+skip.
 
 Positives-only datasets get `config.data.negatives_per_positive` (k) sampled negatives
 per positive: example e of a split with n interactions (0 <= e < n * (1 + k)) is
@@ -657,7 +658,7 @@ class _Assembler:
         self.group, self.epoch_length, self.train = group, epoch_length, train
         self.history_len, self.capacity, self.slot_offset = history_len, capacity, slot_offset
         self.use_history = "history" in store.towers
-        # (capacity,) block position -> slot, filling the text chunks in order; None: the
+        # (capacity,) block position -> slot, filling the block chunks in order; None: the
         # slot is the position.
         self.slot_order = schema.slot_order(capacity) if in_chunks else None
 
@@ -831,19 +832,19 @@ def make_batches(
 
         multiple = jax.local_device_count()
     local = size // process_count
-    # A trained BERT encodes the item block, a large one in chunks that fill in order.
-    trained_text = schema.bert_in_step(store.towers, store.text_mode)
+    # Content towers encode the item block, a large one in chunks that fill in order.
+    content = schema.content_in_step(store.towers, store.text_mode)
     capacity = schema.item_capacity(
         local,
         history_len,
         info.num_item_rows,
         multiple,
         "history" in store.towers,
-        trained_text,
+        content,
         process_count,
     )
     # The model decides on the global block: every process's together.
-    in_chunks = trained_text and schema.text_chunks(capacity * process_count) > 1
+    in_chunks = content and schema.block_chunks(capacity * process_count) > 1
     sampler = None
     if negatives:
         cold_split = split == "test_cold"

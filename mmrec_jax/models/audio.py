@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, max_pool
+from mmrec_jax.models.layers import Conv, apply_in_chunks, max_pool
 
 FRONTENDS = ("raw", "logmel")
 
@@ -131,12 +131,13 @@ class AudioTower(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, audio: jax.Array) -> jax.Array:
-        """Encodes waveforms.
+    def __call__(self, audio: jax.Array, present: jax.Array | None = None) -> jax.Array:
+        """Encodes waveforms; a large item block in chunks (`layers.apply_in_chunks`).
 
         Args:
           audio: (U, T) float waveforms, T = config.clip_samples.
+          present: (U,) bool, whether each slot holds a clip; a large block's chunks
+            without one are skipped and get zeros (None: every chunk is encoded).
 
         Returns:
           (U, width).
@@ -152,6 +153,12 @@ class AudioTower(nn.Module):
                 f"Audio tower expects float waveforms in [-1, 1]; got {audio.dtype}. Scale "
                 "integer PCM to floats first (int16: divide by 32768)."
             )
+        return apply_in_chunks(self, "encode", audio, present)
+
+    @nn.compact
+    def encode(self, audio: jax.Array) -> jax.Array:
+        """(U, T) float waveforms -> (U, width), in one go."""
+        cfg = self.config
         if cfg.frontend == "raw":
             x = audio.astype(self.dtype)[..., None]  # (U, T, 1)
         elif cfg.frontend == "logmel":

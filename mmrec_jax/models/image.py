@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, max_pool
+from mmrec_jax.models.layers import Conv, apply_in_chunks, max_pool
 
 # Per-channel RGB statistics used to normalise pixels (the ImageNet values).
 _RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -44,12 +44,13 @@ class ImageTower(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, image: jax.Array) -> jax.Array:
-        """Encodes images.
+    def __call__(self, image: jax.Array, present: jax.Array | None = None) -> jax.Array:
+        """Encodes images; a large item block in chunks (`layers.apply_in_chunks`).
 
         Args:
           image: (U, S, S, 3) uint8 RGB, S = config.size.
+          present: (U,) bool, whether each slot holds an image; a large block's chunks
+            without one are skipped and get zeros (None: every chunk is encoded).
 
         Returns:
           (U, width).
@@ -71,6 +72,11 @@ class ImageTower(nn.Module):
                 f"config.model.image.size={size} is too small for "
                 f"{len(self.config.channels)} 2x2 pooling blocks; use fewer channels entries."
             )
+        return apply_in_chunks(self, "encode", image, present)
+
+    @nn.compact
+    def encode(self, image: jax.Array) -> jax.Array:
+        """(U, S, S, 3) uint8 images -> (U, width), in one go."""
         x = normalize_pixels(image, self.dtype)  # (U, S, S, 3)
         for i, channels in enumerate(self.config.channels):
             x = Conv(

@@ -15,13 +15,17 @@ These are the model's fast paths on XLA's CPU backend as well as plain layers:
 - `Conv` (stride 1, same padding) computes its gradients as forward convolutions in the
   NHWC / HWIO layout (`conv_same`'s custom VJP): XLA's own convolution gradients use
   transposed layouts that its CPU backend runs 40-130x slower inside a loop or a
-  conditional; outside them the default config's train step measured the same either
-  way (398-401 vs 404-405 ms). The kernel gradient can instead be im2col matrix
-  multiplies over cache-sized chunks of the batch (`kernel_grad="im2col"`). Measured on
-  a 2-core CPU (jax 0.10.2), XLA's kernel gradient was fast for small batches (about 190
-  GFLOP/s at 32 images of 28x28x64 -> 128) and slower for large ones (34 GFLOP/s at
-  352), where the chunked im2col was about 2x faster for that conv; inside the whole
-  image tower the two measured the same. Hence an option.
+  conditional (as the item-block chunks below run them); outside them the default
+  config's train step measured the same either way (398-401 vs 404-405 ms). The
+  kernel gradient can instead be im2col matrix multiplies over cache-sized chunks of
+  the batch (`kernel_grad="im2col"`). Measured on a 2-core CPU (jax 0.10.2), XLA's
+  kernel gradient was fast for small batches (about 190 GFLOP/s at 32 images of
+  28x28x64 -> 128) and slower for large ones (34 GFLOP/s at 352), where the chunked
+  im2col was about 2x faster for that conv; inside the whole image tower the two
+  measured the same. Hence an option.
+- `apply_in_chunks` / `encode_in_chunks` run a content tower over a large item block
+  chunk by chunk (`schema.BLOCK_CHUNKS`), skipping the chunks that hold no item with
+  its modality: the padding of a block its batch does not fill.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mmrec_jax import schema
 
 
 def _window_slices(x: jax.Array, window: int) -> tuple[list[jax.Array], list[int]]:
@@ -409,6 +416,98 @@ class Conv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv_same(x, kernel, self.kernel_grad) + bias
+
+
+def encode_in_chunks(
+    encode: Callable[..., jax.Array],
+    inputs: Any,
+    present: jax.Array | None,
+    chunks: int,
+    rng: jax.Array | None = None,
+    unroll: bool = False,
+) -> jax.Array:
+    """`encode` over an item block chunk by chunk, skipping chunks without a present item.
+
+    Chunk c is the slots s with s % chunks == c (`schema.slot_order`), so each chunk is
+    spread over the devices the block is sharded across. Each chunk runs under a
+    `lax.cond`; the chunks run one after the other in a `lax.scan` (one copy of
+    `encode` to compile), or unrolled (`unroll`: a copy per chunk, where the loop would
+    cost more than the compile time: XLA's CPU backend runs convolutions about 20%
+    slower inside a loop).
+
+    Args:
+      encode: (chunk_inputs, key) -> (m, ...) rows for the m = U / chunks items of a
+        chunk; key is the chunk's rng (None when `rng` is None).
+      inputs: a pytree of arrays with U leading rows, U a multiple of `chunks`.
+      present: (U,) bool; a chunk where it is all False gets zeros (None: none skipped).
+      chunks: the number of chunks.
+      rng: a key split over the chunks, or None.
+      unroll: unroll the chunks instead of scanning over them.
+
+    Returns:
+      (U, ...) in slot order.
+    """
+    slots = jax.tree.leaves(inputs)[0].shape[0]
+    if present is None:
+        present = jnp.ones((slots,), bool)
+
+    def by_chunk(x):  # (U, ...) -> (chunks, U / chunks, ...)
+        return jnp.swapaxes(x.reshape(slots // chunks, chunks, *x.shape[1:]), 0, 1)
+
+    keys = jax.random.split(rng, chunks) if rng is not None else jnp.zeros((chunks,))
+
+    def run(chunk_inputs, key):
+        return encode(chunk_inputs, key if rng is not None else None)
+
+    def encode_or_skip(chunk_inputs, chunk_present, key):
+        shape = jax.eval_shape(run, chunk_inputs, key)
+        return jax.lax.cond(
+            chunk_present.any(),
+            run,
+            lambda *_: jnp.zeros(shape.shape, shape.dtype),
+            chunk_inputs,
+            key,
+        )
+
+    chunked = (jax.tree.map(by_chunk, inputs), by_chunk(present), keys)
+    if unroll:
+        out = jnp.stack(
+            [encode_or_skip(*jax.tree.map(lambda x, c=c: x[c], chunked)) for c in range(chunks)]
+        )
+    else:
+        _, out = jax.lax.scan(lambda carry, chunk: (carry, encode_or_skip(*chunk)), None, chunked)
+    return jnp.swapaxes(out, 0, 1).reshape(slots, *out.shape[2:])  # (chunks, m, ...) -> (U, ...)
+
+
+def apply_in_chunks(
+    module: nn.Module, method: str, inputs: jax.Array, present: jax.Array | None
+) -> jax.Array:
+    """`module.<method>(inputs)` over an item block: a large block in chunks.
+
+    A block of U slots with `schema.block_chunks(U)` > 1 runs through
+    `encode_in_chunks` (chunks without a present item are skipped); a smaller one, and
+    any block while the module initializes, in one go.
+
+    Args:
+      module: a bound module whose `method` (its compact method) encodes items.
+      method: the method's name.
+      inputs: (U, ...) the items' content.
+      present: (U,) bool, whether each slot holds content (None: every slot does).
+
+    Returns:
+      (U, ...) the method's output.
+    """
+    chunks = schema.block_chunks(inputs.shape[0])
+    if chunks == 1 or module.is_initializing():
+        return getattr(module, method)(inputs)
+    unbound, params = module.clone(parent=None), module.variables["params"]
+    return encode_in_chunks(
+        lambda x, _: unbound.apply({"params": params}, x, method=method),
+        inputs,
+        present,
+        chunks,
+        unroll=True,
+    )
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:

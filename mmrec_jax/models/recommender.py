@@ -147,10 +147,10 @@ class Recommender(nn.Module):
                 tokens.append(self.text(items, train))
                 masks.append(items["has_text"])
             elif name == "image":
-                tokens.append(self.image(items["image"]))
+                tokens.append(self.image(items["image"], items["has_image"]))
                 masks.append(items["has_image"])
             elif name == "audio":
-                tokens.append(self.audio(items["audio"]))
+                tokens.append(self.audio(items["audio"], items["has_audio"]))
                 masks.append(items["has_audio"])
             else:
                 tokens.append(self.item_id(items["item_id"]))

@@ -14,7 +14,7 @@ The BERT submodule is named "bert", so its parameters live at
 `params[<tower name>]["bert"]` in the layout of `mmrec_jax.models.bert`, ready to be
 replaced by `load_pretrained`'s parameters. Items without text (`has_text` False) are
 masked downstream by the fusion, not here, except that in the trained modes a large
-block is encoded in chunks and a chunk without any text is skipped (`schema.TEXT_CHUNKS`):
+block is encoded in chunks and a chunk without any text is skipped (`schema.BLOCK_CHUNKS`):
 its items get zeros, as the fusion ignores them.
 """
 
@@ -29,6 +29,7 @@ import ml_collections
 
 from mmrec_jax import schema
 from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
+from mmrec_jax.models.layers import encode_in_chunks
 
 # Pooling choices of config.model.text.pooling.
 POOLINGS = ("cls", "mean", "pooler")
@@ -194,78 +195,30 @@ class TextTower(nn.Module):
                 name="bert",
             )
             ids, mask = items["text_ids"], items["text_mask"]  # (U, L)
-            chunks = schema.text_chunks(ids.shape[0])
+            chunks = schema.block_chunks(ids.shape[0])
             if chunks == 1 or self.is_initializing():
                 hidden, pooled = bert(ids, mask, deterministic=not train)
                 x = pool(hidden, mask, pooled, cfg.pooling)  # (U, H)
             else:
-                rng = self.make_rng("dropout") if train else None
-                x = _encode_in_chunks(
-                    bert.clone(parent=None),
-                    self.variables["params"]["bert"],
-                    ids,
-                    mask,
-                    items.get("has_text", jnp.ones(ids.shape[0], bool)),
+                unbound, params = bert.clone(parent=None), self.variables["params"]["bert"]
+
+                def encode(chunk, key):  # (m, L) ids and mask -> (m, H)
+                    chunk_ids, chunk_mask = chunk
+                    hidden, pooled = unbound.apply(
+                        {"params": params},
+                        chunk_ids,
+                        chunk_mask,
+                        deterministic=key is None,
+                        rngs={} if key is None else {"dropout": key},
+                    )
+                    return pool(hidden, chunk_mask, pooled, cfg.pooling)
+
+                x = encode_in_chunks(
+                    encode,
+                    (ids, mask),
+                    items.get("has_text"),
                     chunks,
-                    cfg.pooling,
-                    rng,
+                    self.make_rng("dropout") if train else None,
                 )  # (U, H)
         x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
         return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-
-
-def _encode_in_chunks(
-    bert: Bert,
-    params: Any,
-    ids: jax.Array,
-    mask: jax.Array,
-    has_text: jax.Array,
-    chunks: int,
-    pooling: str,
-    rng: jax.Array | None,
-) -> jax.Array:
-    """Pooled BERT output of an item block, chunk by chunk, skipping chunks without text.
-
-    Chunk c is the slots s with s % chunks == c (see `schema.slot_order`).
-
-    Args:
-      bert: an unbound `Bert`, applied with `params`.
-      params: its parameters.
-      ids, mask: (U, L) token ids and mask; U a multiple of `chunks`.
-      has_text: (U,) bool; a chunk where it is all False gets zeros.
-      chunks: the number of chunks.
-      pooling: config.model.text.pooling.
-      rng: the dropout key (None: no dropout).
-
-    Returns:
-      (U, H) pooled outputs.
-    """
-    slots = ids.shape[0]
-
-    def by_chunk(x):  # (U, ...) -> (chunks, U / chunks, ...)
-        return jnp.swapaxes(x.reshape(slots // chunks, chunks, *x.shape[1:]), 0, 1)
-
-    keys = jax.random.split(rng, chunks) if rng is not None else jnp.zeros((chunks,))
-
-    def encode(chunk_ids, chunk_mask, key):  # (m, L) -> (m, H)
-        rngs = {"dropout": key} if rng is not None else {}
-        hidden, pooled = bert.apply(
-            {"params": params}, chunk_ids, chunk_mask, deterministic=rng is None, rngs=rngs
-        )
-        return pool(hidden, chunk_mask, pooled, pooling)
-
-    def step(carry, chunk):
-        chunk_ids, chunk_mask, chunk_has_text, key = chunk
-        shape = jax.eval_shape(encode, chunk_ids, chunk_mask, key)
-        out = jax.lax.cond(
-            chunk_has_text.any(),
-            encode,
-            lambda *_: jnp.zeros(shape.shape, shape.dtype),
-            chunk_ids,
-            chunk_mask,
-            key,
-        )
-        return carry, out
-
-    _, pooled = jax.lax.scan(step, None, (by_chunk(ids), by_chunk(mask), by_chunk(has_text), keys))
-    return jnp.swapaxes(pooled, 0, 1).reshape(slots, -1)  # (chunks, m, H) -> (U, H)
