@@ -417,8 +417,11 @@ def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, caps
     assert {pair: [t for _, t in where] for pair, where in pairs.items()} == {
         pair: [stamp] for pair, stamp in last.items()
     }
-    assert pairs[("u", "m1")][0][0].startswith("test")  # test_cold: m1 is in no train row
-    assert pairs[("u", "m0")][0][0] == "validation"
+    # u's last two (m1, m0) and v's (m0, m4) are test and validation rows, of items in no
+    # train row (u trained on m2, m3; v on m5): all test_cold.
+    for pair in (("u", "m1"), ("u", "m0"), ("v", "m0"), ("v", "m4")):
+        assert pairs[pair][0][0] == "test_cold", pair
+    assert "validation" not in got and "test" not in got
     assert meta["repeated_interactions_left_out"] == 3
     # A click outweighs a later impression of the same item without one; a rating of 5
     # a later 2 alike.

@@ -36,9 +36,9 @@ least 3 interactions, the last one (by time, ties by file order) is test and the
 before validation. `random` (the default otherwise): a seeded `--eval_share` of the
 interactions each for validation and test. `cold_items`: a seeded `--cold_item_share` of
 the items never appear in train (all their interactions are test_cold); the rest is
-split leave_last (random without timestamps). With every method, test interactions with
-items that never occur in train move to test_cold, so test holds only items seen in
-training.
+split leave_last (random without timestamps). With every method, validation and test
+interactions with items that never occur in train move to test_cold, so validation and
+test hold only items seen in training.
 
 The importer ends by printing the command that trains on what it built.
 """
@@ -626,7 +626,10 @@ def build_content(
     codes = _split_codes(users, item_rows, times, method, options, len(items), has_time)
     in_train = np.zeros(len(items), bool)
     in_train[item_rows[codes == 0]] = True
-    codes[(codes == 2) & ~in_train[item_rows]] = 3
+    # Validation and test rows of items never trained on are cold-item evaluation: the
+    # split whose every item is unseen, so that validation (which picks the best
+    # checkpoint) and test measure the same thing.
+    codes[np.isin(codes, (1, 2)) & ~in_train[item_rows]] = 3
 
     table = builder.ItemTable(
         keys=[i.key for i in items], texts=[i.text for i in items], images=images, audios=audios
