@@ -96,6 +96,7 @@ def test_serve_throughput_reports_pairs_and_users():
             ["--config.train.batch_size=6", "--no_peak"],  # this suite has 8 devices
             "batch_size=6 must be divisible by the 8 devices",
         ),
+        ("block_chunks", ["--fill", "0"], "--fill 0.0 must lie in (0, 1]"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_in_one_line(script, args, needle, monkeypatch, capsys):
@@ -105,6 +106,22 @@ def test_benchmarks_refuse_bad_arguments_in_one_line(script, args, needle, monke
         module.main(["--config", str(ROOT / "configs" / "tiny.py"), *args])
     said = f"{exit_info.value.code} {capsys.readouterr().err}"
     assert exit_info.value.code != 0 and needle in said
+
+
+def test_block_chunks_compares_the_chunked_step_with_one_go(monkeypatch, capsys):
+    from mmrec_jax import schema
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 2)  # a block of 16: 8 chunks of 2
+    module = importlib.import_module("block_chunks")
+    argv = ["--config", str(ROOT / "configs" / "tiny.py"), "--items", "16", "--fill", "0.5"]
+    module.main([*argv, "--config.model.towers=image,id", "--steps", "1", "--warmup", "0"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["chunks"] == 8 and out["empty_chunks"] == 4
+    # Two different programs: the chunks' conditionals (the image tower's, forward and
+    # backward) are in one only.
+    assert out["conditionals"]["chunks"] >= 8 and out["conditionals"]["one_go"] == 0
+    assert out["step_ms_median"]["chunks"] > 0 and out["step_ms_median"]["one_go"] > 0
 
 
 def test_random_bert_folder_is_a_loadable_checkpoint_of_the_architecture(tmp_path):
