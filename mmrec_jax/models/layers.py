@@ -230,7 +230,9 @@ def im2col(x: jax.Array, kernel_size: tuple[int, ...]) -> jax.Array:
 PATCH_CHUNK_BYTES = 8 * 2**20
 
 
-def conv_kernel_grad(x: jax.Array, grad: jax.Array, kernel_size: tuple[int, ...]) -> jax.Array:
+def conv_kernel_grad_im2col(
+    x: jax.Array, grad: jax.Array, kernel_size: tuple[int, ...]
+) -> jax.Array:
     """The kernel gradient of a stride-1 same-padded conv as im2col matrix multiplies.
 
     The batch is processed in chunks of about `PATCH_CHUNK_BYTES` of patches (a
@@ -319,7 +321,7 @@ def conv_same(x: jax.Array, kernel: jax.Array, kernel_grad: str = "xla") -> jax.
     """Stride-1, same-padded convolution whose gradients are forward convolutions.
 
     The input gradient is `conv_input_grad`; the kernel gradient is
-    `conv_kernel_grad_as_conv` ("xla") or the im2col `conv_kernel_grad` ("im2col").
+    `conv_kernel_grad_as_conv` ("xla") or `conv_kernel_grad_im2col` ("im2col").
     Every convolution is then in the NHWC / HWIO layout, which XLA's CPU backend runs
     fast also inside a loop or a conditional, where the transposed layouts of its own
     convolution gradients run 40-130x slower.
@@ -359,7 +361,7 @@ def _conv_same_bwd(kernel_grad, residuals, grad):
     if residuals.kernel_grad:
         kernel_size = kernel.shape[:-2]
         if kernel_grad == "im2col":
-            grad_kernel = conv_kernel_grad(x, grad, kernel_size)
+            grad_kernel = conv_kernel_grad_im2col(x, grad, kernel_size)
         else:
             grad_kernel = conv_kernel_grad_as_conv(x, grad, kernel_size)
         grad_kernel = grad_kernel.astype(kernel.dtype)
@@ -374,11 +376,12 @@ CONV_KERNEL_GRADS = ("xla", "im2col")
 
 
 class Conv(nn.Module):
-    """`nn.Conv(features, kernel_size, padding="SAME")`, optionally with the im2col gradient.
+    """`nn.Conv(features, kernel_size, padding="SAME")` with `conv_same`'s gradients.
 
     Same parameters (`kernel` (*kernel_size, C_in, C_out), `bias` (C_out,)), the same
-    initialisers and the same output as `flax.linen.Conv`; `kernel_grad="im2col"`
-    computes the kernel's gradient with `conv_kernel_grad` instead of XLA's convolution.
+    initialisers and the same output as `flax.linen.Conv`; its gradients are forward
+    convolutions (`conv_same`), and `kernel_grad="im2col"` computes the kernel's with
+    `conv_kernel_grad_im2col` instead.
 
     Attributes:
       features: output channels.
