@@ -88,11 +88,7 @@ def main(argv=None) -> None:
     runtime.tune_host_allocator()
     mesh = sharding.make_mesh()
     rows = int(config.train.batch_size)
-    if rows % mesh.size:
-        sys.exit(
-            f"error: config.train.batch_size={rows} must be divisible by the {mesh.size} "
-            "devices, which each take an equal part."
-        )
+    train_lib.check_batch_divides(int(config.train.batch_size), mesh.size)
     common.fill_vocab(config)
     items = rows if args.items is None else args.items
     local = partly_filled(common.random_batch(config, rows, items), args.fill)

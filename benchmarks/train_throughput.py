@@ -267,11 +267,7 @@ def main(argv=None) -> None:
         common.random_bert_folder(common.RANDOM_BERT_ARCHITECTURES[name], folder)
         config.model.text.model = folder
     mesh = sharding.make_mesh()
-    if int(config.train.batch_size) % mesh.size:
-        sys.exit(
-            f"error: config.train.batch_size={config.train.batch_size} must be divisible by "
-            f"the {mesh.size} devices, which each take an equal part."
-        )
+    train_lib.check_batch_divides(int(config.train.batch_size), mesh.size)
     config, local, iterator, items = _batches(args, config, mesh)
     rows = int(config.train.batch_size)
     batch = sharding.global_batch(mesh, local)

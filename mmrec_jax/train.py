@@ -465,6 +465,31 @@ def _recover_run_config(
     return None
 
 
+def check_batch_divides(batch: int, num_devices: int, workdir: Path | None = None) -> None:
+    """Raises ConfigError unless `batch` rows split evenly over `num_devices`.
+
+    The message names the nearest batch sizes that do; with `workdir` holding a run to
+    resume (whose batch size cannot change), how to resume it instead.
+    """
+    if batch % num_devices == 0:
+        return
+    below = batch // num_devices * num_devices
+    sizes = " or ".join(str(b) for b in (below, below + num_devices) if b > 0)
+    fix = f"use {sizes}"
+    kept = None if workdir is None else _resumed_batch_size(workdir)
+    if kept is not None:
+        counts = ", ".join(str(n) for n in range(1, kept + 1) if kept % n == 0)
+        fix = (
+            f"to start a new run in another --workdir, use {sizes}; to resume this "
+            f"one, keep its batch size {kept} and run on a number of devices that "
+            f"divides it ({counts})"
+        )
+    raise ConfigError(
+        f"config.train.batch_size={batch} must be divisible by the number of devices "
+        f"({num_devices}), which each take an equal part: {fix}."
+    )
+
+
 def _resumed_batch_size(workdir: Path) -> int | None:
     """The batch size a run in `workdir` keeps when resumed; None with no checkpoint."""
     if not checkpoint_lib.Checkpointer.has_checkpoints(workdir):
@@ -766,23 +791,7 @@ def _train_and_evaluate(
     """`train_and_evaluate` once the workdir is this process's alone."""
     is_chief = process_index == 0
     mesh = sharding.make_mesh(devices)
-    if config.train.batch_size % mesh.size != 0:
-        batch = config.train.batch_size
-        below = batch // mesh.size * mesh.size
-        sizes = " or ".join(str(b) for b in (below, below + mesh.size) if b > 0)
-        fix = f"use {sizes}"
-        kept = _resumed_batch_size(workdir)
-        if kept is not None:
-            counts = ", ".join(str(n) for n in range(1, kept + 1) if kept % n == 0)
-            fix = (
-                f"to start a new run in another --workdir, use {sizes}; to resume this "
-                f"one, keep its batch size {kept} and run on a number of devices that "
-                f"divides it ({counts})"
-            )
-        raise ConfigError(
-            f"config.train.batch_size={batch} must be divisible by the number of devices "
-            f"({mesh.size}), which each take an equal part: {fix}."
-        )
+    check_batch_divides(config.train.batch_size, mesh.size, workdir)
     build_error = None
     if is_chief:  # builds the dataset if needed; the others wait for it
         try:

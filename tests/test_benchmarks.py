@@ -94,7 +94,8 @@ def test_serve_throughput_reports_pairs_and_users():
         (
             "train_throughput",
             ["--config.train.batch_size=6", "--no_peak"],  # this suite has 8 devices
-            "batch_size=6 must be divisible by the 8 devices",
+            "error: config.train.batch_size=6 must be divisible by the number of devices (8), "
+            "which each take an equal part: use 8.",
         ),
         ("block_chunks", ["--fill", "0"], "--fill 0.0 must lie in (0, 1]"),
     ],
@@ -102,8 +103,10 @@ def test_serve_throughput_reports_pairs_and_users():
 def test_benchmarks_refuse_bad_arguments_in_one_line(script, args, needle, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     module = importlib.import_module(script)
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(["--config", str(ROOT / "configs" / "tiny.py"), *args])
+    common = importlib.import_module("common")
+    argv = ["--config", str(ROOT / "configs" / "tiny.py"), *args]
+    with pytest.raises(SystemExit) as exit_info:  # as the scripts run: errors in one line
+        common.report_errors(lambda: module.main(argv))
     said = f"{exit_info.value.code} {capsys.readouterr().err}"
     assert exit_info.value.code != 0 and needle in said
 
