@@ -390,8 +390,11 @@ def item_capacity(
     """
     per_row = 1 + (history_len if use_history else 0)
     capacity = min(batch_size * per_row, num_items)
-    if content and capacity * process_count >= BLOCK_CHUNKS * MIN_CHUNK_ITEMS:
-        # Each chunk (every BLOCK_CHUNKS-th slot) then splits evenly over the devices.
+    rounded = -(-capacity // multiple) * multiple
+    if content and rounded * process_count >= BLOCK_CHUNKS * MIN_CHUNK_ITEMS:
+        # Chunked (decided on the size the block will have): each process's block then
+        # fills its own chunks in slot order, and each chunk (every BLOCK_CHUNKS-th slot)
+        # splits evenly over the devices.
         multiple *= BLOCK_CHUNKS
     return -(-capacity // multiple) * multiple
 

@@ -264,6 +264,22 @@ def test_a_block_large_enough_for_block_chunks_fills_them_in_order(syn, monkeypa
     assert merged_rows == rows_of(plain[0])
 
 
+def test_every_process_block_of_a_chunked_global_block_takes_the_slot_order():
+    # Brute force over block sizes, device counts and process counts: whenever the model
+    # encodes the global block in chunks, each process's block fills its own chunks.
+    for num_items, multiple, processes in itertools.product(
+        range(1, 700, 7), (1, 2, 4, 6, 8, 10), (1, 2, 3, 4, 10)
+    ):
+        capacity = schema.item_capacity(1000, 0, num_items, multiple, False, True, processes)
+        assert capacity % multiple == 0 and capacity >= num_items
+        if schema.block_chunks(capacity * processes) > 1:
+            assert capacity % (multiple * schema.BLOCK_CHUNKS) == 0, (num_items, multiple)
+            assert sorted(schema.slot_order(capacity)) == list(range(capacity))
+        # Without a content tower nothing is chunked, so nothing is rounded further.
+        plain = schema.item_capacity(1000, 0, num_items, multiple, False, False, processes)
+        assert plain == -(-num_items // multiple) * multiple
+
+
 def test_training_order_is_a_fresh_permutation_every_epoch(syn):
     config = make_config(syn)
     train = records(syn, "mmrec_synthetic")["train"]

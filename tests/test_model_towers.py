@@ -97,6 +97,14 @@ def test_conv_matches_flax_conv_and_its_gradients(monkeypatch, kernel_grad, shap
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_conv_same_names_an_unknown_kernel_gradient():
+    x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3))
+    with pytest.raises(ValueError, match="kernel_grad='fast'; choose one of"):
+        layers.conv_same(x, kernel, "fast")
+    with pytest.raises(ValueError, match="kernel_grad='fast'; choose one of"):  # under grad too
+        jax.grad(lambda k: layers.conv_same(x, k, "fast").sum())(kernel)
+
+
 def test_masked_mean_ignores_masked_entries_even_nan():
     x = np.array([[[1.0], [3.0], [np.nan]], [[5.0], [np.inf], [7.0]]], np.float32)
     mask = np.array([[True, True, False], [False, False, False]])

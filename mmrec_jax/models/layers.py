@@ -333,8 +333,17 @@ def conv_same(x: jax.Array, kernel: jax.Array, kernel_grad: str = "xla") -> jax.
 
     Returns:
       (N, *spatial, C_out), equal to `jax.lax.conv_general_dilated` with SAME padding.
+
+    Reverse-mode only (`jax.grad`, `jax.vjp`), as every custom VJP: forward mode
+    (`jax.jvp`, `jax.jacfwd`) is not defined for it.
     """
+    _check_kernel_grad(kernel_grad)
     return _conv(x, kernel)
+
+
+def _check_kernel_grad(kernel_grad: str) -> None:
+    if kernel_grad not in CONV_KERNEL_GRADS:
+        raise ValueError(f"Conv kernel_grad={kernel_grad!r}; choose one of {CONV_KERNEL_GRADS}.")
 
 
 @flax.struct.dataclass
@@ -347,6 +356,7 @@ class _ConvResiduals:
 
 
 def _conv_same_fwd(x, kernel, kernel_grad):
+    _check_kernel_grad(kernel_grad)
     out = _conv(x.value, kernel.value)
     return out, _ConvResiduals(x.value, kernel.value, x.perturbed, kernel.perturbed)
 
@@ -380,8 +390,8 @@ class Conv(nn.Module):
 
     Same parameters (`kernel` (*kernel_size, C_in, C_out), `bias` (C_out,)), the same
     initialisers and the same output as `flax.linen.Conv`; its gradients are forward
-    convolutions (`conv_same`), and `kernel_grad="im2col"` computes the kernel's with
-    `conv_kernel_grad_im2col` instead.
+    convolutions (`conv_same`; reverse mode only), and `kernel_grad="im2col"` computes
+    the kernel's with `conv_kernel_grad_im2col` instead.
 
     Attributes:
       features: output channels.
@@ -406,10 +416,7 @@ class Conv(nn.Module):
                 f"Conv with kernel_size {kernel_size} needs (N, *spatial, C) input with "
                 f"{len(kernel_size)} spatial axes; got shape {x.shape}."
             )
-        if self.kernel_grad not in CONV_KERNEL_GRADS:
-            raise ValueError(
-                f"Conv kernel_grad={self.kernel_grad!r}; choose one of {CONV_KERNEL_GRADS}."
-            )
+        _check_kernel_grad(self.kernel_grad)
         kernel = self.param(
             "kernel",
             nn.initializers.lecun_normal(),
