@@ -88,33 +88,17 @@ def main(argv=None) -> None:
     runtime.tune_host_allocator()
     mesh = sharding.make_mesh()
     rows = int(config.train.batch_size)
-    train_lib.check_batch_divides(int(config.train.batch_size), mesh.size)
+    train_lib.check_batch_divides(rows, mesh.size)
     common.fill_vocab(config)
     items = rows if args.items is None else args.items
     local = partly_filled(common.random_batch(config, rows, items), args.fill)
     batch = sharding.global_batch(mesh, local)
     model = recommender.build_model(config.model)
     setup = train_lib.build_train_state(config, model, mesh, batch, 10 * args.steps)
-    step_fn = train_lib.make_train_step(model, setup.optimizer)
 
     def compile_step():
-        # A new function each time: jit would reuse the first trace for the same one.
-        def block_chunks_train_step(state, batch):  # as mmrec_jax.train jits its step
-            state = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
-            new_state, metrics = step_fn(state, batch)
-            return dict(new_state, rng=jax.random.key_data(new_state["rng"])), metrics
-
-        return (
-            jax.jit(
-                block_chunks_train_step,
-                in_shardings=(setup.shardings, sharding.batch_shardings(mesh, local)),
-                out_shardings=(setup.shardings, sharding.replicated(mesh)),
-                donate_argnums=0,
-                compiler_options=runtime.compiler_options(config.model.dtype),
-            )
-            .lower(setup.state, batch)
-            .compile()
-        )
+        jitted = train_lib.jit_train_step(model, setup, mesh, local, config.model.dtype)
+        return jitted.lower(setup.state, batch).compile()
 
     chunks = schema.block_chunks(items)
     if chunks == 1:

@@ -68,7 +68,7 @@ from mmrec_jax.config import split_overrides
 from mmrec_jax.models import recommender
 
 # The jitted functions' names, as the compile counter sees them.
-STEP_NAME = "benchmark_train_step"
+STEP_NAME = "train_step"
 PREDICT_NAME = "predict"
 
 
@@ -287,20 +287,7 @@ def main(argv=None) -> None:
 
     else:
         name = STEP_NAME
-        step_fn = train_lib.make_train_step(model, setup.optimizer)
-
-        def benchmark_train_step(state, batch):  # jitted as mmrec_jax.train.train_and_evaluate does
-            state = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
-            new_state, metrics = step_fn(state, batch)
-            return dict(new_state, rng=jax.random.key_data(new_state["rng"])), metrics
-
-        jitted = jax.jit(
-            benchmark_train_step,
-            in_shardings=(setup.shardings, sharding.batch_shardings(mesh, local)),
-            out_shardings=(setup.shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-            compiler_options=runtime.compiler_options(config.model.dtype),
-        )
+        jitted = train_lib.jit_train_step(model, setup, mesh, local, config.model.dtype)
 
         def run(batch):
             nonlocal state

@@ -329,6 +329,32 @@ class TrainSetup:
     schedule: Any
 
 
+def jit_train_step(
+    model: Any, setup: TrainSetup, mesh: jax.sharding.Mesh, local_batch: dict, compute_dtype: str
+):
+    """`make_train_step` jitted as training runs it: `(state, batch) -> (state, metrics)`.
+
+    The state's rng is raw key data, as the train state holds it; the state is donated
+    and keeps `setup.shardings`, the batch takes the shardings of `local_batch`'s global
+    batch, the metrics are replicated. Each call traces a new function, so programs
+    compiled under different settings stay apart.
+    """
+    step_fn = make_train_step(model, setup.optimizer)
+
+    def train_step(state, batch):
+        state = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
+        new_state, step_metrics = step_fn(state, batch)
+        return dict(new_state, rng=jax.random.key_data(new_state["rng"])), step_metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(setup.shardings, sharding.batch_shardings(mesh, local_batch)),
+        out_shardings=(setup.shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=runtime.compiler_options(compute_dtype),
+    )
+
+
 def build_train_state(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -842,8 +868,7 @@ def _train_and_evaluate(
         raise OutOfMemory(_state_out_of_memory_message(error, config, mesh.size)) from error
     state, state_shardings = setup.state, setup.shardings
     param_shardings = state_shardings["params"]
-    optimizer, schedule = setup.optimizer, setup.schedule
-    replicated = sharding.replicated(mesh)
+    schedule = setup.schedule
     if is_chief:
         recommender.print_param_counts(state["params"])
 
@@ -899,20 +924,7 @@ def _train_and_evaluate(
     rows_done = int(data_state.get("rows", start_step * config.train.batch_size)) if restored else 0
     train_iter = loader("train", train=True, start_row=rows_done)
 
-    step_fn = make_train_step(model, optimizer)
-
-    def train_step(state, batch):
-        state = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
-        new_state, step_metrics = step_fn(state, batch)
-        return dict(new_state, rng=jax.random.key_data(new_state["rng"])), step_metrics
-
-    jit_step = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, sharding.batch_shardings(mesh, first_local)),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-        compiler_options=runtime.compiler_options(config.model.dtype),
-    )
+    jit_step = jit_train_step(model, setup, mesh, first_local, config.model.dtype)
     predict_fn = predict.make_predict_fn(model, param_shardings)
     # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
     writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)

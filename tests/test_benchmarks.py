@@ -51,7 +51,7 @@ def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path
     assert out["rows"] == 16 and out["overrides"] == ["train.batch_size=16"]
     # The two profiled steps are in the trace, each marked as one step.
     assert out["profile"] == str(profiling.newest_trace(tmp_path))
-    assert traced_steps(tmp_path, name="benchmark_train_step") == [1, 2]
+    assert traced_steps(tmp_path, name="train_step") == [1, 2]
     assert out["samples_per_s"] > 0 and out["step_ms_median"] > 0
     # XLA also counts elementwise work, so its count is a little above the matmuls'.
     assert 0.5 < out["counted_over_xla"] <= 1.0
@@ -196,7 +196,7 @@ def test_a_second_compilation_fails_the_benchmark_and_is_explained(monkeypatch, 
 
     monkeypatch.setattr(train_throughput, "_batches", a_larger_item_block_first)
     argv = ["--config", str(ROOT / "configs" / "tiny.py"), "--steps", "2", "--warmup", "0"]
-    with pytest.raises(SystemExit, match="benchmark_train_step function compiled 2 times"):
+    with pytest.raises(SystemExit, match="The train_step function compiled 2 times"):
         train_throughput.main([*argv, "--no_peak"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["compiles"] == 2
-    assert "benchmark_train_step" in caplog.text  # JAX's account of what differed
+    assert "train_step" in caplog.text  # JAX's account of what differed
