@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -30,6 +31,29 @@ from mmrec_jax import files, runtime, sharding
 
 # The validation metric that picks the best checkpoint (higher is better).
 BEST_METRIC = "validation_auc"
+
+# Orbax can split the saving of a replicated array over its replicas: each device slices
+# out its part (a small program per array shape and device, compiled at the first save,
+# then one dispatch per slice at every save). That pays off for large arrays only; an
+# array whose part would be smaller than this is saved whole by one replica.
+MIN_REPLICA_SLICE_BYTES = 16 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The handler of the train state: Orbax's PyTree handler for arrays and scalars (the
+    files `StandardCheckpointHandler` writes), splitting the save of a replicated array
+    over its replicas only where each part has `MIN_REPLICA_SLICE_BYTES` or more."""
+    array_handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+    )
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, array_handler),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (np.number, ocp.type_handlers.ScalarHandler()),
+        (int, ocp.type_handlers.ScalarHandler()),
+        (float, ocp.type_handlers.ScalarHandler()),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class _ExpectedOrbaxWarningsFilter(logging.Filter):
@@ -137,7 +161,13 @@ class Checkpointer:
             read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": _state_handler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
         if not read_only:
             self._check_writable()
@@ -205,7 +235,7 @@ class Checkpointer:
         if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
             raise ValueError(f"Refusing to save non-finite metrics at step {step}: {metrics}")
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.PyTreeSave(state),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
         )
@@ -247,7 +277,10 @@ class Checkpointer:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.PyTreeRestore(
+                    abstract_state,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                ),
                 data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
             ),

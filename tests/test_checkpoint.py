@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmrec_jax import files, sharding
+from mmrec_jax import checkpoint, files, sharding
 from mmrec_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 
 
@@ -40,6 +40,35 @@ def test_round_trip_keeps_values_shardings_and_data_state(tmp_path):
     assert step == 3 and data_state == {"epoch": 1, "index": 7} and meta == {"config": "x"}
     np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
+
+
+def _slice_compilations_while_saving(tmp_path, rows: int) -> int:
+    """Compilations of Orbax's per-device slicing while saving a small replicated array."""
+    mesh = sharding.make_mesh()
+    state = {"w": jax.device_put(np.ones((rows, 8), np.float32), sharding.replicated(mesh))}
+    compiled = []
+
+    def record(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        checkpointer = Checkpointer(tmp_path, async_save=False)
+        checkpointer.save(1, state, {}, {})
+        checkpointer.close()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert checkpointer.all_steps() == [1]
+    return sum("slice" in str(name) for name in compiled)
+
+
+def test_small_replicated_arrays_are_saved_whole_without_slicing_per_device(tmp_path, monkeypatch):
+    # Each test uses its own array shape: a compiled slice is reused within the process.
+    assert _slice_compilations_while_saving(tmp_path / "threshold", rows=24) == 0
+    # Orbax's default (no threshold) slices the array on each of the 8 devices.
+    monkeypatch.setattr(checkpoint, "MIN_REPLICA_SLICE_BYTES", None)
+    assert _slice_compilations_while_saving(tmp_path / "default", rows=40) == 8
 
 
 def test_saving_without_metrics_does_not_warn(tmp_path, caplog):
