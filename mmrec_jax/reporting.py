@@ -21,6 +21,32 @@ from mmrec_jax.files import write_atomic
 LOG_UPDATE_INTERVAL_S = 30.0
 
 
+class _LogLines:
+    """A progress bar's output for a log file or a pipe: each update on a line of its own.
+
+    tqdm redraws its bar in place with carriage returns, and clears it with spaces around
+    each message written above it; in a log that leaves every message behind a stale bar
+    and a run of blanks. This writer keeps each update as one plain line and drops an
+    update that repeats the line before it (the redraw after a message).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last_line = None
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if not line or line == self.last_line:
+            return
+        sys.stdout.flush()  # messages printed before this update stay above it
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        self.last_line = line
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress_bar(
     label: str,
     total: int | None = None,
@@ -31,6 +57,9 @@ def progress_bar(
     enabled: bool = True,
 ):
     """A tqdm progress bar on stderr, shown by process 0 only.
+
+    In a terminal or a notebook the bar redraws in place; in a log file or a pipe it
+    writes a line every `LOG_UPDATE_INTERVAL_S` seconds (and at the end).
 
     Args:
       label: what the bar counts, e.g. "train".
@@ -50,6 +79,7 @@ def progress_bar(
         initial=initial,
         desc=label,
         unit=unit,
+        file=sys.stderr if interactive else _LogLines(sys.stderr),
         disable=not enabled or jax.process_index() != 0,
         dynamic_ncols=True,
         mininterval=0.1 if interactive else LOG_UPDATE_INTERVAL_S,

@@ -60,15 +60,20 @@ def test_a_fresh_start_drops_an_earlier_attempts_records(tmp_path):
     assert reporting.read_metrics(tmp_path) == [{"step": 1, "train/loss": 0.7}]
 
 
-def test_a_progress_bar_into_a_log_updates_rarely(capsys):
+def test_a_progress_bar_into_a_log_updates_rarely_in_lines_of_their_own(capsys):
     # pytest's captured stderr is no terminal, as a log file or a pipe is not.
     with reporting.progress_bar("work", 40, "item") as bar:
-        for _ in range(40):  # 0.6 s: six updates at a terminal's interval
+        for done in range(1, 41):  # 0.6 s: six updates at a terminal's interval
             time.sleep(0.015)
             bar.update(1)
-    lines = [line for line in capsys.readouterr().err.split("\r") if line.strip()]
-    assert len(lines) == 2, lines  # the start and the end
-    assert lines[0].startswith("work:   0%") and lines[1].startswith("work: 100%|")
+            if done == 20:
+                bar.write("halfway: a message")
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and captured.out == "halfway: a message\n"
+    lines = captured.err.splitlines()
+    assert len(lines) == 2, lines  # the start and the end, no redraw around the message
+    assert lines[0].startswith("work:   0%|") and lines[1].startswith("work: 100%|")
+    assert lines[1].rstrip() == lines[1]
     with reporting.progress_bar("work", 40, "item", enabled=False) as bar:
         bar.update(40)
     assert capsys.readouterr().err == ""
