@@ -292,10 +292,16 @@ def _train_cmd(workdir, data_dir, *extra):
     ]
 
 
+def _xla_flags(devices: int) -> str:
+    """The suite's XLA flags with `devices` virtual CPU devices instead of its 8."""
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def _env(**extra):
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=_xla_flags(2),
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
@@ -671,7 +677,7 @@ def _start_two_processes(command: list[str]) -> list[subprocess.Popen]:
         subprocess.Popen(
             command,
             env=_env(
-                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                XLA_FLAGS=_xla_flags(1),
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 JAX_NUM_PROCESSES="2",
                 JAX_PROCESS_ID=str(index),
