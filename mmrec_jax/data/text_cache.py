@@ -1,7 +1,7 @@
 """Frozen-mode text embeddings: one pooled BERT vector per item, cached on disk.
 
 `text_embeddings` runs BERT once over every item text in jit-compiled batches of one
-fixed size and stores the (N, Dt) float32 result in `cache_dir`, named by a fingerprint:
+fixed size (each split over the process's devices) and stores the (N, Dt) float32 result in `cache_dir`, named by a fingerprint:
 sha256 over the weight files, the tokenizer files, `config.json`, max_len, pooling and
 every item text. Any change gives a new fingerprint and a rebuild; an unchanged rerun
 loads the file. Files are written atomically (temp file, then `os.replace`), and a JSON
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmrec_jax.files import write_atomic
 from mmrec_jax.hub import resolve_pretrained
@@ -91,7 +92,11 @@ def _fingerprint(
 def _compute_embeddings(
     folder: Path, texts: Sequence[str | None], pooling: str, max_len: int, batch_size: int
 ) -> np.ndarray:
-    """Runs BERT over the non-empty texts in fixed-size batches; empty texts get zeros."""
+    """Runs BERT over the non-empty texts in fixed-size batches; empty texts get zeros.
+
+    Each batch is split over this process's devices (BERT's weights on each of them), so
+    a host with several accelerators embeds the catalogue on all of them.
+    """
     bert, params, tokenizer = load_pretrained(folder)
     width = bert.config.hidden_size
     out = np.zeros((len(texts), width), np.float32)
@@ -99,10 +104,13 @@ def _compute_embeddings(
     if rows.size == 0:
         return out
     ids, mask = tokenize_texts(tokenizer, [texts[i] for i in rows], max_len)  # (M, L)
-    batch = min(batch_size, rows.size)
+    mesh = Mesh(np.array(jax.local_devices()), ("batch",))
+    batch = -(-min(batch_size, rows.size) // mesh.size) * mesh.size  # a multiple of devices
     padded = -(-rows.size // batch) * batch
     ids = np.pad(ids, ((0, padded - rows.size), (0, 0)))
     mask = np.pad(mask, ((0, padded - rows.size), (0, 0)))
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    split = NamedSharding(mesh, PartitionSpec("batch"))
 
     @jax.jit
     def embed(params, ids, mask):  # (b, L) -> (b, H)
@@ -112,7 +120,8 @@ def _compute_embeddings(
     chunks = []  # fetched batch by batch, so the progress bar shows finished work
     steps = range(0, padded, batch)
     for start in progress_bar("text embeddings", unit="batch", iterable=steps):
-        chunk = embed(params, ids[start : start + batch], mask[start : start + batch])
+        window = jax.device_put((ids[start : start + batch], mask[start : start + batch]), split)
+        chunk = embed(params, *window)
         chunks.append(np.asarray(chunk, np.float32))
     out[rows] = np.concatenate(chunks)[: rows.size]
     return out
@@ -163,7 +172,8 @@ def text_embeddings(
       max_len: tokens per text (config.data.max_text_len).
       cache_dir: folder for the cache files (created if needed), e.g. beside the dataset;
         when it cannot be written, a warning says so and nothing is cached.
-      batch_size: texts per jit-compiled BERT call.
+      batch_size: texts per jit-compiled BERT call (rounded up to a multiple of this
+        process's devices, which share each call).
 
     Returns:
       (N, Dt) float32, Dt the BERT's hidden size.
