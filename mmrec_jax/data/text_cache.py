@@ -1,13 +1,14 @@
 """Frozen-mode text embeddings: one pooled BERT vector per item, cached on disk.
 
 `text_embeddings` runs BERT once over every item text in jit-compiled batches of one
-fixed size (each split over the process's devices) and stores the (N, Dt) float32 result in `cache_dir`, named by a fingerprint:
-sha256 over the weight files, the tokenizer files, `config.json`, max_len, pooling and
-every item text. Any change gives a new fingerprint and a rebuild; an unchanged rerun
-loads the file. Files are written atomically (temp file, then `os.replace`), and a JSON
-sidecar holds the array's sha256, so a corrupted or truncated cache is detected, reported
-with a warning and rebuilt, never used. A cache folder that cannot be written (a
-read-only dataset folder) is warned about; the embeddings are then computed every run.
+fixed size, each split over the process's devices, and stores the (N, Dt) float32 result
+in `cache_dir`, named by a fingerprint: sha256 over the weight files, the tokenizer
+files, `config.json`, max_len, pooling and every item text. Any change gives a new
+fingerprint and a rebuild; an unchanged rerun loads the file. Files are written
+atomically (temp file, then `os.replace`), and a JSON sidecar holds the array's sha256,
+so a corrupted or truncated cache is detected, reported with a warning and rebuilt,
+never used. A cache folder that cannot be written (a read-only dataset folder) is warned
+about; the embeddings are then computed every run.
 
 `tokenize_texts` is the tokenization the input pipeline uses for the trained text modes.
 """
@@ -95,7 +96,9 @@ def _compute_embeddings(
     """Runs BERT over the non-empty texts in fixed-size batches; empty texts get zeros.
 
     Each batch is split over this process's devices (BERT's weights on each of them), so
-    a host with several accelerators embeds the catalogue on all of them.
+    a host with several accelerators embeds the catalogue on all of them. The values can
+    differ in their last bits (~1e-6) with the number of devices, as any computation's
+    do with its batch shape; the cache keeps the first ones computed.
     """
     bert, params, tokenizer = load_pretrained(folder)
     width = bert.config.hidden_size
