@@ -40,9 +40,15 @@ MIN_REPLICA_SLICE_BYTES = 16 << 20
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """The handler of the train state: Orbax's PyTree handler for arrays and scalars (the
-    files `StandardCheckpointHandler` writes), splitting the save of a replicated array
-    over its replicas only where each part has `MIN_REPLICA_SLICE_BYTES` or more."""
+    """The handler of the train state: Orbax's PyTree handler, splitting the save of a
+    replicated array over its replicas only where each part has `MIN_REPLICA_SLICE_BYTES`
+    or more.
+
+    Its checkpoints restore with Orbax's standard handler and the other way round. They
+    lack that handler's per-array metadata sidecar (`array_metadatas/`: write shapes and
+    the implementation of typed PRNG keys; the state holds the rng as raw key data),
+    which Orbax builds only through a private module.
+    """
     array_handler = ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
     )
@@ -52,6 +58,8 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
         (np.number, ocp.type_handlers.ScalarHandler()),
         (int, ocp.type_handlers.ScalarHandler()),
         (float, ocp.type_handlers.ScalarHandler()),
+        (bytes, ocp.type_handlers.ScalarHandler()),
+        (str, ocp.type_handlers.StringHandler()),
     )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
