@@ -26,22 +26,24 @@ class _LogLines:
 
     tqdm redraws its bar in place with carriage returns, and clears it with spaces around
     each message written above it; in a log that leaves every message behind a stale bar
-    and a run of blanks. This writer keeps each update as one plain line and drops an
-    update that repeats the line before it (the redraw after a message).
+    and a run of blanks. This writer keeps each update as one plain line, and only an
+    update whose count moved (not the redraw after a message, nor the final redraw of a
+    bar that already showed its last count).
     """
 
     def __init__(self, stream):
         self.stream = stream
-        self.last_line = None
+        self.last_count = None
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").strip()
-        if not line or line == self.last_line:
+        count = line.split("[")[0]  # "train:  40%|####      | 4/10 " before the timings
+        if not line or count == self.last_count:
             return
         sys.stdout.flush()  # messages printed before this update stay above it
         self.stream.write(line + "\n")
         self.stream.flush()
-        self.last_line = line
+        self.last_count = count
 
     def flush(self) -> None:
         self.stream.flush()

@@ -77,3 +77,14 @@ def test_a_progress_bar_into_a_log_updates_rarely_in_lines_of_their_own(capsys):
     with reporting.progress_bar("work", 40, "item", enabled=False) as bar:
         bar.update(40)
     assert capsys.readouterr().err == ""
+
+
+def test_a_progress_bar_into_a_log_writes_each_count_once(capsys, monkeypatch):
+    monkeypatch.setattr(reporting, "LOG_UPDATE_INTERVAL_S", 0.0)
+    with reporting.progress_bar("work", 5, "item") as bar:
+        for _ in range(5):
+            bar.update(1)
+            bar.refresh()  # a redraw at the same count adds no line
+    lines = capsys.readouterr().err.splitlines()
+    counts = [line.split("|")[-1].split("[")[0].strip() for line in lines]
+    assert counts == ["0/5", "1/5", "2/5", "3/5", "4/5", "5/5"], lines  # closing adds none
