@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import transformers
+from _processes import launch_two_processes
 from _tiny_bert import make_tiny_bert, torch_outputs
 
 from mmrec_jax.data import text_cache
@@ -67,6 +69,43 @@ def test_cache_equals_direct_computation(tiny, tmp_path, pooling):
     assert got.shape == (len(TEXTS), 32) and got.dtype == np.float32
     np.testing.assert_allclose(got, _reference(model, folder, TEXTS, 8, pooling), atol=1e-4)
     assert not got[1].any() and not got[3].any()
+
+
+TWO_PROCESS_SCRIPT = """
+import sys
+
+import numpy as np
+
+from mmrec_jax import sharding
+
+sharding.maybe_initialize_distributed()
+import jax  # noqa: E402
+
+from mmrec_jax.data.text_cache import text_embeddings  # noqa: E402
+
+folder, cache, out, *texts = sys.argv[1:]
+for call in ("first", "again"):
+    print(f"{call} call", flush=True)
+    array = text_embeddings(texts, folder, "mean", max_len=8, cache_dir=cache, batch_size=1)
+    np.save(f"{out}/{call}_{jax.process_index()}.npy", array)
+"""
+
+
+def test_two_processes_share_the_work_and_both_get_every_embedding(tiny, tmp_path):
+    folder, model = tiny
+    script = tmp_path / "embed.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    texts = [text or "" for text in TEXTS]  # 5 with text, 1 a batch: process 0 runs 0, 2, 4
+    command = [sys.executable, str(script), str(folder), str(tmp_path / "cache"), str(tmp_path)]
+    outputs = launch_two_processes([*command, *texts])
+    first, again = outputs[0].split("again call")
+    assert "text embeddings: 100%" in first and "3/3" in first, first  # 3 of the 6 batches
+    assert "text embeddings" not in again and "text embeddings" not in outputs[1]
+    want = _reference(model, folder, TEXTS, 8, "mean")
+    for name in ("first_0", "first_1", "again_0", "again_1"):
+        np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), want, atol=1e-4)
+    first_0, first_1 = (np.load(tmp_path / f"first_{p}.npy") for p in (0, 1))
+    np.testing.assert_array_equal(first_0, first_1)
 
 
 def test_rerun_reuses_and_changes_rebuild(tiny, tmp_path, computations):

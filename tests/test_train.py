@@ -5,7 +5,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _processes import finish, launch_two_processes, start_two_processes, subprocess_env
 from _profile_trace import traced_steps
 from _tiny_bert import make_tiny_bert
 
@@ -292,24 +292,6 @@ def _train_cmd(workdir, data_dir, *extra):
     ]
 
 
-def _xla_flags(devices: int) -> str:
-    """The suite's XLA flags with `devices` virtual CPU devices instead of its 8."""
-    flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
-    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.update(
-        XLA_FLAGS=_xla_flags(2),
-        JAX_PLATFORMS="cpu",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
-
-
 def _final_params(workdir):
     _, _, params, _ = train.restore_params(workdir, "latest")
     return jax.tree.map(np.asarray, params)
@@ -330,7 +312,8 @@ RUN_ARGS = [
 def reference_run(data_dir, tmp_path_factory):
     """An uninterrupted single-process run on 2 devices (it also builds the dataset)."""
     workdir = tmp_path_factory.mktemp("reference")
-    subprocess.run(_train_cmd(workdir, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
+    command = _train_cmd(workdir, data_dir, *RUN_ARGS)
+    subprocess.run(command, env=subprocess_env(), check=True, timeout=900)
     return workdir
 
 
@@ -421,7 +404,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_its_steps_retrained(
             path.write_bytes(b"garbage")
     command = _train_cmd(run, data_dir, *RUN_ARGS)
     out = subprocess.run(
-        command, env=_env(), check=True, timeout=900, capture_output=True, text=True
+        command, env=subprocess_env(), check=True, timeout=900, capture_output=True, text=True
     ).stdout
     assert "is damaged and was skipped" in out and "step 20" in out
     assert f"Moved damaged checkpoint step 30 to {run / 'checkpoints_damaged' / '30'}" in out
@@ -438,7 +421,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         _train_cmd(killed, data_dir, *RUN_ARGS),
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -461,7 +444,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, 
 
 def _resume_and_compare(workdir, data_dir, reference_run):
     """Reruns the interrupted run; its final parameters and records equal the reference's."""
-    subprocess.run(_train_cmd(workdir, data_dir, *RUN_ARGS), env=_env(), check=True, timeout=900)
+    command = _train_cmd(workdir, data_dir, *RUN_ARGS)
+    subprocess.run(command, env=subprocess_env(), check=True, timeout=900)
     full, resumed = _final_params(reference_run), _final_params(workdir)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -482,7 +466,7 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(data_dir, reference
     stopped = tmp_path / "stopped"
     process = subprocess.Popen(
         _train_cmd(stopped, data_dir, *RUN_ARGS),
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -546,7 +530,7 @@ def test_absurd_learning_rate_stops_with_nan_message(data_dir, tmp_path):
     )
     result = subprocess.run(
         _train_cmd(tmp_path, data_dir, *(f"--config.train.{k}={v}" for k, v in overrides.items())),
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -660,48 +644,11 @@ def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, mo
     assert not (tmp_path / "checkpoints").exists()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch_two_processes(command: list[str], returncode: int = 0) -> list[str]:
-    """Runs `command` as two JAX processes of one device each; returns their outputs."""
-    return _finish(_start_two_processes(command), returncode)
-
-
-def _start_two_processes(command: list[str]) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            command,
-            env=_env(
-                XLA_FLAGS=_xla_flags(1),
-                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(index),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(2)
-    ]
-
-
-def _finish(processes: list[subprocess.Popen], returncode: int = 0) -> list[str]:
-    outputs = [p.communicate(timeout=900)[0] for p in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == returncode, output[-3000:]
-    return outputs
-
-
 def test_every_process_stops_when_process_0_cannot_take_the_workdir(data_dir, tmp_path):
     from mmrec_jax import files
 
     with files.exclusive_lock(tmp_path / ".lock"):  # a run already trains there
-        outputs = _launch_two_processes(_train_cmd(tmp_path, data_dir), returncode=2)
+        outputs = launch_two_processes(_train_cmd(tmp_path, data_dir), returncode=2)
     assert "Another training process is running in" in outputs[0]
     assert "Process 0 cannot train in the workdir" in outputs[1]
 
@@ -713,18 +660,18 @@ def test_two_processes_match_one_also_when_one_of_them_is_stopped(
 ):
     # SIGTERM reaches process 1 only: both save the same step together and stop.
     multi = tmp_path / "multi"
-    processes = _start_two_processes(_train_cmd(multi, data_dir, *RUN_ARGS))
+    processes = start_two_processes(_train_cmd(multi, data_dir, *RUN_ARGS))
     deadline = time.time() + 600
     while time.time() < deadline and processes[1].poll() is None:
         if any(r.get("step", 0) >= 5 for r in reporting.read_metrics(multi)):
             break
         time.sleep(0.05)
     processes[1].send_signal(signal.SIGTERM)
-    outputs = _finish(processes, returncode=128 + signal.SIGTERM)
+    outputs = finish(processes, returncode=128 + signal.SIGTERM)
     assert "saving a checkpoint at the next logging step" in outputs[1]
     saved = int(outputs[0].split("SIGTERM received: saved checkpoint step")[1].split()[0])
     assert 5 <= saved < 30 and saved % 5 == 0
-    _launch_two_processes(_train_cmd(multi, data_dir, *RUN_ARGS))
+    launch_two_processes(_train_cmd(multi, data_dir, *RUN_ARGS))
     one, two = _losses(reference_run), _losses(multi)
     assert sorted(one) == sorted(two) and 30 in one
     for step in one:
@@ -743,13 +690,13 @@ def test_two_process_evaluate_and_export_match_one(reference_run, tmp_path):
     subprocess.run(
         [sys.executable, "-m", "mmrec_jax.export", "--workdir", str(reference_run),
          "--checkpoint", "latest", "--out", str(single_export)],
-        env=_env(), check=True, timeout=600, capture_output=True,
+        env=subprocess_env(), check=True, timeout=600, capture_output=True,
     )  # fmt: skip
     (reference_run / "eval" / "test.json").unlink()
 
     run = ["--workdir", str(reference_run), "--checkpoint", "latest"]
     evaluate_cmd = [sys.executable, "-m", "mmrec_jax.evaluate", *run, "--split", "test", "--k", "5"]
-    outputs = _launch_two_processes(evaluate_cmd)
+    outputs = launch_two_processes(evaluate_cmd)
     two = json.loads((reference_run / "eval" / "test.json").read_text())
     assert "Wrote" in outputs[0] and "Wrote" not in outputs[1]  # process 0 reports
     for group in ("click", "ranking"):
@@ -760,7 +707,7 @@ def test_two_process_evaluate_and_export_match_one(reference_run, tmp_path):
                 assert two[group][name] == value, name
 
     double_export = tmp_path / "two"
-    _launch_two_processes(
+    launch_two_processes(
         [sys.executable, "-m", "mmrec_jax.export", *run, "--out", str(double_export)]
     )
     a = load_file(single_export / "params.safetensors")

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmrec_jax import sharding
 from mmrec_jax.files import write_atomic
 from mmrec_jax.hub import resolve_pretrained
 from mmrec_jax.models.bert_weights import TOKENIZER_FILES, load_pretrained, weight_files
@@ -95,10 +96,12 @@ def _compute_embeddings(
 ) -> np.ndarray:
     """Runs BERT over the non-empty texts in fixed-size batches; empty texts get zeros.
 
-    Each batch is split over this process's devices (BERT's weights on each of them), so
-    a host with several accelerators embeds the catalogue on all of them. The values can
-    differ in their last bits (~1e-6) with the number of devices, as any computation's
-    do with its batch shape; the cache keeps the first ones computed.
+    Each batch is split over this process's devices (BERT's weights on each of them), and
+    in a multi-process run the processes take turns over the batches and then exchange
+    their results (a collective: every process calls this at the same point), so every
+    device of the run embeds part of the catalogue. The values can differ in their last
+    bits (~1e-6) with the number of devices per process, as any computation's do with its
+    batch shape; the cache keeps the first ones computed.
     """
     bert, params, tokenizer = load_pretrained(folder)
     width = bert.config.hidden_size
@@ -109,7 +112,9 @@ def _compute_embeddings(
     ids, mask = tokenize_texts(tokenizer, [texts[i] for i in rows], max_len)  # (M, L)
     mesh = Mesh(np.array(jax.local_devices()), ("batch",))
     batch = -(-min(batch_size, rows.size) // mesh.size) * mesh.size  # a multiple of devices
-    padded = -(-rows.size // batch) * batch
+    processes, index = jax.process_count(), jax.process_index()
+    batches = -(-rows.size // (batch * processes)) * processes  # the same count per process
+    padded = batches * batch
     ids = np.pad(ids, ((0, padded - rows.size), (0, 0)))
     mask = np.pad(mask, ((0, padded - rows.size), (0, 0)))
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
@@ -121,12 +126,19 @@ def _compute_embeddings(
         return pool(hidden, mask, pooled, pooling)
 
     chunks = []  # fetched batch by batch, so the progress bar shows finished work
-    steps = range(0, padded, batch)
-    for start in progress_bar("text embeddings", unit="batch", iterable=steps):
+    mine = range(index * batch, padded, processes * batch)  # batches p, p + P, p + 2P, ...
+    for start in progress_bar("text embeddings", unit="batch", iterable=mine):
         window = jax.device_put((ids[start : start + batch], mask[start : start + batch]), split)
         chunk = embed(params, *window)
         chunks.append(np.asarray(chunk, np.float32))
-    out[rows] = np.concatenate(chunks)[: rows.size]
+    computed = np.concatenate(chunks)  # (batches / P * b, H): this process's batches
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        every = multihost_utils.process_allgather(computed)  # (P, batches / P * b, H)
+        # (P, batches / P, b, H) -> batch j of process p is batch j * P + p.
+        computed = every.reshape(processes, -1, batch, width).swapaxes(0, 1).reshape(-1, width)
+    out[rows] = computed[: rows.size]
     return out
 
 
@@ -191,7 +203,9 @@ def text_embeddings(
     array_path = cache_dir / f"text_embeddings_{fingerprint[:24]}.npy"
     meta_path = array_path.with_suffix(".json")
     cached = _load_cached(array_path, meta_path, fingerprint, len(texts))
-    if cached is not None:
+    # With several processes, all of them use the cache or all compute the embeddings
+    # together (a process may not see the others' disk).
+    if not sharding.failed_processes(cached is None):
         return cached
     array = _compute_embeddings(folder, texts, pooling, max_len, batch_size)
     buffer = io.BytesIO()
