@@ -85,6 +85,8 @@ def progress_bar(
         disable=not enabled or jax.process_index() != 0,
         dynamic_ncols=True,
         mininterval=0.1 if interactive else LOG_UPDATE_INTERVAL_S,
+        # tqdm's monitor thread redraws a bar that has not printed for `maxinterval`.
+        maxinterval=10.0 if interactive else LOG_UPDATE_INTERVAL_S,
     )
 
 

@@ -63,6 +63,8 @@ def test_a_fresh_start_drops_an_earlier_attempts_records(tmp_path):
 def test_a_progress_bar_into_a_log_updates_rarely_in_lines_of_their_own(capsys):
     # pytest's captured stderr is no terminal, as a log file or a pipe is not.
     with reporting.progress_bar("work", 40, "item") as bar:
+        # Nor does tqdm's monitor thread redraw it between the log's updates.
+        assert bar.mininterval == bar.maxinterval == reporting.LOG_UPDATE_INTERVAL_S
         for done in range(1, 41):  # 0.6 s: six updates at a terminal's interval
             time.sleep(0.015)
             bar.update(1)
