@@ -179,6 +179,9 @@ def text_embeddings(
 ) -> np.ndarray:
     """Pooled BERT embeddings of item texts, from the disk cache when it is current.
 
+    In a multi-process run this is a collective: every process calls it with the same
+    texts, and they compute the embeddings together (see `_compute_embeddings`).
+
     Args:
       texts: N item texts; None or "" for items without text (they get zeros; the model
         ignores them through `has_text`).
