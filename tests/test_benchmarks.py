@@ -127,6 +127,21 @@ def test_block_chunks_compares_the_chunked_step_with_one_go(monkeypatch, capsys)
     assert out["step_ms_median"]["chunks"] > 0 and out["step_ms_median"]["one_go"] > 0
 
 
+def test_checkpoint_save_compares_the_library_threshold_with_orbax_default(monkeypatch, capsys):
+    from mmrec_jax import checkpoint
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module("checkpoint_save")
+    argv = ["--config", str(ROOT / "configs" / "tiny.py"), "--saves", "2", "--rounds", "1"]
+    module.main(argv)  # on the suite's 8 devices: every array has 8 replicas
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["arrays"] > 100 and out["state_mib"] > 0
+    library, orbax_default = out["library"]["rounds"][0], out["orbax_default"]["rounds"][0]
+    assert library["slice_compilations"] == 0 and orbax_default["slice_compilations"] > 0
+    assert library["save_written_ms_median"] > 0
+    assert checkpoint.MIN_REPLICA_SLICE_BYTES == out["min_replica_slice_bytes"]  # restored
+
+
 def test_random_bert_folder_is_a_loadable_checkpoint_of_the_architecture(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
