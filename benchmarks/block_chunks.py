@@ -35,10 +35,7 @@ from mmrec_jax.models import recommender
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_config_argument(parser, "configs/default.py")
-    parser.add_argument("--steps", type=common.at_least(1), default=10, help="timed steps of each")
-    parser.add_argument(
-        "--warmup", type=common.at_least(0), default=2, help="untimed steps of each first"
-    )
+    common.add_step_arguments(parser)
     parser.add_argument(
         "--items",
         type=common.at_least(1),

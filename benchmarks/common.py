@@ -141,7 +141,12 @@ def random_batch(config: ml_collections.ConfigDict, rows: int, items: int, seed:
 
 
 class CompileCounter:
-    """Counts XLA compilations (and sums compile-time phases) per function name."""
+    """Counts XLA compilations (and sums compile-time phases) per function name.
+
+    Creating one turns JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR)
+    off for the process: a program read back from it would count as a compilation
+    timed by the read.
+    """
 
     PHASES = (
         "/jax/core/compile/jaxpr_trace_duration",
@@ -150,6 +155,7 @@ class CompileCounter:
     )
 
     def __init__(self):
+        jax.config.update("jax_enable_compilation_cache", False)
         self.compiles: collections.Counter = collections.Counter()
         self.seconds: collections.Counter = collections.Counter()
         self.phases: collections.Counter = collections.Counter()
@@ -194,6 +200,20 @@ def time_calls(fn: Callable[[], object], steps: int) -> tuple[list[float], list[
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return wall, cpu
+
+
+def add_step_arguments(parser: argparse.ArgumentParser, steps: int = 10, warmup: int = 2) -> None:
+    """Adds `--steps` (timed calls, at least 1) and `--warmup` (untimed calls before them,
+    after the first, compiling, call) to a benchmark's parser."""
+    parser.add_argument(
+        "--steps", type=at_least(1), default=steps, help=f"timed calls (default {steps})"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=at_least(0),
+        default=warmup,
+        help=f"untimed calls before them, after the compiling one (default {warmup})",
+    )
 
 
 def at_least(low: int):

@@ -38,9 +38,7 @@ from mmrec_jax.models import recommender
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_config_argument(parser)
-    parser.add_argument(
-        "--steps", type=common.at_least(1), default=10, help="timed calls per measurement"
-    )
+    common.add_step_arguments(parser, warmup=0)
     parser.add_argument(
         "--catalogue", type=common.at_least(1), default=1000, help="items in the catalogue"
     )
@@ -59,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _timed(fn, steps: int) -> tuple[float, float]:
-    """(median wall seconds, median CPU seconds) of `fn` after one untimed call."""
-    fn()
+def _timed(fn, steps: int, warmup: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds) of `steps` calls of `fn`, after a first
+    (compiling) call and `warmup` more untimed ones."""
+    for _ in range(1 + warmup):
+        fn()
     wall, cpu = common.time_calls(fn, steps)
     return statistics.median(wall), statistics.median(cpu)
 
@@ -86,7 +86,9 @@ def main(argv=None) -> None:
 
     # Pairs: the evaluation forward pass.
     predict_fn = predict.make_predict_fn(model, setup.shardings["params"])
-    pair_s, pair_cpu = _timed(lambda: jax.block_until_ready(predict_fn(params, batch)), args.steps)
+    pair_s, pair_cpu = _timed(
+        lambda: jax.block_until_ready(predict_fn(params, batch)), args.steps, args.warmup
+    )
 
     # Catalogue: every item encoded once, as evaluation and export do.
     catalogue = common.random_batch(config, 1, args.catalogue, seed=1)["items"]
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
         )
 
     encoded = jax.device_put(encode_all())
-    encode_s, _ = _timed(encode_all, max(1, args.steps // 5))
+    encode_s, _ = _timed(encode_all, max(1, args.steps // 5), args.warmup)
     encoded_items = args.catalogue
 
     # Top-K: users x catalogue grids.
@@ -120,7 +122,9 @@ def main(argv=None) -> None:
     rank = functools.partial(evaluate.programs_of(model).rank, top=args.k)
     exclude = np.zeros((users, encoded_items), bool)
     top_s, top_cpu = _timed(
-        lambda: jax.block_until_ready(rank(params, encoded, user_rows, exclude)), args.steps
+        lambda: jax.block_until_ready(rank(params, encoded, user_rows, exclude)),
+        args.steps,
+        args.warmup,
     )
     result = {
         "benchmark": "serve_throughput",

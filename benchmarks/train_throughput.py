@@ -75,10 +75,7 @@ PREDICT_NAME = "predict"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_config_argument(parser, "configs/seed.py")
-    parser.add_argument("--steps", type=common.at_least(1), default=10, help="timed steps")
-    parser.add_argument(
-        "--warmup", type=common.at_least(0), default=2, help="untimed steps after compiling"
-    )
+    common.add_step_arguments(parser)
     parser.add_argument(
         "--items",
         type=common.at_least(0),

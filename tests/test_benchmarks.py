@@ -98,6 +98,7 @@ def test_serve_throughput_reports_pairs_and_users():
             "which each take an equal part: use 8.",
         ),
         ("block_chunks", ["--fill", "0"], "--fill 0.0 must lie in (0, 1]"),
+        ("serve_throughput", ["--warmup", "-1"], "--warmup: -1 is below the minimum 0"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_in_one_line(script, args, needle, monkeypatch, capsys):
@@ -215,3 +216,42 @@ def test_a_second_compilation_fails_the_benchmark_and_is_explained(monkeypatch, 
         train_throughput.main([*argv, "--no_peak"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["compiles"] == 2
     assert "train_step" in caplog.text  # JAX's account of what differed
+
+
+def test_the_compile_counter_compiles_what_the_persistent_cache_holds(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.compilation_cache import compilation_cache
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+
+    def program(x):
+        return jnp.sin(x) @ x
+
+    settings = {
+        "jax_enable_compilation_cache": True,
+        "jax_compilation_cache_dir": str(tmp_path),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    before = {name: getattr(jax.config, name) for name in settings}
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: hits.append(event) if event.endswith("cache_hits") else None
+    )
+    try:
+        for name, value in settings.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+        jax.jit(program)(jnp.ones((4, 4)))  # compiled, and written to the cache
+        assert any(path.name.startswith("jit_program") for path in tmp_path.iterdir())
+        jax.clear_caches()
+        counter = common.CompileCounter()
+        jax.jit(program)(jnp.ones((4, 4)))
+        # Compiled again, not read back: its compile time is a compilation's.
+        assert counter.count("program") == 1 and hits == []
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
