@@ -490,9 +490,16 @@ def encode_in_chunks(
 
 
 def apply_in_chunks(
-    module: nn.Module, method: str, inputs: jax.Array, present: jax.Array | None
+    module: nn.Module,
+    method: str,
+    inputs: Any,
+    present: jax.Array | None,
+    *,
+    dropout: bool = False,
+    unroll: bool = True,
+    **kwargs,
 ) -> jax.Array:
-    """`module.<method>(inputs)` over an item block: a large block in chunks.
+    """`module.<method>(inputs, **kwargs)` over an item block: a large block in chunks.
 
     A block of U slots with `schema.block_chunks(U)` > 1 runs through
     `encode_in_chunks` (chunks without a present item are skipped); a smaller one, and
@@ -501,23 +508,27 @@ def apply_in_chunks(
     Args:
       module: a bound module whose `method` (its compact method) encodes items.
       method: the method's name.
-      inputs: (U, ...) the items' content.
+      inputs: the items' content: an array or a pytree of arrays with U leading rows.
       present: (U,) bool, whether each slot holds content (None: every slot does).
+      dropout: the method draws dropout masks: each chunk gets its own "dropout" rng,
+        split from one the module draws (in one go the method draws its own).
+      unroll: unroll the chunks rather than scan over them (see `encode_in_chunks`).
+      **kwargs: further keyword arguments of the method.
 
     Returns:
       (U, ...) the method's output.
     """
-    chunks = schema.block_chunks(inputs.shape[0])
+    chunks = schema.block_chunks(jax.tree.leaves(inputs)[0].shape[0])
     if chunks == 1 or module.is_initializing():
-        return getattr(module, method)(inputs)
+        return getattr(module, method)(inputs, **kwargs)
     unbound, params = module.clone(parent=None), module.variables["params"]
-    return encode_in_chunks(
-        lambda x, _: unbound.apply({"params": params}, x, method=method),
-        inputs,
-        present,
-        chunks,
-        unroll=True,
-    )
+
+    def encode(chunk, key):  # (m, ...) inputs -> (m, ...)
+        rngs = {} if key is None else {"dropout": key}
+        return unbound.apply({"params": params}, chunk, method=method, rngs=rngs, **kwargs)
+
+    rng = module.make_rng("dropout") if dropout else None
+    return encode_in_chunks(encode, inputs, present, chunks, rng, unroll)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:

@@ -14,8 +14,8 @@ The BERT submodule is named "bert", so its parameters live at
 `params[<tower name>]["bert"]` in the layout of `mmrec_jax.models.bert`, ready to be
 replaced by `load_pretrained`'s parameters. Items without text (`has_text` False) are
 masked downstream by the fusion, not here, except that in the trained modes a large
-block is encoded in chunks and a chunk without any text is skipped (`schema.BLOCK_CHUNKS`):
-its items get zeros, as the fusion ignores them.
+block is encoded in chunks and a chunk without any text is skipped (`schema.BLOCK_CHUNKS`,
+`layers.apply_in_chunks`): its items get zeros, as the fusion ignores them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import ml_collections
 
 from mmrec_jax import schema
 from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
-from mmrec_jax.models.layers import encode_in_chunks
+from mmrec_jax.models.layers import apply_in_chunks
 
 # Pooling choices of config.model.text.pooling.
 POOLINGS = ("cls", "mean", "pooler")
@@ -143,14 +143,14 @@ class TextTower(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    @nn.compact
     def __call__(self, items: dict, train: bool = False) -> jax.Array:
-        """Embeds the item block's texts.
+        """Embeds the item block's texts; a large block in chunks (`layers.apply_in_chunks`).
 
         Args:
           items: the item block (see `mmrec_jax.schema`): `text_embedding` (U, Dt) in
             frozen mode, else `text_ids` and `text_mask` (U, L), and optionally
-            `has_text` (U,): a large block's chunks without text are then skipped.
+            `has_text` (U,): a large block's chunks without text are then skipped and
+            their items get zeros.
           train: applies BERT's dropout (needs a "dropout" rng) in the trained modes.
 
         Returns:
@@ -165,7 +165,40 @@ class TextTower(nn.Module):
                     "TextTower in mode 'frozen' needs items['text_embedding'] (U, Dt), the "
                     "cached BERT embeddings (mmrec_jax.data.text_cache.text_embeddings)."
                 )
-            x = jnp.asarray(items["text_embedding"], self.dtype)  # (U, Dt)
+            return self.encode({"text_embedding": items["text_embedding"]})
+        if self.bert_config is None:
+            raise ValueError(
+                f"TextTower in mode {cfg.mode!r} needs bert_config "
+                "(mmrec_jax.models.bert.load_bert_config(config.model.text.model))."
+            )
+        if "text_ids" not in items or "text_mask" not in items:
+            raise ValueError(
+                f"TextTower in mode {cfg.mode!r} needs items['text_ids'] and "
+                "items['text_mask'] (U, L) int32 token ids and mask."
+            )
+        text = {"text_ids": items["text_ids"], "text_mask": items["text_mask"]}
+        return apply_in_chunks(
+            self,
+            "encode",
+            text,
+            items.get("has_text"),
+            dropout=train,
+            unroll=False,  # one BERT to compile, not one per chunk
+            deterministic=not train,
+        )
+
+    @nn.compact
+    def encode(self, text: dict, deterministic: bool = True) -> jax.Array:
+        """Texts -> (U, width), in one go.
+
+        Args:
+          text: `text_embedding` (U, Dt) in frozen mode, else `text_ids` and `text_mask`
+            (U, L).
+          deterministic: no dropout in BERT (else it needs a "dropout" rng).
+        """
+        cfg = self.config
+        if cfg.mode == "frozen":
+            x = jnp.asarray(text["text_embedding"], self.dtype)  # (U, Dt)
             if self.has_variable("params", "proj"):
                 trained_on = self.variables["params"]["proj"]["kernel"].shape[0]
                 if x.shape[-1] != trained_on:
@@ -175,16 +208,6 @@ class TextTower(nn.Module):
                         f"text model they were trained with (config.model.text.model)."
                     )
         else:
-            if self.bert_config is None:
-                raise ValueError(
-                    f"TextTower in mode {cfg.mode!r} needs bert_config "
-                    "(mmrec_jax.models.bert.load_bert_config(config.model.text.model))."
-                )
-            if "text_ids" not in items or "text_mask" not in items:
-                raise ValueError(
-                    f"TextTower in mode {cfg.mode!r} needs items['text_ids'] and "
-                    "items['text_mask'] (U, L) int32 token ids and mask."
-                )
             bert = Bert(
                 self.bert_config,
                 dtype=self.dtype,
@@ -194,31 +217,8 @@ class TextTower(nn.Module):
                 first_token_only=cfg.pooling in ("cls", "pooler"),
                 name="bert",
             )
-            ids, mask = items["text_ids"], items["text_mask"]  # (U, L)
-            chunks = schema.block_chunks(ids.shape[0])
-            if chunks == 1 or self.is_initializing():
-                hidden, pooled = bert(ids, mask, deterministic=not train)
-                x = pool(hidden, mask, pooled, cfg.pooling)  # (U, H)
-            else:
-                unbound, params = bert.clone(parent=None), self.variables["params"]["bert"]
-
-                def encode(chunk, key):  # (m, L) ids and mask -> (m, H)
-                    chunk_ids, chunk_mask = chunk
-                    hidden, pooled = unbound.apply(
-                        {"params": params},
-                        chunk_ids,
-                        chunk_mask,
-                        deterministic=key is None,
-                        rngs={} if key is None else {"dropout": key},
-                    )
-                    return pool(hidden, chunk_mask, pooled, cfg.pooling)
-
-                x = encode_in_chunks(
-                    encode,
-                    (ids, mask),
-                    items.get("has_text"),
-                    chunks,
-                    self.make_rng("dropout") if train else None,
-                )  # (U, H)
+            ids, mask = text["text_ids"], text["text_mask"]  # (U, L)
+            hidden, pooled = bert(ids, mask, deterministic=deterministic)
+            x = pool(hidden, mask, pooled, cfg.pooling)  # (U, H)
         x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
         return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
