@@ -240,6 +240,12 @@ def test_image_tower_rejects_wrong_size_and_float_pixels():
         tower.init(INIT_KEY, np.zeros((1, 10, 10, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8 RGB pixels in .0, 255.; got float32"):
         tower.init(INIT_KEY, np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(U, 8, 8, 3\).*got \(8, 8, 3\)"):
+        tower.init(INIT_KEY, np.zeros((8, 8, 3), np.uint8))  # one image, no leading axis
+    with pytest.raises(ValueError, match="uint8 RGB pixels"):  # a nested list: int64
+        tower.init(INIT_KEY, np.zeros((1, 8, 8, 3), np.uint8).tolist())
+    with pytest.raises(ValueError, match=r"present must be \(U,\) = \(2,\).*got \(3,\)"):
+        tower.init(INIT_KEY, np.zeros((2, 8, 8, 3), np.uint8), np.ones(3, bool))
 
 
 # --- audio ---------------------------------------------------------------------------
@@ -366,6 +372,8 @@ def test_audio_tower_rejects_bad_input():
         tower.init(INIT_KEY, np.zeros((1, 60), np.float32))
     with pytest.raises(ValueError, match="float waveforms in .-1, 1.; got int16"):
         tower.init(INIT_KEY, np.zeros((1, 56), np.int16))
+    with pytest.raises(ValueError, match=r"\(U, T\); got \(56,\).*audio\[None\]"):
+        audio_lib.log_mel_spectrogram(np.zeros(56, np.float32), 16000, 16, 8, 4)
     tower = audio_lib.AudioTower(_audio_config("mfcc", 56), width=4)
     with pytest.raises(ValueError, match="frontend='mfcc'"):
         tower.init(INIT_KEY, np.zeros((1, 56), np.float32))
@@ -452,6 +460,8 @@ def test_history_attention_ignores_padding_and_empty_histories():
     changed[~mask] = rng.normal(size=changed[~mask].shape) * 100
     token2, _ = layer.apply(variables, candidate, changed, mask)
     np.testing.assert_array_equal(token, token2)
+    changed[~mask] = np.nan  # even NaN: a masked entry's zero weight would not hide it
+    np.testing.assert_array_equal(layer.apply(variables, candidate, changed, mask)[0], token)
     np.testing.assert_array_equal(present, [True, True, False])
     np.testing.assert_array_equal(token[2], 0.0)
     # A real history entry does matter.

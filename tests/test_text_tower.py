@@ -141,6 +141,18 @@ def test_trained_modes_need_bert_config_and_tokens():
     with pytest.raises(ValueError, match="text_ids"):
         tower = TextTower(_text_config("finetune"), WIDTH, BERT)
         tower.init(jax.random.key(0), {"text_embedding": np.zeros((2, 16), np.float32)})
+    with pytest.raises(ValueError, match=r"no tokens \(L=0\)"):
+        tower.init(
+            jax.random.key(0),
+            {"text_ids": np.zeros((2, 0), np.int32)} | {"text_mask": np.zeros((2, 0), np.int32)},
+        )
+
+
+@pytest.mark.parametrize("embedding", [np.zeros(16, np.float32), np.zeros((2, 16), np.int32)])
+def test_frozen_mode_needs_float_embeddings_one_per_item(embedding):
+    tower = TextTower(_text_config("frozen"), WIDTH)
+    with pytest.raises(schema.BatchError, match=r"must be float \(U, Dt\)"):
+        tower.init(jax.random.key(0), {"text_embedding": embedding})
 
 
 def _large_block(filled: int) -> dict:

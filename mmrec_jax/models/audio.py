@@ -95,6 +95,12 @@ def log_mel_spectrogram(
     Returns:
       (U, 1 + T // hop_length, mel_bins) float32.
     """
+    audio = jnp.asarray(audio)
+    if audio.ndim != 2:
+        raise ValueError(
+            f"log_mel_spectrogram takes waveforms of shape (U, T); got {audio.shape}. Add "
+            "the leading axis for a single clip: audio[None]."
+        )
     num_samples = audio.shape[-1]
     if num_samples < n_fft // 2 + 1:
         raise ValueError(
@@ -143,6 +149,7 @@ class AudioTower(nn.Module):
           (U, width).
         """
         cfg = self.config
+        audio = jnp.asarray(audio)
         if audio.ndim != 2 or audio.shape[1] != cfg.clip_samples:
             raise ValueError(
                 f"Audio tower expects waveforms of shape (U, {cfg.clip_samples}) "

@@ -415,6 +415,11 @@ class Bert(nn.Module):
                 f"BERT input_ids must be (B, L) with an attention_mask of the same shape; got "
                 f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape}."
             )
+        if input_ids.shape[1] == 0:
+            raise ValueError(
+                "BERT input_ids have no tokens (L=0); tokenize every text, the empty one "
+                "included, to at least [CLS] and [SEP]."
+            )
         if input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(
                 f"BERT input has {input_ids.shape[1]} tokens; this model takes at most "

@@ -56,7 +56,8 @@ class ImageTower(nn.Module):
           (U, width).
         """
         size = self.config.size
-        if image.shape[1:] != (size, size, 3):
+        image = jnp.asarray(image)
+        if image.ndim != 4 or image.shape[1:] != (size, size, 3):
             raise ValueError(
                 f"Image tower expects images of shape (U, {size}, {size}, 3) "
                 f"(config.model.image.size={size}); got {image.shape}."

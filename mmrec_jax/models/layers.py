@@ -518,7 +518,13 @@ def apply_in_chunks(
     Returns:
       (U, ...) the method's output.
     """
-    chunks = schema.block_chunks(jax.tree.leaves(inputs)[0].shape[0])
+    slots = jax.tree.leaves(inputs)[0].shape[0]
+    if present is not None and jnp.shape(present) != (slots,):
+        raise ValueError(
+            f"present must be (U,) = ({slots},), one flag per item of the block; got "
+            f"{jnp.shape(present)}."
+        )
+    chunks = schema.block_chunks(slots)
     if chunks == 1 or module.is_initializing():
         return getattr(module, method)(inputs, **kwargs)
     unbound, params = module.clone(parent=None), module.variables["params"]

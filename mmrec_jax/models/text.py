@@ -198,7 +198,13 @@ class TextTower(nn.Module):
         """
         cfg = self.config
         if cfg.mode == "frozen":
-            x = jnp.asarray(text["text_embedding"], self.dtype)  # (U, Dt)
+            x = jnp.asarray(text["text_embedding"])  # (U, Dt)
+            if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+                raise schema.BatchError(
+                    f"items['text_embedding'] must be float (U, Dt), one pooled BERT vector "
+                    f"per item; got {x.dtype} {x.shape}."
+                )
+            x = x.astype(self.dtype)
             if self.has_variable("params", "proj"):
                 trained_on = self.variables["params"]["proj"]["kernel"].shape[0]
                 if x.shape[-1] != trained_on:

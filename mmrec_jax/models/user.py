@@ -84,7 +84,8 @@ class HistoryAttention(nn.Module):
         Args:
           candidate: (B, D) candidate item embeddings.
           history: (B, H, D) history item embeddings.
-          history_mask: (B, H) bool, True where the history entry is real.
+          history_mask: (B, H) bool, True where the history entry is real; the others
+            are ignored whatever they hold (NaN included).
 
         Returns:
           token: (B, D) the history token, zeros for rows without any history.
@@ -101,6 +102,8 @@ class HistoryAttention(nn.Module):
                 f"{jnp.shape(history_mask)}."
             )
         history_mask = jnp.asarray(history_mask, bool)  # (B, H)
+        # A masked entry gets no attention weight, but 0 * NaN is NaN: zero it first.
+        history = jnp.where(history_mask[..., None], history, 0)  # (B, H, D)
         norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         query = nn.LayerNorm(name="query_norm", **norm)(candidate)[:, None, :]  # (B, 1, D)
         keys = nn.LayerNorm(name="history_norm", **norm)(history)  # (B, H, D)
