@@ -181,8 +181,20 @@ def item_fields(towers: tuple[str, ...], text_mode: str = "frozen") -> list[Fiel
     return fields
 
 
+class _Sizes(dict):
+    """Symbol sizes found so far, and the field each was first read from."""
+
+    def __init__(self, sizes: Mapping[str, int] | None = None):
+        super().__init__(sizes or {})
+        self.fields: dict[str, str] = {}
+
+
+def _sizes_of(dims: dict[str, int] | None) -> _Sizes:
+    return dims if isinstance(dims, _Sizes) else _Sizes(dims)
+
+
 def _check_field(
-    where: str, spec: FieldSpec, array, dims: dict[str, int], expected_dims: Mapping[str, int]
+    where: str, spec: FieldSpec, array, dims: _Sizes, expected_dims: Mapping[str, int]
 ) -> None:
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         raise BatchError(
@@ -196,19 +208,23 @@ def _check_field(
             f"{spec.shape}; got {shape}."
         )
     for axis, (symbol, size) in enumerate(zip(spec.shape, shape, strict=True)):
+        source = ""
         if isinstance(symbol, int):
             want = symbol
         elif symbol in expected_dims:
             want = expected_dims[symbol]
         elif symbol in dims:
             want = dims[symbol]
+            if symbol in dims.fields:
+                source = f", as in {dims.fields[symbol]}"
         else:
             dims[symbol] = size
+            dims.fields[symbol] = f"{where}{spec.name!r}"
             continue
         if size != want:
             raise BatchError(
                 f"Batch field {where}{spec.name!r} ({spec.doc}) must have shape {spec.shape} "
-                f"with {symbol}={want}; got {shape} (axis {axis} is {size})."
+                f"with {symbol}={want}{source}; got {shape} (axis {axis} is {size})."
             )
         if isinstance(symbol, str):
             dims[symbol] = size
@@ -252,7 +268,7 @@ def validate_batch(
     """
     towers = parse_towers(towers)
     expected_dims = dict(expected_dims or {})
-    dims: dict[str, int] = {}
+    dims = _Sizes()
     for spec in row_fields(towers):
         if spec.name not in batch:
             raise BatchError(
@@ -264,7 +280,7 @@ def validate_batch(
         raise BatchError("Batch is missing the required 'items' dict (the item block).")
     items = batch["items"]
     validate_items(items, towers, text_mode, expected_dims, dims)
-    return dims
+    return dict(dims)
 
 
 def validate_items(
@@ -280,10 +296,11 @@ def validate_items(
     `for_model` checks only what the model reads: `item_index` (for the metrics) may then
     be absent.
 
-    Returns the symbol sizes found; raises `BatchError` like `validate_batch`.
+    Returns the symbol sizes found; raises `BatchError` like `validate_batch`, and for a
+    block without items.
     """
     towers = parse_towers(towers)
-    dims = {} if dims is None else dims
+    sizes = _sizes_of(dims)
     for spec in item_fields(towers, text_mode):
         if for_model and spec.name == "item_index":
             continue
@@ -292,8 +309,15 @@ def validate_items(
                 f"Item block is missing the required field {spec.name!r} ({spec.doc}), shape "
                 f"{spec.shape}, for towers {','.join(towers)} (text mode {text_mode!r})."
             )
-        _check_field("items.", spec, items[spec.name], dims, dict(expected_dims or {}))
-    return dims
+        _check_field("items.", spec, items[spec.name], sizes, dict(expected_dims or {}))
+    if sizes.get("U") == 0:
+        raise BatchError(
+            "The item block is empty (U=0): its fields have no rows. Give it at least one "
+            "item; the rows' slots index it."
+        )
+    if dims is not None and dims is not sizes:
+        dims.update(sizes)
+    return dict(sizes)
 
 
 def concrete_values(array) -> np.ndarray | None:
@@ -349,7 +373,7 @@ def validate_score_rows(
     Returns the symbol sizes found; raises `BatchError` like `validate_batch`.
     """
     towers = parse_towers(towers)
-    dims = {} if dims is None else dims
+    sizes = _sizes_of(dims)
     for spec in row_fields(towers):
         if spec.name not in SCORE_FIELDS or (spec.name == "user_id" and "id" not in towers):
             continue
@@ -358,8 +382,79 @@ def validate_score_rows(
                 f"Rows are missing the required field {spec.name!r} ({spec.doc}), shape "
                 f"{spec.shape}, for towers {','.join(towers)}."
             )
-        _check_field("", spec, rows[spec.name], dims, {})
-    return dims
+        _check_field("", spec, rows[spec.name], sizes, {})
+    if dims is not None and dims is not sizes:
+        dims.update(sizes)
+    return dict(sizes)
+
+
+# What `encode_items` returns and `score` reads: N items, M item tokens of width D.
+ENCODED_FIELDS = (
+    FieldSpec("tokens", "float32", ("N", "M", "D"), "the items' modality tokens"),
+    FieldSpec("mask", "bool", ("N", "M"), "True where the item has that modality"),
+    FieldSpec("embedding", "float32", ("N", "D"), "each item's summary vector"),
+)
+
+
+def validate_encoded(encoded: Mapping, num_tokens: int, width: int) -> int:
+    """Checks the encoded item block `score` reads (`ENCODED_FIELDS`); returns N.
+
+    Args:
+      encoded: `encode_items`' output, or an export's `item_tokens`, `item_token_mask`
+        and `item_embeddings` tables as its `tokens`, `mask` and `embedding`.
+      num_tokens: M, the model's item tokens (one per item tower).
+      width: D, the model's width.
+
+    Raises:
+      BatchError: naming the missing or misshaped entry.
+    """
+    fix = (
+        "pass the output of the model's encode_items, or an export's item_tokens, "
+        "item_token_mask and item_embeddings tables (mmrec_jax.load_tables) of the same model."
+    )
+    if not isinstance(encoded, Mapping):
+        raise BatchError(f"encoded is a {type(encoded).__name__}, not a dict; {fix}")
+    sizes = _Sizes()
+    for spec in ENCODED_FIELDS:
+        if spec.name not in encoded:
+            raise BatchError(
+                f"encoded is missing {spec.name!r} ({spec.doc}), shape {spec.shape}; {fix}"
+            )
+        try:
+            _check_field("encoded.", spec, encoded[spec.name], sizes, {"M": num_tokens, "D": width})
+        except BatchError as error:
+            raise BatchError(
+                f"{error} For this model M={num_tokens} and D={width}: {fix}"
+            ) from None
+    return sizes["N"]
+
+
+# Float content fields and the flag that says whether an item has them. (Images are
+# uint8 and token ids integers: they cannot hold NaN.)
+FLOAT_CONTENT = (("text_embedding", "has_text"), ("audio", "has_audio"))
+
+
+def check_finite_content(items: Mapping) -> None:
+    """Raises BatchError when concrete float content of an item that has it is NaN or inf.
+
+    A traced block (under jit) is not checked, nor the content of items whose `has_*`
+    flag is False (the model ignores it).
+    """
+    for field, flag in FLOAT_CONTENT:
+        if field not in items or flag not in items:
+            continue
+        values, has = concrete_values(items[field]), concrete_values(items[flag])
+        if values is None or has is None or values.size == 0:
+            continue
+        bad = ~np.isfinite(values.astype(np.float32)).reshape(values.shape[0], -1).all(axis=1)
+        bad &= has.astype(bool)
+        if bad.any():
+            slots = np.flatnonzero(bad)
+            raise BatchError(
+                f"Item block field {field!r} holds NaN or infinite values for {slots.size} "
+                f"item(s) with {flag} True, at slots {slots[:5].tolist()}; fix the content "
+                f"(a corrupt or failed decode?) or set {flag} False for those items."
+            )
 
 
 def item_capacity(

@@ -1,6 +1,7 @@
 """Tests of the assembled recommender: tower subsets, masking, gradients, validation."""
 
 import functools
+import re
 
 import flax
 import jax
@@ -494,3 +495,86 @@ def test_param_counts_per_tower():
     table = format_param_counts(variables)
     for tower in ("text", "image", "audio", "id", "history", "fusion", "total"):
         assert tower in table
+
+
+def test_nan_in_an_item_seen_only_through_padding_history_slots_is_ignored():
+    model, variables, apply = full_model()  # jitted: content values are not checked
+    batch = make_batch(model.config, seed=4)
+    hidden = U - 1  # the item no row reads except through padding history slots
+    mask = batch["history_mask"]
+    slots = np.where(mask, batch["history_slot"] % hidden, hidden)
+    clean = {**batch, "item_slot": batch["item_slot"] % hidden, "history_slot": slots}
+    audio = np.array(batch["items"]["audio"])
+    audio[hidden] = np.nan
+    logits = apply(variables, _replace_items(clean, audio=audio))
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(logits, apply(variables, clean), rtol=1e-6, atol=1e-6)
+
+
+def test_out_of_range_slots_under_jit_give_nan_logits_not_another_items_score():
+    model, variables, apply = full_model()
+    batch = make_batch(model.config, seed=4)
+    mask = batch["history_mask"]
+    row = int(np.flatnonzero(mask.any(1))[0])  # a row with a real history entry
+    item_slot = batch["item_slot"].copy()
+    item_slot[1:3] = (-1, U)  # wrapped and clamped by plain indexing
+    history_slot = np.where(mask, batch["history_slot"], U + 5)  # padding: may hold anything
+    history_slot[row, np.flatnonzero(mask[row])[0]] = U
+    bad = {**batch, "item_slot": item_slot, "history_slot": history_slot}
+    logits, clean = np.asarray(apply(variables, bad)), np.asarray(apply(variables, batch))
+    nan_rows = {1, 2, row}
+    np.testing.assert_array_equal(np.isnan(logits), [r in nan_rows for r in range(B)])
+    ok = [r for r in range(B) if r not in nan_rows]
+    np.testing.assert_allclose(logits[ok], clean[ok], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("field,flag", [("text_embedding", "has_text"), ("audio", "has_audio")])
+def test_nan_in_present_content_is_an_error_when_applied_eagerly(field, flag):
+    model, variables, _ = full_model()
+    batch = make_batch(model.config)
+    content = np.array(batch["items"][field])
+    content[2, 0], content[5, -1] = np.nan, -np.inf
+    with pytest.raises(schema.BatchError, match=rf"'{field}' holds NaN .* 2 item.*\[2, 5\]"):
+        model.apply(variables, _replace_items(batch, **{field: content}))
+    has = np.ones(U, bool)
+    has[[2, 5]] = False  # marked absent: ignored
+    absent = model.apply(variables, _replace_items(batch, **{field: content, flag: has}))
+    assert np.isfinite(absent).all()
+
+
+def test_score_names_a_misshaped_encoded_block():
+    model, variables, _ = full_model()
+    batch = make_batch(model.config)
+    encoded = model.apply(variables, batch["items"], method="encode_items")
+    tokens, mask, embedding = encoded["tokens"], encoded["mask"], encoded["embedding"]
+    m, width = tokens.shape[1:]
+    for bad, needle in (
+        ({"tokens": tokens, "mask": mask}, "encoded is missing 'embedding'"),
+        ({**encoded, "tokens": tokens[:, 1:], "mask": mask[:, 1:]}, f"with M={m}"),
+        ({**encoded, "embedding": embedding[:, :-1]}, f"with D={width}"),
+        ({**encoded, "embedding": embedding[:2]}, f"N={U}, as in encoded.'tokens'"),
+        ({**encoded, "mask": np.asarray(mask, np.float32)}, "'mask' must be bool"),
+    ):
+        with pytest.raises(schema.BatchError, match=re.escape(needle) + ".*encode_items"):
+            model.apply(variables, batch, bad, method="score")
+
+
+def test_an_empty_item_block_and_disagreeing_sizes_are_named():
+    model, variables, _ = full_model()
+    batch = make_batch(model.config)
+    empty = {key: value[:0] for key, value in batch["items"].items()}
+    with pytest.raises(schema.BatchError, match=r"item block is empty \(U=0\)"):
+        model.apply(variables, {**batch, "items": empty})
+    longer = _replace_items(batch, item_id=np.zeros(U + 1, np.int32))
+    with pytest.raises(schema.BatchError, match=rf"U={U + 1}, as in items.'item_id'"):
+        model.apply(variables, longer)
+    with pytest.raises(schema.BatchError, match=rf"'item_slot' .* B={B - 1}, as in 'user_id'"):
+        model.apply(variables, {**batch, "user_id": batch["user_id"][:-1]})
+
+
+def test_a_traced_train_flag_names_static_argnames():
+    model, variables, _ = full_model()
+    with pytest.raises(TypeError, match="static_argnames='train'"):
+        jax.jit(model.apply)(
+            variables, make_batch(model.config), train=True, rngs={"dropout": init_key(1)}
+        )

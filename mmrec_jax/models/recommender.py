@@ -124,7 +124,9 @@ class Recommender(nn.Module):
         """Runs each enabled item tower once over an item block.
 
         Args:
-          items: the item block (`batch["items"]`, see `mmrec_jax.schema`), U items.
+          items: the item block (`batch["items"]`, see `mmrec_jax.schema`), U >= 1 items.
+            Applied eagerly, a NaN or infinite value in the content of an item that has
+            that modality raises `BatchError`.
           train: enables dropout inside the towers (rng stream "dropout").
 
         Returns:
@@ -132,6 +134,7 @@ class Recommender(nn.Module):
            "mask": (U, M) bool, True where the item has that modality,
            "embedding": (U, D) masked mean of the tokens, the item's summary vector}.
         """
+        train = _static_train(train)
         schema.validate_items(
             items,
             self.towers,
@@ -139,6 +142,7 @@ class Recommender(nn.Module):
             expected_dims=self._expected_dims(),
             for_model=True,
         )
+        schema.check_finite_content(items)
         items = _zero_absent_content(items)
         num_items = items["item_id"].shape[0]
         tokens, masks = [], []
@@ -167,15 +171,22 @@ class Recommender(nn.Module):
         Args:
           rows: `item_slot` (B,), with the id tower `user_id` (B,) and with the history
             tower `history_slot` (B, H) and `history_mask` (B, H); slots index the item
-            block (a history slot where the mask is False may hold anything).
-          encoded: the output of `encode_items` for that item block.
+            block (a history slot where the mask is False may hold anything). A slot
+            outside the block raises `BatchError` when applied eagerly; under jit, where
+            values cannot be checked, its row's logit is NaN.
+          encoded: the output of `encode_items` for that item block, or tables of its
+            form: `tokens` (N, M, D), `mask` (N, M) bool and `embedding` (N, D), M the
+            model's item tokens and D its width.
           train: enables dropout and modality dropout (rng stream "dropout").
 
         Returns:
           (B,) float32 logits.
         """
+        train = _static_train(train)
         schema.validate_score_rows(rows, self.towers)
-        num_items = encoded["tokens"].shape[0]
+        num_items = schema.validate_encoded(
+            encoded, len(token_names(self.towers)[0]), self.config.width
+        )
         slot_fields = ("item_slot", "history_slot") if "history" in self.towers else ("item_slot",)
         for name in slot_fields:
             schema.check_index_range(
@@ -189,19 +200,25 @@ class Recommender(nn.Module):
         tokens = [encoded["tokens"][slot]]  # [(B, M, D)]
         masks = [encoded["mask"][slot]]  # [(B, M)]
         batch = slot.shape[0]
+        # Compiled code cannot reject a slot outside the block (indexing clamps it and
+        # wraps a negative one): such a row's logit is NaN, not another item's score.
+        bad_slot = ~_in_range(slot, num_items)  # (B,)
         if "id" in self.towers:
             tokens.append(self.user_id(rows["user_id"])[:, None, :])  # (B, 1, D)
             masks.append(jnp.ones((batch, 1), bool))
         if "history" in self.towers:
             candidate = encoded["embedding"][slot]  # (B, D)
+            history_mask = jnp.asarray(rows["history_mask"], bool)  # (B, H)
             history = encoded["embedding"][rows["history_slot"]]  # (B, H, D)
-            token, present = self.history(candidate, history, rows["history_mask"])
+            token, present = self.history(candidate, history, history_mask)
             tokens.append(token[:, None, :])  # (B, 1, D)
             masks.append(present[:, None])
+            bad_slot |= jnp.any(history_mask & ~_in_range(rows["history_slot"], num_items), 1)
         dtype = self.compute_dtype
         tokens = jnp.concatenate([t.astype(dtype) for t in tokens], axis=1)  # (B, T, D)
         mask = jnp.concatenate(masks, axis=1)  # (B, T)
-        return self.fusion(tokens, mask, train)
+        logits = self.fusion(tokens, mask, train)  # (B,)
+        return jnp.where(bad_slot, jnp.nan, logits)
 
     def __call__(self, batch: Mapping, train: bool = False) -> jax.Array:
         """Scores a batch: `score(batch, encode_items(batch["items"]))`.
@@ -220,11 +237,6 @@ class Recommender(nn.Module):
         return self.score(batch, self.encode_items(batch["items"], train), train)
 
 
-# Float content fields and the flag that says whether an item has them. (Images are
-# uint8 and token ids integers: they cannot hold NaN.)
-_FLOAT_CONTENT = (("text_embedding", "has_text"), ("audio", "has_audio"))
-
-
 def _zero_absent_content(items: Mapping) -> dict:
     """`items` with the float content of absent modalities set to zero.
 
@@ -233,12 +245,30 @@ def _zero_absent_content(items: Mapping) -> dict:
     towers' backward pass (0 * NaN). Zeroing it first keeps such input harmless.
     """
     items = dict(items)
-    for field, flag in _FLOAT_CONTENT:
+    for field, flag in schema.FLOAT_CONTENT:
         if field in items:
             has = jnp.asarray(items[flag], bool)  # (U,)
             content = items[field]  # (U, ...)
             items[field] = jnp.where(has.reshape(has.shape + (1,) * (content.ndim - 1)), content, 0)
     return items
+
+
+def _static_train(train) -> bool:
+    """`train` as a Python bool; a traced one (jit without `static_argnames`) is refused."""
+    try:
+        return bool(train)
+    except jax.errors.ConcretizationTypeError:
+        raise TypeError(
+            "train is traced: under jax.jit it must be a static Python bool, as it changes "
+            "the computation (dropout). Jit with jax.jit(model.apply, "
+            "static_argnames='train')."
+        ) from None
+
+
+def _in_range(slots: jax.Array, num_items: int) -> jax.Array:
+    """Whether each slot indexes one of the block's `num_items` items."""
+    slots = jnp.asarray(slots)
+    return (slots >= 0) & (slots < num_items)
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> Recommender:
