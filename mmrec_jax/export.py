@@ -74,6 +74,17 @@ from transformers import AutoTokenizer, BertModel
 bert = BertModel.from_pretrained("{name}/text_model")
 tokenizer = AutoTokenizer.from_pretrained("{name}/tokenizer")
 ```
+
+The model read each text truncated to the config's `data.max_text_len` tokens (and, with a
+frozen text tower, pooled as `model.text.pooling` says). For new items, make the item
+block's text fields as training did:
+
+```python
+from mmrec_jax.data.text_cache import item_text_fields
+from mmrec_jax.exported import load_export_config
+
+text_fields = item_text_fields(["a new item's text"], load_export_config("{name}"))
+```
 """
 
 
@@ -244,7 +255,15 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         write_export(
-            staging, config, model, params, step, catalogue, encoded, str(workdir), out.name
+            staging,
+            config,
+            model,
+            params,
+            step,
+            catalogue,
+            encoded,
+            str(Path(workdir).resolve()),
+            out.name,
         )
         _default_permissions(staging)
         if out.exists():

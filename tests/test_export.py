@@ -1,6 +1,7 @@
 """Export -> load_exported -> the checkpoint's logits; the files alone; recommend."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import mmrec_jax
 from mmrec_jax import export, exported, recommend
 from mmrec_jax.config import load_config
 from mmrec_jax.data import builder, pipeline
+from mmrec_jax.data.text_cache import item_text_fields
 from mmrec_jax.models.bert import Bert, load_bert_config
 from mmrec_jax.models.bert_weights import save_pretrained
 
@@ -35,7 +37,9 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def export_dir(workdir, tmp_path_factory):
-    return export.export_run(workdir, tmp_path_factory.mktemp("exports") / "export")
+    # As typed on a command line: relative to the working folder.
+    relative = os.path.relpath(workdir)
+    return export.export_run(relative, tmp_path_factory.mktemp("exports") / "export")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,7 @@ def test_item_table_and_manifest(export_dir, checkpoint, workdir):
     assert tables["user_ids"].tolist() == list(info.user_ids)
     assert tables["item_embeddings"].shape == (n, config.model.width)
     assert manifest["num_items"] == n and manifest["checkpoint_step"] >= 1
+    assert manifest["workdir"] == str(workdir.resolve())  # meaningful from any folder
     # The embedding is the mean of the item's present modality tokens.
     tokens, mask = tables["item_tokens"], tables["item_token_mask"]
     mean = (tokens * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
@@ -137,7 +142,13 @@ def test_item_id_index_builds_batches_that_reproduce_the_item_tokens(export_dir,
     rows = np.arange(tables["item_ids"].shape[0])
     items = dict(pipeline.ItemStore(config, info).block(rows, len(rows)))
     items["item_id"] = tables["item_id_index"]
-    encoded = model.apply(variables, items, method="encode_items")
+    # The texts' fields as serving code makes them for new items, from the export alone.
+    texts = [builder.text(r["text"]) if r["has_text"] else None for r in records]
+    served = item_text_fields(texts, exported.load_export_config(export_dir))
+    assert sorted(served) == ["has_text", "text_ids", "text_mask"]  # a fine-tuned BERT
+    for field, value in served.items():
+        np.testing.assert_array_equal(value, items[field], err_msg=field)
+    encoded = model.apply(variables, {**items, **served}, method="encode_items")
     np.testing.assert_allclose(encoded["tokens"], tables["item_tokens"], rtol=1e-5, atol=1e-5)
 
 
@@ -267,6 +278,11 @@ def test_the_exports_own_readme_runs_without_mmrec_jax(export_dir, monkeypatch):
     tables = exported.load_tables(export_dir)
     np.testing.assert_array_equal(namespace["item_embeddings"], tables["item_embeddings"])
     assert namespace["params"].keys() == load_file(export_dir / "params.safetensors").keys()
+    (block,) = [b for b in blocks if "item_text_fields" in b]  # new items' text, with it
+    exec(block, namespace)
+    fields = namespace["text_fields"]
+    max_len = exported.load_export_config(export_dir).data.max_text_len
+    assert fields["text_ids"].shape == (1, max_len) and fields["has_text"].tolist() == [True]
 
 
 def test_readme_scores_from_the_export_alone_as_recommend_does(export_dir):

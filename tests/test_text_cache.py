@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 import transformers
@@ -12,7 +13,7 @@ from _processes import launch_two_processes
 from _tiny_bert import make_tiny_bert, torch_outputs
 
 from mmrec_jax.data import text_cache
-from mmrec_jax.data.text_cache import text_embeddings, tokenize_texts
+from mmrec_jax.data.text_cache import item_text_fields, text_embeddings, tokenize_texts
 
 TEXTS = [
     "a cat video",
@@ -74,6 +75,7 @@ def test_cache_equals_direct_computation(tiny, tmp_path, pooling):
 TWO_PROCESS_SCRIPT = """
 import sys
 
+import ml_collections
 import numpy as np
 
 from mmrec_jax import sharding
@@ -186,3 +188,26 @@ def test_tokenize_texts_pads_to_max_len(tiny):
     assert mask[1].sum() == 2  # None: [CLS] [SEP]
     want = tokenizer("a cat video")["input_ids"]
     assert ids[0, : len(want)].tolist() == want and not ids[0, len(want) :].any()
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_item_text_fields_are_what_training_read(tiny, mode):
+    folder, model = tiny
+    config = ml_collections.ConfigDict(
+        {
+            "model": {"text": {"model": str(folder), "mode": mode, "pooling": "mean"}},
+            "data": {"max_text_len": 8},
+        }
+    )
+    fields = item_text_fields(TEXTS, config, batch_size=4)
+    np.testing.assert_array_equal(fields["has_text"], [bool(text) for text in TEXTS])
+    if mode == "frozen":
+        assert sorted(fields) == ["has_text", "text_embedding"]
+        # Truncated to max_text_len tokens, as the cache the model trained on.
+        reference = _reference(model, folder, TEXTS, 8, "mean")
+        np.testing.assert_allclose(fields["text_embedding"], reference, atol=1e-4)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        ids, mask = tokenize_texts(tokenizer, TEXTS, max_len=8)
+        np.testing.assert_array_equal(fields["text_ids"], ids)
+        np.testing.assert_array_equal(fields["text_mask"], mask)

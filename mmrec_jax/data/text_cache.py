@@ -11,6 +11,9 @@ never used. A cache folder that cannot be written (a read-only dataset folder) i
 about; the embeddings are then computed every run.
 
 `tokenize_texts` is the tokenization the input pipeline uses for the trained text modes.
+`item_text_fields` makes an item block's text fields for new texts, as the input
+pipeline makes them for the dataset's, so that serving code can score items a model
+has never seen.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmrec_jax import sharding
+from mmrec_jax import schema, sharding
 from mmrec_jax.files import write_atomic
 from mmrec_jax.hub import resolve_pretrained
 from mmrec_jax.models.bert_weights import TOKENIZER_FILES, load_pretrained, weight_files
@@ -237,3 +241,43 @@ def text_embeddings(
             stacklevel=2,
         )
     return array
+
+
+def item_text_fields(
+    texts: Sequence[str | None], config: Any, batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """The text fields of an item block for `texts`, made as the input pipeline makes them.
+
+    The text model (`config.model.text.model`; an export's own `text_model/` when the
+    config comes from `mmrec_jax.exported.load_export_config`) reads each text truncated
+    to `config.data.max_text_len` tokens; in the frozen mode its output is pooled with
+    `config.model.text.pooling`. A model scores a new item only from the fields it was
+    trained on: BERT's output over whole texts, or with another pooling, is another
+    embedding. Nothing is cached; in a multi-process run this is a collective (see
+    `text_embeddings`).
+
+    Args:
+      texts: N item texts; None or "" for items without text.
+      config: the run config (`model.text` and `data.max_text_len` are read).
+      batch_size: texts per BERT call in the frozen mode.
+
+    Returns:
+      {"has_text": (N,) bool} and, in the frozen mode, "text_embedding" (N, Dt) float32
+      (zeros without text); in the trained modes "text_ids" and "text_mask" (N, L) int32
+      ([CLS] [SEP] without text).
+    """
+    text_config, max_len = config.model.text, int(config.data.max_text_len)
+    if text_config.pooling not in POOLINGS:
+        raise ValueError(
+            f"config.model.text.pooling={text_config.pooling!r}; choose one of {POOLINGS}."
+        )
+    texts = [text or "" for text in texts]
+    fields = {"has_text": np.array([bool(text) for text in texts], bool)}
+    folder = resolve_pretrained(text_config.model)
+    if schema.text_is_trained(text_config.mode):
+        from mmrec_jax.models.bert_weights import load_tokenizer
+
+        ids, mask = tokenize_texts(load_tokenizer(str(folder)), texts, max_len)
+        return {**fields, "text_ids": ids, "text_mask": mask}
+    embedding = _compute_embeddings(folder, texts, text_config.pooling, max_len, batch_size)
+    return {**fields, "text_embedding": embedding}
