@@ -22,6 +22,11 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
     args, config = parse_config_args(parser)
     show_warnings_plainly()
+    with exits_quietly(parser):  # from the imports (seconds) to the final report
+        _train(parser, args, config)
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, config) -> None:
     from mmrec_jax import runtime, train
     from mmrec_jax.checkpoint import CheckpointError
     from mmrec_jax.config import ConfigError
@@ -29,10 +34,8 @@ def main() -> None:
     from mmrec_jax.hub import PretrainedModelNotFound
 
     runtime.tune_host_allocator()
-
     try:
-        with exits_quietly(parser):  # before and after the training loop
-            train.train_and_evaluate(config, args.workdir)
+        train.train_and_evaluate(config, args.workdir)
     except PretrainedModelNotFound as error:
         parser.exit(2, f"{parser.prog}: error: config.model.text.model: {error}\n")
     except (ConfigError, DatasetNotBuiltError, DatasetMismatchError) as error:

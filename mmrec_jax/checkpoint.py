@@ -100,8 +100,21 @@ class _OneLineOrbaxStorageErrors(logging.Filter):
         return True
 
 
+class _AbandonedSavesFilter(logging.Filter):
+    """Drops Orbax's report of a wait for a save that the user stopped on purpose.
+
+    A second Ctrl-C or SIGTERM (`cli.ExitNow`, or an interrupt) that lands while the
+    training process waits for a save makes Orbax log the interrupted wait as a failed
+    save thread, with a traceback; the run has already said it stops without saving.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (SystemExit, KeyboardInterrupt))
+
+
 _ABSL_LOGGER = logging.getLogger("absl")
-for _filter in (_ExpectedOrbaxWarningsFilter, _OneLineOrbaxStorageErrors):
+for _filter in (_ExpectedOrbaxWarningsFilter, _OneLineOrbaxStorageErrors, _AbandonedSavesFilter):
     if not any(isinstance(f, _filter) for f in _ABSL_LOGGER.filters):
         _ABSL_LOGGER.addFilter(_filter())
 
@@ -294,6 +307,37 @@ class Checkpointer:
             ),
         )
         return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+    def restore_or_explain(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """`restore`, raising a failure (other than running out of memory) as one
+        `CheckpointError` that names the checkpoint and the run's other steps.
+
+        For readers of a finished run (evaluation, export, the final report), which do
+        not move damaged checkpoints aside as a resuming run does.
+        """
+        previous_hook = sys.unraisablehook
+        if not isinstance(previous_hook, _QuietFailedRestore):
+            sys.unraisablehook = _QuietFailedRestore(previous_hook)
+        try:
+            restored = self.restore(step, abstract_state)
+        except Exception as error:  # noqa: BLE001 -- any failure: the files cannot be read
+            if runtime.is_out_of_memory(error):
+                raise
+            others = [other for other in self.all_steps() if other != step]
+            choose = (
+                f"The run's other checkpoints are steps {others}: choose one with "
+                "--checkpoint latest or --checkpoint STEP."
+                if others
+                else "It is the run's only checkpoint."
+            )
+            raise CheckpointError(
+                f"Checkpoint {self.directory / str(step)} cannot be restored "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); its files "
+                f"may be damaged. {choose}"
+            ) from None
+        # Kept after a failure: the failed reads' echoes may arrive later.
+        sys.unraisablehook = previous_hook
+        return restored
 
     def restore_meta(self, step: int) -> dict:
         """Restores only the JSON metadata of a checkpoint (the run config)."""

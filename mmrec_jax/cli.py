@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import ml_collections
 
@@ -34,22 +37,78 @@ def show_warnings_plainly() -> None:
     )
 
 
+class ExitNow(SystemExit):
+    """A SystemExit that ends the process at once when it reaches `exits_quietly`: work
+    still running in background threads (a checkpoint being written) is abandoned."""
+
+
+# Signals that end a command: Ctrl-C, and what schedulers and `timeout` send.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _exit_now(status: int, message: str = "") -> NoReturn:
+    """Writes `message`, flushes and ends the process without the interpreter's shutdown.
+
+    By the time a command ends this way, the exception unwinding its stack has run its
+    cleanup (temporary folders, locks, worker processes); what remains are native threads
+    that may still be at work (XLA compiling, TensorStore writing), which crash the
+    interpreter's shutdown (a segmentation fault) or print their own tracebacks.
+    """
+    if message:
+        sys.stderr.write(message)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
 @contextlib.contextmanager
 def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
-    """Ends the command without a traceback on Ctrl-C (one line, status 130) and when its
-    output is piped into a program that stopped reading (`| head`; status 141).
+    """Ends the command with one line and no traceback on Ctrl-C or SIGTERM (status 128 +
+    the signal), and when its output is piped into a program that stopped reading
+    (`| head`; status 141).
 
+    Inside the block both signals raise KeyboardInterrupt (SIGTERM's default would kill
+    the process without a word or its cleanup); code that handles them itself (the
+    training loop, which saves a checkpoint first) installs its own handlers meanwhile.
+    An interrupt, or an `ExitNow`, ends the process at once once the stack has unwound.
     Output written so far is left as each command leaves it: datasets, exports and
     checkpoints are renamed into place only when complete.
     """
+    received: list[int] = []
+
+    def interrupt(signum, _frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS}
     try:
         yield
-    except KeyboardInterrupt:
-        parser.exit(130, f"\n{parser.prog}: interrupted.\n")
     except BrokenPipeError:
         # Python would report the pipe again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    except ExitNow as stop:
+        _exit_now(stop.code if isinstance(stop.code, int) else 1)
+    except BaseException as error:
+        # An interrupt inside native code can surface as another error (an ImportError
+        # from an extension module's initialization): the signal is what counts.
+        if not isinstance(error, KeyboardInterrupt) and not received:
+            raise
+        if isinstance(error, SystemExit):
+            raise
+        signum = received[-1] if received else signal.SIGINT
+        said = (
+            "interrupted"
+            if signum == signal.SIGINT
+            else f"stopped by {signal.Signals(signum).name}"
+        )
+        _exit_now(128 + signum, f"\n{parser.prog}: {said}.\n")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def require_writable_folder(parser: argparse.ArgumentParser, flag: str, folder) -> None:

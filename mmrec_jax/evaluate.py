@@ -934,6 +934,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_and_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`main` once the arguments are parsed: evaluates, prints the table, writes the files."""
+    from mmrec_jax.checkpoint import CheckpointError
+
     try:
         results = evaluate_run(
             args.workdir,
@@ -947,6 +949,8 @@ def _evaluate_and_report(parser: argparse.ArgumentParser, args: argparse.Namespa
         )
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{moved_data_hint(error, args)}\n")
+    except CheckpointError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     except jax.errors.JaxRuntimeError as error:
         from mmrec_jax import train
 

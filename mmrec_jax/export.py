@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     require_writable_folder(parser, "the folder of --out", Path(args.out).resolve().parent)
     sharding.maybe_initialize_distributed()
+    from mmrec_jax.checkpoint import CheckpointError
+
     try:
         with exits_quietly(parser):
             out = export_run(
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{evaluate.moved_data_hint(error, args)}\n")
+    except CheckpointError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     if jax.process_index() != 0:  # process 0 writes the export and reports it
         return 0
     manifest = json.loads((out / exported.MANIFEST_FILE).read_text())

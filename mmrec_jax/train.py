@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from mmrec_jax import checkpoint as checkpoint_lib
-from mmrec_jax import files, optim, predict, profiling, reporting, runtime, schema, sharding
+from mmrec_jax import cli, files, optim, predict, profiling, reporting, runtime, schema, sharding
 from mmrec_jax import metrics as metrics_lib
 from mmrec_jax.config import (
     ConfigError,
@@ -158,7 +158,7 @@ class _StopRequest:
         if self.signum is not None:
             self.forced = True
             print(f"\n{name} received again: stopping without saving.", file=sys.stderr)
-            raise SystemExit(128 + signum)
+            raise cli.ExitNow(128 + signum)  # the command ends without waiting for a save
         self.signum = signum
         print(
             f"\n{name} received: saving a checkpoint {self.when} (send it again to stop at "
@@ -657,6 +657,7 @@ def restore_params(
       FileNotFoundError: no config.json or no checkpoint in `workdir`.
       ValueError: no checkpoint at the step asked for.
       DatasetMismatchError: the dataset found is not the one the checkpoint recorded.
+      CheckpointError: the checkpoint's files cannot be read (damaged).
     """
     config = load_run_config(workdir, data_dir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
@@ -682,7 +683,7 @@ def restore_params(
     # Shapes only: no data is read.
     example = schema.example_batch(config, cached_text_dim(config.model))
     abstract = build_train_state(config, model, mesh, example, 1, abstract=True).state
-    state, _, _ = checkpointer.restore(step, abstract)
+    state, _, _ = checkpointer.restore_or_explain(step, abstract)
     checkpointer.close()
     return config, model, state["params"], step
 
@@ -752,7 +753,8 @@ def train_and_evaluate(
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
       OutOfMemory: the train state, a train step or a validation pass ran out of device
         memory (the message says how to fit it; the checkpoints already saved are kept).
-      SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal).
+      SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal);
+        `cli.ExitNow` after a second one, without waiting for a save in flight.
     """
     sharding.maybe_initialize_distributed()
     check_values(config)  # bad values fail before the dataset is built
@@ -1161,10 +1163,21 @@ def _final_report(
     """Evaluates the best checkpoint on every split; writes summary.json and the plots."""
     is_chief = jax.process_index() == 0
     params = state["params"]
+    final = int(jax.device_get(state["step"]))
     best = checkpointer.best_step()
-    if best is not None and best != int(jax.device_get(state["step"])):
-        restored, _, _ = checkpointer.restore(best, checkpoint_lib.abstract_like(state))
-        params = restored["params"]
+    reported = f"best checkpoint, step {best}" if best is not None else None
+    if best is not None and best != final:
+        try:
+            restored, _, _ = checkpointer.restore_or_explain(
+                best, checkpoint_lib.abstract_like(state)
+            )
+            params = restored["params"]
+        except checkpoint_lib.CheckpointError as error:
+            if is_chief:
+                print(f"WARNING: {error} The results below are of the final state instead.")
+            best, reported = None, f"final state, step {final}"
+    if reported is None:
+        reported = f"final state, step {final}: no best checkpoint"
     summary = {}
     # The train split is scored on its first batches, as many rows as validation has:
     # enough to show over- or underfitting without a full pass over the largest split.
@@ -1185,11 +1198,9 @@ def _final_report(
         summary[split] = {"model": result, "oracle": oracle}
     if is_chief:
         table = reporting.summary_table(summary)
-        print(
-            f"\nResults (checkpoint step {best if best is not None else 'final'}; train: "
-            f"its first {train_batches * batch_size} rows):\n{table}"
-        )
-        payload = {"checkpoint_step": best, "splits": summary}
+        rows = train_batches * batch_size
+        print(f"\nResults ({reported}; train: its first {rows} rows):\n{table}")
+        payload = {"checkpoint_step": final if best is None else best, "splits": summary}
         write_atomic(Path(workdir) / "summary.json", json.dumps(payload, indent=2))
         plots = reporting.plot_curves(workdir)
         print(f"Wrote {Path(workdir) / 'summary.json'} and {', '.join(p.name for p in plots)}.")

@@ -293,3 +293,16 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_at_once(tmp_path,
         "denied). Make the folder writable, or pass another --workdir."
     )
     Checkpointer(tmp_path / "run", read_only=True).close()  # reading needs no writing
+
+
+def test_a_save_abandoned_by_a_second_signal_is_not_logged_as_a_failure(caplog):
+    from mmrec_jax import cli
+
+    absl = logging.getLogger("absl")
+    for error in (cli.ExitNow(130), KeyboardInterrupt(), RuntimeError("disk on fire")):
+        try:
+            raise error
+        except BaseException:  # as Orbax logs a failed wait for its save thread
+            absl.error("Save Finalize thread failed (%s).", type(error).__name__, exc_info=True)
+    assert "failed (ExitNow)" not in caplog.text and "failed (KeyboardInterrupt)" not in caplog.text
+    assert "failed (RuntimeError)" in caplog.text  # real failures are still reported

@@ -336,15 +336,52 @@ def test_unusable_config_files_are_named(tmp_path):
         load_config(tmp_path / "raises.py")
 
 
-def test_commands_end_on_ctrl_c_and_unwritable_output_with_one_line(tmp_path, capsys):
-    from mmrec_jax import cli
+COMMAND_ENDING = """
+import os, signal, sys, threading, time
+from argparse import ArgumentParser
+from mmrec_jax.cli import ExitNow, exits_quietly
+
+with exits_quietly(ArgumentParser(prog="prog")):
+    threading.Thread(target=time.sleep, args=(60,)).start()  # work that would keep it alive
+    how = sys.argv[1]
+    if how == "ctrl-c":
+        raise KeyboardInterrupt
+    if how == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    if how == "swallowed":  # an interrupt inside native code, surfacing as another error
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+    if how == "exit-now":
+        raise ExitNow(7)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    "how,status,said",
+    [
+        ("ctrl-c", 130, "prog: interrupted."),
+        ("sigterm", 143, "prog: stopped by SIGTERM."),
+        ("swallowed", 130, "prog: interrupted."),
+        ("exit-now", 7, ""),
+    ],
+)
+def test_commands_end_at_once_with_one_line_on_a_signal(how, status, said):
+    ended = subprocess.run(
+        [sys.executable, "-c", COMMAND_ENDING, how],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,  # the thread's 60 s are not waited for
+    )
+    assert (ended.returncode, ended.stderr.strip()) == (status, said)
+
+
+def test_commands_end_on_a_closed_pipe_and_unwritable_output_with_one_line(tmp_path, capsys):
     from mmrec_jax.data import synthetic
 
-    parser = argparse.ArgumentParser(prog="prog")
-    with pytest.raises(SystemExit) as exit_info, cli.exits_quietly(parser):
-        raise KeyboardInterrupt
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip() == "prog: interrupted."
     # Output piped into a program that stops reading (`| head`): no traceback either.
     script = (
         "import argparse\nfrom mmrec_jax.cli import exits_quietly\n"

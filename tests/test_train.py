@@ -416,6 +416,34 @@ def test_damaged_newest_checkpoint_is_set_aside_and_its_steps_retrained(
 
 
 @WITH_REFERENCE_RUN
+def test_a_damaged_best_checkpoint_is_named_by_readers_and_the_report_falls_back(
+    reference_run, tmp_path, monkeypatch, capsys
+):
+    from mmrec_jax import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    best = run / "checkpoints" / "20"  # as if validation had picked step 20
+    monkeypatch.setattr(checkpoint.Checkpointer, "best_step", lambda self: 20)
+    largest = max((p for p in (best / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+    largest.write_bytes(largest.read_bytes()[:100])  # cut short, as by a failing disk
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(run), "--split", "test"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1, err
+    assert f"Checkpoint {best} cannot be restored" in err
+    others = sorted(int(p.name) for p in best.parent.iterdir() if p != best)
+    assert f"other checkpoints are steps {others}: choose one with --checkpoint latest" in err
+    # The finished run, rerun, reports its final state with a warning instead of failing.
+    train.train_and_evaluate(train.load_run_config(run), run)
+    out = capsys.readouterr().out
+    assert f"WARNING: Checkpoint {best} cannot be restored" in out
+    assert "Results (final state, step 30;" in out
+    assert json.loads((run / "summary.json").read_text())["checkpoint_step"] == 30
+    assert best.is_dir()  # readers move nothing
+
+
+@WITH_REFERENCE_RUN
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, tmp_path):
     killed = tmp_path / "killed"
