@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -372,6 +373,40 @@ def test_split_shares_out_of_range_and_empty_splits_are_named(tmp_path, capsys):
             local.import_folder(folder, tmp_path / "d", options, verbose=False)
     local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="s", split="leave_last"))
     assert "Note: validation and test are empty" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--max_audio_seconds", "-1", "must be a number above 0"),
+        ("--max_audio_seconds", "0", "must be a number above 0"),
+        ("--max_audio_seconds", "inf", "must be a number above 0"),
+        ("--max_audio_seconds", "0.00001", "keeps no sample at --audio_sample_rate 16000"),
+        ("--max_image_side", "0", "must be 1 or more"),
+        ("--max_image_side", "-5", "must be 1 or more"),
+        ("--audio_sample_rate", "0", "must be 1 or more"),
+        ("--audio_sample_rate", "-8000", "must be 1 or more"),
+        ("--history_len", "0", "must be 1 or more"),
+        ("--positive_threshold", "nan", "must be a finite number"),
+        ("--seed", "-1", "must be 0 or more"),
+        ("--eval_share", "0.5", "must lie in (0, 0.5)"),
+    ],
+)
+def test_options_out_of_range_are_usage_errors(tmp_path, capsys, flag, value, needle):
+    argv = ["--input", str(tmp_path / "absent"), "--output", str(tmp_path / "d"), flag, value]
+    with pytest.raises(SystemExit) as exit_info:  # before the input is looked at
+        local.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and f"error: {flag} " in err and needle in err
+    field = flag.removeprefix("--")
+    number = (int if isinstance(getattr(local.ImportOptions, field), int) else float)(value)
+    with pytest.raises(local.ImportFailed, match=re.escape(needle)):
+        local.ImportOptions(**{field: number}).check()
+    if field in ("history_len", "positive_threshold", "seed", "eval_share"):  # common flags
+        with pytest.raises(SystemExit):
+            movielens.main(argv)
+        assert needle in capsys.readouterr().err
 
 
 def test_evaluation_splits_of_one_class_are_pointed_out(tmp_path, capsys):

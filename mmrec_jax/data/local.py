@@ -109,6 +109,59 @@ class ImportOptions:
     # Item text columns to join (None: "text", else every "text_*" column).
     text_columns: tuple[str, ...] | None = None
 
+    def check(self) -> None:
+        """Raises ImportFailed naming each option (by its flag) outside its valid range."""
+        errors = []
+        if self.split is not None and self.split not in SPLIT_METHODS:
+            errors.append(f"--split {self.split!r}; choose one of {', '.join(SPLIT_METHODS)}.")
+        if not math.isfinite(self.positive_threshold):
+            errors.append(
+                f"--positive_threshold {self.positive_threshold} must be a finite number: "
+                "ratings at or above it are positives."
+            )
+        if self.seed < 0:
+            errors.append(f"--seed {self.seed} must be 0 or more.")
+        if self.history_len < 1:
+            errors.append(
+                f"--history_len {self.history_len} must be 1 or more: the history entries "
+                "stored per interaction."
+            )
+        if self.max_image_side < 1:
+            errors.append(
+                f"--max_image_side {self.max_image_side} must be 1 or more: the longer side "
+                "of stored images in pixels."
+            )
+        if self.audio_sample_rate < 1:
+            errors.append(
+                f"--audio_sample_rate {self.audio_sample_rate} must be 1 or more: the sample "
+                "rate of stored audio in Hz."
+            )
+        if not (math.isfinite(self.max_audio_seconds) and self.max_audio_seconds > 0):
+            errors.append(
+                f"--max_audio_seconds {self.max_audio_seconds} must be a number above 0: the "
+                "longest stored clip in seconds."
+            )
+        elif (
+            self.audio_sample_rate >= 1
+            and round(self.max_audio_seconds * self.audio_sample_rate) < 1
+        ):
+            errors.append(
+                f"--max_audio_seconds {self.max_audio_seconds} keeps no sample at "
+                f"--audio_sample_rate {self.audio_sample_rate}; give a longer clip."
+            )
+        if not 0 < self.eval_share < 0.5:
+            errors.append(
+                f"--eval_share {self.eval_share} must lie in (0, 0.5): that share of the "
+                "interactions goes to validation and as much to test."
+            )
+        if not 0 < self.cold_item_share < 1:
+            errors.append(
+                f"--cold_item_share {self.cold_item_share} must lie in (0, 1): the share of "
+                "the items held out of training."
+            )
+        if errors:
+            raise ImportFailed("\n".join(errors))
+
 
 @dataclasses.dataclass
 class Row:
@@ -534,22 +587,11 @@ def build_content(
     """Validates rows and media, splits, and prepares a dataset (the importers' shared path).
 
     Raises:
-      ImportFailed: there are problems and `options.skip_invalid` is False, or nothing
-        valid is left.
+      ImportFailed: an option is out of range, there are problems and
+        `options.skip_invalid` is False, or nothing valid is left.
     """
     builder.check_name(options.name)
-    if options.split is not None and options.split not in SPLIT_METHODS:
-        raise ImportFailed(f"--split {options.split!r}; choose one of {', '.join(SPLIT_METHODS)}.")
-    if not 0 < options.eval_share < 0.5:
-        raise ImportFailed(
-            f"--eval_share {options.eval_share} must lie in (0, 0.5): that share of the "
-            "interactions goes to validation and as much to test."
-        )
-    if not 0 < options.cold_item_share < 1:
-        raise ImportFailed(
-            f"--cold_item_share {options.cold_item_share} must lie in (0, 1): the share of "
-            "the items held out of training."
-        )
+    options.check()
 
     index: dict[str, int] = {}
     items: list[RawItem] = []
@@ -785,9 +827,14 @@ def add_common_flags(parser: argparse.ArgumentParser, default_name: str) -> None
     parser.add_argument("--cold_item_share", type=float, default=0.1, help="cold_items split share")
 
 
-def options_from_args(args: argparse.Namespace, **more: Any) -> ImportOptions:
-    """ImportOptions from parsed common flags (and any more fields)."""
-    return ImportOptions(
+def options_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, **more: Any
+) -> ImportOptions:
+    """ImportOptions from parsed common flags (and any more fields).
+
+    A flag outside its range is a usage error (status 2), before any input is read.
+    """
+    options = ImportOptions(
         name=args.name,
         split=args.split,
         positive_threshold=args.positive_threshold,
@@ -798,6 +845,11 @@ def options_from_args(args: argparse.Namespace, **more: Any) -> ImportOptions:
         cold_item_share=args.cold_item_share,
         **more,
     )
+    try:
+        options.check()
+    except ImportFailed as error:
+        parser.error(str(error))
+    return options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -820,6 +872,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     text_columns = tuple(c.strip() for c in args.text_columns.split(",") if c.strip()) or None
     options = options_from_args(
+        parser,
         args,
         max_image_side=args.max_image_side,
         audio_sample_rate=args.audio_sample_rate,

@@ -341,12 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")
     local.add_common_flags(parser, DEFAULT_NAME)
     args = parser.parse_args(argv)
+    options = local.options_from_args(parser, args)
     require_writable_folder(parser, "--output", args.output)
     try:
         with exits_quietly(parser):
-            import_movielens(
-                args.input, args.output, local.options_from_args(args), overwrite=args.overwrite
-            )
+            import_movielens(args.input, args.output, options, overwrite=args.overwrite)
     except (local.ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
