@@ -344,6 +344,60 @@ def test_malformed_csv_and_other_encodings_are_named(tmp_path):
     assert long_text.strip() in texts
 
 
+def test_ignored_columns_are_named_with_the_name_they_likely_mean(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(
+        folder / "items.csv",
+        ["item_id", "description", "image_path", "audio"],
+        [["a", "red", "a.png", ""], ["b", "blue", "b.png", ""]],
+    )
+    rows = [["u", "a", 5, 1], ["u", "b", 1, 2], ["v", "a", 2, 3]]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "Rating", "timestamp"], rows)
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="c"), overwrite=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "interactions.csv: ignoring column Rating (known: user_id, item_id, label, rating, "
+        "timestamp; did you mean 'rating'?). Without a label or rating column every row is a "
+        "positive."
+    ) in lines
+    assert (
+        "items.csv: ignoring columns description, image_path (known: item_id, text (or text_* "
+        "columns), image, audio; did you mean 'image' for 'image_path'?). Pass --text_columns "
+        "description to join it into the item text."
+    ) in lines
+    # Columns read as text are not ignored; a column close to no known one gets no guess.
+    header = ["user_id", "item_id", "clicked", "time"]
+    write_csv(folder / "interactions.csv", header, rows)
+    options = local.ImportOptions(name="c", text_columns=("description",))
+    local.import_folder(folder, tmp_path / "d", options, overwrite=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "interactions.csv: ignoring columns clicked, time (known: user_id, item_id, label, "
+        "rating, timestamp; did you mean 'timestamp' for 'time'?). Without a label or rating "
+        "column every row is a positive."
+    ) in lines
+    assert [line for line in lines if line.startswith("items.csv")] == [
+        "items.csv: ignoring column image_path (known: item_id, image, audio, and the "
+        "--text_columns description; did you mean 'image'?)."
+    ]
+    # Both label and rating: the label column wins, and the output says so.
+    write_csv(
+        folder / "interactions.csv",
+        ["user_id", "item_id", "rating", "label"],
+        [[u, i, r, int(r < 3)] for u, i, r, _ in rows],
+    )
+    local.import_folder(folder, tmp_path / "d", options, overwrite=True)
+    out = capsys.readouterr().out
+    assert (
+        "interactions.csv: ignoring column rating: the label column gives the labels "
+        "(without it, rating >= --positive_threshold would)."
+    ) in out.splitlines()
+    assert "labels: the label column" in out and "interactions.csv: ignoring columns" not in out
+    local.import_folder(folder, tmp_path / "d", options, overwrite=True, verbose=False)
+    assert capsys.readouterr().out == ""
+
+
 def test_problems_are_listed_by_file_and_line():
     problems = local.Problems()
     for where in ("b.csv:10", "a.parquet row 10", "b.csv:9", "a.parquet row 2", "a.parquet"):

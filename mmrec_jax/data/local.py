@@ -25,11 +25,12 @@ file, a non-numeric label or rating, a bad timestamp, an empty id, an unreadable
 line; an empty file is an error too. Without `--skip_invalid` the import fails listing
 them all. With it, the rows are skipped (for a bad image or audio file, only that file:
 the item keeps its other content and lacks that modality) and the counts of each kind
-are printed. Nothing is dropped silently. A file that is not UTF-8 or not valid CSV (an
-unclosed quote) is an error naming the file and line. A user's repeated interactions with
-one item are kept once, the last positive or else the last (by time, ties by file
-order), so that no pair is both in training and in an evaluation split; the import
-prints how many were left out.
+are printed. Columns the import does not read are named, with the expected name that a
+misspelt one likely stands for (`Rating`: `rating`). Nothing is dropped silently. A file
+that is not UTF-8 or not valid CSV (an unclosed quote) is an error naming the file and
+line. A user's repeated interactions with one item are kept once, the last positive or
+else the last (by time, ties by file order), so that no pair is both in training and in
+an evaluation split; the import prints how many were left out.
 
 Splits (`--split`): `leave_last` (the default when timestamps exist): per user with at
 least 3 interactions, the last one (by time, ties by file order) is test and the one
@@ -50,9 +51,11 @@ import collections
 import csv
 import dataclasses
 import datetime
+import difflib
 import json
 import math
 import re
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -70,6 +73,8 @@ SPLIT_METHODS = ("leave_last", "random", "cold_items")
 _LOCAL_BATCH_SIZE = 1024
 # The largest CSV cell read (Python's csv module stops at 128 KiB by default).
 _MAX_CELL_BYTES = 64 * 1024 * 1024
+# The interaction columns an import reads.
+INTERACTION_COLUMNS = ("user_id", "item_id", "label", "rating", "timestamp")
 TABLE_SUFFIXES = {
     "interactions": (".csv", ".jsonl", ".parquet"),
     "items": (".csv", ".jsonl", ".parquet"),
@@ -375,6 +380,54 @@ def _require(path: Path, columns: Sequence[str], required: Iterable[str]) -> Non
         )
 
 
+def _close_column(name: str, candidates: Sequence[str]) -> str | None:
+    """The candidate column that `name` likely misspells ("Rating", "image_path"), or None.
+
+    Names are compared ignoring case, spaces, dashes and underscores, then by similarity.
+    """
+
+    def plain(column: str) -> str:
+        return re.sub(r"[\W_]", "", column.lower())
+
+    by_plain = {plain(c): c for c in candidates}
+    found = difflib.get_close_matches(plain(name), list(by_plain), n=1, cutoff=0.6)
+    return by_plain[found[0]] if found else None
+
+
+def _ignoring_line(
+    path: Path, ignored: Sequence[str], known: str, guesses: dict[str, str], hints: Sequence[str]
+) -> str:
+    """The line naming the columns of `path` an import leaves out, e.g. "interactions.csv:
+    ignoring column Rating (known: ...; did you mean 'rating'?)".
+
+    Args:
+      ignored: the columns left out.
+      known: the columns the import reads, as the line describes them.
+      guesses: for ignored columns that look like a known one the table lacks, that one.
+      hints: sentences of more advice, appended to the line.
+    """
+    details = [f"known: {known}"]
+    if len(ignored) == 1 and guesses:
+        details.append(f"did you mean {guesses[ignored[0]]!r}?")
+    elif guesses:
+        pairs = ", ".join(f"{guess!r} for {name!r}" for name, guess in guesses.items())
+        details.append(f"did you mean {pairs}?")
+    names = ", ".join(c or "(unnamed)" for c in ignored)
+    plural = "s" if len(ignored) > 1 else ""
+    return " ".join(
+        [f"{path.name}: ignoring column{plural} {names} ({'; '.join(details)}).", *hints]
+    )
+
+
+def _guesses(
+    ignored: Sequence[str], columns: Sequence[str], known: Sequence[str]
+) -> dict[str, str]:
+    """For each ignored column close to a known column that `columns` lacks, that one."""
+    absent = [c for c in known if c not in columns]
+    found = {name: _close_column(name, absent) for name in ignored}
+    return {name: guess for name, guess in found.items() if guess}
+
+
 def _text_columns(columns: Sequence[str], wanted: Sequence[str] | None, path: Path) -> list[str]:
     if wanted:
         _require(path, columns, wanted)
@@ -384,14 +437,35 @@ def _text_columns(columns: Sequence[str], wanted: Sequence[str] | None, path: Pa
     return [c for c in columns if c.startswith("text_")]
 
 
-def read_items(folder: Path, options: ImportOptions, problems: Problems) -> list[RawItem]:
-    """The item rows of FOLDER/items.*, with media paths resolved against FOLDER."""
+def read_items(
+    folder: Path, options: ImportOptions, problems: Problems, verbose: bool = True
+) -> list[RawItem]:
+    """The item rows of FOLDER/items.*, with media paths resolved against FOLDER.
+
+    With `verbose`, prints the columns it leaves out (a misnamed `image` column would
+    otherwise silently give items without images).
+    """
     path = find_table(folder, "items")
     columns, rows = read_table(path, problems)
     if not rows:
         return []
     _require(path, columns, ["item_id"])
     text_columns = _text_columns(columns, options.text_columns, path)
+    ignored = [c for c in columns if c not in ("item_id", "image", "audio", *text_columns)]
+    if ignored and verbose:
+        if options.text_columns:
+            known = f"item_id, image, audio, and the --text_columns {', '.join(text_columns)}"
+            guesses = _guesses(ignored, columns, ["item_id", "image", "audio"])
+        else:
+            known = "item_id, text (or text_* columns), image, audio"
+            guesses = _guesses(ignored, columns, ["item_id", "text", "image", "audio"])
+        unmatched = [c for c in ignored if c and c not in guesses]
+        hints = []
+        if unmatched:
+            wanted = shlex.quote(",".join([*text_columns, *unmatched]))
+            joined = "it" if len(unmatched) == 1 else "them"
+            hints.append(f"Pass --text_columns {wanted} to join {joined} into the item text.")
+        print(_ignoring_line(path, ignored, known, guesses, hints))
     items = []
     for row in rows:
         key = _cell(row.values.get("item_id"))
@@ -427,14 +501,33 @@ def _timestamp(text: str) -> int:
     return int(round(value))
 
 
-def read_interactions(folder: Path, problems: Problems) -> tuple[list[RawInteraction], dict]:
-    """The interaction rows of FOLDER/interactions.* and which columns they had."""
+def read_interactions(
+    folder: Path, problems: Problems, verbose: bool = True
+) -> tuple[list[RawInteraction], dict]:
+    """The interaction rows of FOLDER/interactions.* and which columns they had.
+
+    With `verbose`, prints the columns it leaves out (a misnamed `rating` column would
+    otherwise silently make every row a positive), and that a `label` column wins over a
+    `rating` column.
+    """
     path = find_table(folder, "interactions")
     columns, rows = read_table(path, problems)
     if not rows:
         return [], {}
     _require(path, columns, ["user_id", "item_id"])
     has = {c: c in columns for c in ("label", "rating", "timestamp")}
+    ignored = [c for c in columns if c not in INTERACTION_COLUMNS]
+    if ignored and verbose:
+        hints = []
+        if not has["label"] and not has["rating"]:
+            hints.append("Without a label or rating column every row is a positive.")
+        guesses = _guesses(ignored, columns, INTERACTION_COLUMNS)
+        print(_ignoring_line(path, ignored, ", ".join(INTERACTION_COLUMNS), guesses, hints))
+    if has["label"] and has["rating"] and verbose:
+        print(
+            f"{path.name}: ignoring column rating: the label column gives the labels (without "
+            "it, rating >= --positive_threshold would)."
+        )
     out = []
     for row in rows:
         values = {k: _cell(v) for k, v in row.values.items()}
@@ -790,8 +883,8 @@ def import_folder(
         raise ImportFailed(f"--input {str(folder)!r} is not a folder.")
     builder.check_can_write(output, builder.check_name(options.name), overwrite)
     problems = Problems()
-    raw_items = read_items(folder, options, problems)
-    raw_interactions, columns = read_interactions(folder, problems)
+    raw_items = read_items(folder, options, problems, verbose)
+    raw_interactions, columns = read_interactions(folder, problems, verbose)
     empty = [w for w, kind, _ in problems.entries if kind == "empty file"]
     if empty:
         raise ImportFailed(
