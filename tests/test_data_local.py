@@ -140,6 +140,42 @@ def test_audio_with_nan_or_infinite_samples_is_refused():
         media.decode_audio(data, 8000, 4000)
 
 
+def test_truncated_wav_is_refused(tmp_path):
+    whole = sound(0.5 * tone(8000, 1.0), 8000, "WAV", "PCM_16")  # 8000 samples, 16044 bytes
+    assert media.read_audio(whole)[0].shape == (8000,)
+    # libsndfile reads a cut file as a shorter clip (28 and 3978 samples here).
+    for cut in (100, 8000, len(whole) - 1):
+        with pytest.raises(media.MediaError, match="audio file is truncated: its header "):
+            media.read_audio(whole[:cut])
+    # The sound chunk found past others (an odd-sized one is padded); a cut after it, or
+    # a streamed file's unknown length (0xFFFFFFFF), is no truncation.
+    at = whole.index(b"data")
+    listed = whole[:at] + b"LIST\x03\x00\x00\x00abc\x00" + whole[at:]
+    listed = listed[:4] + (len(listed) - 8).to_bytes(4, "little") + listed[8:]
+    assert media.read_audio(listed)[0].shape == (8000,)
+    with pytest.raises(media.MediaError, match="declares 16000 bytes of sound, the file holds 99"):
+        media.read_audio(listed[: at + 12 + 8 + 99])
+    media.read_audio(whole + b"LIST\x04\x00\x00\x00ab")
+    streamed = whole[: at + 4] + b"\xff\xff\xff\xff" + whole[at + 8 :]
+    assert media.read_audio(streamed)[0].shape == (8000,)
+    # An import names it as it names a truncated image, and --skip_invalid skips it.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "cut.wav").write_bytes(whole[:8000])
+    write_csv(folder / "items.csv", ["item_id", "audio"], [["a", "cut.wav"], ["b", ""]])
+    write_csv(folder / "interactions.csv", ["user_id", "item_id"], [["u", "a"], ["u", "b"]])
+    options = local.ImportOptions(name="cut")
+    with pytest.raises(local.ImportFailed) as failure:
+        local.import_folder(folder, tmp_path / "d", options, verbose=False)
+    message = str(failure.value)
+    assert "items.csv:2: undecodable audio: " in message
+    assert "cut.wav: audio file is truncated" in message
+    assert "pass --skip_invalid" in message
+    options.skip_invalid = True
+    local.import_folder(folder, tmp_path / "d", options, verbose=False)
+    assert builder.read_metadata(tmp_path / "d", "cut")["items_with"]["audio"] == 0
+
+
 # --------------------------------------------------------------------------- local folder
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 
 import numpy as np
@@ -114,17 +115,48 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------------- audio
 
 
+def _wav_shortfall(data: bytes) -> tuple[int, int] | None:
+    """(declared, present) bytes of sound of a WAV file cut short, else None.
+
+    libsndfile reads a cut WAV file as a shorter clip without a word (its sample count
+    comes from the bytes present), so the sound ("data") chunk's size is compared with
+    the bytes after it here. A size of 0xFFFFFFFF (written by programs that stream WAV,
+    not knowing the length) declares nothing.
+    """
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        return None
+    order = "<" if data[:4] == b"RIFF" else ">"
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk = data[offset : offset + 4]
+        (size,) = struct.unpack(order + "I", data[offset + 4 : offset + 8])
+        start = offset + 8
+        if chunk == b"data":
+            present = len(data) - start
+            return (size, present) if size != 0xFFFFFFFF and present < size else None
+        offset = start + size + (size & 1)  # chunks are padded to an even size
+    return None
+
+
 def read_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Decodes WAV, FLAC or OGG bytes into a mono float32 waveform and its sample rate.
 
     Channels are averaged; samples are clipped to [-1, 1].
 
     Raises:
-      MediaError: the bytes are not a readable sound file, hold no samples, or hold
-        NaN or infinite samples (possible in floating-point WAV files).
+      MediaError: the bytes are not a readable sound file, are cut short (a WAV file
+        holding fewer bytes of sound than its header declares), hold no samples, or
+        hold NaN or infinite samples (possible in floating-point WAV files).
     """
     if not data:
         raise MediaError("empty audio file")
+    shortfall = _wav_shortfall(data)
+    if shortfall is not None:
+        declared, present = shortfall
+        raise MediaError(
+            f"audio file is truncated: its header declares {declared} bytes of sound, the "
+            f"file holds {present}; copy or export it again"
+        )
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
