@@ -320,6 +320,25 @@ def test_skip_invalid_builds_and_reports_the_three_skips(tmp_path, capsys):
     assert meta["skipped"] == {"undecodable image": 1, "missing audio file": 1, "unknown item": 1}
 
 
+def test_a_media_path_naming_a_folder_is_named_so(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "pictures").mkdir(parents=True)
+    write_csv(
+        folder / "items.csv",
+        ["item_id", "image", "audio"],
+        [["a", "pictures", ""], ["b", "pictures/b.png", "."]],
+    )
+    write_csv(folder / "interactions.csv", ["user_id", "item_id"], [["u", "a"], ["u", "b"]])
+    with pytest.raises(local.ImportFailed) as failure:
+        local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="f"), verbose=False)
+    lines = str(failure.value).splitlines()
+    assert lines[:3] == [
+        f"items.csv:2: missing image file: {folder / 'pictures'} is a folder, not a file",
+        f"items.csv:3: missing image file: {folder / 'pictures/b.png'} does not exist",
+        f"items.csv:3: missing audio file: {folder} is a folder, not a file",
+    ]
+
+
 def test_other_bad_rows_are_named_with_their_line(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

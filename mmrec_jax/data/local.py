@@ -593,7 +593,8 @@ def _load_media(
                 out.append(b"")
                 continue
             if not path.is_file():
-                problems.add(item.where, f"missing {m} file", f"{path} does not exist")
+                state = "is a folder, not a file" if path.is_dir() else "does not exist"
+                problems.add(item.where, f"missing {m} file", f"{path} {state}")
                 out.append(b"")
                 continue
             try:
