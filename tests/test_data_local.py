@@ -225,7 +225,7 @@ def test_folder_with_every_media_kind_imports_and_feeds_the_pipeline(tmp_path, c
     train_rows = builder.read_metadata(tmp_path / "data", "shop")["split_sizes"]["train"]
     command = local.train_command("shop", tmp_path / "data", train_rows)
     # A small dataset's command lowers configs/local.py's batch to one that fits it.
-    assert command in out and f"batch_size={pipeline.fitting_batch_size(train_rows)}" in out
+    assert train_rows == 18 and command in out and "batch_size=8" in out
     assert load_config(ROOT / "configs" / "local.py").train.batch_size == local._LOCAL_BATCH_SIZE
     splits = tfds.data_source("shop", data_dir=str(tmp_path / "data"))
     assert {"train", "validation", "test"} <= set(splits)
@@ -253,6 +253,21 @@ def test_folder_with_every_media_kind_imports_and_feeds_the_pipeline(tmp_path, c
     assert info.modalities == ("text", "image", "audio") and not info.positives_only
     batch = next(pipeline.make_batches(config, "train", train=True))
     schema.validate_batch(batch, config.model.towers, expected_dims={"S": 56, "T": 4000})
+
+
+def test_the_printed_batch_size_fits_the_rows_and_up_to_8_devices():
+    for rows in range(1, 8 * local._LOCAL_BATCH_SIZE):
+        command = local.train_command("shop", "data", rows)
+        batch = int(command.rsplit("--config.train.batch_size=", 1)[1])
+        assert 1 <= batch <= rows, rows
+        if rows >= 8:
+            assert batch % 8 == 0, (rows, batch)  # divisible by 1, 2, 4 and 8 devices
+        else:
+            assert batch & (batch - 1) == 0 and 2 * batch > rows, (rows, batch)
+        if rows >= 128:
+            assert rows // batch >= 8, (rows, batch)  # a few batches per pass
+    assert local.train_command("shop", "data", 8).endswith("batch_size=8")
+    assert "batch_size" not in local.train_command("shop", "data", 8 * local._LOCAL_BATCH_SIZE)
 
 
 def bad_folder(folder: Path) -> None:

@@ -805,9 +805,19 @@ def train_command(name: str, data_dir: str | Path, train_rows: int | None = None
         f"--config.data.name={name} --config.data.data_dir={data_dir}"
     )
     if train_rows is not None and train_rows < 8 * _LOCAL_BATCH_SIZE:
-        # A power of two, so that it divides over 1, 2, 4 or 8 devices once large enough.
-        command += f" --config.train.batch_size={pipeline.fitting_batch_size(train_rows)}"
+        command += f" --config.train.batch_size={_fitting_batch_size(train_rows)}"
     return command
+
+
+def _fitting_batch_size(train_rows: int) -> int:
+    """A batch size for `train_rows` (1 or more) training interactions, at most that many.
+
+    A multiple of 8, so that it splits evenly over 1, 2, 4 or 8 devices as training
+    requires (the importer cannot know how many the training machine has), giving about
+    8 batches per pass where the rows allow; with fewer than 8 rows, the largest power of
+    2 that fits.
+    """
+    return pipeline.fitting_batch_size(train_rows, 8) or 1 << (train_rows.bit_length() - 1)
 
 
 def format_summary(content: builder.DatasetContent) -> str:
