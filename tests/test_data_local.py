@@ -1,6 +1,7 @@
 """Importers (local folder, MovieLens) and real-world media decoding."""
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -550,7 +551,19 @@ def test_evaluation_splits_of_one_class_are_pointed_out(tmp_path, capsys):
     mixed = [[u, i, 1 - label if u == "u0" else label, t] for u, i, label, t in rows]
     write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], mixed)
     local.import_folder(folder, tmp_path / "d2", options)
-    assert "one class" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "one class" not in out and "Note: train" not in out
+    # Every rating below the threshold: training has only negatives.
+    low = [[u, i, 2 + label, t] for u, i, label, t in mixed]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "rating", "timestamp"], low)
+    local.import_folder(folder, tmp_path / "d3", options)
+    assert (
+        "Note: train holds only negatives (labels: rating >= 4), so the model has nothing to "
+        "tell apart and learns one answer for every item: compare --positive_threshold 4 "
+        "with the ratings."
+    ) in capsys.readouterr().out.splitlines()
+    local.import_folder(folder, tmp_path / "d4", dataclasses.replace(options, positive_threshold=3))
+    assert "Note: train" not in capsys.readouterr().out
 
 
 def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, capsys):

@@ -833,13 +833,27 @@ def format_summary(content: builder.DatasetContent) -> str:
     )
     empty = [s for s in ("validation", "test") if meta["split_sizes"][s] == 0]
     positives = meta.get("split_positives") or {}
+
+    def label_class(split: str) -> str | None:
+        """A labelled split's one class ("only positives" or "only negatives"), or None."""
+        size = meta["split_sizes"][split]
+        if meta["positives_only"] or size == 0 or positives.get(split, -1) not in (0, size):
+            return None
+        return "only positives" if positives[split] else "only negatives"
+
+    train_class = label_class("train")
+    if train_class:
+        check = (
+            f"compare --positive_threshold {meta['positive_threshold']:g} with the ratings"
+            if meta["labels"].startswith("rating")
+            else "check the label column"
+        )
+        summary += (
+            f"\nNote: train holds {train_class} (labels: {meta['labels']}), so the model "
+            f"has nothing to tell apart and learns one answer for every item: {check}."
+        )
     one_class = [
-        f"{s} ({'only positives' if positives[s] else 'only negatives'})"
-        for s in ("validation", "test", "test_cold")
-        if not meta["positives_only"]
-        and s in positives
-        and meta["split_sizes"][s] > 0
-        and positives[s] in (0, meta["split_sizes"][s])
+        f"{s} ({label_class(s)})" for s in ("validation", "test", "test_cold") if label_class(s)
     ]
     if one_class:
         summary += (
