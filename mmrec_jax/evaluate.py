@@ -768,6 +768,8 @@ def evaluate_run(
             f"--batch_size {batch_size} must be a positive multiple of the {mesh.size} devices."
         )
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
+    if str(checkpoint) == "best" and train.best_checkpoint_step(workdir) is None:
+        checkpoint = "latest: the run was never validated, so it has no best"
     config.train.batch_size = batch_size or default_batch_size(config, mesh.size)
     catalogue = open_catalogue(config)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
@@ -970,8 +972,9 @@ def _evaluate_and_report(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.exit(2, f"{parser.prog}: error: none of the splits has any rows.\n")
     if jax.process_index() != 0:  # process 0 writes the results and reports them
         return 0
-    step = next(iter(results.values()))["checkpoint_step"]
-    which = "" if str(args.checkpoint) == str(step) else f" ({args.checkpoint})"
+    first = next(iter(results.values()))
+    step, which = first["checkpoint_step"], first["checkpoint"]
+    which = "" if which == str(step) else f" ({which})"
     print(f"{args.workdir}, checkpoint step {step}{which}:\n")
     print(format_results(results))
     try:

@@ -635,6 +635,15 @@ def check_resumable(
         )
 
 
+def best_checkpoint_step(workdir: str | Path) -> int | None:
+    """The step of a run's best checkpoint (by validation AUC), or None when no checkpoint
+    was validated (then "best" means the latest)."""
+    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+    best = checkpointer.best_step()
+    checkpointer.close()
+    return best
+
+
 def restore_params(
     workdir: str | Path,
     which: str | int = "best",

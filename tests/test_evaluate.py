@@ -154,6 +154,7 @@ def test_programs_compile_once_per_model_and_shape(restored):
 def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir, capsys):
     assert evaluate.main(["--workdir", str(workdir), "--k", "5,10", "--ablate"]) == 0
     out, err = capsys.readouterr()
+    assert out.splitlines()[0].endswith(" (best):")
     # Progress bars for the long phases, on stderr.
     for label in ("encoding items", "ranking test", "ranking test_cold"):
         assert label in err, label
@@ -274,6 +275,19 @@ def test_results_are_printed_even_where_they_cannot_be_written(workdir, capsys, 
     assert "auc" in captured.out and "hr@5" in captured.out  # the table came first
     assert "the results above could not be written" in captured.err
     assert "Permission denied" in captured.err
+
+
+def test_a_run_never_validated_is_evaluated_at_its_latest_checkpoint_and_says_so(
+    workdir, capsys, monkeypatch
+):
+    from mmrec_jax import checkpoint
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "best_step", lambda self: None)
+    assert evaluate.main(["--workdir", str(workdir), "--split", "test", "--k", "5"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith(" (latest: the run was never validated, so it has no best):"), first
+    saved = json.loads((workdir / "eval" / "test.json").read_text())
+    assert saved["checkpoint"].startswith("latest")
 
 
 def test_resolve_splits(workdir, capsys):
