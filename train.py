@@ -20,9 +20,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
-    args, config = parse_config_args(parser)
-    show_warnings_plainly()
-    with exits_quietly(parser):  # from the imports (seconds) to the final report
+    with exits_quietly(parser):  # from reading the config to the final report
+        args, config = parse_config_args(parser)
+        show_warnings_plainly()
         _train(parser, args, config)
 
 

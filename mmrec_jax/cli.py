@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -62,6 +63,16 @@ def _exit_now(status: int, message: str = "") -> NoReturn:
     os._exit(status)
 
 
+def _in_gc_callback(frame) -> bool:
+    """Whether `frame` runs inside a garbage-collection callback (`gc.callbacks`)."""
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Ends the command with one line and no traceback on Ctrl-C or SIGTERM (status 128 +
@@ -77,8 +88,13 @@ def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
     """
     received: list[int] = []
 
-    def interrupt(signum, _frame):
+    def interrupt(signum, frame):
         received.append(signum)
+        if _in_gc_callback(frame):
+            # Raised here, Python would print "Exception ignored" and drop it (JAX runs
+            # a callback at each garbage collection): deliver the signal again shortly.
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
         raise KeyboardInterrupt
 
     previous = {}

@@ -337,7 +337,7 @@ def test_unusable_config_files_are_named(tmp_path):
 
 
 COMMAND_ENDING = """
-import os, signal, sys, threading, time
+import gc, os, signal, sys, threading, time
 from argparse import ArgumentParser
 from mmrec_jax.cli import ExitNow, exits_quietly
 
@@ -355,6 +355,15 @@ with exits_quietly(ArgumentParser(prog="prog")):
             raise ImportError("initialization failed") from None
     if how == "exit-now":
         raise ExitNow(7)
+    if how == "during-gc":  # as when Ctrl-C lands in JAX's callback at a collection
+
+        def collecting(phase, info):
+            if phase == "start" and not os.environ.get("SENT"):
+                os.environ["SENT"] = "1"
+                signal.raise_signal(signal.SIGINT)
+
+        gc.callbacks.append(collecting)
+        gc.collect()
     time.sleep(60)
 """
 
@@ -366,6 +375,7 @@ with exits_quietly(ArgumentParser(prog="prog")):
         ("sigterm", 143, "prog: stopped by SIGTERM."),
         ("swallowed", 130, "prog: interrupted."),
         ("exit-now", 7, ""),
+        ("during-gc", 130, "prog: interrupted."),
     ],
 )
 def test_commands_end_at_once_with_one_line_on_a_signal(how, status, said):
