@@ -572,6 +572,12 @@ def test_an_empty_item_block_and_disagreeing_sizes_are_named():
         model.apply(variables, {**batch, "user_id": batch["user_id"][:-1]})
 
 
+def test_the_bare_parameter_tree_is_refused_naming_the_fix():
+    model, variables, _ = full_model()
+    with pytest.raises(ValueError, match=r"hold 'audio', .* no 'params': pass \{'params'"):
+        model.apply(variables["params"], make_batch(model.config))
+
+
 def test_a_traced_train_flag_names_static_argnames():
     model, variables, _ = full_model()
     with pytest.raises(TypeError, match="static_argnames='train'"):

@@ -120,6 +120,16 @@ class Recommender(nn.Module):
             dims["T"] = self.config.audio.clip_samples
         return dims
 
+    def _check_variables(self) -> None:
+        """Refuses variables without a "params" collection (the bare parameter tree)."""
+        if self.is_initializing() or "params" in self.variables:
+            return
+        found = ", ".join(repr(k) for k in sorted(self.variables)) or "nothing"
+        raise ValueError(
+            f"The model's variables hold {found} but no 'params': pass "
+            "{'params': params}, as init returns them, not the parameter tree itself."
+        )
+
     def encode_items(self, items: Mapping, train: bool = False) -> dict[str, jax.Array]:
         """Runs each enabled item tower once over an item block.
 
@@ -135,6 +145,7 @@ class Recommender(nn.Module):
            "embedding": (U, D) masked mean of the tokens, the item's summary vector}.
         """
         train = _static_train(train)
+        self._check_variables()
         schema.validate_items(
             items,
             self.towers,
@@ -183,6 +194,7 @@ class Recommender(nn.Module):
           (B,) float32 logits.
         """
         train = _static_train(train)
+        self._check_variables()
         schema.validate_score_rows(rows, self.towers)
         num_items = schema.validate_encoded(
             encoded, len(token_names(self.towers)[0]), self.config.width
