@@ -20,7 +20,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="folder for checkpoints, logs, plots")
-    with exits_quietly(parser):  # from reading the config to the final report
+    # From reading the config to the final report.
+    with exits_quietly(parser, exit_process=True):
         args, config = parse_config_args(parser)
         show_warnings_plainly()
         _train(parser, args, config)

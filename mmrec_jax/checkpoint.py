@@ -318,11 +318,17 @@ class Checkpointer:
         previous_hook = sys.unraisablehook
         if not isinstance(previous_hook, _QuietFailedRestore):
             sys.unraisablehook = _QuietFailedRestore(previous_hook)
+        restored, problem = None, None
         try:
             restored = self.restore(step, abstract_state)
         except Exception as error:  # noqa: BLE001 -- any failure: the files cannot be read
             if runtime.is_out_of_memory(error):
                 raise
+            lines = str(error).strip().splitlines() or [repr(error)]
+            problem = f"{type(error).__name__}: {lines[0][:200]}"
+        # Each process reads its own shards: all of them fail together, or none.
+        failed = sharding.failed_processes(problem is not None)
+        if failed:
             others = [other for other in self.all_steps() if other != step]
             choose = (
                 f"The run's other checkpoints are steps {others}: choose one with "
@@ -330,11 +336,11 @@ class Checkpointer:
                 if others
                 else "It is the run's only checkpoint."
             )
+            problem = problem or f"process {failed[0]} could not read its part"
             raise CheckpointError(
-                f"Checkpoint {self.directory / str(step)} cannot be restored "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); its files "
-                f"may be damaged. {choose}"
-            ) from None
+                f"Checkpoint {self.directory / str(step)} cannot be restored ({problem}); "
+                f"its files may be damaged. {choose}"
+            )
         # Kept after a failure: the failed reads' echoes may arrive later.
         sys.unraisablehook = previous_hook
         return restored

@@ -39,32 +39,39 @@ def show_warnings_plainly() -> None:
 
 
 class ExitNow(SystemExit):
-    """A SystemExit that ends the process at once when it reaches `exits_quietly`: work
-    still running in background threads (a checkpoint being written) is abandoned."""
+    """A SystemExit that ends a command at once: in `exits_quietly(exit_process=True)` the
+    process ends without waiting for work in background threads (a checkpoint being
+    written)."""
 
 
 # Signals that end a command: Ctrl-C, and what schedulers and `timeout` send.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _exit_now(status: int, message: str = "") -> NoReturn:
-    """Writes `message`, flushes and ends the process without the interpreter's shutdown.
+def _end(status: int, message: str, exit_process: bool) -> NoReturn:
+    """Writes `message` and ends the command with `status`.
 
-    By the time a command ends this way, the exception unwinding its stack has run its
-    cleanup (temporary folders, locks, worker processes); what remains are native threads
-    that may still be at work (XLA compiling, TensorStore writing), which crash the
-    interpreter's shutdown (a segmentation fault) or print their own tracebacks.
+    With `exit_process` the process ends without the interpreter's shutdown (`os._exit`):
+    by then the exception unwinding the command's stack has run its cleanup (temporary
+    folders, locks, worker processes); what remains are native threads that may still be
+    at work (XLA compiling, TensorStore writing), which crash the interpreter's shutdown
+    (a segmentation fault) or print their own tracebacks. Otherwise it raises SystemExit,
+    for a `main` called in-process (from a notebook, whose kernel must live on).
     """
-    if message:
-        sys.stderr.write(message)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(status)
+    for write in (lambda: sys.stderr.write(message), sys.stdout.flush, sys.stderr.flush):
+        with contextlib.suppress(OSError, ValueError):  # `| tee` killed by the same Ctrl-C
+            write()
+    if exit_process:
+        os._exit(status)
+    raise SystemExit(status)
 
 
-def _in_gc_callback(frame) -> bool:
-    """Whether `frame` runs inside a garbage-collection callback (`gc.callbacks`)."""
+def in_gc_callback(frame) -> bool:
+    """Whether `frame` runs inside a garbage-collection callback (`gc.callbacks`).
+
+    An exception a signal handler raises there is printed as "Exception ignored" and
+    dropped (JAX runs such a callback at every collection).
+    """
     codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
     while frame is not None:
         if frame.f_code in codes:
@@ -73,8 +80,17 @@ def _in_gc_callback(frame) -> bool:
     return False
 
 
+def deliver_later(signum: int) -> threading.Timer:
+    """Sends `signum` to this process again in 50 ms, for a handler that cannot act where
+    the signal landed (`in_gc_callback`); returns the timer (cancel it to take it back)."""
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 @contextlib.contextmanager
-def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
+def exits_quietly(parser: argparse.ArgumentParser, exit_process: bool = False) -> Iterator[None]:
     """Ends the command with one line and no traceback on Ctrl-C or SIGTERM (status 128 +
     the signal), and when its output is piped into a program that stopped reading
     (`| head`; status 141).
@@ -82,18 +98,22 @@ def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
     Inside the block both signals raise KeyboardInterrupt (SIGTERM's default would kill
     the process without a word or its cleanup); code that handles them itself (the
     training loop, which saves a checkpoint first) installs its own handlers meanwhile.
-    An interrupt, or an `ExitNow`, ends the process at once once the stack has unwound.
     Output written so far is left as each command leaves it: datasets, exports and
     checkpoints are renamed into place only when complete.
+
+    Args:
+      parser: the command's parser (its `prog` starts the line).
+      exit_process: end the process itself after an interrupt or an `ExitNow` (see
+        `_end`): for a command run from the shell (`main()` reading `sys.argv`), not for
+        one called in-process.
     """
     received: list[int] = []
+    redeliveries: list[threading.Timer] = []
 
     def interrupt(signum, frame):
         received.append(signum)
-        if _in_gc_callback(frame):
-            # Raised here, Python would print "Exception ignored" and drop it (JAX runs
-            # a callback at each garbage collection): deliver the signal again shortly.
-            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        if in_gc_callback(frame):
+            redeliveries.append(deliver_later(signum))
             return
         raise KeyboardInterrupt
 
@@ -102,18 +122,20 @@ def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
         previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS}
     try:
         yield
+        if received:  # a signal to deliver again had no time to arrive
+            raise KeyboardInterrupt
     except BrokenPipeError:
         # Python would report the pipe again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except ExitNow as stop:
-        _exit_now(stop.code if isinstance(stop.code, int) else 1)
+        if not exit_process:
+            raise
+        _end(stop.code if isinstance(stop.code, int) else 1, "", exit_process)
     except BaseException as error:
         # An interrupt inside native code can surface as another error (an ImportError
         # from an extension module's initialization): the signal is what counts.
-        if not isinstance(error, KeyboardInterrupt) and not received:
-            raise
-        if isinstance(error, SystemExit):
+        if isinstance(error, SystemExit) or not (isinstance(error, KeyboardInterrupt) or received):
             raise
         signum = received[-1] if received else signal.SIGINT
         said = (
@@ -121,8 +143,10 @@ def exits_quietly(parser: argparse.ArgumentParser) -> Iterator[None]:
             if signum == signal.SIGINT
             else f"stopped by {signal.Signals(signum).name}"
         )
-        _exit_now(128 + signum, f"\n{parser.prog}: {said}.\n")
+        _end(128 + signum, f"\n{parser.prog}: {said}.\n", exit_process)
     finally:
+        for timer in redeliveries:
+            timer.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

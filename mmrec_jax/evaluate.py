@@ -769,7 +769,7 @@ def evaluate_run(
         )
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     if str(checkpoint) == "best" and train.best_checkpoint_step(workdir) is None:
-        checkpoint = "latest: the run was never validated, so it has no best"
+        checkpoint = "latest"  # the run was never validated
     config.train.batch_size = batch_size or default_batch_size(config, mesh.size)
     catalogue = open_catalogue(config)
     results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
@@ -930,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
-    with exits_quietly(parser):
+    with exits_quietly(parser, exit_process=argv is None):
         return _evaluate_and_report(parser, args)
 
 
@@ -974,6 +974,8 @@ def _evaluate_and_report(parser: argparse.ArgumentParser, args: argparse.Namespa
         return 0
     first = next(iter(results.values()))
     step, which = first["checkpoint_step"], first["checkpoint"]
+    if which != str(args.checkpoint):  # "best" of a run never validated
+        which = f"{which}: the run was never validated, so it has no best"
     which = "" if which == str(step) else f" ({which})"
     print(f"{args.workdir}, checkpoint step {step}{which}:\n")
     print(format_results(results))

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmrec_jax.checkpoint import CheckpointError
 
     try:
-        with exits_quietly(parser):
+        with exits_quietly(parser, exit_process=argv is None):
             out = export_run(
                 args.workdir, args.out, args.checkpoint, args.overwrite, data_dir=args.data_dir
             )

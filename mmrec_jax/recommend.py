@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         help="rank the items the user interacted with too (left out by default)",
     )
     args = parser.parse_args(argv)
-    with exits_quietly(parser):
+    with exits_quietly(parser, exit_process=argv is None):
         return _recommend_and_print(parser, args)
 
 

@@ -153,19 +153,27 @@ class _StopRequest:
     signum: int | None = None
     forced: bool = False
 
-    def __call__(self, signum, _frame) -> None:
+    def __call__(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
+            if cli.in_gc_callback(frame):  # raised there, it would be dropped
+                cli.deliver_later(signum)
+                return
             self.forced = True
-            print(f"\n{name} received again: stopping without saving.", file=sys.stderr)
+            _tell(f"\n{name} received again: stopping without saving.")
             raise cli.ExitNow(128 + signum)  # the command ends without waiting for a save
         self.signum = signum
-        print(
+        _tell(
             f"\n{name} received: saving a checkpoint {self.when} (send it again to stop at "
-            "once without saving).",
-            file=sys.stderr,
-            flush=True,
+            "once without saving)."
         )
+
+
+def _tell(message: str) -> None:
+    """Prints to stderr from a signal handler: a closed pipe (`| tee` killed by the same
+    Ctrl-C) must not raise in the middle of whatever the loop was doing."""
+    with contextlib.suppress(OSError, ValueError):
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_config(
@@ -1157,6 +1165,19 @@ def _train_and_evaluate(
         progress.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+    signum = stop.signum
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        signum = int(np.max(multihost_utils.process_allgather(np.int32(signum or 0)))) or None
+    if signum is not None:  # it came during the last evaluation or save: stop before the report
+        if is_chief:
+            print(
+                f"\n{signal.Signals(signum).name} received: training ended at step {step}, "
+                f"saved in {checkpointer.directory}. Rerun the same command for the final "
+                "report."
+            )
+        raise SystemExit(128 + signum)
 
     summary = _final_report(
         workdir, checkpointer, state, predict_fn, loader, mesh, info, config.train.batch_size

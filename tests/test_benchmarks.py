@@ -41,6 +41,17 @@ def _run(script: str, *args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(autouse=True)
+def _compilation_cache_setting_kept():
+    """The benchmarks' compile counter turns JAX's persistent cache off for its process;
+    the in-process runs here give the setting back."""
+    import jax
+
+    before = jax.config.jax_enable_compilation_cache
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
 def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path):
     out = _run(
         "train_throughput.py",
@@ -237,9 +248,12 @@ def test_the_compile_counter_compiles_what_the_persistent_cache_holds(tmp_path, 
     }
     before = {name: getattr(jax.config, name) for name in settings}
     hits = []
-    jax.monitoring.register_event_listener(
-        lambda event, **_: hits.append(event) if event.endswith("cache_hits") else None
-    )
+
+    def record_hits(event, **_):
+        if event.endswith("cache_hits"):
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(record_hits)
     try:
         for name, value in settings.items():
             jax.config.update(name, value)
@@ -252,6 +266,7 @@ def test_the_compile_counter_compiles_what_the_persistent_cache_holds(tmp_path, 
         # Compiled again, not read back: its compile time is a compilation's.
         assert counter.count("program") == 1 and hits == []
     finally:
+        jax.monitoring.unregister_event_listener(record_hits)
         for name, value in before.items():
             jax.config.update(name, value)
         compilation_cache.reset_cache()

@@ -306,3 +306,20 @@ def test_a_save_abandoned_by_a_second_signal_is_not_logged_as_a_failure(caplog):
             absl.error("Save Finalize thread failed (%s).", type(error).__name__, exc_info=True)
     assert "failed (ExitNow)" not in caplog.text and "failed (KeyboardInterrupt)" not in caplog.text
     assert "failed (RuntimeError)" in caplog.text  # real failures are still reported
+
+
+def test_a_reader_names_a_checkpoint_that_fails_even_without_a_message(tmp_path, monkeypatch):
+    mesh = sharding.make_mesh()
+    checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
+    for step in (1, 2):
+        checkpointer.save(step, _state(mesh, step), {"step": step}, {})
+
+    def failing(self, step, abstract_state):
+        raise AssertionError()  # as some library checks fail: no message at all
+
+    monkeypatch.setattr(Checkpointer, "restore", failing)
+    with pytest.raises(
+        CheckpointError, match=r"2 cannot be restored \(AssertionError: .*steps \[1\]"
+    ):
+        checkpointer.restore_or_explain(2, abstract_like(_state(mesh, 0.0)))
+    checkpointer.close()

@@ -341,7 +341,7 @@ import gc, os, signal, sys, threading, time
 from argparse import ArgumentParser
 from mmrec_jax.cli import ExitNow, exits_quietly
 
-with exits_quietly(ArgumentParser(prog="prog")):
+with exits_quietly(ArgumentParser(prog="prog"), exit_process=True):
     threading.Thread(target=time.sleep, args=(60,)).start()  # work that would keep it alive
     how = sys.argv[1]
     if how == "ctrl-c":
@@ -355,7 +355,7 @@ with exits_quietly(ArgumentParser(prog="prog")):
             raise ImportError("initialization failed") from None
     if how == "exit-now":
         raise ExitNow(7)
-    if how == "during-gc":  # as when Ctrl-C lands in JAX's callback at a collection
+    if how.startswith("during-gc"):  # as when Ctrl-C lands in JAX's gc callback
 
         def collecting(phase, info):
             if phase == "start" and not os.environ.get("SENT"):
@@ -364,7 +364,8 @@ with exits_quietly(ArgumentParser(prog="prog")):
 
         gc.callbacks.append(collecting)
         gc.collect()
-    time.sleep(60)
+    if how != "during-gc-at-the-end":  # else the block ends before the signal comes again
+        time.sleep(60)
 """
 
 
@@ -376,6 +377,7 @@ with exits_quietly(ArgumentParser(prog="prog")):
         ("swallowed", 130, "prog: interrupted."),
         ("exit-now", 7, ""),
         ("during-gc", 130, "prog: interrupted."),
+        ("during-gc-at-the-end", 130, "prog: interrupted."),
     ],
 )
 def test_commands_end_at_once_with_one_line_on_a_signal(how, status, said):
@@ -387,6 +389,30 @@ def test_commands_end_at_once_with_one_line_on_a_signal(how, status, said):
         timeout=30,  # the thread's 60 s are not waited for
     )
     assert (ended.returncode, ended.stderr.strip()) == (status, said)
+
+
+def test_a_command_called_in_process_raises_systemexit_and_survives_a_closed_stderr(
+    monkeypatch, capsys
+):
+    from mmrec_jax import cli
+
+    parser = argparse.ArgumentParser(prog="prog")
+    with pytest.raises(SystemExit) as exit_info, cli.exits_quietly(parser):
+        raise KeyboardInterrupt  # a notebook's interrupt: its kernel lives on
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "prog: interrupted."
+
+    class ClosedPipe:  # `| tee`, killed by the same Ctrl-C
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    with pytest.raises(SystemExit) as exit_info, cli.exits_quietly(parser):
+        raise KeyboardInterrupt
+    assert exit_info.value.code == 130
 
 
 def test_commands_end_on_a_closed_pipe_and_unwritable_output_with_one_line(tmp_path, capsys):

@@ -149,7 +149,7 @@ def test_truncated_wav_is_refused(tmp_path):
         with pytest.raises(media.MediaError, match="audio file is truncated: its header "):
             media.read_audio(whole[:cut])
     # The sound chunk found past others (an odd-sized one is padded); a cut after it, or
-    # a streamed file's unknown length (0xFFFFFFFF), is no truncation.
+    # a streamed file's unknown length (0xFFFFFFFF, 0x7FFFFFFF), is no truncation.
     at = whole.index(b"data")
     listed = whole[:at] + b"LIST\x03\x00\x00\x00abc\x00" + whole[at:]
     listed = listed[:4] + (len(listed) - 8).to_bytes(4, "little") + listed[8:]
@@ -157,8 +157,9 @@ def test_truncated_wav_is_refused(tmp_path):
     with pytest.raises(media.MediaError, match="declares 16000 bytes of sound, the file holds 99"):
         media.read_audio(listed[: at + 12 + 8 + 99])
     media.read_audio(whole + b"LIST\x04\x00\x00\x00ab")
-    streamed = whole[: at + 4] + b"\xff\xff\xff\xff" + whole[at + 8 :]
-    assert media.read_audio(streamed)[0].shape == (8000,)
+    for placeholder in (b"\xff\xff\xff\xff", b"\xff\xff\xff\x7f"):
+        streamed = whole[: at + 4] + placeholder + whole[at + 8 :]
+        assert media.read_audio(streamed)[0].shape == (8000,)
     # An import names it as it names a truncated image, and --skip_invalid skips it.
     folder = tmp_path / "in"
     folder.mkdir()

@@ -1,5 +1,6 @@
 """The training loop: end to end, device-count invariance, exact resume, divergence."""
 
+import gc
 import json
 import math
 import os
@@ -231,6 +232,64 @@ def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, mon
         train.train_and_evaluate(config, tmp_path)
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [0, 5]
+
+
+def test_the_stop_handler_never_drops_a_signal_nor_fails_on_a_closed_stderr(monkeypatch):
+    from mmrec_jax import cli
+
+    class ClosedPipe:  # `| tee`, killed by the same Ctrl-C
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    delivered = []
+    monkeypatch.setattr(cli, "deliver_later", delivered.append)
+    stop = train._StopRequest()
+    stop(signal.SIGTERM, None)  # the first: a checkpoint, then stop
+    assert stop.signum == signal.SIGTERM and not stop.forced
+    raised = []
+
+    def collecting(phase, info):  # the second lands in a garbage-collection callback
+        if phase == "start" and not raised:
+            try:
+                stop(signal.SIGTERM, sys._getframe())
+                raised.append(None)
+            except BaseException as error:
+                raised.append(error)
+
+    gc.callbacks.append(collecting)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(collecting)
+    assert raised == [None] and delivered == [signal.SIGTERM] and not stop.forced
+    with pytest.raises(cli.ExitNow) as exit_info:  # delivered again, outside it
+        stop(signal.SIGTERM, None)
+    assert exit_info.value.code == 128 + signal.SIGTERM and stop.forced
+
+
+def test_a_signal_during_the_last_evaluation_stops_before_the_report(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    evaluate_split = train.evaluate_split
+
+    def evaluate_then_signal(*args, **kwargs):
+        result = evaluate_split(*args, **kwargs)
+        if args[3] == "validation":
+            os.kill(os.getpid(), signal.SIGTERM)  # after the loop's last check
+        return result
+
+    monkeypatch.setattr(train, "evaluate_split", evaluate_then_signal)
+    config = tiny_config(data_dir, train__num_steps=2, train__eval_every=2)
+    with pytest.raises(SystemExit) as exit_info:
+        train.train_and_evaluate(config, tmp_path)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "SIGTERM received: training ended at step 2" in capsys.readouterr().out
+    assert 2 in checkpoint.Checkpointer(tmp_path, read_only=True).all_steps()
+    assert not (tmp_path / "summary.json").exists()  # the report comes with a rerun
 
 
 def test_a_second_signal_stops_at_once(data_dir, tmp_path, monkeypatch, capsys):

@@ -999,7 +999,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     require_writable_folder(parser, "--output", args.output)
     try:
-        with exits_quietly(parser):
+        with exits_quietly(parser, exit_process=argv is None):
             import_folder(args.input, args.output, options, overwrite=args.overwrite)
     except (ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

@@ -115,13 +115,17 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------------- audio
 
 
+# Sound chunk sizes that streaming WAV writers put in place of a length they do not know.
+_STREAMED_WAV_SIZES = (0xFFFFFFFF, 0x7FFFFFFF)
+
+
 def _wav_shortfall(data: bytes) -> tuple[int, int] | None:
     """(declared, present) bytes of sound of a WAV file cut short, else None.
 
     libsndfile reads a cut WAV file as a shorter clip without a word (its sample count
     comes from the bytes present), so the sound ("data") chunk's size is compared with
-    the bytes after it here. A size of 0xFFFFFFFF (written by programs that stream WAV,
-    not knowing the length) declares nothing.
+    the bytes after it here. A size of 0xFFFFFFFF or 0x7FFFFFFF (placeholders written by
+    programs that stream WAV, not knowing the length) declares nothing.
     """
     if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
         return None
@@ -133,7 +137,8 @@ def _wav_shortfall(data: bytes) -> tuple[int, int] | None:
         start = offset + 8
         if chunk == b"data":
             present = len(data) - start
-            return (size, present) if size != 0xFFFFFFFF and present < size else None
+            unknown = size in _STREAMED_WAV_SIZES
+            return (size, present) if not unknown and present < size else None
         offset = start + size + (size & 1)  # chunks are padded to an even size
     return None
 

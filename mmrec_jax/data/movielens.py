@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     options = local.options_from_args(parser, args)
     require_writable_folder(parser, "--output", args.output)
     try:
-        with exits_quietly(parser):
+        with exits_quietly(parser, exit_process=argv is None):
             import_movielens(args.input, args.output, options, overwrite=args.overwrite)
     except (local.ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_writable_folder(parser, "--output", args.output)
     try:
-        with exits_quietly(parser):
+        with exits_quietly(parser, exit_process=argv is None):
             build(
                 args.output,
                 num_users=args.num_users,

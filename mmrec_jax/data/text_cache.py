@@ -266,6 +266,8 @@ def item_text_fields(
       (zeros without text); in the trained modes "text_ids" and "text_mask" (N, L) int32
       ([CLS] [SEP] without text).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
     text_config, max_len = config.model.text, int(config.data.max_text_len)
     if text_config.pooling not in POOLINGS:
         raise ValueError(
