@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -565,6 +566,39 @@ def test_evaluation_splits_of_one_class_are_pointed_out(tmp_path, capsys):
     ) in capsys.readouterr().out.splitlines()
     local.import_folder(folder, tmp_path / "d4", dataclasses.replace(options, positive_threshold=3))
     assert "Note: train" not in capsys.readouterr().out
+
+
+def test_a_dataset_of_the_same_sizes_and_ids_but_other_content_is_not_the_same(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    items = [[f"i{k}", f"item number {k}"] for k in range(6)]
+    rows = [[f"u{u}", f"i{(u + k) % 6}", (u + k) % 2, 10 * k] for u in range(4) for k in range(5)]
+    header = ["user_id", "item_id", "label", "timestamp"]
+    options = local.ImportOptions(name="s", split="leave_last")
+
+    def imported(output, items, rows):
+        write_csv(folder / "items.csv", ["item_id", "text"], items)
+        write_csv(folder / "interactions.csv", header, rows)
+        local.import_folder(folder, tmp_path / output, options, verbose=False)
+        return pipeline.load_dataset_info(
+            ml_collections.ConfigDict({"name": "s", "data_dir": str(tmp_path / output)})
+        )
+
+    first = pipeline.dataset_fingerprint(imported("a", items, rows))
+    pipeline.check_same_dataset(first, imported("again", items, rows), "the run", "")
+    flipped = [[u, i, 1 - label if (u, t) == ("u0", 0) else label, t] for u, i, label, t in rows]
+    retexted = [[key, text.upper() if key == "i3" else text] for key, text in items]
+    for output, changed_items, changed_rows in (
+        ("label", items, flipped),
+        ("text", retexted, rows),
+    ):
+        info = imported(output, changed_items, changed_rows)
+        same = pipeline.dataset_fingerprint(info)
+        assert {k: v for k, v in same.items() if k != "content_sha256"} == {
+            k: v for k, v in first.items() if k != "content_sha256"
+        }  # the same sizes and ids
+        with pytest.raises(pipeline.DatasetMismatchError, match=r"its content .* differs"):
+            pipeline.check_same_dataset(first, info, "the run", "")
 
 
 def test_repeated_pairs_are_kept_once_so_no_pair_is_in_two_splits(tmp_path, capsys):

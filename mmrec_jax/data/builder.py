@@ -37,6 +37,7 @@ was built.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -156,6 +157,31 @@ def _unique_sorted(values: list[int]) -> np.ndarray:
     return np.unique(np.asarray(values, np.int32)).astype(np.int32)
 
 
+def content_sha256(items: ItemTable, interactions: InteractionTable) -> str:
+    """sha256 over what a model learns from: every item's text, image and audio bytes
+    and extra columns, and every interaction's user, item, label, time, split and extra
+    columns (the ids are fingerprinted apart, `pipeline.dataset_fingerprint`)."""
+    digest = hashlib.sha256(b"mmrec-content-v1")
+
+    def add(raw: bytes) -> None:
+        digest.update(len(raw).to_bytes(8, "little") + raw)
+
+    for text, image, audio in zip(items.texts, items.images, items.audios, strict=True):
+        add(text.encode("utf-8"))
+        add(image)
+        add(audio)
+    arrays = [interactions.user, interactions.item, interactions.label]
+    arrays += [interactions.timestamp, interactions.split]
+    for table in (items.extra, interactions.extra):
+        for name in sorted(table):
+            add(name.encode("utf-8"))
+            arrays.append(table[name])
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        add(str(array.dtype).encode() + array.tobytes())
+    return digest.hexdigest()
+
+
 def prepare(
     name: str,
     items: ItemTable,
@@ -242,6 +268,7 @@ def prepare(
         "item_ids": [str(k) for k in items.keys],
         "user_ids": [str(k) for k in user_keys],
     }
+    meta["content_sha256"] = content_sha256(items, interactions)
     meta.update(metadata)
     return DatasetContent(
         name=name,

@@ -245,12 +245,15 @@ def load_dataset_info(data_config) -> DatasetInfo:
 
 
 def dataset_fingerprint(info: DatasetInfo) -> dict:
-    """What identifies a dataset's content: its sizes and a hash of its user and item ids.
+    """What identifies a dataset's content: its sizes, a hash of its user and item ids and
+    one of the content itself (`builder.content_sha256`; datasets built before it have
+    none, and nothing is compared for it).
 
     A run records it with each checkpoint; evaluation, export and resuming compare it with
     the dataset they open, so that another dataset under the same name is refused.
     """
     ids = json.dumps([list(info.user_ids), list(info.item_ids)]).encode()
+    content = info.metadata.get("content_sha256")
     return {
         "name": info.name,
         "num_users": info.num_users,
@@ -259,6 +262,7 @@ def dataset_fingerprint(info: DatasetInfo) -> dict:
         "num_item_rows": info.num_item_rows,
         "split_sizes": dict(info.split_sizes),
         "ids_sha256": hashlib.sha256(ids).hexdigest(),
+        **({"content_sha256": content} if content else {}),
     }
 
 
@@ -276,7 +280,10 @@ def check_same_dataset(recorded: Mapping | None, info: DatasetInfo, what: str, f
         return
     found = dataset_fingerprint(info)
     differences = [
-        f"{key} {recorded[key]!r} then, {found[key]!r} now"
+        f"its content (item texts or media, labels or times) differs ({recorded[key][:12]} "
+        f"then, {found[key][:12]} now)"
+        if key == "content_sha256"
+        else f"{key} {recorded[key]!r} then, {found[key]!r} now"
         for key in found
         if key in recorded and recorded[key] != found[key]
     ]
