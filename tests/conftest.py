@@ -18,8 +18,11 @@ compiled; the folder of a run that was killed is removed by the next run. A
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
@@ -64,3 +67,19 @@ if (
 def pytest_unconfigure(config):
     if _CACHE_OWNER:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+class _ClosedPipe:
+    """A stream whose reader is gone: every write and flush raises BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError
+
+    def flush(self):
+        raise BrokenPipeError
+
+
+@pytest.fixture
+def closed_stderr(monkeypatch):
+    """sys.stderr as a pipe whose reader is gone (a `| tee` killed by the same Ctrl-C)."""
+    monkeypatch.setattr(sys, "stderr", _ClosedPipe())

@@ -234,17 +234,11 @@ def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, mon
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [0, 5]
 
 
-def test_the_stop_handler_never_drops_a_signal_nor_fails_on_a_closed_stderr(monkeypatch):
+def test_the_stop_handler_never_drops_a_signal_nor_fails_on_a_closed_stderr(
+    monkeypatch, closed_stderr
+):
     from mmrec_jax import cli
 
-    class ClosedPipe:  # `| tee`, killed by the same Ctrl-C
-        def write(self, text):
-            raise BrokenPipeError
-
-        def flush(self):
-            raise BrokenPipeError
-
-    monkeypatch.setattr(sys, "stderr", ClosedPipe())
     delivered = []
     monkeypatch.setattr(cli, "deliver_later", delivered.append)
     stop = train._StopRequest()
