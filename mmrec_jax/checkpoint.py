@@ -119,21 +119,27 @@ for _filter in (_ExpectedOrbaxWarningsFilter, _OneLineOrbaxStorageErrors, _Aband
         _ABSL_LOGGER.addFilter(_filter())
 
 
+# How Orbax begins the message of an array that failed to read.
+READ_ERROR = "Encountered error while reading array index"
+
+
 class _QuietFailedRestore:
     """`sys.unraisablehook` that drops the echoes of a failed restore.
 
     When one array of a checkpoint fails to read, Orbax closes its event loop while
     TensorStore still completes the reads of the other arrays; each completion then
     reports "RuntimeError: Event loop is closed" with a traceback (hundreds of lines for
-    one damaged checkpoint). Other unraisable errors go to the previous hook.
+    one damaged checkpoint), and each read abandoned mid-way reports its own failure when
+    its coroutine is collected. Other unraisable errors go to the previous hook.
     """
+
+    ECHOES = ("Event loop is closed", READ_ERROR)
 
     def __init__(self, previous):
         self.previous = previous
 
     def __call__(self, unraisable) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        if str(unraisable.exc_value).startswith(self.ECHOES):
             return
         self.previous(unraisable)
 
@@ -325,7 +331,8 @@ class Checkpointer:
             if runtime.is_out_of_memory(error):
                 raise
             lines = str(error).strip().splitlines() or [repr(error)]
-            problem = f"{type(error).__name__}: {lines[0][:200]}"
+            # Orbax appends TensorStore's whole spec to a failed read: it names no cause.
+            problem = f"{type(error).__name__}: {lines[0].split(' See full TensorStore')[0][:200]}"
         # Each process reads its own shards: all of them fail together, or none.
         failed = sharding.failed_processes(problem is not None)
         if failed:
