@@ -314,6 +314,41 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
 
+    def _restore_everywhere(
+        self, step: int, abstract_state: Any
+    ) -> tuple[tuple[Any, dict, dict] | None, str | None, list[int]]:
+        """`restore` on every process, which agree on the outcome.
+
+        Each process reads its own shards, so a checkpoint counts as read only where
+        every process read it. The echoes of a failed read are dropped
+        (`_QuietFailedRestore`, kept installed after a failure: they may arrive later).
+        Running out of device memory is raised as it is: it says nothing about the files.
+
+        Returns:
+          (restored, problem, failed): `restore`'s result (None where this process failed),
+          this process's failure described in one line (None if it read its part), and the
+          processes that failed (empty: the checkpoint restored everywhere).
+        """
+        previous_hook = sys.unraisablehook
+        installed = not isinstance(previous_hook, _QuietFailedRestore)
+        if installed:
+            sys.unraisablehook = _QuietFailedRestore(previous_hook)
+        restored, problem = None, None
+        try:
+            restored = self.restore(step, abstract_state)
+        except Exception as error:  # noqa: BLE001 -- any failure means "damaged" ...
+            if runtime.is_out_of_memory(error):
+                if installed:
+                    sys.unraisablehook = previous_hook
+                raise  # ... but memory: the state does not fit, the files are fine
+            lines = str(error).strip().splitlines() or [repr(error)]
+            # Orbax appends TensorStore's whole spec to a failed read: it names no cause.
+            problem = f"{type(error).__name__}: {lines[0].split(' See full TensorStore')[0][:200]}"
+        failed = sharding.failed_processes(problem is not None)
+        if installed and not failed:
+            sys.unraisablehook = previous_hook
+        return restored, problem, failed
+
     def restore_or_explain(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """`restore`, raising a failure (other than running out of memory) as one
         `CheckpointError` that names the checkpoint and the run's other steps.
@@ -321,20 +356,7 @@ class Checkpointer:
         For readers of a finished run (evaluation, export, the final report), which do
         not move damaged checkpoints aside as a resuming run does.
         """
-        previous_hook = sys.unraisablehook
-        if not isinstance(previous_hook, _QuietFailedRestore):
-            sys.unraisablehook = _QuietFailedRestore(previous_hook)
-        restored, problem = None, None
-        try:
-            restored = self.restore(step, abstract_state)
-        except Exception as error:  # noqa: BLE001 -- any failure: the files cannot be read
-            if runtime.is_out_of_memory(error):
-                raise
-            lines = str(error).strip().splitlines() or [repr(error)]
-            # Orbax appends TensorStore's whole spec to a failed read: it names no cause.
-            problem = f"{type(error).__name__}: {lines[0].split(' See full TensorStore')[0][:200]}"
-        # Each process reads its own shards: all of them fail together, or none.
-        failed = sharding.failed_processes(problem is not None)
+        restored, problem, failed = self._restore_everywhere(step, abstract_state)
         if failed:
             others = [other for other in self.all_steps() if other != step]
             choose = (
@@ -348,8 +370,6 @@ class Checkpointer:
                 f"Checkpoint {self.directory / str(step)} cannot be restored ({problem}); "
                 f"its files may be damaged. {choose}"
             )
-        # Kept after a failure: the failed reads' echoes may arrive later.
-        sys.unraisablehook = previous_hook
         return restored
 
     def restore_meta(self, step: int) -> dict:
@@ -377,24 +397,10 @@ class Checkpointer:
         if not steps:
             return None
         failures: list[int] = []
-        previous_hook = sys.unraisablehook
-        if not isinstance(previous_hook, _QuietFailedRestore):
-            # Kept after a failure (once): the failed reads' echoes may arrive later.
-            sys.unraisablehook = _QuietFailedRestore(previous_hook)
         is_chief = jax.process_index() == 0
         for step in reversed(steps):
-            problem = None
-            try:
-                state, data_state, meta = self.restore(step, abstract_state)
-            except Exception as error:  # noqa: BLE001 -- any failure means "damaged" ...
-                if runtime.is_out_of_memory(error):
-                    sys.unraisablehook = previous_hook
-                    raise  # ... but memory: the state does not fit, the files are fine
-                problem = f"{type(error).__name__}: {str(error)[:300]}"
-            # Each process reads its own shards: a step counts as good only where every
-            # process restored it, so all resume from the same step.
-            failed = sharding.failed_processes(problem is not None)
-            if failed:
+            restored, problem, failed = self._restore_everywhere(step, abstract_state)
+            if failed:  # a step is good only where every process restored it
                 if problem is None and is_chief:
                     problem = f"process {failed[0]} could not read its part"
                 if problem is not None:
@@ -405,11 +411,9 @@ class Checkpointer:
                     )
                 failures.append(step)
                 continue
-            if not failures:
-                sys.unraisablehook = previous_hook
-            elif is_chief:
+            if failures and is_chief:
                 print(f"Resuming from the previous good checkpoint, step {step}.", flush=True)
-            return step, state, data_state, meta, failures
+            return step, *restored, failures
         raise CheckpointError(
             f"None of the checkpoints in {self.directory} (steps {steps}) could be restored. "
             "Move the folder away to start afresh."
