@@ -961,16 +961,21 @@ def _train_and_evaluate(
         else f"at the next logging step (config.train.log_every={config.train.log_every})"
     )
 
-    def agreed_stop() -> int | None:
-        """The signal to stop for, the same on every process; None to train on."""
+    def signal_of_any_process() -> int | None:
+        """The signal some process received, the same on every process (a collective)."""
         if process_count == 1:
             return stop.signum
-        if step % config.train.log_every:
-            return None
         from jax.experimental import multihost_utils
 
         signums = multihost_utils.process_allgather(np.int32(stop.signum or 0))
         return int(np.max(signums)) or None
+
+    def agreed_stop() -> int | None:
+        """The signal to stop for, checked by all processes at logging steps; None to train
+        on."""
+        if process_count > 1 and step % config.train.log_every:
+            return None
+        return signal_of_any_process()
 
     def say(message: str) -> None:
         """Prints a line above the progress bar, on process 0 only."""
@@ -1165,11 +1170,7 @@ def _train_and_evaluate(
         progress.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    signum = stop.signum
-    if process_count > 1:
-        from jax.experimental import multihost_utils
-
-        signum = int(np.max(multihost_utils.process_allgather(np.int32(signum or 0)))) or None
+    signum = signal_of_any_process()
     if signum is not None:  # it came during the last evaluation or save: stop before the report
         if is_chief:
             print(
