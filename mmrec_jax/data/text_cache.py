@@ -95,6 +95,14 @@ def _fingerprint(
     return digest.hexdigest(), weights.hexdigest()
 
 
+def _check_settings(pooling: str, batch_size: int, pooling_name: str = "pooling") -> None:
+    """Raises ValueError for an unknown pooling (named `pooling_name`) or batch size < 1."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"{pooling_name}={pooling!r}; choose one of {POOLINGS}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+
+
 def _compute_embeddings(
     folder: Path, texts: Sequence[str | None], pooling: str, max_len: int, batch_size: int
 ) -> np.ndarray:
@@ -200,10 +208,7 @@ def text_embeddings(
     Returns:
       (N, Dt) float32, Dt the BERT's hidden size.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    _check_settings(pooling, batch_size)
     folder = resolve_pretrained(model_name)
     fingerprint, weights_sha = _fingerprint(folder, texts, pooling, max_len)
     cache_dir = Path(cache_dir)
@@ -266,13 +271,8 @@ def item_text_fields(
       (zeros without text); in the trained modes "text_ids" and "text_mask" (N, L) int32
       ([CLS] [SEP] without text).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
     text_config, max_len = config.model.text, int(config.data.max_text_len)
-    if text_config.pooling not in POOLINGS:
-        raise ValueError(
-            f"config.model.text.pooling={text_config.pooling!r}; choose one of {POOLINGS}."
-        )
+    _check_settings(text_config.pooling, batch_size, "config.model.text.pooling")
     texts = [text or "" for text in texts]
     fields = {"has_text": np.array([bool(text) for text in texts], bool)}
     folder = resolve_pretrained(text_config.model)
