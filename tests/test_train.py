@@ -218,15 +218,21 @@ def test_a_validation_split_of_one_class_trains_on_without_a_best_checkpoint(tmp
     assert not any("validation/auc" in r for r in records)
 
 
-def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, monkeypatch):
+def _sigterm_after_each_validation(monkeypatch) -> None:
+    """Makes the training loop receive SIGTERM as each validation pass ends."""
     evaluate_split = train.evaluate_split
 
     def evaluate_then_signal(*args, **kwargs):
         result = evaluate_split(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)  # arrives before the checkpoint of this step
+        if args[3] == "validation":
+            os.kill(os.getpid(), signal.SIGTERM)
         return result
 
     monkeypatch.setattr(train, "evaluate_split", evaluate_then_signal)
+
+
+def test_a_signal_during_evaluation_saves_once_and_exits(data_dir, tmp_path, monkeypatch):
+    _sigterm_after_each_validation(monkeypatch)  # before the checkpoint of that step
     config = tiny_config(data_dir, train__num_steps=20, train__eval_every=5)
     with pytest.raises(SystemExit) as exit_info:
         train.train_and_evaluate(config, tmp_path)
@@ -268,15 +274,7 @@ def test_the_stop_handler_never_drops_a_signal_nor_fails_on_a_closed_stderr(
 def test_a_signal_during_the_last_evaluation_stops_before_the_report(
     data_dir, tmp_path, monkeypatch, capsys
 ):
-    evaluate_split = train.evaluate_split
-
-    def evaluate_then_signal(*args, **kwargs):
-        result = evaluate_split(*args, **kwargs)
-        if args[3] == "validation":
-            os.kill(os.getpid(), signal.SIGTERM)  # after the loop's last check
-        return result
-
-    monkeypatch.setattr(train, "evaluate_split", evaluate_then_signal)
+    _sigterm_after_each_validation(monkeypatch)  # the last: after the loop's last check
     config = tiny_config(data_dir, train__num_steps=2, train__eval_every=2)
     with pytest.raises(SystemExit) as exit_info:
         train.train_and_evaluate(config, tmp_path)
