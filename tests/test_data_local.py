@@ -1,5 +1,6 @@
 """Importers (local folder, MovieLens) and real-world media decoding."""
 
+import collections
 import csv
 import dataclasses
 import io
@@ -819,6 +820,48 @@ def test_movielens_subset_converts_and_trains(tmp_path, capsys):
         params, opt_state, loss = step(params, opt_state, first, jax.random.key(k))
         losses.append(float(loss))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_movielens_same_second_ratings_are_held_out_at_random(tmp_path):
+    # ratings.csv lists each user's ratings by movie id; 40 users rate movies 1-6 in one
+    # second. By file order every user's test movie would be 6 and validation 5.
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    write_csv(folder / "movies.csv", ["movieId", "title", "genres"],
+              [[m, f"Movie {m} (2000)", "Drama"] for m in range(1, 7)])  # fmt: skip
+    write_csv(folder / "ratings.csv", ["userId", "movieId", "rating", "timestamp"],
+              [[u, m, 4.5, 1000] for u in range(1, 41) for m in range(1, 7)])  # fmt: skip
+
+    def held_out(seed: int) -> tuple[dict, dict]:
+        name = f"ml_seed{seed}"
+        options = local.ImportOptions(name=name, seed=seed)
+        movielens.import_movielens(folder, tmp_path / "data", options, True, verbose=False)
+        rows = records(tmp_path / "data", name, "interactions")
+        assert builder.read_metadata(tmp_path / "data", name)["same_time_order"] == (
+            "seeded random"
+        )
+        test = {r["user_index"]: int(r["item_index"]) for r in rows["test"]}
+        validation = {r["user_index"]: int(r["item_index"]) for r in rows["validation"]}
+        # Histories follow the same order: the test row's history is all of the user's
+        # training movies, and the training rows' histories hold 0, 1, 2, 3 of them.
+        train = collections.defaultdict(list)
+        for r in rows["train"]:
+            train[r["user_index"]].append(r)
+        for user, item in test.items():
+            (test_row,) = [r for r in rows["test"] if r["user_index"] == user]
+            movies = {int(r["item_index"]) for r in train[user]}
+            assert set(test_row["history"][test_row["history"] >= 0].tolist()) == movies
+            sizes = sorted(int((r["history"] >= 0).sum()) for r in train[user])
+            assert sizes == [0, 1, 2, 3]
+            assert item not in movies and validation[user] not in movies | {item}
+        return test, validation
+
+    test, validation = held_out(seed=0)
+    assert len(test) == len(validation) == 40
+    counts = collections.Counter(test.values())
+    assert len(counts) >= 4 and max(counts.values()) <= 20, counts  # not all the last movie
+    assert held_out(seed=0) == (test, validation)  # seeded: the same dataset again
+    assert held_out(seed=1)[0] != test
 
 
 def test_ml100k_layout(tmp_path):

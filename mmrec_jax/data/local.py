@@ -97,7 +97,7 @@ class ImportOptions:
     positive_threshold: float = 4.0
     # Skip bad rows (and bad media files) instead of failing.
     skip_invalid: bool = False
-    # Seed of the random and cold_items splits.
+    # Seed of the random and cold_items splits (and of `build_content`'s shuffled ties).
     seed: int = 0
     # History entries stored per interaction.
     history_len: int = builder.DEFAULT_HISTORY_LEN
@@ -677,8 +677,15 @@ def build_content(
     problems: Problems,
     source: str,
     verbose: bool = True,
+    shuffle_ties: bool = False,
 ) -> builder.DatasetContent:
     """Validates rows and media, splits, and prepares a dataset (the importers' shared path).
+
+    Args:
+      shuffle_ties: the input's order says nothing about the order of a user's
+        interactions at one timestamp (MovieLens lists them by movie id): order them at
+        random (seeded by `options.seed`) instead of by file order wherever time order
+        decides (the kept one of a repeated pair, leave_last, histories).
 
     Raises:
       ImportFailed: an option is out of range, there are problems and
@@ -743,6 +750,11 @@ def build_content(
         label_source = f"rating >= {options.positive_threshold:g}"
     else:
         labels, label_source = np.ones(len(kept), np.float32), "implicit (every row a positive)"
+    if shuffle_ties:
+        # Every tie-break below is by position, so same-time interactions then come in a
+        # seeded random order. Its own stream: the splits draw from `options.seed` too.
+        order = np.random.default_rng([options.seed, 1]).permutation(users.shape[0])
+        users, item_rows, times, labels = (a[order] for a in (users, item_rows, times, labels))
     # A positive counts over a later negative of the same pair (a click over a later
     # impression without one; a rating at or above the threshold over a later low one).
     chosen = _chosen_of_each_pair(users, item_rows, times, labels)  # (n,) bool
@@ -787,6 +799,7 @@ def build_content(
             int(round(options.max_audio_seconds * options.audio_sample_rate)) if has_audio else None
         ),
         "seed": options.seed,
+        "same_time_order": "seeded random" if shuffle_ties else "file order",
         # Positive interactions per split: a split of one class has no AUC.
         "split_positives": {
             split: int(labels[codes == code].sum()) for code, split in enumerate(builder.SPLITS)
@@ -937,7 +950,12 @@ def add_common_flags(parser: argparse.ArgumentParser, default_name: str) -> None
     )
     parser.add_argument("--skip_invalid", action="store_true", help="skip bad rows, report counts")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random splits")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random splits (and of MovieLens's same-second order)",
+    )
     parser.add_argument(
         "--history_len", type=int, default=builder.DEFAULT_HISTORY_LEN, help="history stored"
     )
