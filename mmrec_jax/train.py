@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import signal
@@ -304,7 +303,7 @@ def _insert_pretrained_text(params: dict, config: ml_collections.ConfigDict) -> 
 
 
 def evaluate_split(
-    predict_fn, params, loader, split: str, mesh, info, max_batches: int | None = None
+    predict_fn, params, loader, split: str, mesh, info, sample: int | None = None
 ) -> dict[str, float] | None:
     """AUC, GAUC, logloss, accuracy and ECE of `params` on `split` (None if it is empty).
 
@@ -316,14 +315,14 @@ def evaluate_split(
       split: the split's name.
       mesh: the device mesh.
       info: the dataset's `DatasetInfo`.
-      max_batches: score only the split's first this many batches (None: all).
+      sample: score only a seeded random sample of this many of the split's
+        interactions (`pipeline.make_batches`' `sample`; None: all).
     """
     if int(info.split_sizes.get(split, 0)) == 0:
         return None
-    with contextlib.closing(loader(split, train=False)) as batches:  # stops its workers
-        rows = predict.predict_batches(
-            predict_fn, params, itertools.islice(batches, max_batches), mesh
-        )
+    batches = loader(split, train=False, sample=sample)
+    with contextlib.closing(batches):  # stops its workers
+        rows = predict.predict_batches(predict_fn, params, batches, mesh)
     return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
 
 
@@ -1180,17 +1179,13 @@ def _train_and_evaluate(
             )
         raise SystemExit(128 + signum)
 
-    summary = _final_report(
-        workdir, checkpointer, state, predict_fn, loader, mesh, info, config.train.batch_size
-    )
+    summary = _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info)
     checkpointer.close()
     writer.close()
     return summary
 
 
-def _final_report(
-    workdir, checkpointer, state, predict_fn, loader, mesh, info, batch_size: int
-) -> dict:
+def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) -> dict:
     """Evaluates the best checkpoint on every split; writes summary.json and the plots."""
     is_chief = jax.process_index() == 0
     params = state["params"]
@@ -1210,13 +1205,14 @@ def _final_report(
     if reported is None:
         reported = f"final state, step {final}: no best checkpoint"
     summary = {}
-    # The train split is scored on its first batches, as many rows as validation has:
-    # enough to show over- or underfitting without a full pass over the largest split.
-    sample = max(info.split_sizes.get("validation", 0), 1)
-    train_batches = -(-sample // batch_size)
+    # The train split is scored on a random sample of as many interactions as validation
+    # has: enough to show over- or underfitting without a full pass over the largest
+    # split. Its first rows would be a few users' (the rows are stored by user).
+    sample = min(max(info.split_sizes.get("validation", 0), 1), info.split_sizes["train"])
     for split in REPORT_SPLITS:
-        limit = train_batches if split == "train" else None
-        result = evaluate_split(predict_fn, params, loader, split, mesh, info, limit)
+        result = evaluate_split(
+            predict_fn, params, loader, split, mesh, info, sample if split == "train" else None
+        )
         if result is None:
             continue
         oracle = (info.oracle or {}).get(split)
@@ -1229,8 +1225,8 @@ def _final_report(
         summary[split] = {"model": result, "oracle": oracle}
     if is_chief:
         table = reporting.summary_table(summary)
-        rows = train_batches * batch_size
-        print(f"\nResults ({reported}; train: its first {rows} rows):\n{table}")
+        sampled = f"{sample} of its {info.split_sizes['train']} interactions, at random"
+        print(f"\nResults ({reported}; train: {sampled}):\n{table}")
         payload = {"checkpoint_step": final if best is None else best, "splits": summary}
         write_atomic(Path(workdir) / "summary.json", json.dumps(payload, indent=2))
         plots = reporting.plot_curves(workdir)

@@ -458,6 +458,35 @@ def test_negatives_avoid_every_positive_and_are_deterministic(implicit):
     assert [r for r in again if r[3] == 1.0] == cold
 
 
+def test_an_evaluation_sample_is_a_seeded_random_subset_of_the_full_pass(implicit):
+    config = make_config(
+        implicit, name="implicit", model__towers="id,history", data__negatives_per_positive=3
+    )
+
+    def scored(**kwargs):  # rows of weight 1, in order
+        batches = pipeline.make_batches(config, "train", train=False, **kwargs)
+        return [r for b in batches for r in rows_of(b) if r[3] == 1.0]
+
+    full = scored()
+    groups = [tuple(full[i : i + 4]) for i in range(0, len(full), 4)]  # a positive, 3 negatives
+    assert all(g[0][2] == 1.0 and {r[2] for r in g[1:]} == {0.0} for g in groups)
+    sample = scored(sample=10)
+    assert len(sample) == 40
+    picked = [tuple(sample[i : i + 4]) for i in range(0, 40, 4)]
+    # Whole groups of the full pass, each with the same negatives, in stored order.
+    positions = [groups.index(g) for g in picked]
+    assert positions == sorted(set(positions))
+    assert positions != list(range(10)) and positions[-1] >= len(groups) // 2  # not the first
+    assert scored(sample=10) == sample
+    assert scored(sample=len(groups)) == full
+    config.seed = config.seed + 1
+    assert scored(sample=10)[::4] != sample[::4]  # other interactions
+    with pytest.raises(ValueError, match="evaluation"):
+        pipeline.make_batches(config, "train", train=True, sample=10)
+    with pytest.raises(ValueError, match="at least 1"):
+        pipeline.make_batches(config, "train", train=False, sample=0)
+
+
 def test_available_towers_follow_the_dataset(implicit):
     info = pipeline.load_dataset_info(make_config(implicit, name="implicit").data)
     assert info.modalities == ("text",)

@@ -490,7 +490,9 @@ def test_a_damaged_best_checkpoint_is_named_by_readers_and_the_report_falls_back
     train.train_and_evaluate(train.load_run_config(run), run)
     out = capsys.readouterr().out
     assert f"WARNING: Checkpoint {best} cannot be restored" in out
-    assert "Results (final state, step 30;" in out
+    sizes = pipeline.load_dataset_info(train.load_run_config(run).data).split_sizes
+    sampled = f"train: {sizes['validation']} of its {sizes['train']} interactions, at random)"
+    assert f"Results (final state, step 30; {sampled}" in out
     assert json.loads((run / "summary.json").read_text())["checkpoint_step"] == 30
     assert best.is_dir()  # readers move nothing
 

@@ -777,6 +777,7 @@ def make_batches(
     multiple: int | None = None,
     batch_size: int | None = None,
     num_epochs: Any = _DEFAULT_EPOCHS,
+    sample: int | None = None,
 ) -> grain.DatasetIterator:
     """An iterator over this process's part of the batches of `split`.
 
@@ -796,6 +797,9 @@ def make_batches(
       batch_size: global rows per batch (default config.train.batch_size).
       num_epochs: train passes before the iterator ends (default: forever when
         config.train.num_steps > 0, else config.train.num_epochs); None: forever.
+      sample: evaluation only: pass over this many of the split's interactions (each with
+        its negatives), drawn at random (seeded by config.seed) and read in stored order;
+        None, or at least the split's size: all of them.
 
     Returns:
       A Grain `DatasetIterator` of numpy batch dicts (see `mmrec_jax.schema`) with B/P
@@ -860,7 +864,17 @@ def make_batches(
     if num_epochs is _DEFAULT_EPOCHS:
         num_epochs = None if int(config.train.num_steps) > 0 else int(config.train.num_epochs)
 
-    ds = grain.MapDataset.range(examples)
+    if sample is not None and train:
+        raise ValueError("sample= is for an evaluation pass (train=False).")
+    if sample is not None and sample < 1:
+        raise ValueError(f"sample={sample} must be at least 1 interaction.")
+    interactions = info.split_sizes[split]
+    if sample is not None and sample < interactions:
+        rng = np.random.default_rng(int(config.seed))
+        chosen = np.sort(rng.choice(interactions, sample, replace=False))  # (S,) records
+        ds = grain.MapDataset.source((chosen[:, None] * group + np.arange(group)).ravel())
+    else:
+        ds = grain.MapDataset.range(examples)
     if train:
         ds = ds.shuffle(seed=int(config.seed)).repeat(num_epochs)
     ds = ds.map_with_index(_tag_position)  # positions count from the stream's start
