@@ -708,6 +708,7 @@ def format_results(results: Mapping[str, Mapping]) -> str:
         users += [reporting.format_cell(None)] if entry.get("oracle") else []  # no oracle count
     table.append(users)
     lines = reporting.align_table(table)
+    lines += reporting.undefined_gauc_note({s: e["click"] for s, e in results.items()})
     for split, entry in results.items():
         if entry.get("ablation"):
             rows = [["without", "auc", "auc drop", "logloss"]]

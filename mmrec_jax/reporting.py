@@ -187,7 +187,23 @@ def summary_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
             + [format_cell(model.get(n)) for n in metric_names]
             + [format_cell(oracle.get(n)) for n in oracle_names]
         )
-    return "\n".join(align_table(rows))
+    note = undefined_gauc_note({split: entry.get("model", {}) for split, entry in summary.items()})
+    return "\n".join(align_table(rows) + note)
+
+
+def undefined_gauc_note(click_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Lines saying why a table shows GAUC as "-", given {split: click metrics}; [] if none."""
+    splits = [
+        split
+        for split, metrics in click_metrics.items()
+        if "gauc" in metrics and metrics["gauc"] is None and metrics.get("auc") is not None
+    ]
+    if not splits:
+        return []
+    return [
+        f"gauc -: no user of {', '.join(splits)} has both a positive and a negative row "
+        "(as when each user has one held-out row)."
+    ]
 
 
 def align_table(table: list[list[str]]) -> list[str]:

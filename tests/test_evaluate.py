@@ -363,3 +363,8 @@ def test_results_table_marks_each_cell_without_a_value():
     assert row["auc"] == ["0.7500", "0.9000"]
     assert row["recall@10"] == ["0.5000", "-"]  # the oracle ranks no catalogue
     assert row["ranked users"] == ["3", "-"]
+    assert not any(line.startswith("gauc -") for line in lines)
+    # A GAUC left undefined (each user has one row of the split) is explained.
+    one_row_each = dict(entry, click={"auc": 0.7, "gauc": None})
+    lines = evaluate.format_results({"test": one_row_each, "train": entry}).splitlines()
+    assert lines[-1].startswith("gauc -: no user of test has both a positive and a negative")

@@ -90,3 +90,18 @@ def test_a_progress_bar_into_a_log_writes_each_count_once(capsys, monkeypatch):
     lines = capsys.readouterr().err.splitlines()
     counts = [line.split("|")[-1].split("[")[0].strip() for line in lines]
     assert counts == ["0/5", "1/5", "2/5", "3/5", "4/5", "5/5"], lines  # closing adds none
+
+
+def test_summary_table_explains_an_undefined_gauc():
+    summary = {
+        "train": {"model": {"auc": 0.8, "gauc": 0.75}, "oracle": None},
+        "test": {"model": {"auc": 0.7, "gauc": None}, "oracle": {"auc": 0.9}},
+        "test_cold": {"model": {"auc": None, "gauc": None}, "oracle": None},  # one class
+    }
+    lines = reporting.summary_table(summary).splitlines()
+    assert lines[0].split() == ["split", "auc", "gauc", "oracle", "auc"]
+    assert lines[3].split() == ["test", "0.7000", "-", "0.9000"]
+    assert lines[-1] == (
+        "gauc -: no user of test has both a positive and a negative row (as when each user "
+        "has one held-out row)."
+    )
