@@ -546,7 +546,8 @@ def check_resumable(
 
     A workdir's checkpoints can only continue the run its `config.json` describes: the
     same model (its `model.*` fields, the compute dtype aside) on the same data (the
-    `data.*` fields but the folder and loading options). Training settings (`train.*`,
+    `data.*` fields but the folder and loading options, and `negatives_per_positive`
+    where `info` shows labelled data, which samples none). Training settings (`train.*`,
     `seed`) may change, for example to train longer, except the batch size and gradient
     accumulation (every count of the run is in steps of that batch) and switching
     clipping on or off (it changes what the optimizer state holds).
@@ -586,11 +587,14 @@ def check_resumable(
         return  # no checkpoint reads: restoring reports it
     stored = flatten(stored)
     wanted = flatten(json.loads(config_to_json(config)))  # tuples as lists, as stored
+    may_differ = set(_RESUME_MAY_DIFFER)
+    if info is not None and not info.positives_only:
+        may_differ.add("data.negatives_per_positive")  # labelled data samples no negatives
     differences = [
         f"{key} is {stored[key]!r} there and {wanted[key]!r} now"
         for key in sorted(set(stored) & set(wanted))
         if key.startswith(("model.", "data."))
-        and key not in _RESUME_MAY_DIFFER
+        and key not in may_differ
         and stored[key] != wanted[key]
         and not (key == "model.text.model" and _same_folder(stored[key], wanted[key]))
     ]

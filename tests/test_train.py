@@ -434,6 +434,10 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path,
         train.train_and_evaluate(wider, run)
     # Another dataset under the same name and settings (here: more users) is refused.
     train.check_resumable(run, same, pipeline.load_dataset_info(same.data))
+    same.data.negatives_per_positive = 2  # no negatives are sampled for labelled data
+    train.check_resumable(run, same, pipeline.load_dataset_info(same.data))
+    with pytest.raises(ConfigError, match="data.negatives_per_positive is 0 there and 2 now"):
+        train.check_resumable(run, same)  # without the dataset, it may matter
     other = tiny_config(tmp_path / "other", data__synthetic__num_users=50)
     pipeline.ensure_dataset(other.data)
     with pytest.raises(pipeline.DatasetMismatchError, match="num_users 60 then, 50 now"):
