@@ -149,6 +149,8 @@ class _StopRequest:
     """
 
     when: str = "after the current step"
+    # What a second signal means for the run's other processes ("" in a one-process run).
+    others: str = ""
     signum: int | None = None
     forced: bool = False
 
@@ -159,7 +161,7 @@ class _StopRequest:
                 cli.deliver_later(signum)
                 return
             self.forced = True
-            _tell(f"\n{name} received again: stopping without saving.")
+            _tell(f"\n{name} received again: stopping without saving.{self.others}")
             raise cli.ExitNow(128 + signum)  # the command ends without waiting for a save
         self.signum = signum
         _tell(
@@ -958,20 +960,64 @@ def _train_and_evaluate(
 
     # Saving is collective: under several processes, all stop at the same step, the first
     # logging step after any of them got the signal.
-    stop = _StopRequest(
-        "after the current step"
+    stop = (
+        _StopRequest()
         if process_count == 1
-        else f"at the next logging step (config.train.log_every={config.train.log_every})"
+        else _StopRequest(
+            f"at the next logging step (config.train.log_every={config.train.log_every})",
+            " The other processes stop when JAX notices this one is gone (about a minute, "
+            "with an error of their own): send it to every process to stop all at once.",
+        )
     )
 
+    # Records that process 0 could not write (a full disk) under several processes: raised
+    # at once, the error would leave the others waiting in the next collective, so it waits
+    # for the next point where all processes agree (`signal_of_any_process`).
+    unwritten: list[OSError] = []
+
+    def write_records(values: dict[str, float]) -> None:
+        """`writer.write` of this step's values (process 0 writes)."""
+        try:
+            writer.write(step, values)
+        except OSError as error:
+            if process_count == 1:
+                raise
+            unwritten.append(error)
+
     def signal_of_any_process() -> int | None:
-        """The signal some process received, the same on every process (a collective)."""
+        """The signal some process received, the same on every process (a collective).
+
+        Raises:
+          OSError: some process could not write the run's records: its own error there.
+        """
         if process_count == 1:
             return stop.signum
         from jax.experimental import multihost_utils
 
-        signums = multihost_utils.process_allgather(np.int32(stop.signum or 0))
-        return int(np.max(signums)) or None
+        mine = np.array([stop.signum or 0, len(unwritten)], np.int32)
+        every = multihost_utils.process_allgather(mine)  # (P, 2)
+        if unwritten:
+            raise unwritten[0]
+        if every[:, 1].any():
+            failed = ", ".join(str(p) for p in np.flatnonzero(every[:, 1]))
+            raise OSError(
+                f"process {failed} could not write the run's records (its output says why)"
+            )
+        return int(every[:, 0].max()) or None
+
+    def stopped_by_storage(error: OSError) -> StorageError:
+        """The error that stops training when the disk fails, naming the intact checkpoint."""
+        where = f" ({error.filename})" if error.filename else ""
+        intact = (
+            f"Checkpoint step {last_saved} in {checkpointer.directory} is intact"
+            if last_saved is not None
+            else f"No checkpoint was saved in {checkpointer.directory}"
+        )
+        return StorageError(
+            f"Training stopped at step {step}: {error.strerror or error}{where}. {intact}. "
+            "Fix the cause (free disk space, write permission) and rerun the same command: "
+            "it resumes from the newest intact checkpoint."
+        )
 
     def agreed_stop() -> int | None:
         """The signal to stop for, checked by all processes at logging steps; None to train
@@ -1097,7 +1143,7 @@ def _train_and_evaluate(
                 logged["train/learning_rate"] = float(schedule(max(updates_done - 1, 0)))
                 logged["train/steps_per_s"] = rate
                 logged["train/examples_per_s"] = rate * examples_per_step
-                writer.write(step, logged)
+                write_records(logged)
                 progress.set_postfix(  # shown with the bar's next update
                     {
                         "loss": f"{means['loss']:.4f}",
@@ -1113,7 +1159,7 @@ def _train_and_evaluate(
                     predict_fn, state["params"], loader, "validation", mesh, info
                 )
                 if result is not None:
-                    writer.write(step, {f"validation/{k}": v for k, v in result.items()})
+                    write_records({f"validation/{k}": v for k, v in result.items()})
                 if result is not None and result["auc"] is None:
                     # One class only: no AUC to rank checkpoints or stop early by.
                     say(
@@ -1154,17 +1200,7 @@ def _train_and_evaluate(
     except OSError as error:
         # A full disk or a lost file system: the records and the data reader fail like
         # this; a failed checkpoint save is a CheckpointError of its own.
-        where = f" ({error.filename})" if error.filename else ""
-        intact = (
-            f"Checkpoint step {last_saved} in {checkpointer.directory} is intact"
-            if last_saved is not None
-            else f"No checkpoint was saved in {checkpointer.directory}"
-        )
-        raise StorageError(
-            f"Training stopped at step {step}: {error.strerror or error}{where}. {intact}. "
-            "Fix the cause (free disk space, write permission) and rerun the same command: "
-            "it resumes from the newest intact checkpoint."
-        ) from error
+        raise stopped_by_storage(error) from error
     finally:
         if not stop.forced:  # a save in flight completes, unless told to stop at once
             checkpointer.wait()
@@ -1173,7 +1209,10 @@ def _train_and_evaluate(
         progress.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    signum = signal_of_any_process()
+    try:
+        signum = signal_of_any_process()
+    except OSError as error:  # the last records
+        raise stopped_by_storage(error) from error
     if signum is not None:  # it came during the last evaluation or save: stop before the report
         if is_chief:
             print(

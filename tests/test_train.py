@@ -739,6 +739,16 @@ def test_every_process_stops_when_process_0_cannot_take_the_workdir(data_dir, tm
     assert "Process 0 cannot train in the workdir" in outputs[1]
 
 
+def test_every_process_stops_when_process_0_cannot_write_the_records(data_dir, tmp_path):
+    # metrics.jsonl is a folder: process 0's first record fails, as on a full disk.
+    (tmp_path / "metrics.jsonl").mkdir()
+    args = ["--config.train.num_steps=4", "--config.train.log_every=2"]
+    outputs = launch_two_processes(_train_cmd(tmp_path, data_dir, *args), returncode=1)
+    assert "Training stopped at step 2: Is a directory (" in outputs[0]
+    assert "Training stopped at step 2: process 0 could not write the run's records" in outputs[1]
+    assert "Checkpoint step 0 in" in outputs[1] and "rerun the same command" in outputs[1]
+
+
 @WITH_REFERENCE_RUN
 @pytest.mark.slow
 def test_two_processes_match_one_also_when_one_of_them_is_stopped(
