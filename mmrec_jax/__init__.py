@@ -3,7 +3,12 @@
 __version__ = "0.1.0"
 
 # Public names imported on first use, so that `import mmrec_jax` stays cheap (no JAX).
-_LAZY = {"load_exported": "mmrec_jax.exported", "load_tables": "mmrec_jax.exported"}
+_LAZY = {
+    "load_exported": "mmrec_jax.exported",
+    "load_tables": "mmrec_jax.exported",
+    "load_export_config": "mmrec_jax.exported",
+    "item_text_fields": "mmrec_jax.data.text_cache",
+}
 
 
 def __getattr__(name: str):

@@ -766,7 +766,8 @@ def evaluate_run(
     mesh = sharding.make_mesh(devices)
     if batch_size is not None and (batch_size < 1 or batch_size % mesh.size):
         raise ValueError(
-            f"--batch_size {batch_size} must be a positive multiple of the {mesh.size} devices."
+            f"--batch_size {batch_size} must be a positive multiple of the number of devices "
+            f"({mesh.size})."
         )
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     if str(checkpoint) == "best" and train.best_checkpoint_step(workdir) is None:
@@ -889,17 +890,29 @@ def parse_checkpoint(text: str) -> str | int:
 
 def moved_data_hint(error: Exception, args: argparse.Namespace) -> str:
     """For a command line: how to point a run at its dataset after the data moved."""
+    from mmrec_jax.data import builder
     from mmrec_jax.data.pipeline import DatasetNotBuiltError
 
-    if isinstance(error, DatasetNotBuiltError) and not args.data_dir:
+    if not isinstance(error, DatasetNotBuiltError):
+        return ""
+    if not args.data_dir:
         return " If the run's dataset moved since training, pass --data_dir NEW_FOLDER."
+    given = Path(args.data_dir).resolve()
+    if (given / builder.INTERACTIONS).is_dir():  # the dataset's own folder
+        return (
+            f" --data_dir {args.data_dir} is the dataset's own folder: pass the folder that "
+            f"holds it, --data_dir {given.parent}."
+        )
     return ""
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m mmrec_jax.evaluate`: see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m mmrec_jax.evaluate", description=__doc__.split("\n\n")[0]
+        prog="python -m mmrec_jax.evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints the metrics and writes them to WORKDIR/eval/<split>.json, with the "
+        "reliability diagrams in WORKDIR/eval/calibration.png.",
     )
     parser.add_argument("--workdir", required=True, help="the training run's folder")
     parser.add_argument(
@@ -921,7 +934,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ablate", action="store_true", help="report the AUC lost without each modality"
     )
     parser.add_argument(
-        "--data_dir", help="where the run's dataset is now, if it moved since training"
+        "--data_dir",
+        help="the folder holding the run's dataset folder (an importer's --output), if the "
+        "dataset moved since training",
     )
     parser.add_argument(
         "--batch_size",

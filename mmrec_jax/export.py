@@ -282,7 +282,9 @@ def export_run(
 def main(argv: list[str] | None = None) -> int:
     """`python -m mmrec_jax.export`: see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m mmrec_jax.export", description=__doc__.split("\n\n")[0]
+        prog="python -m mmrec_jax.export",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[2],  # what it writes
     )
     parser.add_argument("--workdir", required=True, help="the training run's folder")
     parser.add_argument("--out", required=True, help="the export folder to create")
@@ -296,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace --out if it holds an earlier export"
     )
     parser.add_argument(
-        "--data_dir", help="where the run's dataset is now, if it moved since training"
+        "--data_dir",
+        help="the folder holding the run's dataset folder (an importer's --output), if the "
+        "dataset moved since training",
     )
     args = parser.parse_args(argv)
     require_writable_folder(parser, "the folder of --out", Path(args.out).resolve().parent)

@@ -232,7 +232,10 @@ def test_batch_size_changes_memory_not_metrics(workdir, capsys, monkeypatch):
     trained_with_32 = json.loads((workdir / "summary.json").read_text())["splits"]["test"]
     for name, value in trained_with_32["model"].items():
         assert small["click"][name] == pytest.approx(value, abs=1e-6), name
-    with pytest.raises(ValueError, match="--batch_size 12 must be a positive multiple of the 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"--batch_size 12 must be a positive multiple of the number of devices \(8\)",
+    ):
         evaluate.evaluate_run(workdir, ["test"], batch_size=12)
     # On 3 devices the run's 32 rows do not split: the next multiple, 33, is scored.
     three = evaluate.evaluate_run(workdir, ["test"], ks=(5,), devices=jax.devices()[:3])
@@ -314,6 +317,11 @@ def test_a_run_whose_data_moved_evaluates_with_data_dir(workdir, tmp_path, capsy
         evaluate.main(["--workdir", str(moved), "--split", "test"])
     assert exit_info.value.code == 2
     assert "pass --data_dir" in capsys.readouterr().err
+    own_folder = str(Path(config.data.data_dir) / config.data.name)  # one level too deep
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(moved), "--split", "test", "--data_dir", own_folder])
+    assert exit_info.value.code == 2
+    assert f"holds it, --data_dir {config.data.data_dir}." in capsys.readouterr().err
     results = evaluate.evaluate_run(moved, ["test"], data_dir=config.data.data_dir)
     reference = json.loads((workdir / "summary.json").read_text())["splits"]["test"]["model"]
     assert results["test"]["click"]["auc"] == pytest.approx(reference["auc"], abs=1e-6)

@@ -46,3 +46,13 @@ def test_bert_example(in_repo_root):
     hidden, pooled = namespace["hidden"], namespace["pooled"]
     assert hidden.shape[0] == 1 and hidden.shape[2] == 384  # all-MiniLM-L6-v2's width
     assert pooled.shape == (1, 384)
+
+
+def test_package_level_names_the_readme_calls_resolve_after_a_bare_import():
+    import mmrec_jax
+
+    called = set(re.findall(r"\bmmrec_jax\.(\w+)\(", (ROOT / "README.md").read_text()))
+    assert {"load_exported", "item_text_fields", "load_export_config"} <= called
+    for name in sorted(called):
+        assert callable(getattr(mmrec_jax, name)), name
+        assert name in dir(mmrec_jax), name
