@@ -343,7 +343,9 @@ class Checkpointer:
                 raise  # ... but memory: the state does not fit, the files are fine
             lines = str(error).strip().splitlines() or [repr(error)]
             # Orbax appends TensorStore's whole spec to a failed read: it names no cause.
-            problem = f"{type(error).__name__}: {lines[0].split(' See full TensorStore')[0][:200]}"
+            first = lines[0].split(" See full TensorStore")[0]
+            cut = first if len(first) <= 300 else f"{first[:300]}..."
+            problem = f"{type(error).__name__}: {cut}"
         failed = sharding.failed_processes(problem is not None)
         if installed and not failed:
             sys.unraisablehook = previous_hook
@@ -360,8 +362,8 @@ class Checkpointer:
         if failed:
             others = [other for other in self.all_steps() if other != step]
             choose = (
-                f"The run's other checkpoints are steps {others}: choose one with "
-                "--checkpoint latest or --checkpoint STEP."
+                f"The run's other checkpoints are steps {others}: evaluate or export one of "
+                f"them with --checkpoint STEP (--checkpoint {others[-1]}: the newest)."
                 if others
                 else "It is the run's only checkpoint."
             )

@@ -489,7 +489,8 @@ def test_a_damaged_best_checkpoint_is_named_by_readers_and_the_report_falls_back
     assert exit_info.value.code == 1 and len(err.splitlines()) == 1, err
     assert f"Checkpoint {best} cannot be restored" in err
     others = sorted(int(p.name) for p in best.parent.iterdir() if p != best)
-    assert f"other checkpoints are steps {others}: choose one with --checkpoint latest" in err
+    assert f"other checkpoints are steps {others}: evaluate or export one of them" in err
+    assert f"(--checkpoint {others[-1]}: the newest)" in err
     # The finished run, rerun, reports its final state with a warning instead of failing.
     train.train_and_evaluate(train.load_run_config(run), run)
     out = capsys.readouterr().out
