@@ -600,13 +600,6 @@ def check_resumable(
         and stored[key] != wanted[key]
         and not (key == "model.text.model" and _same_folder(stored[key], wanted[key]))
     ]
-    if differences:
-        shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
-        raise ConfigError(
-            f"{workdir} holds checkpoints (steps {steps}) of a run with another model or "
-            f"data: {shown}. Resume it with its own settings (--config {stored_path}), or "
-            "pass a new --workdir to train this config from scratch."
-        )
     reasons = []
     for key in _RESUME_KEEPS:
         if key in stored and key in wanted and stored[key] != wanted[key]:
@@ -632,11 +625,21 @@ def check_resumable(
                 f"between {off} and {on} changes the optimizer state those checkpoints hold; "
                 f"keep it at {keep}"
             )
+    # Every field that refuses the resume is named at once.
+    held = f"{workdir} holds checkpoints (steps {steps})"
+    settings = "\n  ".join(["", *reasons])
+    if differences:
+        shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
+        nor = f" Nor can they resume with these training settings:{settings}\n" if reasons else " "
+        raise ConfigError(
+            f"{held} of a run with another model or data: {shown}.{nor}Resume it with its "
+            f"own settings (--config {stored_path}), or pass a new --workdir to train this "
+            "config from scratch."
+        )
     if reasons:
         raise ConfigError(
-            f"{workdir} holds checkpoints (steps {steps}) that cannot resume with these "
-            f"training settings:\n  " + "\n  ".join(reasons) + "\nKeep those values to "
-            "resume, or pass a new --workdir to train from scratch."
+            f"{held} that cannot resume with these training settings:{settings}\nKeep those "
+            "values to resume, or pass a new --workdir to train from scratch."
         )
     if info is not None:  # the same settings, and yet another dataset
         pipeline.check_same_dataset(
