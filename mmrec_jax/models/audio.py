@@ -65,7 +65,7 @@ def mel_filterbank(
       (n_fft // 2 + 1, mel_bins) float32 weights, applied as `power @ weights`.
     """
     fmax = sample_rate / 2.0 if fmax is None else fmax
-    fft_hz = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)  # (F,)
+    fft_hz = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)  # (F,) bin k at k * rate / n_fft
     points = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), mel_bins + 2))  # (M+2,)
     lower, center, upper = points[:-2, None], points[1:-1, None], points[2:, None]  # (M, 1)
     rising = (fft_hz[None, :] - lower) / (center - lower)  # (M, F)
@@ -80,10 +80,12 @@ def log_mel_spectrogram(
 ) -> jax.Array:
     """Log-mel spectrogram of mono waveforms, computed in float32.
 
-    Frames are centred: the waveform is zero-padded by `n_fft // 2` on both sides and
-    cut into `1 + T // hop_length` frames of `n_fft` samples, each multiplied by a
+    Frames are centred: frame j holds the `n_fft` samples from j * hop_length - n_fft // 2
+    on (zeros outside the clip), for j = 0 .. T // hop_length, each multiplied by a
     periodic Hann window; the power spectrum |rfft|^2 is mapped by `mel_filterbank` and
-    the result is `log(max(mel_power, LOG_FLOOR))`.
+    the result is `log(max(mel_power, LOG_FLOOR))`. These are the frames of `torch.stft`
+    and librosa with `center=True`, which for an odd `n_fft` leave out the last one when
+    `hop_length` divides T.
 
     Args:
       audio: (U, T) waveforms in [-1, 1].
@@ -107,8 +109,8 @@ def log_mel_spectrogram(
             f"Audio clips of {num_samples} samples are too short for n_fft={n_fft}; "
             "lower config.model.audio.n_fft or raise clip_samples."
         )
-    pad = n_fft // 2
-    x = jnp.pad(audio.astype(jnp.float32), ((0, 0), (pad, pad)))  # (U, T + n_fft)
+    pad = n_fft // 2  # before the clip; after it, enough for the last frame to fit
+    x = jnp.pad(audio.astype(jnp.float32), ((0, 0), (pad, n_fft - pad)))  # (U, T + n_fft)
     num_frames = 1 + num_samples // hop_length
     starts = np.arange(num_frames) * hop_length
     index = starts[:, None] + np.arange(n_fft)[None, :]  # (F, n_fft)
