@@ -537,6 +537,59 @@ def test_options_out_of_range_are_usage_errors(tmp_path, capsys, flag, value, ne
         assert needle in capsys.readouterr().err
 
 
+def test_a_share_given_for_a_split_that_does_not_use_it_is_a_usage_error(tmp_path, capsys):
+    absent = ["--input", str(tmp_path / "absent"), "--output", str(tmp_path / "d")]
+    # Decided by the flags alone: an error before the input is looked at.
+    for flags, needle in [
+        (
+            ["--split", "leave_last", "--eval_share", "0.2"],
+            "--eval_share 0.2 applies to --split random (and to cold_items on interactions "
+            "without timestamps, for the items it keeps); this import splits leave_last.",
+        ),
+        (
+            ["--cold_item_share", "0.2"],
+            "--cold_item_share 0.2 applies to --split cold_items only; without --split this "
+            "import splits leave_last (with timestamps) or random.",
+        ),
+        (
+            ["--split", "random", "--cold_item_share", "0.2"],
+            "--cold_item_share 0.2 applies to --split cold_items only; this import splits random.",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            local.main(absent + flags)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: ") and needle in err
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id"], [[f"i{k}"] for k in range(10)])
+    rows = [[f"u{u}", f"i{(u + k) % 10}", 10 * k] for u in range(10) for k in range(5)]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "timestamp"], rows)
+    # Decided by the timestamps: leave_last without --split, and for cold_items' rest.
+    for split, in_effect in [
+        (None, "leave_last (the default with timestamps)"),
+        ("cold_items", "cold_items, and the rest leave_last (the interactions have timestamps)"),
+    ]:
+        options = local.ImportOptions(name="s", split=split, eval_share=0.2)
+        with pytest.raises(local.ImportFailed, match=re.escape(f"this import splits {in_effect}")):
+            local.import_folder(folder, tmp_path / "d", options, verbose=False)
+    argv = ["--input", str(folder), "--output", str(tmp_path / "d"), "--eval_share", "0.2"]
+    with pytest.raises(SystemExit) as exit_info:
+        local.main(argv)
+    assert exit_info.value.code == 2
+    assert "error: --eval_share 0.2 applies to --split random" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "s").exists()
+    # Without timestamps the default split (random) and cold_items' rest use the share.
+    write_csv(folder / "interactions.csv", ["user_id", "item_id"], [r[:2] for r in rows])
+    for split in (None, "cold_items"):
+        options = local.ImportOptions(name="s", split=split, eval_share=0.4)
+        local.import_folder(folder, tmp_path / "d", options, overwrite=True, verbose=False)
+        sizes = builder.read_metadata(tmp_path / "d", "s")["split_sizes"]
+        assert sizes["validation"] + sizes["test"] > 10  # 0.1 would give about 10 in all
+    assert local.ImportOptions().shares() == (0.1, 0.1)
+
+
 def test_evaluation_splits_of_one_class_are_pointed_out(tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -37,7 +37,8 @@ least 3 interactions, the last one (by time, ties by file order) is test and the
 before validation. `random` (the default otherwise): a seeded `--eval_share` of the
 interactions each for validation and test. `cold_items`: a seeded `--cold_item_share` of
 the items never appear in train (all their interactions are test_cold); the rest is
-split leave_last (random without timestamps). With every method, validation and test
+split leave_last (random without timestamps, with `--eval_share`). Either share given
+for a split that does not use it is an error. With every method, validation and test
 interactions with items that never occur in train move to test_cold, so validation and
 test hold only items seen in training.
 
@@ -69,6 +70,9 @@ from mmrec_jax.data import builder, media, pipeline
 
 DEFAULT_NAME = "mmrec_local"
 SPLIT_METHODS = ("leave_last", "random", "cold_items")
+# The shares a split uses where --eval_share / --cold_item_share are not given.
+DEFAULT_EVAL_SHARE = 0.1
+DEFAULT_COLD_ITEM_SHARE = 0.1
 # configs/local.py's batch size, which the printed train command lowers for small data.
 _LOCAL_BATCH_SIZE = 1024
 # The largest CSV cell read (Python's csv module stops at 128 KiB by default).
@@ -107,15 +111,36 @@ class ImportOptions:
     audio_sample_rate: int = 16000
     # Longest stored audio clip in seconds.
     max_audio_seconds: float = 10.0
-    # random split: share of interactions for validation, and for test.
-    eval_share: float = 0.1
-    # cold_items split: share of the items held out of training.
-    cold_item_share: float = 0.1
+    # random split (and cold_items without timestamps, for the items it keeps): share of
+    # interactions for validation, and for test. None: DEFAULT_EVAL_SHARE. A value given
+    # for a split that does not use it is an error.
+    eval_share: float | None = None
+    # cold_items split: share of the items held out of training. None:
+    # DEFAULT_COLD_ITEM_SHARE. A value given for another split is an error.
+    cold_item_share: float | None = None
     # Item text columns to join (None: "text", else every "text_*" column).
     text_columns: tuple[str, ...] | None = None
 
-    def check(self) -> None:
-        """Raises ImportFailed naming each option (by its flag) outside its valid range."""
+    def split_method(self, has_timestamps: bool) -> str:
+        """The split in effect: `split`, else leave_last with timestamps, else random."""
+        return self.split or ("leave_last" if has_timestamps else "random")
+
+    def shares(self) -> tuple[float, float]:
+        """(eval_share, cold_item_share), the defaults filled in where not given."""
+        return (
+            DEFAULT_EVAL_SHARE if self.eval_share is None else self.eval_share,
+            DEFAULT_COLD_ITEM_SHARE if self.cold_item_share is None else self.cold_item_share,
+        )
+
+    def check(self, has_timestamps: bool | None = None) -> None:
+        """Raises ImportFailed naming each option (by its flag) outside its valid range, and
+        each share given for a split that does not use it.
+
+        Args:
+          has_timestamps: whether the interactions have timestamps, which decides the
+            split without --split (and the one cold_items uses for the rest); None: not
+            known yet, so only what holds either way is checked.
+        """
         errors = []
         if self.split is not None and self.split not in SPLIT_METHODS:
             errors.append(f"--split {self.split!r}; choose one of {', '.join(SPLIT_METHODS)}.")
@@ -154,18 +179,48 @@ class ImportOptions:
                 f"--max_audio_seconds {self.max_audio_seconds} keeps no sample at "
                 f"--audio_sample_rate {self.audio_sample_rate}; give a longer clip."
             )
-        if not 0 < self.eval_share < 0.5:
+        if self.eval_share is not None and not 0 < self.eval_share < 0.5:
             errors.append(
                 f"--eval_share {self.eval_share} must lie in (0, 0.5): that share of the "
                 "interactions goes to validation and as much to test."
             )
-        if not 0 < self.cold_item_share < 1:
+        if self.cold_item_share is not None and not 0 < self.cold_item_share < 1:
             errors.append(
                 f"--cold_item_share {self.cold_item_share} must lie in (0, 1): the share of "
                 "the items held out of training."
             )
+        errors += self._unused_shares(has_timestamps)
         if errors:
             raise ImportFailed("\n".join(errors))
+
+    def _unused_shares(self, has_timestamps: bool | None) -> list[str]:
+        """An error for each share given for a split that does not read it."""
+        errors = []
+        split = self.split if self.split in SPLIT_METHODS else None
+        if self.cold_item_share is not None and split != "cold_items":
+            in_effect = (
+                f"this import splits {split}"
+                if split
+                else "without --split this import splits leave_last (with timestamps) or random"
+            )
+            errors.append(
+                f"--cold_item_share {self.cold_item_share} applies to --split cold_items "
+                f"only; {in_effect}. Leave --cold_item_share out, or pass --split cold_items."
+            )
+        if self.eval_share is None or (split is None and has_timestamps is None):
+            return errors
+        if split == "leave_last" or (split is None and has_timestamps):
+            in_effect = "leave_last" + ("" if split else " (the default with timestamps)")
+        elif split == "cold_items" and has_timestamps:
+            in_effect = "cold_items, and the rest leave_last (the interactions have timestamps)"
+        else:
+            return errors  # random, or cold_items on interactions without timestamps
+        errors.append(
+            f"--eval_share {self.eval_share} applies to --split random (and to cold_items on "
+            f"interactions without timestamps, for the items it keeps); this import splits "
+            f"{in_effect}. Leave --eval_share out, or pass --split random."
+        )
+        return errors
 
 
 @dataclasses.dataclass
@@ -624,9 +679,10 @@ def _split_codes(
     n = users.shape[0]
     rng = np.random.default_rng(options.seed)
     codes = np.zeros(n, np.int8)
+    eval_share, cold_item_share = options.shares()
     if method == "cold_items":
         used = np.unique(items)
-        count = max(1, int(round(options.cold_item_share * used.shape[0])))
+        count = max(1, int(round(cold_item_share * used.shape[0])))
         cold = np.zeros(num_items, bool)
         cold[rng.permutation(used)[:count]] = True
         codes[cold[items]] = 3
@@ -638,8 +694,8 @@ def _split_codes(
         return codes
     if method == "random":
         draw = rng.random(n)
-        codes[draw < 2 * options.eval_share] = 2
-        codes[draw < options.eval_share] = 1
+        codes[draw < 2 * eval_share] = 2
+        codes[draw < eval_share] = 1
         return codes
     order = np.lexsort((np.arange(n), times, users))
     sorted_users = users[order]
@@ -692,7 +748,8 @@ def build_content(
         `options.skip_invalid` is False, or nothing valid is left.
     """
     builder.check_name(options.name)
-    options.check()
+    has_time = bool(columns.get("timestamp"))
+    options.check(has_timestamps=has_time)
 
     index: dict[str, int] = {}
     items: list[RawItem] = []
@@ -738,7 +795,6 @@ def build_content(
         user_index.setdefault(inter.user, len(user_index))
     users = np.array([user_index[i.user] for i in kept], np.int32)
     item_rows = np.array([index[i.item] for i in kept], np.int32)
-    has_time = bool(columns.get("timestamp"))
     times = np.array(
         [i.timestamp if has_time else position for position, i in enumerate(kept)], np.int64
     )
@@ -768,7 +824,7 @@ def build_content(
                 f"Kept one of each user's repeated interactions with an item: {repeats} "
                 "others left out, so that no (user, item) pair is in two splits."
             )
-    method = options.split or ("leave_last" if has_time else "random")
+    method = options.split_method(has_time)
     if method == "leave_last" and not has_time and verbose:
         print("No timestamp column: leave_last takes each user's file order as time order.")
     codes = _split_codes(users, item_rows, times, method, options, len(items), has_time)
@@ -959,8 +1015,21 @@ def add_common_flags(parser: argparse.ArgumentParser, default_name: str) -> None
     parser.add_argument(
         "--history_len", type=int, default=builder.DEFAULT_HISTORY_LEN, help="history stored"
     )
-    parser.add_argument("--eval_share", type=float, default=0.1, help="random split share")
-    parser.add_argument("--cold_item_share", type=float, default=0.1, help="cold_items split share")
+    parser.add_argument(
+        "--eval_share",
+        type=float,
+        default=None,
+        help="random split (and cold_items without timestamps, for the items it keeps): "
+        f"share of the interactions for validation, and as much for test (default: "
+        f"{DEFAULT_EVAL_SHARE}); an error with a split that does not use it",
+    )
+    parser.add_argument(
+        "--cold_item_share",
+        type=float,
+        default=None,
+        help="cold_items split: share of the items held out of training (default: "
+        f"{DEFAULT_COLD_ITEM_SHARE}); an error with another split",
+    )
 
 
 def options_from_args(
