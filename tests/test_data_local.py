@@ -427,13 +427,12 @@ def test_ignored_columns_are_named_with_the_name_they_likely_mean(tmp_path, caps
         [["a", "red", "a.png", ""], ["b", "blue", "b.png", ""]],
     )
     rows = [["u", "a", 5, 1], ["u", "b", 1, 2], ["v", "a", 2, 3]]
-    write_csv(folder / "interactions.csv", ["user_id", "item_id", "Rating", "timestamp"], rows)
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "rating", "Timestamp"], rows)
     local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="c"), overwrite=True)
     lines = capsys.readouterr().out.splitlines()
     assert (
-        "interactions.csv: ignoring column Rating (known: user_id, item_id, label, rating, "
-        "timestamp; did you mean 'rating'?). Without a label or rating column every row is a "
-        "positive."
+        "interactions.csv: ignoring column Timestamp (known: user_id, item_id, label, rating, "
+        "timestamp; did you mean 'timestamp'?)."
     ) in lines
     assert (
         "items.csv: ignoring columns description, image_path (known: item_id, text (or text_* "
@@ -470,6 +469,40 @@ def test_ignored_columns_are_named_with_the_name_they_likely_mean(tmp_path, caps
     assert "labels: the label column" in out and "interactions.csv: ignoring columns" not in out
     local.import_folder(folder, tmp_path / "d", options, overwrite=True, verbose=False)
     assert capsys.readouterr().out == ""
+
+
+def test_a_misspelt_label_or_rating_column_is_an_error(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id"], [["a"], ["b"]])
+    rows = [["u", "a", 5, 1], ["u", "b", 1, 2], ["v", "a", 2, 3]]
+    for column, meant in [
+        ("Rating", "rating"), ("ratings", "rating"), ("Label", "label"), ("labels", "label")
+    ]:  # fmt: skip
+        write_csv(folder / "interactions.csv", ["user_id", "item_id", column, "timestamp"], rows)
+        with pytest.raises(local.ImportFailed) as error:
+            local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="c"))
+        message = str(error.value)
+        assert message.startswith(
+            "interactions.csv has no label or rating column, so every row would be a "
+            f"positive, but its column {column!r} likely means {meant!r}. Rename {column!r} "
+            f"to {meant!r} ("
+        )
+        assert message.endswith(
+            "If every row really is a positive (negatives are then sampled), remove that "
+            "column or give it a name unlike label and rating."
+        )
+        assert not (tmp_path / "d" / "c").exists()
+    argv = ["--input", str(folder), "--output", str(tmp_path / "d")]
+    with pytest.raises(SystemExit) as exit_info:
+        local.main(argv)
+    assert exit_info.value.code == 2
+    assert "error: interactions.csv has no label or rating column" in capsys.readouterr().err
+    # With a label or rating column, a column like the other one stays a warning.
+    header = ["user_id", "item_id", "rating", "labels"]
+    write_csv(folder / "interactions.csv", header, [r[:3] + [1] for r in rows])
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="c"))
+    assert "interactions.csv: ignoring column labels" in capsys.readouterr().out
 
 
 def test_problems_are_listed_by_file_and_line():

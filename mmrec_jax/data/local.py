@@ -26,7 +26,9 @@ line; an empty file is an error too. Without `--skip_invalid` the import fails l
 them all. With it, the rows are skipped (for a bad image or audio file, only that file:
 the item keeps its other content and lacks that modality) and the counts of each kind
 are printed. Columns the import does not read are named, with the expected name that a
-misspelt one likely stands for (`Rating`: `rating`). Nothing is dropped silently. A file
+misspelt one likely stands for (`Time`: `timestamp`); in interactions without `label` and
+`rating`, a column that likely stands for one of them (`Rating`, `labels`) is an error,
+since every row would otherwise be a positive. Nothing is dropped silently. A file
 that is not UTF-8 or not valid CSV (an unclosed quote) is an error naming the file and
 line. A user's repeated interactions with one item are kept once, the last positive or
 else the last (by time, ties by file order), so that no pair is both in training and in
@@ -483,6 +485,29 @@ def _guesses(
     return {name: guess for name, guess in found.items() if guess}
 
 
+def _check_no_misspelt_label(path: Path, guesses: dict[str, str]) -> None:
+    """Raises ImportFailed if interactions without a label or rating column have a column
+    that likely misspells one (`guesses`: ignored column -> the known one it resembles):
+    read as written, every row would silently become a positive."""
+    misspelt = {name: guess for name, guess in guesses.items() if guess in ("label", "rating")}
+    if not misspelt:
+        return
+    meaning = {"label": "0/1", "rating": "rating >= --positive_threshold is a positive"}
+    names = ", ".join(repr(name) for name in misspelt)
+    renames = "; ".join(
+        f"{name!r} to {guess!r} ({meaning[guess]})" for name, guess in misspelt.items()
+    )
+    one = len(misspelt) == 1
+    raise ImportFailed(
+        f"{path.name} has no label or rating column, so every row would be a positive, but "
+        f"its column{'' if one else 's'} {names} likely mean{'s' if one else ''} "
+        f"{' and '.join(repr(g) for g in misspelt.values())}. Rename {renames}. If every row "
+        f"really is a positive (negatives are then sampled), remove "
+        f"{'that column' if one else 'those columns'} or give "
+        f"{'it a name' if one else 'them names'} unlike label and rating."
+    )
+
+
 def _text_columns(columns: Sequence[str], wanted: Sequence[str] | None, path: Path) -> list[str]:
     if wanted:
         _require(path, columns, wanted)
@@ -561,9 +586,13 @@ def read_interactions(
 ) -> tuple[list[RawInteraction], dict]:
     """The interaction rows of FOLDER/interactions.* and which columns they had.
 
-    With `verbose`, prints the columns it leaves out (a misnamed `rating` column would
-    otherwise silently make every row a positive), and that a `label` column wins over a
-    `rating` column.
+    With `verbose`, prints the columns it leaves out, and that a `label` column wins over
+    a `rating` column.
+
+    Raises:
+      ImportFailed: the interactions lack user_id or item_id, or have neither label nor
+        rating but a column that likely misspells one of them ("Rating", "labels"), which
+        would otherwise make every row a positive.
     """
     path = find_table(folder, "interactions")
     columns, rows = read_table(path, problems)
@@ -572,11 +601,13 @@ def read_interactions(
     _require(path, columns, ["user_id", "item_id"])
     has = {c: c in columns for c in ("label", "rating", "timestamp")}
     ignored = [c for c in columns if c not in INTERACTION_COLUMNS]
+    guesses = _guesses(ignored, columns, INTERACTION_COLUMNS)
+    if not has["label"] and not has["rating"]:
+        _check_no_misspelt_label(path, guesses)
     if ignored and verbose:
         hints = []
         if not has["label"] and not has["rating"]:
             hints.append("Without a label or rating column every row is a positive.")
-        guesses = _guesses(ignored, columns, INTERACTION_COLUMNS)
         print(_ignoring_line(path, ignored, ", ".join(INTERACTION_COLUMNS), guesses, hints))
     if has["label"] and has["rating"] and verbose:
         print(
