@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import re
+import types
 from pathlib import Path
 
 import ml_collections
@@ -653,6 +654,53 @@ def test_evaluation_splits_of_one_class_are_pointed_out(tmp_path, capsys):
     ) in capsys.readouterr().out.splitlines()
     local.import_folder(folder, tmp_path / "d4", dataclasses.replace(options, positive_threshold=3))
     assert "Note: train" not in capsys.readouterr().out
+
+
+def test_the_one_class_note_gives_only_the_advice_for_the_splits_affected(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id"], [[f"i{k}"] for k in range(6)] + [["x"]])
+    # Mixed labels in train, validation and test; u0's and u1's last interactions, liked,
+    # are with an item no training row has: test_cold holds only positives.
+    rows = [[f"u{u}", f"i{(u + k) % 6}", k % 2, 10 * k] for u in range(4) for k in range(3)]
+    rows += [[f"u{u}", f"i{(u + 3) % 6}", u % 2, 30] for u in range(4)]
+    rows += [
+        [f"u{u}", "x" if u < 2 else f"i{(u + 4) % 6}", 1 if u < 2 else u % 2, 40] for u in range(4)
+    ]
+    write_csv(folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"], rows)
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="s"))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "one class" in line]
+    assert notes == [
+        "Note: test_cold (only positives) holds one class of label, for which AUC is "
+        "undefined (reported as '-')."
+    ]
+    meta = builder.read_metadata(tmp_path / "d", "s")
+    assert meta["split_sizes"]["test_cold"] == meta["split_positives"]["test_cold"] == 2
+
+    def note(split_method: str, one_class: str) -> str:
+        """The summary's one-class note with only `one_class` of one class."""
+        positives = {**meta["split_positives"], "test_cold": 1}
+        positives[one_class] = meta["split_sizes"][one_class]
+        changed = {**meta, "split_method": split_method, "split_positives": positives}
+        summary = local.format_summary(types.SimpleNamespace(metadata=changed))
+        [line] = [line for line in summary.splitlines() if "one class" in line]
+        return line
+
+    leave_last = (
+        " With leave_last, each user's last interactions form the evaluation splits; "
+        "--split random mixes them."
+    )
+    best = "; without a validation AUC no checkpoint is marked best"
+    test_only = (
+        "Note: test (only positives) holds one class of label, for which AUC is undefined "
+        "(reported as '-')."
+    )
+    assert note("leave_last", "test") == test_only + leave_last
+    assert note("random", "test") == test_only
+    assert note("random", "validation") == (
+        "Note: validation (only positives) holds one class of label, for which AUC is "
+        f"undefined (reported as '-'{best})."
+    )
 
 
 def test_a_dataset_of_the_same_sizes_and_ids_but_other_content_is_not_the_same(tmp_path):

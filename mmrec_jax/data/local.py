@@ -952,16 +952,25 @@ def format_summary(content: builder.DatasetContent) -> str:
             f"\nNote: train holds {train_class} (labels: {meta['labels']}), so the model "
             f"has nothing to tell apart and learns one answer for every item: {check}."
         )
-    one_class = [
-        f"{s} ({label_class(s)})" for s in ("validation", "test", "test_cold") if label_class(s)
-    ]
+    one_class = [s for s in ("validation", "test", "test_cold") if label_class(s)]
     if one_class:
-        summary += (
-            f"\nNote: {' and '.join(one_class)} hold{'s' if len(one_class) == 1 else ''} one "
-            "class of label, for which AUC is undefined (reported as '-'; without a "
-            "validation AUC no checkpoint is marked best). With leave_last, each user's last "
-            "interactions form the evaluation splits; --split random mixes them."
+        named = " and ".join(f"{s} ({label_class(s)})" for s in one_class)
+        # Validation alone picks the best checkpoint; the leave_last advice is for the
+        # splits it fills by time (test_cold holds whatever rows have unseen items).
+        best = (
+            "; without a validation AUC no checkpoint is marked best"
+            if "validation" in one_class
+            else ""
         )
+        summary += (
+            f"\nNote: {named} hold{'s' if len(one_class) == 1 else ''} one class of label, "
+            f"for which AUC is undefined (reported as '-'{best})."
+        )
+        if meta["split_method"] == "leave_last" and {"validation", "test"} & set(one_class):
+            summary += (
+                " With leave_last, each user's last interactions form the evaluation splits; "
+                "--split random mixes them."
+            )
     if empty:
         summary += (
             f"\nNote: {' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty, so "
