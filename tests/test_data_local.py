@@ -478,7 +478,8 @@ def test_a_misspelt_label_or_rating_column_is_an_error(tmp_path, capsys):
     write_csv(folder / "items.csv", ["item_id"], [["a"], ["b"]])
     rows = [["u", "a", 5, 1], ["u", "b", 1, 2], ["v", "a", 2, 3]]
     for column, meant in [
-        ("Rating", "rating"), ("ratings", "rating"), ("Label", "label"), ("labels", "label")
+        ("Rating", "rating"), ("ratings", "rating"), ("user_rating", "rating"),
+        ("raitng", "rating"), ("Label", "label"), ("labels", "label"), ("lable", "label"),
     ]:  # fmt: skip
         write_csv(folder / "interactions.csv", ["user_id", "item_id", column, "timestamp"], rows)
         with pytest.raises(local.ImportFailed) as error:
@@ -499,10 +500,15 @@ def test_a_misspelt_label_or_rating_column_is_an_error(tmp_path, capsys):
         local.main(argv)
     assert exit_info.value.code == 2
     assert "error: interactions.csv has no label or rating column" in capsys.readouterr().err
+    # Names merely like them stay warnings: a click log may well have a duration.
+    for column in ("duration", "rank", "level", "rate"):
+        write_csv(folder / "interactions.csv", ["user_id", "item_id", column, "timestamp"], rows)
+        local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="c"), True)
+        assert f"interactions.csv: ignoring column {column}" in capsys.readouterr().out
     # With a label or rating column, a column like the other one stays a warning.
     header = ["user_id", "item_id", "rating", "labels"]
     write_csv(folder / "interactions.csv", header, [r[:3] + [1] for r in rows])
-    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="c"))
+    local.import_folder(folder, tmp_path / "d", local.ImportOptions(name="c"), True)
     assert "interactions.csv: ignoring column labels" in capsys.readouterr().out
 
 

@@ -443,12 +443,28 @@ def _close_column(name: str, candidates: Sequence[str]) -> str | None:
     Names are compared ignoring case, spaces, dashes and underscores, then by similarity.
     """
 
-    def plain(column: str) -> str:
-        return re.sub(r"[\W_]", "", column.lower())
-
-    by_plain = {plain(c): c for c in candidates}
-    found = difflib.get_close_matches(plain(name), list(by_plain), n=1, cutoff=0.6)
+    by_plain = {_plain_column(c): c for c in candidates}
+    found = difflib.get_close_matches(_plain_column(name), list(by_plain), n=1, cutoff=0.6)
     return by_plain[found[0]] if found else None
+
+
+def _plain_column(column: str) -> str:
+    """A column name lower-cased, without spaces, dashes and underscores."""
+    return re.sub(r"[\W_]", "", column.lower())
+
+
+def _label_column_meant(name: str) -> str | None:
+    """ "label" or "rating" if column `name` surely stands for it, else None.
+
+    Stricter than `_close_column`, since such a column stops an import: the name holds
+    the word ("Rating", "user_rating", "labels") or misspells it ("lable", "raitng");
+    merely similar names ("duration", "rank", "level") do not count.
+    """
+    plain = _plain_column(name)
+    for known in ("label", "rating"):
+        if known in plain or difflib.SequenceMatcher(None, plain, known).ratio() >= 0.8:
+            return known
+    return None
 
 
 def _ignoring_line(
@@ -485,11 +501,12 @@ def _guesses(
     return {name: guess for name, guess in found.items() if guess}
 
 
-def _check_no_misspelt_label(path: Path, guesses: dict[str, str]) -> None:
-    """Raises ImportFailed if interactions without a label or rating column have a column
-    that likely misspells one (`guesses`: ignored column -> the known one it resembles):
-    read as written, every row would silently become a positive."""
-    misspelt = {name: guess for name, guess in guesses.items() if guess in ("label", "rating")}
+def _check_no_misspelt_label(path: Path, ignored: Sequence[str]) -> None:
+    """Raises ImportFailed if interactions without a label or rating column have an
+    ignored column that stands for one (`_label_column_meant`): read as written, every
+    row would silently become a positive."""
+    meant = {name: _label_column_meant(name) for name in ignored}
+    misspelt = {name: guess for name, guess in meant.items() if guess}
     if not misspelt:
         return
     meaning = {"label": "0/1", "rating": "rating >= --positive_threshold is a positive"}
@@ -601,13 +618,13 @@ def read_interactions(
     _require(path, columns, ["user_id", "item_id"])
     has = {c: c in columns for c in ("label", "rating", "timestamp")}
     ignored = [c for c in columns if c not in INTERACTION_COLUMNS]
-    guesses = _guesses(ignored, columns, INTERACTION_COLUMNS)
     if not has["label"] and not has["rating"]:
-        _check_no_misspelt_label(path, guesses)
+        _check_no_misspelt_label(path, ignored)
     if ignored and verbose:
         hints = []
         if not has["label"] and not has["rating"]:
             hints.append("Without a label or rating column every row is a positive.")
+        guesses = _guesses(ignored, columns, INTERACTION_COLUMNS)
         print(_ignoring_line(path, ignored, ", ".join(INTERACTION_COLUMNS), guesses, hints))
     if has["label"] and has["rating"] and verbose:
         print(
