@@ -312,7 +312,7 @@ def evaluate_split(
     Args:
       predict_fn: from `predict.make_predict_fn`.
       params: the parameters on the mesh.
-      loader: `(split, train=False) -> batch iterator`, e.g. a partial of
+      loader: `(split, train=False, sample=None) -> batch iterator`, e.g. a partial of
         `pipeline.make_batches` with this process's index and a shared item store.
       split: the split's name.
       mesh: the device mesh.
@@ -1231,6 +1231,10 @@ def _train_and_evaluate(
     return summary
 
 
+# The fewest training interactions the final report scores (if the split has them).
+_MIN_TRAIN_SAMPLE = 1000
+
+
 def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) -> dict:
     """Evaluates the best checkpoint on every split; writes summary.json and the plots."""
     is_chief = jax.process_index() == 0
@@ -1252,9 +1256,10 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
         reported = f"final state, step {final}: no best checkpoint"
     summary = {}
     # The train split is scored on a random sample of as many interactions as validation
-    # has: enough to show over- or underfitting without a full pass over the largest
-    # split. Its first rows would be a few users' (the rows are stored by user).
-    sample = min(max(info.split_sizes.get("validation", 0), 1), info.split_sizes["train"])
+    # has (at least _MIN_TRAIN_SAMPLE): enough to show over- or underfitting without a full
+    # pass over the largest split. Its first rows would be a few users' (stored by user).
+    train_size = int(info.split_sizes["train"])
+    sample = min(max(int(info.split_sizes.get("validation", 0)), _MIN_TRAIN_SAMPLE), train_size)
     for split in REPORT_SPLITS:
         result = evaluate_split(
             predict_fn, params, loader, split, mesh, info, sample if split == "train" else None
@@ -1271,9 +1276,18 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
         summary[split] = {"model": result, "oracle": oracle}
     if is_chief:
         table = reporting.summary_table(summary)
-        sampled = f"{sample} of its {info.split_sizes['train']} interactions, at random"
+        sampled = (
+            f"all {train_size} interactions"
+            if sample == train_size
+            else f"{sample} of its {train_size} interactions, at random"
+        )
         print(f"\nResults ({reported}; train: {sampled}):\n{table}")
-        payload = {"checkpoint_step": final if best is None else best, "splits": summary}
+        payload = {
+            "checkpoint_step": final if best is None else best,
+            # The train row scores this many of the split's interactions; its oracle all.
+            "train_sample": {"interactions": sample, "of": train_size},
+            "splits": summary,
+        }
         write_atomic(Path(workdir) / "summary.json", json.dumps(payload, indent=2))
         plots = reporting.plot_curves(workdir)
         print(f"Wrote {Path(workdir) / 'summary.json'} and {', '.join(p.name for p in plots)}.")

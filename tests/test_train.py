@@ -502,8 +502,13 @@ def test_a_damaged_best_checkpoint_is_named_by_readers_and_the_report_falls_back
     out = capsys.readouterr().out
     assert f"WARNING: Checkpoint {best} cannot be restored" in out
     sizes = pipeline.load_dataset_info(train.load_run_config(run).data).split_sizes
-    sampled = f"train: {sizes['validation']} of its {sizes['train']} interactions, at random)"
-    assert f"Results (final state, step 30; {sampled}" in out
+    sample = min(max(sizes["validation"], 1000), sizes["train"])
+    sampled = f"{sample} of its {sizes['train']} interactions, at random"
+    if sample == sizes["train"]:
+        sampled = f"all {sample} interactions"
+    assert f"Results (final state, step 30; train: {sampled})" in out
+    recorded = json.loads((run / "summary.json").read_text())["train_sample"]
+    assert recorded == {"interactions": sample, "of": sizes["train"]}
     assert json.loads((run / "summary.json").read_text())["checkpoint_step"] == 30
     assert best.is_dir()  # readers move nothing
 
