@@ -601,18 +601,27 @@ def test_a_share_given_for_a_split_that_does_not_use_it_is_a_usage_error(tmp_pat
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("usage: ") and needle in err
+    with pytest.raises(SystemExit) as exit_info:  # every MovieLens release has timestamps
+        movielens.main(absent + ["--eval_share", "0.2"])
+    assert exit_info.value.code == 2
+    assert "this import splits leave_last (the default with timestamps)" in capsys.readouterr().err
     folder = tmp_path / "in"
     folder.mkdir()
     write_csv(folder / "items.csv", ["item_id"], [[f"i{k}"] for k in range(10)])
     rows = [[f"u{u}", f"i{(u + k) % 10}", 10 * k] for u in range(10) for k in range(5)]
     write_csv(folder / "interactions.csv", ["user_id", "item_id", "timestamp"], rows)
     # Decided by the timestamps: leave_last without --split, and for cold_items' rest.
-    for split, in_effect in [
-        (None, "leave_last (the default with timestamps)"),
-        ("cold_items", "cold_items, and the rest leave_last (the interactions have timestamps)"),
+    for split, in_effect, fix in [
+        (None, "leave_last (the default with timestamps)", ", or pass --split random."),
+        (
+            "cold_items",
+            "cold_items, and the rest leave_last (the interactions have timestamps)",
+            ".",  # --split random would drop the cold items
+        ),
     ]:
         options = local.ImportOptions(name="s", split=split, eval_share=0.2)
-        with pytest.raises(local.ImportFailed, match=re.escape(f"this import splits {in_effect}")):
+        expected = f"this import splits {in_effect}. Leave --eval_share out{fix}"
+        with pytest.raises(local.ImportFailed, match=re.escape(expected) + "$"):
             local.import_folder(folder, tmp_path / "d", options, verbose=False)
     argv = ["--input", str(folder), "--output", str(tmp_path / "d"), "--eval_share", "0.2"]
     with pytest.raises(SystemExit) as exit_info:

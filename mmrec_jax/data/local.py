@@ -217,10 +217,12 @@ class ImportOptions:
             in_effect = "cold_items, and the rest leave_last (the interactions have timestamps)"
         else:
             return errors  # random, or cold_items on interactions without timestamps
+        # Switching to random would drop the cold items asked for.
+        fix = "" if split == "cold_items" else ", or pass --split random"
         errors.append(
             f"--eval_share {self.eval_share} applies to --split random (and to cold_items on "
             f"interactions without timestamps, for the items it keeps); this import splits "
-            f"{in_effect}. Leave --eval_share out, or pass --split random."
+            f"{in_effect}. Leave --eval_share out{fix}."
         )
         return errors
 
@@ -762,7 +764,8 @@ def _chosen_of_each_pair(
 ) -> np.ndarray:
     """(n,) bool: the one interaction kept of each (user, item) pair.
 
-    The last positive if the pair has one (by time, ties by file order), else the last.
+    The last positive if the pair has one (by time, ties by position: file order, or
+    `build_content`'s shuffled order), else the last.
     """
     n = users.shape[0]
     order = np.lexsort((np.arange(n), times, labels, items, users))  # by pair, label, time
@@ -1090,11 +1093,17 @@ def add_common_flags(parser: argparse.ArgumentParser, default_name: str) -> None
 
 
 def options_from_args(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, **more: Any
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    has_timestamps: bool | None = None,
+    **more: Any,
 ) -> ImportOptions:
     """ImportOptions from parsed common flags (and any more fields).
 
-    A flag outside its range is a usage error (status 2), before any input is read.
+    A flag outside its range, or a share given for a split that does not use it, is a
+    usage error (status 2), before any input is read. `has_timestamps`: whether the
+    input has timestamps, where that is known before reading it (see
+    `ImportOptions.check`).
     """
     options = ImportOptions(
         name=args.name,
@@ -1108,7 +1117,7 @@ def options_from_args(
         **more,
     )
     try:
-        options.check()
+        options.check(has_timestamps)
     except ImportFailed as error:
         parser.error(str(error))
     return options

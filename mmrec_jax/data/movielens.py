@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")
     local.add_common_flags(parser, DEFAULT_NAME)
     args = parser.parse_args(argv)
-    options = local.options_from_args(parser, args)
+    options = local.options_from_args(parser, args, has_timestamps=True)  # every release
     require_writable_folder(parser, "--output", args.output)
     try:
         with exits_quietly(parser, exit_process=argv is None):
