@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mmrec_jax.export",
         description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n")[2],  # what it writes
+        epilog=__doc__.split("\n\n")[2],  # the paragraph on what it writes
     )
     parser.add_argument("--workdir", required=True, help="the training run's folder")
     parser.add_argument("--out", required=True, help="the export folder to create")

@@ -630,9 +630,9 @@ def check_resumable(
     settings = "\n  ".join(["", *reasons])
     if differences:
         shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
-        nor = f" Nor can they resume with these training settings:{settings}\n" if reasons else " "
+        also = f" Besides, these training settings cannot change:{settings}\n" if reasons else " "
         raise ConfigError(
-            f"{held} of a run with another model or data: {shown}.{nor}Resume it with its "
+            f"{held} of a run with another model or data: {shown}.{also}Resume it with its "
             f"own settings (--config {stored_path}), or pass a new --workdir to train this "
             "config from scratch."
         )
@@ -968,8 +968,9 @@ def _train_and_evaluate(
         if process_count == 1
         else _StopRequest(
             f"at the next logging step (config.train.log_every={config.train.log_every})",
-            " The other processes stop when JAX notices this one is gone (about a minute, "
-            "with an error of their own): send it to every process to stop all at once.",
+            " The other processes stop when JAX notices this one is gone (within about two "
+            "minutes, with an error of their own): send it to every process to stop all at "
+            "once.",
         )
     )
 

@@ -325,3 +325,16 @@ def test_recommending_from_nan_scores_is_an_error(export_dir):
 def test_import_mmrec_jax_stays_cheap():
     code = "import sys, mmrec_jax; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_says_what_the_commands_write(capsys):
+    from mmrec_jax import evaluate
+
+    for main, written in [
+        (export.main, "renames it into place when complete"),
+        (evaluate.main, "WORKDIR/eval/<split>.json"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        assert written in " ".join(capsys.readouterr().out.split())

@@ -383,7 +383,7 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path,
     with pytest.raises(ConfigError) as error:
         train.check_resumable(run, both)  # a model field and a training setting: both named
     assert "model.width is 32 there and 64 now" in str(error.value)
-    assert "Nor can they resume with these training settings:\n  config.seed=0" in str(error.value)
+    assert "Besides, these training settings cannot change:\n  config.seed=0" in str(error.value)
     # What a resumed run may change: its length, the data loading, the compute dtype.
     same = train.load_run_config(run)
     same.train.num_steps = 60
