@@ -1011,6 +1011,19 @@ def test_movielens_same_second_ratings_are_held_out_at_random(tmp_path):
     assert len(counts) >= 4 and max(counts.values()) <= 20, counts  # not all the last movie
     assert held_out(seed=0) == (test, validation)  # seeded: the same dataset again
     assert held_out(seed=1)[0] != test
+    # The local importer keeps file order, which an event log's order means.
+    local_folder = tmp_path / "log"
+    local_folder.mkdir()
+    write_csv(local_folder / "items.csv", ["item_id"], [[m] for m in range(1, 7)])
+    write_csv(local_folder / "interactions.csv", ["user_id", "item_id", "label", "timestamp"],
+              [[u, m, 1, 1000] for u in range(1, 41) for m in range(1, 7)])  # fmt: skip
+    local.import_folder(local_folder, tmp_path / "data", local.ImportOptions(name="log"))
+    meta = builder.read_metadata(tmp_path / "data", "log")
+    assert meta["same_time_order"] == "file order"
+    # Every user holds out the last two in file order, which then no training row has.
+    rows = records(tmp_path / "data", "log", "interactions")
+    assert {meta["item_ids"][r["item_index"]] for r in rows["test_cold"]} == {"5", "6"}
+    assert len(rows["test_cold"]) == 80 and len(rows["train"]) == 160
 
 
 def test_ml100k_layout(tmp_path):

@@ -327,18 +327,22 @@ def test_a_stream_resumed_at_another_batch_size_neither_skips_nor_repeats_rows(s
         pipeline.make_batches(config, "train", train=True, start_row=-1)
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_two_processes_concatenate_to_the_one_process_batches(syn, train):
+@pytest.mark.parametrize("train, sample", [(True, None), (False, None), (False, 7)])
+def test_two_processes_concatenate_to_the_one_process_batches(syn, train, sample):
     config = make_config(syn)
     count = 6 if train else None
-    single = pipeline.make_batches(config, "test", train=train)
+    single = pipeline.make_batches(config, "test", train=train, sample=sample)
     parts = [
-        pipeline.make_batches(config, "test", train=train, process_index=p, process_count=2)
+        pipeline.make_batches(
+            config, "test", train=train, process_index=p, process_count=2, sample=sample
+        )
         for p in range(2)
     ]
     single = take(single, count) if train else list(single)
     halves = [take(p, count) if train else list(p) for p in parts]
     assert len(halves[0]) == len(halves[1]) == len(single)
+    if sample:
+        assert sum(int(b["weight"].sum()) for b in single) == sample
     for whole, first, second in zip(single, *halves, strict=True):
         assert first["label"].shape == (BATCH // 2,)
         capacity = first["items"]["item_id"].shape[0]

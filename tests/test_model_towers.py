@@ -313,6 +313,13 @@ def test_log_mel_matches_scipy_stft_reference(n_fft, samples):
     # An odd n_fft with hop dividing T: scipy (as torch.stft) has no frame centred on T.
     assert expected.shape[1] == ours.shape[1] - (n_fft % 2 and samples % hop == 0)
     np.testing.assert_allclose(ours[:, : expected.shape[1]], expected, rtol=1e-4, atol=1e-3)
+    # The last frame is centred on sample (T // hop) * hop, zeros beyond the clip.
+    start = (samples // hop) * hop - n_fft // 2
+    frame = np.zeros((2, n_fft))
+    frame[:, : samples - start] = wave[:, start:]
+    power = np.abs(np.fft.rfft(frame * window, axis=-1)) ** 2  # (2, n_fft // 2 + 1)
+    last = np.log(np.maximum(power @ bank, 1e-10))
+    np.testing.assert_allclose(ours[:, -1], last, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("tone_hz", [440.0, 1000.0, 2500.0])
