@@ -778,6 +778,8 @@ def train_and_evaluate(
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
       OutOfMemory: the train state, a train step or a validation pass ran out of device
         memory (the message says how to fit it; the checkpoints already saved are kept).
+      StorageError: the run's records or data could not be written or read (a full disk),
+        on every process of the run (the checkpoints already saved are kept).
       SystemExit: after SIGTERM or Ctrl-C, once a checkpoint is saved (status 128+signal);
         `cli.ExitNow` after a second one, without waiting for a save in flight.
     """
@@ -942,10 +944,26 @@ def _train_and_evaluate(
             f"now: nothing is trained, and it reports its checkpoints as they are (step "
             f"{start_step} the newest). Pass a new --workdir to train {total_steps} steps."
         )
-    if is_chief and start_step < total_steps and not stopped_early:
-        # The settings the checkpoints from now on are trained with (not written when
-        # nothing trains, so a finished run's record keeps the settings it finished with).
-        write_atomic(workdir / "config.json", config_to_json(config))
+    # Process 0 writes the run's records; failing to (a full disk), it stops every process.
+    unwritable = None
+    try:
+        if is_chief and start_step < total_steps and not stopped_early:
+            # The settings the checkpoints from now on are trained with (not written when
+            # nothing trains, so a finished run's record keeps the settings it finished with).
+            write_atomic(workdir / "config.json", config_to_json(config))
+        # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
+        writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        unwritable = f"{error.strerror or error}{where}"
+    unwritable = sharding.shared_problem(
+        unwritable, "process {process} could not write the run's records (its output says why)"
+    )
+    if unwritable is not None:
+        raise StorageError(
+            f"Training could not start: {unwritable}. Fix the cause (free disk space, write "
+            "permission) and rerun the same command."
+        )
     # The data position is the rows trained on (checkpoints before it was recorded hold
     # Grain's own iterator state; their batch size cannot have changed, see check_resumable).
     rows_done = int(data_state.get("rows", start_step * config.train.batch_size)) if restored else 0
@@ -953,8 +971,6 @@ def _train_and_evaluate(
 
     jit_step = jit_train_step(model, setup, mesh, first_local, config.model.dtype)
     predict_fn = predict.make_predict_fn(model, param_shardings)
-    # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
-    writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
     meta = {
         "config": json.loads(config_to_json(config)),
         "dataset": info.name,
@@ -1289,7 +1305,13 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
             "train_sample": {"interactions": sample, "of": train_size},
             "splits": summary,
         }
-        write_atomic(Path(workdir) / "summary.json", json.dumps(payload, indent=2))
-        plots = reporting.plot_curves(workdir)
+        try:
+            write_atomic(Path(workdir) / "summary.json", json.dumps(payload, indent=2))
+            plots = reporting.plot_curves(workdir)
+        except OSError as error:
+            raise StorageError(
+                f"The results above could not be written to {workdir}: {error}. Fix the cause "
+                "(free disk space, write permission) and rerun the same command to report again."
+            ) from error
         print(f"Wrote {Path(workdir) / 'summary.json'} and {', '.join(p.name for p in plots)}.")
     return summary

@@ -722,10 +722,22 @@ def test_a_full_disk_while_training_names_the_intact_checkpoint(data_dir, tmp_pa
     assert f"{tmp_path / 'metrics.jsonl'}). Checkpoint step 2 in" in message
     assert "rerun the same command" in message
     assert train.restore_params(tmp_path, "latest")[3] == 2
-    # Once the disk has room again, the same command resumes and finishes the run.
+    # Once the disk has room again, the same command resumes and finishes the run; a
+    # report that cannot be written says so, and a rerun reports again.
     monkeypatch.setattr(reporting.MetricsWriter, "write", real_write)
-    train.train_and_evaluate(config, tmp_path)
+    (tmp_path / "summary.json").mkdir()
+    with pytest.raises(train.StorageError, match="The results above could not be written"):
+        train.train_and_evaluate(config, tmp_path)
     assert train.restore_params(tmp_path, "latest")[3] == 6
+    (tmp_path / "summary.json").rmdir()
+    train.train_and_evaluate(config, tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["checkpoint_step"] == 6
+    # Records that cannot be written at the start stop the run before it trains.
+    fresh = tmp_path / "fresh"
+    (fresh / "config.json").mkdir(parents=True)
+    with pytest.raises(train.StorageError, match=r"Training could not start: Is a directory \("):
+        train.train_and_evaluate(config, fresh)
+    assert not any((fresh / "checkpoints").iterdir())  # nothing was saved
 
 
 def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, monkeypatch):
