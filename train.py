@@ -31,6 +31,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, config) ->
     from mmrec_jax import runtime, train
     from mmrec_jax.checkpoint import CheckpointError
     from mmrec_jax.config import ConfigError
+    from mmrec_jax.data.builder import DatasetDamagedError
     from mmrec_jax.data.pipeline import DatasetMismatchError, DatasetNotBuiltError
     from mmrec_jax.hub import PretrainedModelNotFound
 
@@ -48,6 +49,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, config) ->
         train.TrainingDiverged,
         train.OutOfMemory,
         train.StorageError,
+        DatasetDamagedError,
     ) as error:
         # The message names the cause and the fix; a traceback would bury it.
         parser.exit(1, f"{parser.prog}: error: {error}\n")

@@ -35,7 +35,7 @@ from mmrec_jax.config import (
     config_to_json,
     flatten,
 )
-from mmrec_jax.data import pipeline
+from mmrec_jax.data import builder, pipeline
 from mmrec_jax.files import write_atomic
 from mmrec_jax.models import recommender
 from mmrec_jax.models.text import cached_text_dim
@@ -682,6 +682,7 @@ def restore_params(
       FileNotFoundError: no config.json or no checkpoint in `workdir`.
       ValueError: no checkpoint at the step asked for.
       DatasetMismatchError: the dataset found is not the one the checkpoint recorded.
+      DatasetDamagedError: the dataset's files cannot be read (`check_dataset_readable`).
       CheckpointError: the checkpoint's files cannot be read (damaged).
     """
     config = load_run_config(workdir, data_dir)
@@ -703,6 +704,7 @@ def restore_params(
         f"step {step} of {workdir}",
         "Pass --data_dir with the folder of the run's own dataset.",
     )
+    check_dataset_readable(config.data)
     mesh = sharding.make_mesh(devices)
     model = recommender.build_model(config.model)
     # Shapes only: no data is read.
@@ -711,6 +713,26 @@ def restore_params(
     state, _, _ = checkpointer.restore_or_explain(step, abstract)
     checkpointer.close()
     return config, model, state["params"], step
+
+
+def check_dataset_readable(data_config: ml_collections.ConfigDict) -> None:
+    """`builder.check_readable` on every process, which agree on the outcome (a collective:
+    a process that raised alone would leave the others waiting in the next collective).
+
+    Raises:
+      DatasetDamagedError: on every process, naming what cannot be read where it failed.
+    """
+    damage = None
+    try:
+        builder.check_readable(data_config.data_dir, data_config.name)
+    except builder.DatasetDamagedError as error:
+        damage = error
+    problem = sharding.shared_problem(
+        None if damage is None else str(damage),
+        "Process {process} found the dataset damaged; its output names the file.",
+    )
+    if problem is not None:
+        raise damage or builder.DatasetDamagedError(problem)
 
 
 def _early_stopping_record(meta: dict, workdir: Path, step: int) -> tuple[float, int]:
@@ -773,6 +795,7 @@ def train_and_evaluate(
         stored one, ...); or another process is training in `workdir`.
       DatasetNotBuiltError: `config.data.name` is not in `config.data.data_dir`.
       DatasetMismatchError: the checkpoints in `workdir` were trained on another dataset.
+      DatasetDamagedError: the dataset's files cannot be read (`check_dataset_readable`).
       CheckpointError: `workdir` holds checkpoints and none of them restores, or a
         checkpoint could not be saved (the ones saved before are intact).
       TrainingDiverged: the loss became NaN or infinite (nothing non-finite is saved).
@@ -856,6 +879,7 @@ def _train_and_evaluate(
     if sharding.failed_processes(build_error is not None):
         raise build_error or ConfigError("Process 0 could not prepare the dataset; see its error.")
     info = pipeline.load_dataset_info(config.data)
+    check_dataset_readable(config.data)  # a cut test split fails now, not after training
     config = resolve_config(config, info, verbose=is_chief)
     check_resumable(workdir, config, info)
 

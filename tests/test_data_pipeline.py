@@ -491,6 +491,37 @@ def test_an_evaluation_sample_is_a_seeded_random_subset_of_the_full_pass(implici
         pipeline.make_batches(config, "train", train=False, sample=0)
 
 
+def test_a_damaged_dataset_is_named_with_the_way_to_rebuild_it(syn, tmp_path):
+    name = make_config(syn).data.name
+    builder.check_readable(syn, name)  # intact
+    for damage in ("cut", "deleted", "metadata", "flipped"):
+        copy = tmp_path / damage
+        shutil.copytree(syn, copy)
+        folder = builder.config_dir(copy, name, builder.INTERACTIONS)
+        split = "train" if damage == "flipped" else "test"
+        shard = next(folder.glob(f"{name}-{split}.array_record-*"))
+        data = shard.read_bytes()
+        if damage == "cut":  # as by a full disk: most of it is missing
+            shard.write_bytes(data[:1000])
+        elif damage == "deleted":
+            shard.unlink()
+        elif damage == "metadata":
+            (folder / "metadata.json").write_text('{"num_users": ')
+        else:  # bytes changed in the middle: caught where they are read
+            middle = len(data) // 2
+            shard.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64])
+                              + data[middle + 64 :])  # fmt: skip
+        with pytest.raises(builder.DatasetDamagedError) as error:
+            builder.check_readable(copy, name)
+            batches = pipeline.make_batches(make_config(copy), "train", train=False, multiple=1)
+            list(batches)
+        message = str(error.value)
+        assert message.startswith(f"Dataset {name!r} in {copy} is damaged: "), message
+        assert f"Build it again: move {copy / name} away" in message
+        if damage != "metadata":
+            assert f"the {split} records of {folder}" in message
+
+
 def test_available_towers_follow_the_dataset(implicit):
     info = pipeline.load_dataset_info(make_config(implicit, name="implicit").data)
     assert info.modalities == ("text",)

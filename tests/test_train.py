@@ -740,6 +740,20 @@ def test_a_full_disk_while_training_names_the_intact_checkpoint(data_dir, tmp_pa
     assert not any((fresh / "checkpoints").iterdir())  # nothing was saved
 
 
+def test_a_damaged_dataset_stops_the_run_before_it_trains(data_dir, tmp_path):
+    config = tiny_config(data_dir, train__num_steps=2)
+    pipeline.ensure_dataset(config.data)
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    folder = builder.config_dir(copy, config.data.name, builder.INTERACTIONS)
+    shard = next(folder.glob(f"{config.data.name}-test.array_record-*"))
+    shard.write_bytes(shard.read_bytes()[:1000])  # read only after training, before
+    config.data.data_dir = str(copy)
+    with pytest.raises(builder.DatasetDamagedError, match=f"the test records of {folder}"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not any((tmp_path / "run" / "checkpoints").glob("*"))  # nothing was trained
+
+
 def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, monkeypatch):
     def build_train_state(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 7 bytes.")

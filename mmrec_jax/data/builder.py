@@ -553,16 +553,83 @@ def write_dataset(
     return target
 
 
+class DatasetDamagedError(ValueError):
+    """A built dataset's files cannot be read as they were written (a damaged disk, a
+    deleted or cut file)."""
+
+
+def damaged(
+    data_dir: str | Path, name: str, what: str, error: BaseException
+) -> DatasetDamagedError:
+    """The error for dataset `name` whose `what` cannot be read, with the way to rebuild it."""
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return DatasetDamagedError(
+        f"Dataset {name!r} in {data_dir} is damaged: {what} cannot be read "
+        f"({type(error).__name__}: {cause}). Build it again: move {Path(data_dir) / name} "
+        "away and rerun (train.py builds the synthetic dataset again; import your own data "
+        "again with the importer's command)."
+    )
+
+
 def read_metadata(data_dir: str | Path, name: str) -> dict[str, Any]:
-    """The interactions config's metadata.json of a built dataset."""
+    """The interactions config's metadata.json of a built dataset.
+
+    Raises:
+      DatasetDamagedError: the file is not valid JSON.
+    """
     path = config_dir(data_dir, name, INTERACTIONS) / "metadata.json"
-    return json.loads(path.read_text())
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise damaged(data_dir, name, str(path), error) from error
 
 
 def open_source(data_dir: str | Path, name: str, config: str, split: str):
-    """A random-access source (len, [i], __getitems__) of one split of one config."""
-    builder = tfds.builder_from_directory(str(config_dir(data_dir, name, config)))
-    return builder.as_data_source(split=split)
+    """A random-access source (len, [i], __getitems__) of one split of one config.
+
+    Raises:
+      DatasetDamagedError: the config's description files cannot be read.
+    """
+    folder = config_dir(data_dir, name, config)
+    try:
+        return tfds.builder_from_directory(str(folder)).as_data_source(split=split)
+    except Exception as error:  # noqa: BLE001 - TFDS raises JSON, protobuf or OS errors
+        raise damaged(data_dir, name, f"the description of {folder}", error) from error
+
+
+def read_records(source, indices: list[int], data_dir: str | Path, name: str, what: str) -> list:
+    """`source.__getitems__(indices)`, a failed or missing read raised as damage.
+
+    Raises:
+      DatasetDamagedError: a record cannot be read (a cut or corrupted shard file).
+    """
+    try:
+        records = source.__getitems__(indices)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise damaged(data_dir, name, what, error) from error
+    if any(record is None for record in records):
+        raise damaged(data_dir, name, what, ValueError("a record came back empty"))
+    return records
+
+
+def check_readable(data_dir: str | Path, name: str) -> None:
+    """Reads the first and last record of every split of a built dataset.
+
+    A deleted or cut shard file fails here, at once, instead of in the middle of a run
+    (its test split is read after training). Bytes changed inside a file are caught
+    where they are read.
+
+    Raises:
+      DatasetDamagedError: naming what cannot be read.
+    """
+    sizes = read_metadata(data_dir, name)["split_sizes"]
+    parts = [(INTERACTIONS, s) for s in SPLITS if sizes.get(s)] + [(ITEMS, ITEMS), (USERS, USERS)]
+    for config, split in parts:
+        source = open_source(data_dir, name, config, split)
+        size = len(source)
+        what = f"the {split} records of {config_dir(data_dir, name, config)}"
+        read_records(source, sorted({0, size - 1}) if size else [], data_dir, name, what)
 
 
 def text(value: bytes | str) -> str:

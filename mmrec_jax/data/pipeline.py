@@ -329,8 +329,14 @@ class _SplitReader:
         return self._source
 
     def read(self, indices: Sequence[int]) -> list[dict]:
-        """The records at `indices`, decoded to numpy values."""
-        return self._open().__getitems__([int(i) for i in indices])
+        """The records at `indices`, decoded to numpy values.
+
+        Raises:
+          builder.DatasetDamagedError: a record cannot be read.
+        """
+        data_dir, name, config, split = self._where
+        what = f"the {split} records of {builder.config_dir(data_dir, name, config)}"
+        return builder.read_records(self._open(), [int(i) for i in indices], data_dir, name, what)
 
 
 def _csr(lists: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
