@@ -34,8 +34,9 @@ Nothing here needs the dataset: `mmrec_jax.recommend` serves from the folder alo
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,23 @@ def unflatten_params(tensors: Mapping[str, np.ndarray]) -> dict:
     )
 
 
+def _read(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)` for a file of an export; one that is missing or cannot be parsed (a
+    cut or damaged file) is an `ExportError` naming it."""
+    try:
+        return read(path)
+    except Exception as error:  # noqa: BLE001 - JSON, numpy and safetensors raise their own
+        cause = (str(error).strip().splitlines() or [""])[0][:300]
+        raise ExportError(
+            f"{path} cannot be read ({type(error).__name__}: {cause}): the export is "
+            "damaged. Export the run again (python -m mmrec_jax.export ... --overwrite)."
+        ) from error
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
 def _require_export(path: Path) -> dict:
     """The manifest of a complete export folder, or an `ExportError` saying what is wrong."""
     if not path.is_dir():
@@ -122,7 +140,7 @@ def _require_export(path: Path) -> dict:
             f"{str(path)!r} has no {MANIFEST_FILE}: it is not a complete export (an export "
             "writes that file last). Export again with `python -m mmrec_jax.export`."
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read(manifest_path, _read_json)
     if manifest.get("format") != EXPORT_FORMAT:
         raise ExportError(
             f"{str(path)!r} has export format {manifest.get('format')!r}; this version of "
@@ -140,7 +158,7 @@ def load_export_config(path: str | Path) -> ml_collections.ConfigDict:
     """
     path = Path(path)
     _require_export(path)
-    config = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    config = config_from_dict(_read(path / CONFIG_FILE, _read_json))
     if (path / TEXT_MODEL_DIR / "config.json").is_file():
         config.model.text.model = str((path / TEXT_MODEL_DIR).resolve())
     return config
@@ -203,7 +221,7 @@ def load_exported(path: str | Path) -> tuple[Any, dict]:
     config = load_export_config(path)
     model = build_model(config.model)
     param_dtype = jnp.dtype(config.model.param_dtype)
-    params = unflatten_params(load_file(path / PARAMS_FILE))
+    params = unflatten_params(_read(path / PARAMS_FILE, load_file))
     _check_params(model, config, params, path)
     params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
     return model, {"params": params}
@@ -217,5 +235,5 @@ def load_tables(path: str | Path) -> dict[str, np.ndarray]:
     for name, file in TABLE_FILES.items():
         if not (path / file).is_file():
             raise ExportError(f"Export {str(path)!r} is missing {file}. Export the run again.")
-        tables[name] = np.load(path / file, allow_pickle=False)
+        tables[name] = _read(path / file, functools.partial(np.load, allow_pickle=False))
     return tables

@@ -450,7 +450,15 @@ def load_run_config(
             f"{path} does not exist: {workdir} is not a training workdir. Pass the --workdir "
             "that train.py was run with."
         )
-    config = config_from_dict(json.loads(path.read_text()))
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError as error:
+        raise ConfigError(
+            f"{path} is damaged ({error}): it records the run's settings. Rerun train.py "
+            f"with the run's own --config and --workdir {workdir}: it writes the file back "
+            "from the checkpoints' record of the config."
+        ) from error
+    config = config_from_dict(stored)
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
     return config
@@ -484,7 +492,8 @@ _OPTIMIZER_SWITCHES = {
 def _recover_run_config(
     reader: checkpoint_lib.Checkpointer, steps: list[int], path: Path
 ) -> dict | None:
-    """A missing config.json, read from the newest checkpoint's metadata and written back.
+    """A missing or damaged config.json, read from the newest checkpoint's metadata and
+    written back.
 
     Returns the config as stored (None when no checkpoint's metadata reads).
     """
@@ -495,7 +504,7 @@ def _recover_run_config(
             continue
         if jax.process_index() == 0:
             write_atomic(path, json.dumps(stored, indent=2, sort_keys=True))
-            print(f"{path} was missing: wrote it back from checkpoint step {step}.")
+            print(f"{path} was missing or damaged: wrote it back from checkpoint step {step}.")
         return stored
     return None
 
@@ -554,8 +563,8 @@ def check_resumable(
     accumulation (every count of the run is in steps of that batch) and switching
     clipping on or off (it changes what the optimizer state holds).
     Fields only one of the two configs has (a run written by another version) are not
-    compared. A missing config.json is first written back from the checkpoints' own
-    record of the config.
+    compared. A missing or damaged config.json is first written back from the
+    checkpoints' own record of the config.
 
     Args:
       workdir: the run folder.
@@ -575,9 +584,11 @@ def check_resumable(
         steps = reader.all_steps()
         if not steps:
             return
+        stored = None
         if stored_path.is_file():
-            stored = json.loads(stored_path.read_text())
-        else:
+            with contextlib.suppress(ValueError):  # damaged: the checkpoints hold the record
+                stored = json.loads(stored_path.read_text())
+        if stored is None:
             stored = _recover_run_config(reader, steps, stored_path)
         try:
             recorded = reader.restore_meta(steps[-1]).get("dataset_fingerprint")

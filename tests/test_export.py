@@ -165,6 +165,23 @@ def test_incomplete_or_damaged_exports_are_refused(export_dir, tmp_path):
     save_file(tensors, damaged / "params.safetensors")
     with pytest.raises(exported.ExportError, match="missing"):
         mmrec_jax.load_exported(damaged)
+    # Files cut short, or deleted: named, with the fix.
+    for name, load in [
+        ("params.safetensors", mmrec_jax.load_exported),
+        ("config.json", mmrec_jax.load_exported),
+        ("export.json", mmrec_jax.load_tables),
+        ("item_embeddings.npy", mmrec_jax.load_tables),
+    ]:
+        cut = tmp_path / f"cut_{name}"
+        shutil.copytree(export_dir, cut)
+        (cut / name).write_bytes((cut / name).read_bytes()[:100])
+        with pytest.raises(exported.ExportError) as error:
+            load(cut)
+        assert str(error.value).startswith(f"{cut / name} cannot be read ("), error.value
+        assert "the export is damaged. Export the run again" in str(error.value)
+    (cut / "params.safetensors").unlink()
+    with pytest.raises(exported.ExportError, match=r"params.safetensors cannot be read \(File"):
+        mmrec_jax.load_exported(cut)
 
 
 def test_interrupted_export_leaves_the_old_export_and_no_partial_folder(

@@ -424,6 +424,11 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path,
     with pytest.raises(ConfigError, match="model.width is 32 there and 64 now"):
         train.train_and_evaluate(config, run)
     assert json.loads((run / "config.json").read_text()) == json.loads(before)
+    (run / "config.json").write_text(before[:50])  # damaged: readers say so, train repairs it
+    with pytest.raises(ConfigError, match=r"config.json is damaged \(.*\): it records the run"):
+        train.load_run_config(run)
+    train.check_resumable(run, train.load_run_config(reference_run))
+    assert json.loads((run / "config.json").read_text()) == json.loads(before)
     # A field only one side has (a run written by another version) is not compared.
     stored = json.loads(before)
     del stored["model"]["fusion"]["mlp_dim"]
