@@ -341,11 +341,8 @@ class Checkpointer:
                 if installed:
                     sys.unraisablehook = previous_hook
                 raise  # ... but memory: the state does not fit, the files are fine
-            lines = str(error).strip().splitlines() or [repr(error)]
             # Orbax appends TensorStore's whole spec to a failed read: it names no cause.
-            first = lines[0].split(" See full TensorStore")[0]
-            cut = first if len(first) <= 300 else f"{first[:300]}..."
-            problem = f"{type(error).__name__}: {cut}"
+            problem = files.error_line(error).split(" See full TensorStore")[0]
         failed = sharding.failed_processes(problem is not None)
         if installed and not failed:
             sys.unraisablehook = previous_hook

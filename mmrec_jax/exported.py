@@ -48,6 +48,7 @@ import numpy as np
 
 from mmrec_jax import schema
 from mmrec_jax.config import config_from_dict
+from mmrec_jax.files import error_line
 
 # Version of the layout above; bumped when it changes incompatibly.
 EXPORT_FORMAT = 3
@@ -116,9 +117,8 @@ def _read(path: Path, read: Callable[[Path], Any]) -> Any:
     try:
         return read(path)
     except Exception as error:  # noqa: BLE001 - JSON, numpy and safetensors raise their own
-        cause = (str(error).strip().splitlines() or [""])[0][:300]
         raise ExportError(
-            f"{path} cannot be read ({type(error).__name__}: {cause}): the export is "
+            f"{path} cannot be read ({error_line(error)}): the export is "
             "damaged. Export the run again (python -m mmrec_jax.export ... --overwrite)."
         ) from error
 

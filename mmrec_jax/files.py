@@ -4,7 +4,8 @@
 (another process, or the next run after a crash) sees either the old content or the new
 one, never a half-written file. `exclusive_lock` keeps a second process out of a folder
 (a training run's workdir) while the first works in it. `unwritable_reason` tells before
-any work whether a folder can take a command's output.
+any work whether a folder can take a command's output. `error_line` puts the error of a
+file that cannot be read into one line of a message.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def unwritable_reason(folder: str | Path) -> str | None:
     except OSError as error:
         return error.strerror or str(error)
     return None
+
+
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """Says `error` in one line: "TypeName: the first line of its message" (cut after
+    `limit` characters, with "..."); its repr stands in for a message it lacks."""
+    lines = str(error).strip().splitlines() or [repr(error)]
+    first = lines[0] if len(lines[0]) <= limit else f"{lines[0][:limit]}..."
+    return f"{type(error).__name__}: {first}"
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

@@ -50,6 +50,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import registered
 
+from mmrec_jax.files import error_line
+
 # Interaction splits, in time order of a leave-last split.
 SPLITS = ("train", "validation", "test", "test_cold")
 # Builder configs: interactions (the default), the item table and the user table.
@@ -562,10 +564,9 @@ def damaged(
     data_dir: str | Path, name: str, what: str, error: BaseException
 ) -> DatasetDamagedError:
     """The error for dataset `name` whose `what` cannot be read, with the way to rebuild it."""
-    cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     return DatasetDamagedError(
         f"Dataset {name!r} in {data_dir} is damaged: {what} cannot be read "
-        f"({type(error).__name__}: {cause}). Build it again: move {Path(data_dir) / name} "
+        f"({error_line(error)}). Build it again: move {Path(data_dir) / name} "
         "away and rerun (train.py builds the synthetic dataset again; import your own data "
         "again with the importer's command)."
     )
