@@ -170,6 +170,12 @@ class _StopRequest:
         )
 
 
+def _os_error_text(error: OSError) -> str:
+    """A failed write or read for a message: its reason, and the file where it has one."""
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
 def _tell(message: str) -> None:
     """Prints to stderr from a signal handler: a closed pipe (`| tee` killed by the same
     Ctrl-C) must not raise in the middle of whatever the loop was doing."""
@@ -709,13 +715,14 @@ def restore_params(
         step = int(which)
         if step not in steps:
             raise ValueError(f"No checkpoint at step {step} in {workdir}; it has {steps}.")
+    info = pipeline.load_dataset_info(config.data)
     pipeline.check_same_dataset(
         checkpointer.restore_meta(step).get("dataset_fingerprint"),
-        pipeline.load_dataset_info(config.data),
+        info,
         f"step {step} of {workdir}",
         "Pass --data_dir with the folder of the run's own dataset.",
     )
-    check_dataset_readable(config.data)
+    check_dataset_readable(info)
     mesh = sharding.make_mesh(devices)
     model = recommender.build_model(config.model)
     # Shapes only: no data is read.
@@ -726,7 +733,7 @@ def restore_params(
     return config, model, state["params"], step
 
 
-def check_dataset_readable(data_config: ml_collections.ConfigDict) -> None:
+def check_dataset_readable(info: pipeline.DatasetInfo) -> None:
     """`builder.check_readable` on every process, which agree on the outcome (a collective:
     a process that raised alone would leave the others waiting in the next collective).
 
@@ -735,7 +742,7 @@ def check_dataset_readable(data_config: ml_collections.ConfigDict) -> None:
     """
     damage = None
     try:
-        builder.check_readable(data_config.data_dir, data_config.name)
+        builder.check_readable(info.data_dir, info.name, info.split_sizes)
     except builder.DatasetDamagedError as error:
         damage = error
     problem = sharding.shared_problem(
@@ -890,7 +897,7 @@ def _train_and_evaluate(
     if sharding.failed_processes(build_error is not None):
         raise build_error or ConfigError("Process 0 could not prepare the dataset; see its error.")
     info = pipeline.load_dataset_info(config.data)
-    check_dataset_readable(config.data)  # a cut test split fails now, not after training
+    check_dataset_readable(info)  # a cut test split fails now, not after training
     config = resolve_config(config, info, verbose=is_chief)
     check_resumable(workdir, config, info)
 
@@ -989,8 +996,7 @@ def _train_and_evaluate(
         # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
         writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
     except OSError as error:
-        where = f" ({error.filename})" if error.filename else ""
-        unwritable = f"{error.strerror or error}{where}"
+        unwritable = _os_error_text(error)
     unwritable = sharding.shared_problem(
         unwritable, "process {process} could not write the run's records (its output says why)"
     )
@@ -1062,14 +1068,13 @@ def _train_and_evaluate(
 
     def stopped_by_storage(error: OSError) -> StorageError:
         """The error that stops training when the disk fails, naming the intact checkpoint."""
-        where = f" ({error.filename})" if error.filename else ""
         intact = (
             f"Checkpoint step {last_saved} in {checkpointer.directory} is intact"
             if last_saved is not None
             else f"No checkpoint was saved in {checkpointer.directory}"
         )
         return StorageError(
-            f"Training stopped at step {step}: {error.strerror or error}{where}. {intact}. "
+            f"Training stopped at step {step}: {_os_error_text(error)}. {intact}. "
             "Fix the cause (free disk space, write permission) and rerun the same command: "
             "it resumes from the newest intact checkpoint."
         )

@@ -492,8 +492,9 @@ def test_an_evaluation_sample_is_a_seeded_random_subset_of_the_full_pass(implici
 
 
 def test_a_damaged_dataset_is_named_with_the_way_to_rebuild_it(syn, tmp_path):
-    name = make_config(syn).data.name
-    builder.check_readable(syn, name)  # intact
+    info = pipeline.load_dataset_info(make_config(syn).data)
+    name, sizes = info.name, info.split_sizes
+    builder.check_readable(syn, name, sizes)  # intact
     for damage in ("cut", "deleted", "metadata", "flipped"):
         copy = tmp_path / damage
         shutil.copytree(syn, copy)
@@ -512,7 +513,7 @@ def test_a_damaged_dataset_is_named_with_the_way_to_rebuild_it(syn, tmp_path):
             shard.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64])
                               + data[middle + 64 :])  # fmt: skip
         with pytest.raises(builder.DatasetDamagedError) as error:
-            builder.check_readable(copy, name)
+            builder.check_readable(copy, name, sizes)
             batches = pipeline.make_batches(make_config(copy), "train", train=False, multiple=1)
             list(batches)
         message = str(error.value)

@@ -614,8 +614,9 @@ def read_records(source, indices: list[int], data_dir: str | Path, name: str, wh
     return records
 
 
-def check_readable(data_dir: str | Path, name: str) -> None:
-    """Reads the first and last record of every split of a built dataset.
+def check_readable(data_dir: str | Path, name: str, split_sizes: dict[str, int]) -> None:
+    """Reads the first and last record of every split of a built dataset (its
+    interaction splits' sizes are `split_sizes`, as its metadata records them).
 
     A deleted or cut shard file fails here, at once, instead of in the middle of a run
     (its test split is read after training). Bytes changed inside a file are caught
@@ -624,8 +625,8 @@ def check_readable(data_dir: str | Path, name: str) -> None:
     Raises:
       DatasetDamagedError: naming what cannot be read.
     """
-    sizes = read_metadata(data_dir, name)["split_sizes"]
-    parts = [(INTERACTIONS, s) for s in SPLITS if sizes.get(s)] + [(ITEMS, ITEMS), (USERS, USERS)]
+    parts = [(INTERACTIONS, s) for s in SPLITS if split_sizes.get(s)]
+    parts += [(ITEMS, ITEMS), (USERS, USERS)]
     for config, split in parts:
         source = open_source(data_dir, name, config, split)
         size = len(source)

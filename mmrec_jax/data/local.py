@@ -444,7 +444,6 @@ def _close_column(name: str, candidates: Sequence[str]) -> str | None:
 
     Names are compared ignoring case, spaces, dashes and underscores, then by similarity.
     """
-
     by_plain = {_plain_column(c): c for c in candidates}
     found = difflib.get_close_matches(_plain_column(name), list(by_plain), n=1, cutoff=0.6)
     return by_plain[found[0]] if found else None
