@@ -271,7 +271,7 @@ def _non_empty_text(what: str) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, str) and v.strip() != ""), f"{what} (it is empty)"
 
 
-# What each field of a run config may hold (fields a config lacks are skipped).
+# What each field of a run config may hold (fields a config lacks are named as missing).
 _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _int_at_least(0),
     # An empty path would mean the current directory without saying so.
@@ -327,6 +327,12 @@ _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 _MISSING = object()
 
+# Fields whose values are checked where they are used (free names, a path, a parsed list).
+_FIELDS_WITHOUT_RULES = ("model.towers", "model.text.model", "train.fsdp", "train.tower_lr_scale")
+
+# Fields a config may lack, read with a default where used (absent in older runs' config.json).
+_OPTIONAL_FIELDS = ("train.profile_steps",)
+
 
 def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
     node: Any = config
@@ -335,6 +341,14 @@ def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
             return _MISSING
         node = node[part]
     return node
+
+
+def missing_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """Dotted names of the fields every run config needs that `config` lacks."""
+    needed = [*_VALUE_RULES, *_choice_rules(), *_FIELDS_WITHOUT_RULES]
+    return [
+        key for key in needed if key not in _OPTIONAL_FIELDS and _lookup(config, key) is _MISSING
+    ]
 
 
 def _choice_rules() -> dict[str, tuple[str, ...]]:
@@ -401,16 +415,21 @@ def _tower_shape_problems(config: ml_collections.ConfigDict, towers: tuple) -> l
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Checks that every field of a run config holds a usable value, before any work.
 
-    Numbers must lie in their ranges (a batch size of at least 1, a finite learning
-    rate >= 0, dropout rates in [0, 1), ...), named choices must be known, the
-    tower list must parse and the attention widths must split into their heads.
+    Every field a run reads must be present, numbers must lie in their ranges (a
+    batch size of at least 1, a finite learning rate >= 0, dropout rates in [0, 1),
+    ...), named choices must be known, the tower list must parse and the attention
+    widths must split into their heads.
 
     Raises:
       ConfigError: naming every bad field, its value and what it must be.
     """
     from mmrec_jax import optim, schema
 
-    problems = []
+    problems = [
+        f"config.{key} is missing: add it to the config file (configs/default.py has every "
+        "field with its default)."
+        for key in missing_fields(config)
+    ]
     for key, (test, must) in _VALUE_RULES.items():
         value = _lookup(config, key)
         if value is not _MISSING and not test(value):

@@ -34,6 +34,7 @@ from mmrec_jax.config import (
     config_from_dict,
     config_to_json,
     flatten,
+    missing_fields,
 )
 from mmrec_jax.data import builder, pipeline
 from mmrec_jax.files import write_atomic
@@ -441,6 +442,14 @@ def build_train_state(
     return TrainSetup(state, shardings, optimizer, schedule)
 
 
+def _stored_config(path: Path) -> dict:
+    """The settings a run's config.json holds; ValueError when it holds no JSON object."""
+    stored = json.loads(path.read_text())
+    if not isinstance(stored, dict):
+        raise ValueError(f"it holds a JSON {type(stored).__name__}, not an object")
+    return stored
+
+
 def load_run_config(
     workdir: str | Path, data_dir: str | Path | None = None
 ) -> ml_collections.ConfigDict:
@@ -457,7 +466,7 @@ def load_run_config(
             "that train.py was run with."
         )
     try:
-        stored = json.loads(path.read_text())
+        stored = _stored_config(path)
     except ValueError as error:
         raise ConfigError(
             f"{path} is damaged ({error}): it records the run's settings. Rerun train.py "
@@ -465,6 +474,14 @@ def load_run_config(
             "from the checkpoints' record of the config."
         ) from error
     config = config_from_dict(stored)
+    missing = missing_fields(config)
+    if missing:
+        raise ConfigError(
+            f"{path} lacks the fields {', '.join(missing)} of the run's settings: it was "
+            "edited or cut short. Put them back with the values the run trained with, or "
+            f"delete the file and rerun train.py with the run's own --config and --workdir "
+            f"{workdir}: it writes the file back from the checkpoints' record of the config."
+        )
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
     return config
@@ -545,8 +562,8 @@ def _resumed_batch_size(workdir: Path) -> int | None:
     if not checkpoint_lib.Checkpointer.has_checkpoints(workdir):
         return None
     try:
-        return int(load_run_config(workdir).train.batch_size)
-    except (OSError, ValueError, AttributeError):
+        return int(_stored_config(workdir / "config.json")["train"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # no readable config.json: resuming restores it, then compares
 
 
@@ -593,7 +610,7 @@ def check_resumable(
         stored = None
         if stored_path.is_file():
             with contextlib.suppress(ValueError):  # damaged: the checkpoints hold the record
-                stored = json.loads(stored_path.read_text())
+                stored = _stored_config(stored_path)
         if stored is None:
             stored = _recover_run_config(reader, steps, stored_path)
         try:

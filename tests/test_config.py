@@ -3,6 +3,7 @@
 import argparse
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,23 @@ def test_every_default_field_has_a_value_check():
             assert key in choices or key in FREE_STRINGS, f"{key}: no choice rule"
         else:
             assert key in config_lib._VALUE_RULES, f"{key}={value!r}: no range rule"
+
+
+def test_a_missing_field_is_named():
+    """Every field a run reads must be there (older runs lack only profile_steps)."""
+    for key in config_lib.flatten(load_config(ROOT / "configs/default.py")):
+        config = load_config(ROOT / "configs/default.py")
+        *groups, leaf = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        with node.unlocked():
+            del node[leaf]
+        if key == "train.profile_steps":
+            check_values(config)
+            continue
+        with pytest.raises(ConfigError, match=rf"config\.{re.escape(key)} is missing: add it"):
+            check_values(config)
 
 
 @pytest.mark.parametrize(

@@ -435,11 +435,18 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path,
     (run / "config.json").write_text(json.dumps(stored))
     same.model.fusion.mlp_dim = 7
     train.check_resumable(run, same)
+    # Readers of the run, though, need every field: the missing one is named.
+    with pytest.raises(ConfigError, match=r"lacks the fields model\.fusion\.mlp_dim of"):
+        train.load_run_config(run)
+    (run / "config.json").write_text("[]")  # JSON, but not the settings
+    with pytest.raises(ConfigError, match=r"damaged \(it holds a JSON list, not an object\)"):
+        train.load_run_config(run)
+    (run / "config.json").write_text(json.dumps(stored))
     # On devices that cannot share its batch, the run is pointed at counts that can.
     keep = r"keep its batch size 32 and run on a number of devices that divides it \(1, 2, 4, 8"
     with pytest.raises(ConfigError, match=keep):
         train.train_and_evaluate(same, run, devices=jax.devices()[:3])
-    wider = train.load_run_config(run)
+    wider = train.load_run_config(reference_run)
     wider.train.batch_size = 36  # nor does 36 split over 8, and a resume keeps 32
     with pytest.raises(ConfigError, match=r"use 32 or 40; to resume this one, keep .* 32"):
         train.train_and_evaluate(wider, run)
