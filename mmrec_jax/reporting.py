@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -99,7 +100,8 @@ class MetricsWriter:
       resume_step: the step the run starts from (its checkpoint's; 0 for a fresh run).
         The steps after it are trained again, so their earlier records are dropped (from
         metrics.jsonl, with any line a killed process cut off, and from TensorBoard's
-        view), instead of appearing twice. None keeps every record.
+        view), instead of appearing twice. None keeps every record. A metrics.jsonl with
+        damaged lines is first copied to metrics_damaged.jsonl.
     """
 
     def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None):
@@ -111,7 +113,8 @@ class MetricsWriter:
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.is_file():
-                kept = [json.dumps(r) for r in read_metrics(workdir) if r["step"] <= resume_step]
+                records = _records(self.path, keep_damaged=resume_step > 0)
+                kept = [json.dumps(r) for r in records if r["step"] <= resume_step]
                 write_atomic(self.path, "".join(f"{line}\n" for line in kept))
             purge = None if resume_step is None else resume_step + 1
             self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
@@ -141,17 +144,50 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     left out.
     """
     path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
+    return _records(path) if path.is_file() else []
+
+
+def _records(path: Path, keep_damaged: bool = False) -> list[dict]:
+    """The records of the metrics file `path`, leaving out lines that are not records.
+
+    With `keep_damaged`, a file with such a line before its last (a last line without
+    its newline is one a killed process cut off) is first copied to a free
+    metrics_damaged*.jsonl next to it, and the copy is named on stdout.
+    """
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    records, damaged = [], []
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            record = None
         if isinstance(record, dict) and "step" in record:
             records.append(record)
+        elif number < len(lines) or text.endswith("\n"):
+            damaged.append(str(number))
+    if keep_damaged and damaged:
+        copy = _free_path(path.with_name("metrics_damaged.jsonl"))
+        shutil.copyfile(path, copy)
+        which = (
+            f"lines {', '.join(damaged)} are not metrics records"
+            if len(damaged) > 1
+            else f"line {damaged[0]} is not a metrics record"
+        )
+        print(
+            f"{path}: {which} (damaged). The resumed run leaves them out, and kept the file "
+            f"as it was in {copy}."
+        )
     return records
+
+
+def _free_path(path: Path) -> Path:
+    """`path`, or the first of path_1, path_2, ... (same suffix) that does not exist."""
+    candidate, number = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}_{number}{path.suffix}")
+        number += 1
+    return candidate
 
 
 def format_cell(value: Any) -> str:

@@ -51,6 +51,27 @@ def test_a_resumed_run_drops_the_records_of_the_steps_it_trains_again(tmp_path):
     assert starts == [4]
 
 
+def test_a_resume_keeps_a_copy_of_a_damaged_metrics_file(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    damaged = b'{"step": 1, "train/loss": 0.9}\n{"st\xff\x00p": 2, "tr\n{"step": 3, "x": 1.0}\n'
+    path.write_bytes(damaged)
+    reporting.MetricsWriter(tmp_path, resume_step=3).close()
+    assert reporting.read_metrics(tmp_path) == [
+        {"step": 1, "train/loss": 0.9},
+        {"step": 3, "x": 1.0},
+    ]
+    assert (tmp_path / "metrics_damaged.jsonl").read_bytes() == damaged
+    out = capsys.readouterr().out
+    assert "metrics.jsonl: line 2 is not a metrics record (damaged)" in out
+    assert f"as it was in {tmp_path / 'metrics_damaged.jsonl'}" in out
+    # A second resume keeps the earlier copy; a clean file makes no copy.
+    path.write_bytes(damaged)
+    reporting.MetricsWriter(tmp_path, resume_step=3).close()
+    assert (tmp_path / "metrics_damaged_1.jsonl").read_bytes() == damaged
+    reporting.MetricsWriter(tmp_path, resume_step=3).close()
+    assert not (tmp_path / "metrics_damaged_2.jsonl").exists()
+
+
 def test_a_fresh_start_drops_an_earlier_attempts_records(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "train/loss": 0.9}\n{"note": "by hand"}\n{"step": 2, "train/l')
