@@ -507,7 +507,7 @@ def test_a_damaged_dataset_is_named_with_the_way_to_rebuild_it(syn, tmp_path):
         elif damage == "deleted":
             shard.unlink()
         elif damage == "metadata":
-            (folder / "metadata.json").write_text('{"num_users": ')
+            (folder / "metadata.json").write_bytes(b'{"num_users": \xff')  # not even UTF-8
         else:  # bytes changed in the middle: caught where they are read
             middle = len(data) // 2
             shard.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64])
@@ -521,6 +521,9 @@ def test_a_damaged_dataset_is_named_with_the_way_to_rebuild_it(syn, tmp_path):
         assert f"Build it again: move {copy / name} away" in message
         if damage != "metadata":
             assert f"the {split} records of {folder}" in message
+        else:
+            with pytest.raises(builder.DatasetDamagedError, match="Build it again"):
+                builder.read_metadata(copy, name)
 
 
 def test_available_towers_follow_the_dataset(implicit):

@@ -579,10 +579,9 @@ def read_metadata(data_dir: str | Path, name: str) -> dict[str, Any]:
       DatasetDamagedError: the file is not valid JSON.
     """
     path = config_dir(data_dir, name, INTERACTIONS) / "metadata.json"
-    text = path.read_text()
     try:
-        return json.loads(text)
-    except ValueError as error:
+        return json.loads(path.read_text())
+    except ValueError as error:  # not UTF-8, or not JSON
         raise damaged(data_dir, name, str(path), error) from error
 
 
