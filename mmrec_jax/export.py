@@ -63,7 +63,7 @@ Top-K items for a user: `python -m mmrec_jax.recommend --export {name} --user US
 | `user_interacted_items.npy` | the items (rows) each user interacted with, liked or not |
 | `user_interacted_offsets.npy` | user u's are `user_interacted_items[offsets[u]:offsets[u+1]]` |
 | `text_model/`, `tokenizer/` | the text tower's BERT and its tokenizer (runs with text) |
-| `export.json` | format version, checkpoint step, shapes; written last |
+| `export.json` | format, checkpoint step, shapes, SHA-256 of each other file; written last |
 """
 
 _README_TEXT = """
@@ -173,6 +173,7 @@ def write_export(
         "num_users": int(tables["user_ids"].shape[0]),
         "num_parameters": int(sum(t.size for t in tensors.values())),
         "tables": {k: list(v.shape) for k, v in tables.items()},
+        "sha256": exported.file_checksums(folder),
     }
     (folder / exported.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -6,8 +6,9 @@
 
 The folder's layout (file names are the constants below):
 
-    export.json              what was exported: format, checkpoint step, shapes; written
-                             last, so a folder without it is not a complete export
+    export.json              what was exported: format, checkpoint step, shapes, and the
+                             SHA-256 of every other file (checked as they are read);
+                             written last, so a folder without it is not a complete export
     config.json              the full resolved run config
     params.safetensors       every parameter, key = "/"-joined path, float32
     item_ids.npy             (N,) original item ids, in item-table order
@@ -35,6 +36,7 @@ Nothing here needs the dataset: `mmrec_jax.recommend` serves from the folder alo
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -111,16 +113,56 @@ def unflatten_params(tensors: Mapping[str, np.ndarray]) -> dict:
     )
 
 
-def _read(path: Path, read: Callable[[Path], Any]) -> Any:
-    """`read(path)` for a file of an export; one that is missing or cannot be parsed (a
-    cut or damaged file) is an `ExportError` naming it."""
+def file_checksums(folder: Path) -> dict[str, str]:
+    """{path relative to `folder` ("/"-separated): SHA-256 hex digest} of every file in
+    it, the manifest aside."""
+    return {
+        file.relative_to(folder).as_posix(): _sha256(file)
+        for file in sorted(folder.rglob("*"))
+        if file.is_file() and file.relative_to(folder).as_posix() != MANIFEST_FILE
+    }
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+_EXPORT_AGAIN = "Export the run again (python -m mmrec_jax.export ... --overwrite)."
+
+
+def _verify(folder: Path, relative: str, manifest: Mapping) -> None:
+    """Raises `ExportError` if the file's bytes differ from the checksum the manifest
+    records (exports written before checksums record none: nothing to compare)."""
+    expected = manifest.get("sha256", {}).get(relative)
+    path = folder / relative
+    try:
+        same = expected is None or _sha256(path) == expected
+    except OSError as error:
+        raise _unreadable(path, error) from error
+    if not same:
+        raise ExportError(
+            f"{path} is damaged: its bytes differ from those the export wrote (the SHA-256 "
+            f"in {folder / MANIFEST_FILE}). {_EXPORT_AGAIN}"
+        )
+
+
+def _read(folder: Path, relative: str, read: Callable[[Path], Any], manifest: Mapping) -> Any:
+    """`read(path)` for a file of an export, after checking it against the manifest's
+    checksum; one that is missing, changed or cannot be parsed (a cut or damaged file) is
+    an `ExportError` naming it."""
+    _verify(folder, relative, manifest)
+    path = folder / relative
     try:
         return read(path)
     except Exception as error:  # noqa: BLE001 - JSON, numpy and safetensors raise their own
-        raise ExportError(
-            f"{path} cannot be read ({error_line(error)}): the export is "
-            "damaged. Export the run again (python -m mmrec_jax.export ... --overwrite)."
-        ) from error
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: BaseException) -> ExportError:
+    return ExportError(
+        f"{path} cannot be read ({error_line(error)}): the export is damaged. {_EXPORT_AGAIN}"
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -140,7 +182,7 @@ def _require_export(path: Path) -> dict:
             f"{str(path)!r} has no {MANIFEST_FILE}: it is not a complete export (an export "
             "writes that file last). Export again with `python -m mmrec_jax.export`."
         )
-    manifest = _read(manifest_path, _read_json)
+    manifest = _read(path, MANIFEST_FILE, _read_json, {})
     if manifest.get("format") != EXPORT_FORMAT:
         raise ExportError(
             f"{str(path)!r} has export format {manifest.get('format')!r}; this version of "
@@ -157,8 +199,11 @@ def load_export_config(path: str | Path) -> ml_collections.ConfigDict:
     model builds from the export alone.
     """
     path = Path(path)
-    _require_export(path)
-    config = config_from_dict(_read(path / CONFIG_FILE, _read_json))
+    return _export_config(path, _require_export(path))
+
+
+def _export_config(path: Path, manifest: Mapping) -> ml_collections.ConfigDict:
+    config = config_from_dict(_read(path, CONFIG_FILE, _read_json, manifest))
     if (path / TEXT_MODEL_DIR / "config.json").is_file():
         config.model.text.model = str((path / TEXT_MODEL_DIR).resolve())
     return config
@@ -218,10 +263,14 @@ def load_exported(path: str | Path) -> tuple[Any, dict]:
     from mmrec_jax.models.recommender import build_model
 
     path = Path(path)
-    config = load_export_config(path)
+    manifest = _require_export(path)
+    config = _export_config(path, manifest)
+    for relative in manifest.get("sha256", {}):  # the BERT folder the model builds from
+        if relative.startswith((f"{TEXT_MODEL_DIR}/", f"{TOKENIZER_DIR}/")):
+            _verify(path, relative, manifest)
     model = build_model(config.model)
     param_dtype = jnp.dtype(config.model.param_dtype)
-    params = unflatten_params(_read(path / PARAMS_FILE, load_file))
+    params = unflatten_params(_read(path, PARAMS_FILE, load_file, manifest))
     _check_params(model, config, params, path)
     params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
     return model, {"params": params}
@@ -230,10 +279,10 @@ def load_exported(path: str | Path) -> tuple[Any, dict]:
 def load_tables(path: str | Path) -> dict[str, np.ndarray]:
     """The item and user tables of an export (see the module docstring), as numpy arrays."""
     path = Path(path)
-    _require_export(path)
+    manifest = _require_export(path)
     tables = {}
     for name, file in TABLE_FILES.items():
         if not (path / file).is_file():
             raise ExportError(f"Export {str(path)!r} is missing {file}. Export the run again.")
-        tables[name] = _read(path / file, functools.partial(np.load, allow_pickle=False))
+        tables[name] = _read(path, file, functools.partial(np.load, allow_pickle=False), manifest)
     return tables

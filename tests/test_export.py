@@ -158,8 +158,36 @@ def test_incomplete_or_damaged_exports_are_refused(export_dir, tmp_path):
     (partial / "export.json").unlink()
     with pytest.raises(exported.ExportError, match="not a complete export"):
         mmrec_jax.load_exported(partial)
+    # Bytes changed inside a file that still parses: the manifest's checksums catch them.
+    manifest = json.loads((export_dir / "export.json").read_text())
+    assert set(manifest["sha256"]) == {
+        p.relative_to(export_dir).as_posix()
+        for p in export_dir.rglob("*")
+        if p.is_file() and p.name != "export.json"
+    }
+    flipped = tmp_path / "flipped"
+    shutil.copytree(export_dir, flipped)
+    for name, load in [
+        ("params.safetensors", mmrec_jax.load_exported),
+        ("item_embeddings.npy", mmrec_jax.load_tables),
+        ("text_model/config.json", mmrec_jax.load_exported),
+    ]:
+        data = (export_dir / name).read_bytes()
+        if name.endswith(".json"):  # still valid JSON, with the same values
+            changed = data.replace(b"\n", b" ", 1)
+        else:  # a value's last byte
+            changed = data[:-1] + bytes([data[-1] ^ 1])
+        (flipped / name).write_bytes(changed)
+        with pytest.raises(exported.ExportError, match="its bytes differ from those the export"):
+            load(flipped)
+        (flipped / name).write_bytes(data)
+    mmrec_jax.load_exported(flipped)
+    # An export without checksums (written before they were recorded) is still checked
+    # against its config.
     damaged = tmp_path / "damaged"
     shutil.copytree(export_dir, damaged)
+    del manifest["sha256"]
+    (damaged / "export.json").write_text(json.dumps(manifest))
     tensors = load_file(damaged / "params.safetensors")
     del tensors["fusion/head/kernel" if "fusion/head/kernel" in tensors else sorted(tensors)[-1]]
     save_file(tensors, damaged / "params.safetensors")
@@ -177,8 +205,8 @@ def test_incomplete_or_damaged_exports_are_refused(export_dir, tmp_path):
         (cut / name).write_bytes((cut / name).read_bytes()[:100])
         with pytest.raises(exported.ExportError) as error:
             load(cut)
-        assert str(error.value).startswith(f"{cut / name} cannot be read ("), error.value
-        assert "the export is damaged. Export the run again" in str(error.value)
+        assert str(error.value).startswith(f"{cut / name} "), error.value
+        assert "damaged" in str(error.value) and "Export the run again" in str(error.value)
     (cut / "params.safetensors").unlink()
     with pytest.raises(exported.ExportError, match=r"params.safetensors cannot be read \(File"):
         mmrec_jax.load_exported(cut)
