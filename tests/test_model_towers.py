@@ -390,6 +390,23 @@ def test_audio_tower_rejects_bad_input():
         tower.init(INIT_KEY, np.zeros((1, 56), np.float32))
 
 
+@pytest.mark.parametrize("modality", ["image", "raw", "logmel"])
+def test_content_towers_encode_an_empty_block(modality):
+    """An empty block gives (0, width), as the text tower and the ID embeddings do."""
+    if modality == "image":
+        tower = ImageTower(_image_config(), width=6)
+        content = np.zeros((2, 8, 8, 3), np.uint8)
+    else:
+        tower = audio_lib.AudioTower(_audio_config(modality, 128), width=6)
+        content = np.zeros((2, 128), np.float32)
+    variables = tower.init(INIT_KEY, content)
+    empty = content[:0]
+    assert tower.apply(variables, empty).shape == (0, 6)
+    assert tower.apply(variables, empty, np.zeros(0, bool)).shape == (0, 6)
+    assert jax.jit(tower.apply)(variables, empty).shape == (0, 6)
+    assert layers.flatten_rows(jnp.zeros((0, 2, 3))).shape == (0, 6)
+
+
 # --- item blocks in chunks ------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, apply_in_chunks, max_pool
+from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, max_pool
 
 FRONTENDS = ("raw", "logmel")
 
@@ -199,7 +199,7 @@ class AudioTower(nn.Module):
                 name=f"conv{i}",
             )(x)
             x = max_pool(nn.relu(x), 2)  # (U, T / 2^(i+1), C_i)
-        x = x.reshape(x.shape[0], -1)  # (U, T' * C)
+        x = flatten_rows(x)  # (U, T' * C)
         x = nn.Dense(cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
         x = nn.relu(x)  # (U, hidden)
         return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="project")(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, apply_in_chunks, max_pool
+from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, max_pool
 
 # Per-channel RGB statistics used to normalise pixels (the ImageNet values).
 _RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -89,7 +89,7 @@ class ImageTower(nn.Module):
                 name=f"conv{i}",
             )(x)
             x = max_pool(nn.relu(x), 2)  # (U, S / 2^(i+1), S / 2^(i+1), C_i)
-        x = x.reshape(x.shape[0], -1)  # (U, S' * S' * C)
+        x = flatten_rows(x)  # (U, S' * S' * C)
         x = nn.Dense(
             self.config.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden"
         )(x)

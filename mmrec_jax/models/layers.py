@@ -44,6 +44,14 @@ import jax.numpy as jnp
 from mmrec_jax import schema
 
 
+def flatten_rows(x: jax.Array) -> jax.Array:
+    """(N, ...) -> (N, F), F the product of the other axes; also for N = 0.
+
+    `x.reshape(N, -1)` cannot infer F from an empty array (it divides by N).
+    """
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def _window_slices(x: jax.Array, window: int) -> tuple[list[jax.Array], list[int]]:
     """The strided slices of `x` at each offset of a non-overlapping window.
 
