@@ -15,7 +15,7 @@ from _tiny_bert import WORDS, make_tiny_bert, torch_outputs, write_tiny_tokenize
 from safetensors.numpy import load_file, save_file
 
 from mmrec_jax.hub import resolve_pretrained
-from mmrec_jax.models.bert import load_bert_config
+from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 from mmrec_jax.models.bert_weights import CheckpointError, load_pretrained, save_pretrained
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -281,3 +281,25 @@ def test_bad_token_ids_are_errors_naming_the_input(tiny):
     # Compiled code cannot check values; valid ids run there as eagerly.
     hidden = jax.jit(bert.apply)(variables, ids, mask, types)[0]
     np.testing.assert_allclose(hidden, bert.apply(variables, ids, mask, types)[0], atol=1e-5)
+
+
+def _small_bert():
+    """A one-layer random BERT and its parameters, without a checkpoint."""
+    config = BertConfig(
+        vocab_size=16,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+    )
+    bert = Bert(config)
+    ids = np.ones((2, 4), np.int32)
+    return bert, bert.init(jax.random.key(0, impl="rbg"), ids)["params"], ids
+
+
+def test_float_token_ids_are_named_as_passed():
+    bert, params, ids = _small_bert()
+    # float64 is named as such, not as the float32 jnp.asarray turns it into.
+    with pytest.raises(ValueError, match="integer token ids; got float64"):
+        bert.apply({"params": params}, ids.astype(np.float64))

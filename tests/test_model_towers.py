@@ -407,6 +407,30 @@ def test_content_towers_encode_an_empty_block(modality):
     assert layers.flatten_rows(jnp.zeros((0, 2, 3))).shape == (0, 6)
 
 
+@pytest.mark.parametrize(
+    "layer,inputs,needle",
+    [
+        (ImageTower(_image_config(), width=4), np.zeros((1, 8, 8, 3)), "got float64"),
+        (
+            ImageTower(_image_config(), width=4),
+            np.zeros((1, 8, 8, 3), np.int64).tolist(),
+            "got int64",
+        ),
+        (
+            audio_lib.AudioTower(_audio_config("raw", 56), width=4),
+            np.zeros((1, 56), np.int64),
+            "got int64",
+        ),
+        (IdEmbedding(num_ids=4, width=3), np.zeros(2), "got float64"),
+    ],
+    ids=["image-float64", "image-list", "audio-int64", "ids-float64"],
+)
+def test_dtype_errors_name_the_dtype_as_passed(layer, inputs, needle):
+    """Not the one `jnp.asarray` converts it to (64-bit types are off by default)."""
+    with pytest.raises(ValueError, match=needle):
+        layer.init(INIT_KEY, inputs)
+
+
 # --- item blocks in chunks ------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, max_pool
+from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, input_dtype, max_pool
 
 FRONTENDS = ("raw", "logmel")
 
@@ -151,15 +151,16 @@ class AudioTower(nn.Module):
           (U, width).
         """
         cfg = self.config
+        dtype = input_dtype(audio)  # as passed: jnp.asarray would turn int64 into int32
         audio = jnp.asarray(audio)
         if audio.ndim != 2 or audio.shape[1] != cfg.clip_samples:
             raise ValueError(
                 f"Audio tower expects waveforms of shape (U, {cfg.clip_samples}) "
                 f"(config.model.audio.clip_samples); got {audio.shape}."
             )
-        if not jnp.issubdtype(audio.dtype, jnp.floating):
+        if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
-                f"Audio tower expects float waveforms in [-1, 1]; got {audio.dtype}. Scale "
+                f"Audio tower expects float waveforms in [-1, 1]; got {dtype}. Scale "
                 "integer PCM to floats first (int16: divide by 32768)."
             )
         return apply_in_chunks(self, "encode", audio, present)

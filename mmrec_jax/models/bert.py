@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmrec_jax import schema
-from mmrec_jax.models.layers import Dropout
+from mmrec_jax.models.layers import Dropout, input_dtype
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -401,12 +401,13 @@ class Bert(nn.Module):
           and the pooled output (B, H) (None when `config.has_pooler` is False).
         """
         cfg = self.config
-        input_ids = jnp.asarray(input_ids)
-        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        dtype = input_dtype(input_ids)  # as passed: jnp.asarray would turn float64 into float32
+        if not jnp.issubdtype(dtype, jnp.integer):
             raise ValueError(
-                f"BERT input_ids must be integer token ids; got {input_ids.dtype}. Tokenize "
+                f"BERT input_ids must be integer token ids; got {dtype}. Tokenize "
                 "the texts with this model's tokenizer."
             )
+        input_ids = jnp.asarray(input_ids)
         attention_mask = (
             jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         )

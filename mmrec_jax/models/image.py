@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, max_pool
+from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, input_dtype, max_pool
 
 # Per-channel RGB statistics used to normalise pixels (the ImageNet values).
 _RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -56,15 +56,16 @@ class ImageTower(nn.Module):
           (U, width).
         """
         size = self.config.size
+        dtype = input_dtype(image)  # as passed: jnp.asarray would turn int64 into int32
         image = jnp.asarray(image)
         if image.ndim != 4 or image.shape[1:] != (size, size, 3):
             raise ValueError(
                 f"Image tower expects images of shape (U, {size}, {size}, 3) "
                 f"(config.model.image.size={size}); got {image.shape}."
             )
-        if jnp.dtype(image.dtype) != jnp.uint8:
+        if dtype != np.uint8:
             raise ValueError(
-                f"Image tower expects uint8 RGB pixels in [0, 255]; got {image.dtype}. Pass the "
+                f"Image tower expects uint8 RGB pixels in [0, 255]; got {dtype}. Pass the "
                 "decoded pixels as they are (float images in [0, 1]: multiply by 255 and round "
                 "to uint8); the tower standardises them itself."
             )

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the towers: pooling, dropout, masked means, attention.
+"""Small building blocks shared by the towers: pooling, dropout, masked means, attention,
+and the checks of their inputs.
 
 These are the model's fast paths on XLA's CPU backend as well as plain layers:
 
@@ -40,8 +41,26 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmrec_jax import schema
+
+
+def input_dtype(x: Any) -> np.dtype:
+    """The dtype of an input as the caller passed it, before any conversion.
+
+    `jnp.asarray` turns float64 into float32 and int64 into int32 (64-bit types are off
+    by default), so a dtype check after it would name a dtype the caller never passed.
+    An array's own dtype (numpy, JAX, a tracer); else the one numpy gives it (lists,
+    scalars, arrays of other libraries).
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None:
+        try:
+            return np.dtype(dtype)
+        except TypeError:
+            pass
+    return np.asarray(x).dtype
 
 
 def flatten_rows(x: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmrec_jax.models.layers import MultiHeadAttention
+from mmrec_jax.models.layers import MultiHeadAttention, input_dtype
 
 
 class IdEmbedding(nn.Module):
@@ -47,11 +47,12 @@ class IdEmbedding(nn.Module):
                 "config.model.num_users / num_items (the training code fills them from "
                 "the dataset)."
             )
-        ids = jnp.asarray(ids)
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
+        dtype = input_dtype(ids)  # as passed: jnp.asarray would turn float64 into float32
+        if not jnp.issubdtype(dtype, jnp.integer):
             raise ValueError(
-                f"ID embedding takes integer ID-vocabulary indices; got {ids.dtype} values."
+                f"ID embedding takes integer ID-vocabulary indices; got {dtype} values."
             )
+        ids = jnp.asarray(ids)
         ids = jnp.where((ids < 0) | (ids > self.num_ids), 0, ids)
         return nn.Embed(
             self.num_ids + 1,
