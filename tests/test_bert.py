@@ -303,3 +303,13 @@ def test_float_token_ids_are_named_as_passed():
     # float64 is named as such, not as the float32 jnp.asarray turns it into.
     with pytest.raises(ValueError, match="integer token ids; got float64"):
         bert.apply({"params": params}, ids.astype(np.float64))
+
+
+def test_the_bare_parameter_tree_is_refused_with_the_fix():
+    bert, params, ids = _small_bert()
+    held = "hold 'embeddings', 'encoder', 'pooler' but no 'params'"
+    with pytest.raises(ValueError, match=rf"BERT's variables {held}: pass \{{'params': params\}}"):
+        bert.apply(params, ids)  # the tree init returned under "params"
+    with pytest.raises(ValueError, match=r"BERT's variables hold no 'params'"):
+        bert.apply({}, ids)
+    assert bert.apply({"params": params}, ids)[0].shape == (2, 4, 8)

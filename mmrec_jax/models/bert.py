@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmrec_jax import schema
-from mmrec_jax.models.layers import Dropout, input_dtype
+from mmrec_jax.models.layers import Dropout, check_has_params, input_dtype
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -401,6 +401,7 @@ class Bert(nn.Module):
           and the pooled output (B, H) (None when `config.has_pooler` is False).
         """
         cfg = self.config
+        check_has_params(self, "BERT")
         dtype = input_dtype(input_ids)  # as passed: jnp.asarray would turn float64 into float32
         if not jnp.issubdtype(dtype, jnp.integer):
             raise ValueError(

@@ -1,5 +1,5 @@
 """Small building blocks shared by the towers: pooling, dropout, masked means, attention,
-and the checks of their inputs.
+and the checks of their inputs and variables.
 
 These are the model's fast paths on XLA's CPU backend as well as plain layers:
 
@@ -61,6 +61,29 @@ def input_dtype(x: Any) -> np.dtype:
         except TypeError:
             pass
     return np.asarray(x).dtype
+
+
+def check_has_params(module: nn.Module, what: str = "The model") -> None:
+    """Refuses variables without a "params" collection: the bare parameter tree.
+
+    `module.apply(params, ...)` with the tree `init` returned under "params" reads its
+    top-level keys as collections, and Flax then fails deep inside with a scope error.
+
+    Args:
+      module: a bound module.
+      what: the module as the message names it ("The model": "The model's variables").
+
+    Raises:
+      ValueError: the module is applied (not initialized) without "params".
+    """
+    if module.is_initializing() or "params" in module.variables:
+        return
+    found = ", ".join(repr(k) for k in sorted(module.variables))
+    held = f"hold {found} but" if found else "hold"
+    raise ValueError(
+        f"{what}'s variables {held} no 'params': pass "
+        "{'params': params}, as init returns them, not the parameter tree itself."
+    )
 
 
 def flatten_rows(x: jax.Array) -> jax.Array:
