@@ -294,21 +294,13 @@ def _text_is_frozen_fn(config: ml_collections.ConfigDict):
 
 
 def _insert_pretrained_text(params: dict, config: ml_collections.ConfigDict) -> dict:
-    """Replaces the random BERT of a trained text tower with the pretrained weights."""
-    if "text" not in schema.parse_towers(config.model.towers):
+    """Replaces the random BERT of a trained text tower with the pretrained weights,
+    on the shardings of the parameters they replace."""
+    bert = recommender.pretrained_text_params(params, config.model)
+    if bert is None:
         return params
-    if not schema.text_is_trained(config.model.text.mode):
-        return params
-    from mmrec_jax.models.bert_weights import load_pretrained
-
-    _, bert_params, _ = load_pretrained(config.model.text.model)
-    current = params["text"]["bert"]
-    pretrained = jax.tree.map(lambda old, new: np.asarray(new, old.dtype), current, bert_params)
-    shardings = jax.tree.map(lambda x: x.sharding, current)
-    params = dict(params)
-    params["text"] = dict(params["text"])
-    params["text"]["bert"] = sharding.put_global(pretrained, shardings)
-    return params
+    shardings = jax.tree.map(lambda x: x.sharding, params["text"]["bert"])
+    return {**params, "text": {**params["text"], "bert": sharding.put_global(bert, shardings)}}
 
 
 def evaluate_split(

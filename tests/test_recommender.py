@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny_bert import make_tiny_bert, torch_outputs
 
 from configs import default
 from mmrec_jax import schema
@@ -21,6 +22,7 @@ from mmrec_jax.models.recommender import (
     build_model,
     count_params_by_tower,
     format_param_counts,
+    with_pretrained_text,
 )
 
 ALL = "text,image,audio,id,history"
@@ -317,6 +319,31 @@ def test_gradients_in_trained_text_modes(tiny_bert_folder, mode, pooling):
     others["text_proj"] = grads["text"]["proj"]
     for path, grad in flax.traverse_util.flatten_dict(others).items():
         assert np.any(np.asarray(grad)), f"no gradient for {path}"
+
+
+def test_with_pretrained_text_puts_the_pretrained_bert_in(tmp_path):
+    reference = make_tiny_bert(tmp_path, seed=4)  # saved by transformers
+    cfg = tiny_config("text,id", text_mode="finetune")
+    cfg.text.model = str(tmp_path)
+    model = build_model(cfg)
+    batch = make_batch(cfg, seed=3)
+    vocab = model.bert_config.vocab_size
+    batch = _replace_items(batch, text_ids=batch["items"]["text_ids"] % vocab)
+    params = model.init(init_key(), batch)["params"]
+    loaded = with_pretrained_text(params, cfg)
+    ids = np.array([[2, 5, 7, 9, 3], [2, 8, 3, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    hidden, _ = Bert(model.bert_config).apply({"params": loaded["text"]["bert"]}, ids, mask)
+    np.testing.assert_allclose(hidden, torch_outputs(reference, ids, mask)[0], atol=1e-5)
+    random_hidden, _ = Bert(model.bert_config).apply({"params": params["text"]["bert"]}, ids, mask)
+    assert not np.allclose(random_hidden, hidden, atol=1e-2)  # init's BERT is not it
+    kept = {k: v for k, v in loaded.items() if k != "text"} | {"proj": loaded["text"]["proj"]}
+    before = {k: v for k, v in params.items() if k != "text"} | {"proj": params["text"]["proj"]}
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, kept, before))  # the rest as it was
+    model.apply({"params": loaded}, batch)
+    frozen = tiny_config("text,id")
+    frozen_params = build_model(frozen).init(init_key(), make_batch(frozen))["params"]
+    assert with_pretrained_text(frozen_params, frozen) == frozen_params  # no BERT: unchanged
 
 
 @pytest.mark.parametrize(

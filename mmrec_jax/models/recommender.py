@@ -2,6 +2,7 @@
 
     model = build_model(config.model)
     variables = model.init(rng, batch)                   # batch: see mmrec_jax.schema
+    variables = {"params": with_pretrained_text(variables["params"], config.model)}
     logits = model.apply(variables, batch, train=False)  # (B,)
     encoded = model.apply(variables, items, method=model.encode_items)
     logits = model.apply(variables, rows, encoded, method=model.score)
@@ -10,7 +11,9 @@ Item towers (text, image, audio, item ID) run once per item of the batch's item 
 and give M item tokens per item; `score` gathers them for each row's candidate by slot,
 adds the user tokens (user ID, attention over the history items' embeddings) and fuses
 them into one logit. Splitting `encode_items` from `score` lets full-catalogue ranking
-encode every item once and then score users x items.
+encode every item once and then score users x items. `init` gives every layer random
+weights; `with_pretrained_text` puts the pretrained BERT into a text tower that
+fine-tunes it (a frozen one reads cached embeddings and holds no BERT).
 
 Parameters sit under one top-level name per part: `text` (its BERT at
 `params["text"]["bert"]`), `image`, `audio`, `item_id`, `user_id`, `history`, `fusion`;
@@ -29,7 +32,7 @@ import numpy as np
 
 from mmrec_jax import runtime, schema
 from mmrec_jax.models.audio import AudioTower
-from mmrec_jax.models.bert import BertConfig, load_bert_config
+from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 from mmrec_jax.models.fusion import Fusion
 from mmrec_jax.models.image import ImageTower
 from mmrec_jax.models.layers import masked_mean
@@ -293,6 +296,52 @@ def build_model(model_config: ml_collections.ConfigDict) -> Recommender:
     if schema.bert_in_step(model_config.towers, model_config.text.mode):
         bert_config = load_bert_config(model_config.text.model)
     return Recommender(model_config, bert_config)
+
+
+def pretrained_text_params(params: Mapping, model_config: ml_collections.ConfigDict) -> dict | None:
+    """The pretrained weights of the text tower's BERT, for `params["text"]["bert"]`.
+
+    Args:
+      params: the model's parameter tree (`init(...)["params"]`).
+      model_config: `config.model`; its `text.model` names the pretrained BERT.
+
+    Returns:
+      The BERT's parameter tree as numpy arrays, each in the dtype of the parameter it
+      replaces; None when `params` hold no BERT (no text tower, or text.mode frozen).
+    """
+    if "text" not in params or "bert" not in params["text"]:
+        return None
+    from mmrec_jax.hub import resolve_pretrained
+    from mmrec_jax.models.bert_weights import load_params
+
+    folder = resolve_pretrained(model_config.text.model)
+    pretrained = load_params(Bert(load_bert_config(folder)), folder)
+    current = params["text"]["bert"]
+    if jax.tree.structure(current) != jax.tree.structure(pretrained):
+        raise ValueError(
+            f"The pretrained BERT {model_config.text.model!r} has another parameter tree than "
+            "the text tower of these params: build the model and load the weights from the "
+            "same config.model.text.model."
+        )
+    return jax.tree.map(lambda old, new: np.asarray(new, old.dtype), current, pretrained)
+
+
+def with_pretrained_text(params: Mapping, model_config: ml_collections.ConfigDict) -> dict:
+    """`params` with the text tower's random BERT replaced by its pretrained weights.
+
+    `init` gives a trained text tower (text.mode finetune or finetune_top_n) a random
+    BERT, as it gives every layer random weights; fine-tuning starts from the pretrained
+    one of `model_config.text.model` after this. Without a BERT in `params` (frozen mode:
+    the tower reads cached embeddings) they are returned as they are.
+
+    Args:
+      params: the model's parameter tree (`init(...)["params"]`).
+      model_config: `config.model`, as given to `build_model`.
+    """
+    bert = pretrained_text_params(params, model_config)
+    if bert is None:
+        return dict(params)
+    return {**params, "text": {**params["text"], "bert": jax.tree.map(jnp.asarray, bert)}}
 
 
 def _params_of(variables: Mapping) -> Mapping:
