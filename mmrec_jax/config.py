@@ -9,6 +9,7 @@ wrong type is a `ConfigError` naming the key.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import math
@@ -415,28 +416,63 @@ def _tower_shape_problems(config: ml_collections.ConfigDict, towers: tuple) -> l
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Checks that every field of a run config holds a usable value, before any work.
 
-    Every field a run reads must be present, numbers must lie in their ranges (a
-    batch size of at least 1, a finite learning rate >= 0, dropout rates in [0, 1),
-    ...), named choices must be known, the tower list must parse and the attention
-    widths must split into their heads.
+    Every field a run reads must be present and no other (a misspelt name is not
+    silently ignored), numbers must lie in their ranges (a batch size of at least 1, a
+    finite learning rate >= 0, dropout rates in [0, 1), ...), named choices must be
+    known, the tower list must parse and the attention widths must split into their
+    heads.
 
     Raises:
       ConfigError: naming every bad field, its value and what it must be.
     """
+    problems = _problems(config, scope="")
+    if problems:
+        raise ConfigError(
+            "Bad config values (set them in the config file or with "
+            "--config.KEY=VALUE):\n  " + "\n  ".join(problems)
+        )
+
+
+def check_model_config(model_config: ml_collections.ConfigDict) -> None:
+    """`check_values` for `config.model` alone, the part `build_model` takes.
+
+    Raises:
+      ConfigError: naming every bad field of config.model.
+    """
+    if "model" in model_config and "towers" not in model_config:
+        raise ConfigError("Pass config.model, not the whole config: it holds the model's fields.")
+    problems = _problems(ml_collections.ConfigDict({"model": model_config}), scope="model.")
+    if problems:
+        raise ConfigError("Bad config.model values:\n  " + "\n  ".join(problems))
+
+
+def _known_fields() -> set[str]:
+    return {*_VALUE_RULES, *_choice_rules(), *_FIELDS_WITHOUT_RULES}
+
+
+def _problems(config: ml_collections.ConfigDict, scope: str) -> list[str]:
+    """What is wrong with the fields of `config` whose dotted names start with `scope`."""
     from mmrec_jax import optim, schema
 
+    known = _known_fields()
     problems = [
         f"config.{key} is missing: add it to the config file (configs/default.py has every "
         "field with its default)."
         for key in missing_fields(config)
+        if key.startswith(scope)
     ]
+    for key in flatten(config):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            meant = f"did you mean config.{close[0]}? " if close else ""
+            problems.append(f"config.{key} is not a field of the config: {meant}Remove it.")
     for key, (test, must) in _VALUE_RULES.items():
         value = _lookup(config, key)
-        if value is not _MISSING and not test(value):
+        if key.startswith(scope) and value is not _MISSING and not test(value):
             problems.append(f"config.{key}={value!r} must be {must}.")
     for key, choices in _choice_rules().items():
         value = _lookup(config, key)
-        if value is not _MISSING and value not in choices:
+        if key.startswith(scope) and value is not _MISSING and value not in choices:
             problems.append(f"config.{key}={value!r} must be one of {', '.join(choices)}.")
     towers = _lookup(config, "model.towers")
     try:
@@ -475,11 +511,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             "config.train.num_steps=0 and config.train.num_epochs=0 train nothing; "
             "set either to at least 1."
         )
-    if problems:
-        raise ConfigError(
-            "Bad config values (set them in the config file or with "
-            "--config.KEY=VALUE):\n  " + "\n  ".join(problems)
-        )
+    return problems
 
 
 def flatten(values: Mapping) -> dict[str, Any]:

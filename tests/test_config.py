@@ -181,6 +181,52 @@ def test_every_default_field_has_a_value_check():
             assert key in config_lib._VALUE_RULES, f"{key}={value!r}: no range rule"
 
 
+def test_a_misspelt_field_is_named_with_the_one_meant():
+    config = load_config(ROOT / "configs/default.py")
+    with config.model.fusion.unlocked():
+        config.model.fusion.num_head = 3
+    with config.unlocked():
+        config.banana = 1
+    with pytest.raises(ConfigError) as error:
+        check_values(config)
+    message = str(error.value)
+    assert (
+        "config.model.fusion.num_head is not a field of the config: did you mean "
+        "config.model.fusion.num_heads? Remove it." in message
+    )
+    assert "config.banana is not a field of the config: Remove it." in message
+
+
+def test_build_model_checks_the_model_config():
+    """What research code passes to build_model gets the checks train.py runs."""
+    from mmrec_jax.models.recommender import build_model
+
+    def model_config(**fields):
+        config = load_config(ROOT / "configs/default.py").model
+        config.num_users, config.num_items = 5, 7
+        for dotted, value in fields.items():
+            *groups, leaf = dotted.split("__")
+            node = config
+            for group in groups:
+                node = node[group]
+            with node.unlocked():
+                node[leaf] = value
+        return config
+
+    build_model(model_config())
+    build_model(model_config().to_dict())  # a plain dict works too
+    for fields, needle in [
+        ({"fusion__dropout": 1.5}, "config.model.fusion.dropout=1.5 must be a number in [0, 1)"),
+        ({"audio__hop_length": 0}, "config.model.audio.hop_length=0 must be an integer >= 1"),
+        ({"param_dtype": "float8"}, "config.model.param_dtype='float8' must be one of"),
+        ({"fusion__num_head": 3}, "did you mean config.model.fusion.num_heads?"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            build_model(model_config(**fields))
+    with pytest.raises(ConfigError, match="Pass config.model, not the whole config"):
+        build_model(load_config(ROOT / "configs/default.py"))
+
+
 def test_a_missing_field_is_named():
     """Every field a run reads must be there (older runs lack only profile_steps)."""
     for key in config_lib.flatten(load_config(ROOT / "configs/default.py")):

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from mmrec_jax import runtime, schema
+from mmrec_jax.config import check_model_config
 from mmrec_jax.models.audio import AudioTower
 from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 from mmrec_jax.models.fusion import Fusion
@@ -286,12 +287,19 @@ def _in_range(slots: jax.Array, num_items: int) -> jax.Array:
     return (slots >= 0) & (slots < num_items)
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> Recommender:
+def build_model(model_config: ml_collections.ConfigDict | Mapping) -> Recommender:
     """Builds the recommender for `config.model`.
 
     Reads the BERT architecture (`config.json` only, no weights) when the text tower
     runs BERT. `num_users` / `num_items` must be set when the id tower is enabled.
+
+    Raises:
+      ConfigError: a field of `model_config` is missing, unknown (misspelt) or holds a
+        value the model cannot use (`config.check_model_config`).
     """
+    if not isinstance(model_config, ml_collections.ConfigDict):
+        model_config = ml_collections.ConfigDict(model_config)
+    check_model_config(model_config)
     bert_config = None
     if schema.bert_in_step(model_config.towers, model_config.text.mode):
         bert_config = load_bert_config(model_config.text.model)
