@@ -47,6 +47,7 @@ saving.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -354,6 +355,27 @@ def check_index_range(name: str, array, size: int, fix: str, where=None) -> None
     if low < 0 or high >= size:
         raise BatchError(
             f"{name} holds indices in [{low}, {high}] but must lie in [0, {size}); {fix}"
+        )
+
+
+def warn_outside_vocabulary(name: str, array, num_ids: int, size_field: str) -> None:
+    """Warns when concrete ID-vocabulary indices lie outside [0, num_ids].
+
+    The ID embedding counts them as out of vocabulary (index 0), as it must under jit;
+    applied eagerly, the model says so, since raw ids passed for indices would
+    otherwise train an ID tower that tells no one apart.
+    """
+    values = concrete_values(array)
+    if values is None or values.size == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > num_ids:
+        warnings.warn(
+            f"Batch field {name!r} holds ID-vocabulary indices in [{low}, {high}], outside "
+            f"[0, {num_ids}] (config.model.{size_field}={num_ids}): those count as out of "
+            f"vocabulary, like index 0. Map ids to their vocabulary index first: 1 to "
+            f"{num_ids} for known ids, 0 for unknown ones.",
+            stacklevel=2,
         )
 
 

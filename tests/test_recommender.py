@@ -2,6 +2,7 @@
 
 import functools
 import re
+import warnings
 
 import flax
 import jax
@@ -319,6 +320,32 @@ def test_gradients_in_trained_text_modes(tiny_bert_folder, mode, pooling):
     others["text_proj"] = grads["text"]["proj"]
     for path, grad in flax.traverse_util.flatten_dict(others).items():
         assert np.any(np.asarray(grad)), f"no gradient for {path}"
+
+
+def test_ids_outside_the_vocabulary_count_as_unknown_and_warn_when_eager():
+    cfg = tiny_config("image,id")
+    model = build_model(cfg)
+    batch = make_batch(cfg, seed=2)
+    variables = model.init(init_key(), batch)
+    unknown = {**batch, "user_id": np.zeros(B, np.int32)}
+    unknown = _replace_items(unknown, item_id=np.zeros(U, np.int32))
+    want = model.apply(variables, unknown)
+    raw = {**batch, "user_id": np.full(B, NUM_USERS + 1, np.int32)}  # raw ids, not indices
+    raw = _replace_items(raw, item_id=np.arange(-1, U - 1, dtype=np.int32) * 100)
+    with pytest.warns(UserWarning) as caught:
+        got = model.apply(variables, raw)
+    messages = [str(w.message) for w in caught]
+    assert any(
+        f"'user_id' holds ID-vocabulary indices in [{NUM_USERS + 1}, {NUM_USERS + 1}], outside "
+        f"[0, {NUM_USERS}] (config.model.num_users={NUM_USERS})" in m
+        for m in messages
+    ), messages
+    assert any("'item_id' holds ID-vocabulary indices in [-100, " in m for m in messages)
+    np.testing.assert_array_equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # under jit: nothing to check, and no warning
+        np.testing.assert_allclose(jax.jit(model.apply)(variables, raw), want, atol=1e-6)
+        model.apply(variables, batch)  # indices in range: no warning
 
 
 def test_with_pretrained_text_puts_the_pretrained_bert_in(tmp_path):

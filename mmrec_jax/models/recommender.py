@@ -140,7 +140,8 @@ class Recommender(nn.Module):
         Args:
           items: the item block (`batch["items"]`, see `mmrec_jax.schema`), U >= 1 items.
             Applied eagerly, a NaN or infinite value in the content of an item that has
-            that modality raises `BatchError`.
+            that modality raises `BatchError`, and an `item_id` outside [0, num_items]
+            (counted as out of vocabulary, like 0) warns.
           train: enables dropout inside the towers (rng stream "dropout").
 
         Returns:
@@ -158,6 +159,10 @@ class Recommender(nn.Module):
             for_model=True,
         )
         schema.check_finite_content(items)
+        if "id" in self.towers:
+            schema.warn_outside_vocabulary(
+                "item_id", items["item_id"], self.config.num_items, "num_items"
+            )
         items = _zero_absent_content(items)
         num_items = items["item_id"].shape[0]
         tokens, masks = [], []
@@ -188,7 +193,8 @@ class Recommender(nn.Module):
             tower `history_slot` (B, H) and `history_mask` (B, H); slots index the item
             block (a history slot where the mask is False may hold anything). A slot
             outside the block raises `BatchError` when applied eagerly; under jit, where
-            values cannot be checked, its row's logit is NaN.
+            values cannot be checked, its row's logit is NaN. A `user_id` outside
+            [0, num_users] counts as out of vocabulary, like 0 (eagerly, with a warning).
           encoded: the output of `encode_items` for that item block, or tables of its
             form: `tokens` (N, M, D), `mask` (N, M) bool and `embedding` (N, D), M the
             model's item tokens and D its width.
@@ -211,6 +217,10 @@ class Recommender(nn.Module):
                 num_items,
                 f"slots index the {num_items} items of the encoded item block.",
                 where=rows["history_mask"] if name == "history_slot" else None,
+            )
+        if "id" in self.towers:
+            schema.warn_outside_vocabulary(
+                "user_id", rows["user_id"], self.config.num_users, "num_users"
             )
         slot = rows["item_slot"]  # (B,)
         tokens = [encoded["tokens"][slot]]  # [(B, M, D)]
