@@ -148,11 +148,15 @@ def test_trained_modes_need_bert_config_and_tokens():
         )
 
 
-@pytest.mark.parametrize("embedding", [np.zeros(16, np.float32), np.zeros((2, 16), np.int32)])
-def test_frozen_mode_needs_float_embeddings_one_per_item(embedding):
+@pytest.mark.parametrize(
+    "embedding,found",
+    [(np.zeros(16, np.float32), "float32 (16,)"), (np.zeros((2, 16), np.int64), "int64 (2, 16)")],
+)
+def test_frozen_mode_needs_float_embeddings_one_per_item(embedding, found):
     tower = TextTower(_text_config("frozen"), WIDTH)
-    with pytest.raises(schema.BatchError, match=r"must be float \(U, Dt\)"):
+    with pytest.raises(schema.BatchError, match=r"must be float \(U, Dt\)") as error:
         tower.init(jax.random.key(0), {"text_embedding": embedding})
+    assert str(error.value).endswith(f"got {found}."), error.value  # as passed
 
 
 def _large_block(filled: int) -> dict:

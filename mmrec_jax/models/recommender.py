@@ -36,7 +36,7 @@ from mmrec_jax.models.audio import AudioTower
 from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 from mmrec_jax.models.fusion import Fusion
 from mmrec_jax.models.image import ImageTower
-from mmrec_jax.models.layers import masked_mean
+from mmrec_jax.models.layers import check_has_params, masked_mean
 from mmrec_jax.models.text import TextTower
 from mmrec_jax.models.user import HistoryAttention, IdEmbedding
 
@@ -124,16 +124,6 @@ class Recommender(nn.Module):
             dims["T"] = self.config.audio.clip_samples
         return dims
 
-    def _check_variables(self) -> None:
-        """Refuses variables without a "params" collection (the bare parameter tree)."""
-        if self.is_initializing() or "params" in self.variables:
-            return
-        found = ", ".join(repr(k) for k in sorted(self.variables)) or "nothing"
-        raise ValueError(
-            f"The model's variables hold {found} but no 'params': pass "
-            "{'params': params}, as init returns them, not the parameter tree itself."
-        )
-
     def encode_items(self, items: Mapping, train: bool = False) -> dict[str, jax.Array]:
         """Runs each enabled item tower once over an item block.
 
@@ -150,7 +140,7 @@ class Recommender(nn.Module):
            "embedding": (U, D) masked mean of the tokens, the item's summary vector}.
         """
         train = _static_train(train)
-        self._check_variables()
+        check_has_params(self)
         schema.validate_items(
             items,
             self.towers,
@@ -204,7 +194,7 @@ class Recommender(nn.Module):
           (B,) float32 logits.
         """
         train = _static_train(train)
-        self._check_variables()
+        check_has_params(self)
         schema.validate_score_rows(rows, self.towers)
         num_items = schema.validate_encoded(
             encoded, len(token_names(self.towers)[0]), self.config.width

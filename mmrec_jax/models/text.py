@@ -29,7 +29,7 @@ import ml_collections
 
 from mmrec_jax import schema
 from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
-from mmrec_jax.models.layers import apply_in_chunks
+from mmrec_jax.models.layers import apply_in_chunks, input_dtype
 
 # Pooling choices of config.model.text.pooling.
 POOLINGS = ("cls", "mean", "pooler")
@@ -198,11 +198,12 @@ class TextTower(nn.Module):
         """
         cfg = self.config
         if cfg.mode == "frozen":
+            passed = input_dtype(text["text_embedding"])
             x = jnp.asarray(text["text_embedding"])  # (U, Dt)
-            if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+            if x.ndim != 2 or not jnp.issubdtype(passed, jnp.floating):
                 raise schema.BatchError(
                     f"items['text_embedding'] must be float (U, Dt), one pooled BERT vector "
-                    f"per item; got {x.dtype} {x.shape}."
+                    f"per item; got {passed} {x.shape}."
                 )
             x = x.astype(self.dtype)
             if self.has_variable("params", "proj"):
