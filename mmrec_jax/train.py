@@ -762,6 +762,19 @@ def check_dataset_readable(info: pipeline.DatasetInfo) -> None:
         raise damage or builder.DatasetDamagedError(problem)
 
 
+def _device_count_note(meta: dict, devices: int, step: int) -> str | None:
+    """What resuming on another number of devices than the checkpoint's run changes."""
+    saved_on = meta.get("devices")  # absent in checkpoints of older versions
+    if saved_on is None or saved_on == devices:
+        return None
+    return (
+        f"Step {step} was saved by a run on {saved_on} devices; this one has {devices}. It "
+        "trains on from the same state and batches, but sums over each batch now add up "
+        f"in another order, so the steps from here differ from a run kept on {saved_on} "
+        "devices in float rounding."
+    )
+
+
 def _early_stopping_record(meta: dict, workdir: Path, step: int) -> tuple[float, int]:
     """(best validation AUC, evaluations since it) of a run at its checkpoint `step`.
 
@@ -980,6 +993,9 @@ def _train_and_evaluate(
             )
         elif is_chief:
             print(f"Resuming from checkpoint step {start_step} in {checkpointer.directory}.")
+            note = _device_count_note(restored_meta, mesh.size, start_step)
+            if note:
+                print(note)
         best_auc, evals_without_gain = _early_stopping_record(restored_meta, workdir, start_step)
     patience = config.train.early_stopping_patience
     stopped_early = bool(patience) and evals_without_gain >= patience
@@ -1025,6 +1041,7 @@ def _train_and_evaluate(
         "config": json.loads(config_to_json(config)),
         "dataset": info.name,
         "dataset_fingerprint": pipeline.dataset_fingerprint(info),
+        "devices": mesh.size,
     }
 
     # Saving is collective: under several processes, all stop at the same step, the first

@@ -466,6 +466,19 @@ def test_resume_refuses_another_model_and_keeps_the_run(reference_run, tmp_path,
 
 
 @WITH_REFERENCE_RUN
+def test_resuming_on_another_device_count_says_what_changes(reference_run):
+    reader = checkpoint.Checkpointer(reference_run, read_only=True)
+    meta = reader.restore_meta(30)
+    reader.close()
+    assert meta["devices"] == 2  # subprocess_env's
+    note = train._device_count_note(meta, 8, 30)
+    assert note.startswith("Step 30 was saved by a run on 2 devices; this one has 8.")
+    assert "differ from a run kept on 2 devices in float rounding" in note
+    assert train._device_count_note(meta, 2, 30) is None
+    assert train._device_count_note({}, 8, 30) is None  # saved before devices were recorded
+
+
+@WITH_REFERENCE_RUN
 def test_damaged_newest_checkpoint_is_set_aside_and_its_steps_retrained(
     data_dir, reference_run, tmp_path
 ):
@@ -480,6 +493,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_its_steps_retrained(
         command, env=subprocess_env(), check=True, timeout=900, capture_output=True, text=True
     ).stdout
     assert "is damaged and was skipped" in out and "step 20" in out
+    assert "was saved by a run on" not in out  # the same 2 devices: nothing changes
     assert f"Moved damaged checkpoint step 30 to {run / 'checkpoints_damaged' / '30'}" in out
     assert (run / "checkpoints_damaged" / "30" / "state").is_dir()
     # Steps 21-30 trained again from checkpoint 20 give the uninterrupted run's parameters.
