@@ -4,7 +4,8 @@
 (another process, or the next run after a crash) sees either the old content or the new
 one, never a half-written file. `exclusive_lock` keeps a second process out of a folder
 (a training run's workdir) while the first works in it. `unwritable_reason` tells before
-any work whether a folder can take a command's output. `error_line` puts the error of a
+any work whether a folder can take a command's output, `too_little_room` whether its
+disk has room for it. `error_line` puts the error of a
 file that cannot be read into one line of a message.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -37,6 +39,23 @@ def unwritable_reason(folder: str | Path) -> str | None:
     except OSError as error:
         return error.strerror or str(error)
     return None
+
+
+def too_little_room(folder: str | Path, needed: int, what: str) -> str | None:
+    """A warning when the disk holding `folder` has less room than `needed` bytes for
+    `what` (say, "a checkpoint of this run"); None when it has enough or cannot tell."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= needed:
+        return None
+    mib = 2**20
+    return (
+        f"Warning: the disk holding {folder} has {free / mib:.1f} MiB free, less than the "
+        f"{needed / mib:.1f} MiB of {what}: saving it will fail. Free some space, or pass "
+        "another folder."
+    )
 
 
 def error_line(error: BaseException, limit: int = 300) -> str:

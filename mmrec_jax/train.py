@@ -1018,6 +1018,10 @@ def _train_and_evaluate(
             # The settings the checkpoints from now on are trained with (not written when
             # nothing trains, so a finished run's record keeps the settings it finished with).
             write_atomic(workdir / "config.json", config_to_json(config))
+            state_bytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+            warning = files.too_little_room(workdir, state_bytes, "a checkpoint of this run")
+            if warning:
+                print(warning)
         # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.
         writer = reporting.MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
     except OSError as error:

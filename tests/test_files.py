@@ -65,3 +65,20 @@ def test_exclusive_lock_on_a_filesystem_without_locks_warns_and_goes_on(tmp_path
     with pytest.warns(UserWarning, match="does not support file locks"):
         with files.exclusive_lock(tmp_path / ".lock") as locked:
             assert locked
+
+
+def test_too_little_room_warns_with_both_sizes(tmp_path, monkeypatch):
+    assert files.too_little_room(tmp_path, 1, "a file") is None  # a byte fits
+    usage = files.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: usage._replace(free=3 * 2**20))
+    warning = files.too_little_room(tmp_path, 5 * 2**20, "a checkpoint of this run")
+    assert warning == (
+        f"Warning: the disk holding {tmp_path} has 3.0 MiB free, less than the 5.0 MiB of "
+        "a checkpoint of this run: saving it will fail. Free some space, or pass another folder."
+    )
+    assert files.too_little_room(tmp_path, 3 * 2**20, "a file") is None
+
+
+def test_too_little_room_says_nothing_where_it_cannot_tell(tmp_path):
+    assert files.too_little_room(tmp_path / "missing", 10**18, "a file") is None
+    assert files.too_little_room(tmp_path, 10**18, "a file").startswith("Warning: the disk")
