@@ -344,12 +344,17 @@ def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
     return node
 
 
+def _known_fields() -> set[str]:
+    return {*_VALUE_RULES, *_choice_rules(), *_FIELDS_WITHOUT_RULES}
+
+
 def missing_fields(config: ml_collections.ConfigDict) -> list[str]:
     """Dotted names of the fields every run config needs that `config` lacks."""
-    needed = [*_VALUE_RULES, *_choice_rules(), *_FIELDS_WITHOUT_RULES]
-    return [
-        key for key in needed if key not in _OPTIONAL_FIELDS and _lookup(config, key) is _MISSING
-    ]
+    return sorted(
+        key
+        for key in _known_fields()
+        if key not in _OPTIONAL_FIELDS and _lookup(config, key) is _MISSING
+    )
 
 
 def _choice_rules() -> dict[str, tuple[str, ...]]:
@@ -444,10 +449,6 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
     problems = _problems(ml_collections.ConfigDict({"model": model_config}), scope="model.")
     if problems:
         raise ConfigError("Bad config.model values:\n  " + "\n  ".join(problems))
-
-
-def _known_fields() -> set[str]:
-    return {*_VALUE_RULES, *_choice_rules(), *_FIELDS_WITHOUT_RULES}
 
 
 def _problems(config: ml_collections.ConfigDict, scope: str) -> list[str]:

@@ -5,8 +5,8 @@
 one, never a half-written file. `exclusive_lock` keeps a second process out of a folder
 (a training run's workdir) while the first works in it. `unwritable_reason` tells before
 any work whether a folder can take a command's output, `too_little_room` whether its
-disk has room for it. `error_line` puts the error of a
-file that cannot be read into one line of a message.
+disk has room for it. `error_line` puts the error of a file that cannot be read into one
+line of a message.
 """
 
 from __future__ import annotations
