@@ -13,6 +13,7 @@ from _tiny_bert import make_tiny_bert, torch_outputs
 
 from configs import default
 from mmrec_jax import schema
+from mmrec_jax.config import ConfigError
 from mmrec_jax.models import audio as audio_lib
 from mmrec_jax.models import bert_weights
 from mmrec_jax.models import image as image_lib
@@ -320,6 +321,20 @@ def test_gradients_in_trained_text_modes(tiny_bert_folder, mode, pooling):
     others["text_proj"] = grads["text"]["proj"]
     for path, grad in flax.traverse_util.flatten_dict(others).items():
         assert np.any(np.asarray(grad)), f"no gradient for {path}"
+
+
+def test_build_model_checks_the_text_settings_against_the_bert(tmp_path):
+    make_tiny_bert(tmp_path, pooler=False)  # 2 encoder layers, no pooler
+    cfg = tiny_config("text,id", text_mode="finetune_top_n")
+    cfg.text.model = str(tmp_path)
+    cfg.text.top_n = 3
+    with pytest.raises(ConfigError, match=r"top_n=3 must lie in \[1, 2\] \(the BERT's number"):
+        build_model(cfg)
+    cfg.text.top_n, cfg.text.pooling = 2, "pooler"
+    with pytest.raises(ConfigError, match="pooling='pooler' but the checkpoint has no pooler"):
+        build_model(cfg)
+    cfg.text.pooling = "cls"
+    build_model(cfg)
 
 
 def test_ids_outside_the_vocabulary_count_as_unknown_and_warn_when_eager():

@@ -12,6 +12,7 @@ import transformers
 from _processes import launch_two_processes
 from _tiny_bert import make_tiny_bert, torch_outputs
 
+from mmrec_jax.config import ConfigError
 from mmrec_jax.data import text_cache
 from mmrec_jax.data.text_cache import item_text_fields, text_embeddings, tokenize_texts
 
@@ -163,6 +164,13 @@ def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path, computations,
     assert array_file.read_bytes() == data  # the rebuilt file is whole again
     text_embeddings(**args, cache_dir=tmp_path)
     assert len(computations) == 2
+
+
+def test_pooler_pooling_needs_a_checkpoint_with_a_pooler(tmp_path, computations):
+    make_tiny_bert(tmp_path / "bert", pooler=False)
+    with pytest.raises(ConfigError, match="pooling='pooler' but the checkpoint has no pooler"):
+        text_embeddings(TEXTS, str(tmp_path / "bert"), "pooler", max_len=8, cache_dir=tmp_path)
+    assert computations == []  # refused before BERT ran
 
 
 def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(tiny, tmp_path, computations):

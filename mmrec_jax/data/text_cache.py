@@ -33,8 +33,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mmrec_jax import schema, sharding
 from mmrec_jax.files import write_atomic
 from mmrec_jax.hub import resolve_pretrained
-from mmrec_jax.models.bert_weights import TOKENIZER_FILES, load_pretrained, weight_files
-from mmrec_jax.models.text import POOLINGS, pool
+from mmrec_jax.models.bert_weights import (
+    TOKENIZER_FILES,
+    checkpoint_has_pooler,
+    load_pretrained,
+    weight_files,
+)
+from mmrec_jax.models.text import POOLINGS, check_pooler, pool
 from mmrec_jax.reporting import progress_bar
 
 # Bump when the stored format or the computation changes, so old caches are not reused.
@@ -210,6 +215,7 @@ def text_embeddings(
     """
     _check_settings(pooling, batch_size)
     folder = resolve_pretrained(model_name)
+    check_pooler(pooling, checkpoint_has_pooler(folder))
     fingerprint, weights_sha = _fingerprint(folder, texts, pooling, max_len)
     cache_dir = Path(cache_dir)
     array_path = cache_dir / f"text_embeddings_{fingerprint[:24]}.npy"

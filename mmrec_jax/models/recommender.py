@@ -37,7 +37,7 @@ from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 from mmrec_jax.models.fusion import Fusion
 from mmrec_jax.models.image import ImageTower
 from mmrec_jax.models.layers import check_has_params, masked_mean
-from mmrec_jax.models.text import TextTower
+from mmrec_jax.models.text import TextTower, check_text_config
 from mmrec_jax.models.user import HistoryAttention, IdEmbedding
 
 # Item-modality tokens in their order in the fusion: (tower, token name).
@@ -303,6 +303,7 @@ def build_model(model_config: ml_collections.ConfigDict | Mapping) -> Recommende
     bert_config = None
     if schema.bert_in_step(model_config.towers, model_config.text.mode):
         bert_config = load_bert_config(model_config.text.model)
+        check_text_config(model_config.text, bert_config)
     return Recommender(model_config, bert_config)
 
 

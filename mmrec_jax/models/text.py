@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmrec_jax import schema
+from mmrec_jax.config import ConfigError
 from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 from mmrec_jax.models.layers import apply_in_chunks, input_dtype
 
@@ -59,26 +60,47 @@ def pool(hidden: jax.Array, mask: jax.Array, pooled: jax.Array | None, pooling: 
         count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)  # (N, 1)
         return (total / count).astype(hidden.dtype)
     if pooling == "pooler":
-        if pooled is None:
-            raise ValueError(
-                "config.model.text.pooling='pooler' but the checkpoint has no pooler weights; "
-                "use pooling 'cls' or 'mean'."
-            )
+        check_pooler(pooling, has_pooler=pooled is not None)
         return pooled
     raise ValueError(f"config.model.text.pooling={pooling!r}; choose one of {POOLINGS}.")
 
 
+def check_pooler(pooling: str, has_pooler: bool) -> None:
+    """Raises ConfigError for pooling "pooler" with a BERT checkpoint that has no pooler."""
+    if pooling == "pooler" and not has_pooler:
+        raise ConfigError(
+            "config.model.text.pooling='pooler' but the checkpoint has no pooler weights; "
+            "use pooling 'cls' or 'mean'."
+        )
+
+
+def check_text_config(
+    text_config: ml_collections.ConfigDict, bert_config: BertConfig | None = None
+) -> None:
+    """Raises ConfigError for a text mode, pooling or top_n the tower cannot use.
+
+    Args:
+      text_config: config.model.text.
+      bert_config: the BERT's architecture: with it, top_n must not exceed its encoder
+        layers, and pooling "pooler" needs its pooler.
+    """
+    num_layers = None if bert_config is None else bert_config.num_hidden_layers
+    _check_text_config(text_config, num_layers)
+    if bert_config is not None:
+        check_pooler(text_config.pooling, bert_config.has_pooler)
+
+
 def _check_text_config(text_config: ml_collections.ConfigDict, num_layers: int | None) -> None:
     if text_config.mode not in MODES:
-        raise ValueError(f"config.model.text.mode={text_config.mode!r}; choose one of {MODES}.")
+        raise ConfigError(f"config.model.text.mode={text_config.mode!r}; choose one of {MODES}.")
     if text_config.pooling not in POOLINGS:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.text.pooling={text_config.pooling!r}; choose one of {POOLINGS}."
         )
     if text_config.mode == "finetune_top_n" and num_layers is not None:
-        if not 0 <= text_config.top_n <= num_layers:
-            raise ValueError(
-                f"config.model.text.top_n={text_config.top_n} must lie in [0, {num_layers}] "
+        if not 1 <= text_config.top_n <= num_layers:
+            raise ConfigError(
+                f"config.model.text.top_n={text_config.top_n} must lie in [1, {num_layers}] "
                 "(the BERT's number of encoder layers) for mode 'finetune_top_n'."
             )
 
@@ -157,8 +179,7 @@ class TextTower(nn.Module):
           (U, width) in `dtype`.
         """
         cfg = self.config
-        num_layers = None if self.bert_config is None else self.bert_config.num_hidden_layers
-        _check_text_config(cfg, num_layers)
+        check_text_config(cfg, self.bert_config)
         if cfg.mode == "frozen":
             if "text_embedding" not in items:
                 raise ValueError(
