@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Compute dtype: auto (bfloat16 on GPU and TPU; float32 on CPU, where bfloat16 is slower,
     # BENCHMARKS.md), float32, bfloat16 or float16. A run's config.json records the one used.
     model.dtype = "auto"
-    # Parameter dtype (the master copy the optimizer updates).
+    # Parameter dtype (the master copy the optimizer updates): float32 or bfloat16.
     model.param_dtype = "float32"
     # User ID-vocabulary size without the out-of-vocabulary bucket; 0: taken from the dataset.
     model.num_users = 0

@@ -364,7 +364,8 @@ def _choice_rules() -> dict[str, tuple[str, ...]]:
 
     return {
         "model.dtype": runtime.COMPUTE_DTYPES,
-        "model.param_dtype": ("float32", "bfloat16", "float16"),
+        # float16 parameters underflow Adam's update (its epsilon, small squared gradients).
+        "model.param_dtype": ("float32", "bfloat16"),
         "model.text.mode": text.MODES,
         "model.text.pooling": text.POOLINGS,
         "model.image.conv_kernel_grad": layers.CONV_KERNEL_GRADS,
@@ -392,8 +393,11 @@ def _tower_shape_problems(config: ml_collections.ConfigDict, towers: tuple) -> l
             )
     audio = {
         key: _lookup(config, f"model.audio.{key}")
-        for key in ("frontend", "clip_samples", "n_fft", "hop_length", "channels")
-    }
+        for key in (
+            "frontend", "clip_samples", "n_fft", "hop_length", "channels", "sample_rate",
+            "mel_bins",
+        )
+    }  # fmt: skip
     numbers = [audio[k] for k in ("clip_samples", "n_fft", "hop_length")]
     if "audio" not in towers or not all(_integer(n) and n >= 1 for n in numbers):
         return problems
@@ -407,6 +411,7 @@ def _tower_shape_problems(config: ml_collections.ConfigDict, towers: tuple) -> l
                 f"config.model.audio.n_fft={audio['n_fft']}; lower n_fft or raise clip_samples."
             ]
         length = 1 + length // audio["hop_length"]  # frames
+        problems += _empty_mel_filters(audio)
     blocks = len(audio["channels"])
     if length >> blocks < 1:
         problems.append(
@@ -416,6 +421,24 @@ def _tower_shape_problems(config: ml_collections.ConfigDict, towers: tuple) -> l
             "or use fewer channels entries."
         )
     return problems
+
+
+def _empty_mel_filters(audio: dict) -> list[str]:
+    """Mel filters that fall between the FFT's frequency bins, and so stay all zero."""
+    rate, mel_bins = audio["sample_rate"], audio["mel_bins"]
+    if not (_integer(rate) and rate >= 1 and _integer(mel_bins) and mel_bins >= 1):
+        return []
+    from mmrec_jax.models.audio import mel_filterbank
+
+    empty = int((mel_filterbank(rate, audio["n_fft"], mel_bins).max(axis=0) == 0).sum())
+    if not empty:
+        return []
+    return [
+        f"config.model.audio.mel_bins={mel_bins} is too many for config.model.audio.n_fft="
+        f"{audio['n_fft']}: {empty} of the mel filters fall between its "
+        f"{audio['n_fft'] // 2 + 1} frequency bins and stay empty. Lower mel_bins or raise "
+        "n_fft."
+    ]
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:

@@ -201,7 +201,8 @@ def resolve_config(
 
     Raises:
       ValueError: `model.dtype` names no compute dtype.
-      ConfigError: `data.max_text_len` is longer than the text model's positions.
+      ConfigError: `data.max_text_len` is longer than the text model's positions, or
+        pooling "pooler" asks for a pooler the text model does not have.
     """
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.data_dir = str(Path(config.data.data_dir).resolve())
@@ -221,10 +222,19 @@ def resolve_config(
             f"training towers {towers}."
         )
     model.towers = towers
+    if verbose and config.data.negatives_per_positive and not info.positives_only:
+        print(
+            f"Note: dataset {info.name!r} has labels, so no negatives are sampled: "
+            f"config.data.negatives_per_positive={config.data.negatives_per_positive} is for "
+            "positives-only data."
+        )
     if "text" in schema.parse_towers(towers):
         from mmrec_jax.models.bert import load_bert_config
+        from mmrec_jax.models.text import check_pooler
 
-        limit = load_bert_config(model.text.model).max_position_embeddings
+        bert_config = load_bert_config(model.text.model)
+        check_pooler(model.text.pooling, bert_config.has_pooler)
+        limit = bert_config.max_position_embeddings
         if config.data.max_text_len > limit:
             raise ConfigError(
                 f"config.data.max_text_len={config.data.max_text_len} is more tokens than "
@@ -762,6 +772,49 @@ def check_dataset_readable(info: pipeline.DatasetInfo) -> None:
         raise damage or builder.DatasetDamagedError(problem)
 
 
+def _check_updates(train_config: ml_collections.ConfigDict, total_steps: int, verbose: bool):
+    """Refuses a run too short for one optimizer update; notes steps that make none and a
+    warmup the run is too short for.
+
+    Raises:
+      ConfigError: fewer steps than `grad_accum_steps` micro-batches, which make an update.
+    """
+    accum = train_config.grad_accum_steps
+    if total_steps < accum:
+        raise ConfigError(
+            f"config.train.grad_accum_steps={accum} micro-batches make one optimizer update, "
+            f"but the run trains {total_steps} steps: its parameters would never change. "
+            f"Train at least {accum} steps, or accumulate fewer."
+        )
+    updates = total_steps // accum
+    if verbose and total_steps % accum:
+        print(
+            f"Note: the last {total_steps % accum} of the run's {total_steps} steps make no "
+            f"update (config.train.grad_accum_steps={accum} micro-batches make one)."
+        )
+    warmup = train_config.warmup_steps
+    if verbose and updates > 1 and warmup >= updates:
+        print(
+            f"Note: config.train.warmup_steps={warmup} is not below the run's {updates} "
+            f"optimizer updates: the warmup ends at update {updates - 1}, and the learning "
+            "rate peaks at the end without decaying."
+        )
+
+
+def _divergence(loss: float, grad_norm: float, max_loss: float) -> tuple[str, str]:
+    """(what the loss became, what to change) for a step whose loss or gradient is not
+    finite, or whose loss is above `max_loss`."""
+    fix = "Lower config.train.learning_rate (or raise config.train.warmup_steps)"
+    if not np.isfinite(loss):
+        return "NaN or infinite", fix
+    if not np.isfinite(grad_norm):
+        return f"{loss:.4g} with a non-finite gradient", fix
+    return (
+        f"{loss:.4g}, above config.train.max_loss={max_loss:g},",
+        f"{fix}, or raise config.train.max_loss if such a loss is expected,",
+    )
+
+
 def _device_count_note(meta: dict, devices: int, step: int) -> str | None:
     """What resuming on another number of devices than the checkpoint's run changes."""
     saved_on = meta.get("devices")  # absent in checkpoints of older versions
@@ -938,6 +991,7 @@ def _train_and_evaluate(
             f"split of {info.name!r} ({examples} examples). {fix}"
         )
     total_steps = config.train.num_steps or config.train.num_epochs * epoch_steps
+    _check_updates(config.train, total_steps, verbose=is_chief)
     updates = max(total_steps // max(config.train.grad_accum_steps, 1), 1)
 
     item_store = pipeline.ItemStore(config, info)
@@ -1139,14 +1193,11 @@ def _train_and_evaluate(
             loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
             if np.isfinite(loss) and np.isfinite(grad_norm) and loss <= config.train.max_loss:
                 continue
-            what = "NaN or infinite" if not np.isfinite(loss) else f"{loss:.4g}"
-            if np.isfinite(loss) and not np.isfinite(grad_norm):
-                what = f"{loss:.4g} with a non-finite gradient"
+            what, fix = _divergence(loss, grad_norm, config.train.max_loss)
             raise TrainingDiverged(
                 f"Training diverged: the loss became {what} at step {step}. The last good "
                 f"checkpoint is step {last_saved} in {checkpointer.directory} (nothing after "
-                "it was saved). Lower config.train.learning_rate (or raise "
-                "config.train.warmup_steps) and rerun the same command: it resumes from that "
+                f"it was saved). {fix} and rerun the same command: it resumes from that "
                 "checkpoint."
             )
         for values in host:

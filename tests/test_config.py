@@ -227,6 +227,21 @@ def test_build_model_checks_the_model_config():
         build_model(load_config(ROOT / "configs/default.py"))
 
 
+def test_settings_that_cannot_work_are_refused():
+    for overrides, needle in [
+        # Adam's update underflows in float16 parameters: NaN at the first step.
+        ([("model.param_dtype", "float16")], "param_dtype='float16' must be one of float32, "),
+        (
+            [("model.audio.n_fft", "64"), ("model.audio.mel_bins", "200")],
+            "mel_bins=200 is too many for config.model.audio.n_fft=64: 138 of the mel filters "
+            "fall between its 33 frequency bins and stay empty",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(ROOT / "configs/default.py", overrides)
+    load_config(ROOT / "configs/default.py", [("model.audio.mel_bins", "64")])  # all filled
+
+
 def test_a_missing_field_is_named():
     """Every field a run reads must be there (older runs lack only profile_steps)."""
     for key in config_lib.flatten(load_config(ROOT / "configs/default.py")):

@@ -143,6 +143,49 @@ def test_a_local_text_model_folder_is_recorded_absolute(data_dir, tmp_path, monk
     config.data.max_text_len = 41
     with pytest.raises(ConfigError, match=r"max_text_len=41 is more tokens than .* \(40, its"):
         train.resolve_config(config, info, verbose=False)
+    # So is pooling "pooler" with a checkpoint without one (in every text mode).
+    make_tiny_bert(tmp_path / "no_pooler", pooler=False)
+    config = tiny_config(data_dir, model__text__model=tmp_path / "no_pooler")
+    config.model.text.pooling = "pooler"
+    with pytest.raises(ConfigError, match="pooling='pooler' but the checkpoint has no pooler"):
+        train.resolve_config(config, info, verbose=False)
+
+
+def test_settings_this_run_does_not_use_are_noted(data_dir, capsys):
+    config = tiny_config(data_dir, data__negatives_per_positive=2)
+    pipeline.ensure_dataset(config.data)
+    info = pipeline.load_dataset_info(config.data)
+    assert not info.positives_only  # the synthetic data has labels
+    capsys.readouterr()
+    train.resolve_config(config, info, verbose=True)
+    assert (
+        f"Note: dataset {info.name!r} has labels, so no negatives are sampled: "
+        "config.data.negatives_per_positive=2 is for positives-only data."
+    ) in capsys.readouterr().out
+    # Accumulation: too few steps for one update is refused; steps left over are noted.
+    short = tiny_config(data_dir, train__grad_accum_steps=3).train
+    with pytest.raises(ConfigError, match=r"grad_accum_steps=3 micro-batches .* trains 2 steps"):
+        train._check_updates(short, 2, verbose=True)
+    train._check_updates(short, 10, verbose=True)  # 3 updates, beyond the 2 of warmup
+    out = capsys.readouterr().out
+    assert "Note: the last 1 of the run's 10 steps make no update" in out
+    assert "warmup" not in out
+    long_warmup = tiny_config(data_dir, train__warmup_steps=100).train
+    train._check_updates(long_warmup, 4, verbose=True)
+    assert (
+        "Note: config.train.warmup_steps=100 is not below the run's 4 optimizer updates: the "
+        "warmup ends at update 3"
+    ) in capsys.readouterr().out
+
+
+def test_a_loss_above_max_loss_names_the_setting():
+    what, fix = train._divergence(0.6893, 1.0, 0.5)
+    assert what == "0.6893, above config.train.max_loss=0.5,"
+    assert fix.endswith(", or raise config.train.max_loss if such a loss is expected,")
+    assert train._divergence(float("nan"), 1.0, 0.5) == (
+        "NaN or infinite",
+        "Lower config.train.learning_rate (or raise config.train.warmup_steps)",
+    )
 
 
 def test_early_stopping_after_evaluations_without_gain(data_dir, tmp_path, capsys):
