@@ -604,8 +604,9 @@ def evaluate_params(
       {split: {"click": {...}, "calibration": `metrics.calibration_curve`, "ranking":
       {...} or None, "ranked_users": int,
       "rows": {"examples", "positive_rate"}, "oracle": {...} or None,
-      "ablation": {modality: {..., "auc_drop"}} (with `ablate`)}}. Ranking is None for
-      "train": its positives are the excluded items.
+      "ablation": {modality: {..., "auc_drop"}} (with `ablate`; empty for a model with
+      no content modality)}}. Ranking is None for "train": its positives are the
+      excluded items.
     """
     catalogue = catalogue or open_catalogue(config)
     info = catalogue.info
@@ -682,7 +683,11 @@ def evaluate_params(
 
 
 def format_results(results: Mapping[str, Mapping]) -> str:
-    """The metrics of each split as a text table, each split beside its oracle."""
+    """The metrics of each split as a text table, each split beside its oracle.
+
+    With `--ablate`, each split's ablation table follows; a model with no content
+    modality (every "ablation" empty) gets one line saying so instead.
+    """
 
     def values(entry: Mapping) -> dict:
         return {**entry["click"], **(entry.get("ranking") or {}), **entry.get("rows", {})}
@@ -709,6 +714,13 @@ def format_results(results: Mapping[str, Mapping]) -> str:
     table.append(users)
     lines = reporting.align_table(table)
     lines += reporting.undefined_gauc_note({s: e["click"] for s, e in results.items()})
+    if any("ablation" in e for e in results.values()) and not any(
+        e.get("ablation") for e in results.values()
+    ):
+        lines += [
+            "",
+            f"Note: the run's model has no content modality ({', '.join(ABLATABLE)}) to ablate.",
+        ]
     for split, entry in results.items():
         if entry.get("ablation"):
             rows = [["without", "auc", "auc drop", "logloss"]]

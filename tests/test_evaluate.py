@@ -376,3 +376,26 @@ def test_results_table_marks_each_cell_without_a_value():
     one_row_each = dict(entry, click={"auc": 0.7, "gauc": None})
     lines = evaluate.format_results({"test": one_row_each, "train": entry}).splitlines()
     assert lines[-1].startswith("gauc -: no user of test has both a positive and a negative")
+
+
+def test_ablating_a_model_without_content_modalities_says_so():
+    """--ablate on an ID/history-only model prints one note instead of nothing."""
+
+    def model(towers):
+        return type("Model", (), {"config": type("Config", (), {"towers": towers})})()
+
+    assert evaluate.content_modalities(model("id,history")) == ()
+    assert evaluate.content_modalities(model("audio,id,text")) == ("text", "audio")
+    entry = {"click": {"auc": 0.75}, "ranking": None, "ablation": {}}
+    lines = evaluate.format_results({"test": entry, "test_cold": entry}).splitlines()
+    notes = [line for line in lines if "content modality" in line]
+    assert notes == [
+        "Note: the run's model has no content modality (text, image, audio) to ablate."
+    ]
+    assert not any(line.startswith("Modality ablation") for line in lines)
+    # Without --ablate, no note; with a content modality, its table and no note.
+    del entry["ablation"]
+    assert "content modality" not in evaluate.format_results({"test": entry})
+    ablated = dict(entry, ablation={"text": {"auc": 0.7, "auc_drop": 0.05, "logloss": 0.6}})
+    out = evaluate.format_results({"test": ablated})
+    assert "Modality ablation on test " in out and "content modality" not in out
