@@ -42,6 +42,8 @@ whatever its loading options (worker processes, prefetch) were before.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -921,7 +923,45 @@ def make_batches(
             ),
             worker_init_fn=functools.partial(_init_worker, parent=os.getpid()),
         )
+        _unlink_freed_batches_at_exit()
     return iter(iter_ds)
+
+
+@functools.cache
+def _unlink_freed_batches_at_exit() -> None:
+    """Registers `_finish_unlinking_batches` to run at exit (once per process).
+
+    `multiprocessing` registered its own exit handler when Grain imported it, before
+    this: exit handlers run last registered first, so this one runs before it.
+    """
+    atexit.register(_finish_unlinking_batches)
+
+
+def _finish_unlinking_batches() -> None:
+    """Completes the release of the shared memory of worker batches freed before exit.
+
+    Grain's worker processes hand each batch over in shared memory; the main process
+    unlinks a batch's blocks when its arrays are freed, through a background thread pool
+    (`SharedMemoryArray`'s asynchronous deletion, started by the first worker pipeline).
+    At exit, `multiprocessing` terminates that pool and drops the unlinks still queued:
+    those of the batches freed last (the training loop keeps its first batch until the
+    run ends). The resource tracker then removes the blocks itself but warns "There
+    appear to be N leaked shared_memory objects to clean up at shutdown". Here, arrays
+    freed from now on unlink at once, and the queued unlinks complete. If Grain's
+    internals change, this does nothing (and the warning may come back).
+    """
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return
+    lock = getattr(SharedMemoryArray, "_lock", None)
+    with lock or contextlib.nullcontext():
+        pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+        if pool is None:
+            return
+        SharedMemoryArray._del_thread_pool = None  # arrays freed from now on unlink at once
+    pool.close()
+    pool.join()  # the unlinks already queued
 
 
 # How often a Grain worker checks that the process it serves is still there.
