@@ -6,6 +6,7 @@ import json
 import shutil
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,3 +314,15 @@ def test_the_bare_parameter_tree_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"BERT's variables hold no 'params'"):
         bert.apply({}, ids)
     assert bert.apply({"params": params}, ids)[0].shape == (2, 4, 8)
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(3)(Bert(bert.config)(ids)[0])
+
+    outer = Outer()
+    variables = outer.init(jax.random.key(0), ids)
+    del variables["params"]["Bert_0"]  # a tree without the BERT part: Flax names it
+    with pytest.raises(Exception, match="Bert_0") as error:
+        outer.apply(variables, ids)
+    assert "pass {'params': params}" not in str(error.value)

@@ -73,9 +73,14 @@ def check_has_params(module: nn.Module, what: str = "The model") -> None:
       module: a bound module.
       what: the module as the message names it ("The model": "The model's variables").
 
+    Only the module applied at the top is checked: inside a model, a submodule's
+    variables are its part of the tree, and Flax names the part a tree lacks.
+
     Raises:
       ValueError: the module is applied (not initialized) without "params".
     """
+    if module.scope.parent is not None:
+        return
     if module.is_initializing() or "params" in module.variables:
         return
     found = ", ".join(repr(k) for k in sorted(module.variables))
