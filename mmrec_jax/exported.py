@@ -196,10 +196,15 @@ def load_export_config(path: str | Path) -> ml_collections.ConfigDict:
 
     `config.model.text.model` names the pretrained BERT the run started from; when the
     export holds the text tower's BERT (`text_model/`), it is set to that folder, so the
-    model builds from the export alone.
+    model builds from the export alone, and the folder's files (and the tokenizer's) are
+    checked against the export's checksums first.
     """
     path = Path(path)
-    return _export_config(path, _require_export(path))
+    manifest = _require_export(path)
+    for relative in manifest.get("sha256", {}):  # what the text model folder is read for
+        if relative.startswith((f"{TEXT_MODEL_DIR}/", f"{TOKENIZER_DIR}/")):
+            _verify(path, relative, manifest)
+    return _export_config(path, manifest)
 
 
 def _export_config(path: Path, manifest: Mapping) -> ml_collections.ConfigDict:
@@ -265,9 +270,9 @@ def load_exported(path: str | Path) -> tuple[Any, dict]:
     path = Path(path)
     manifest = _require_export(path)
     config = _export_config(path, manifest)
-    for relative in manifest.get("sha256", {}):  # the BERT folder the model builds from
-        if relative.startswith((f"{TEXT_MODEL_DIR}/", f"{TOKENIZER_DIR}/")):
-            _verify(path, relative, manifest)
+    bert_config = f"{TEXT_MODEL_DIR}/config.json"  # what build_model reads (and key names)
+    if (path / bert_config).is_file():
+        _verify(path, bert_config, manifest)
     model = build_model(config.model)
     param_dtype = jnp.dtype(config.model.param_dtype)
     params = unflatten_params(_read(path, PARAMS_FILE, load_file, manifest))

@@ -171,6 +171,7 @@ def test_incomplete_or_damaged_exports_are_refused(export_dir, tmp_path):
         ("params.safetensors", mmrec_jax.load_exported),
         ("item_embeddings.npy", mmrec_jax.load_tables),
         ("text_model/config.json", mmrec_jax.load_exported),
+        ("text_model/model.safetensors", mmrec_jax.load_export_config),  # to encode texts
     ]:
         data = (export_dir / name).read_bytes()
         if name.endswith(".json"):  # still valid JSON, with the same values
@@ -207,6 +208,11 @@ def test_incomplete_or_damaged_exports_are_refused(export_dir, tmp_path):
             load(cut)
         assert str(error.value).startswith(f"{cut / name} "), error.value
         assert "damaged" in str(error.value) and "Export the run again" in str(error.value)
+        if name != "export.json":  # without checksums, the reader itself names the file
+            (cut / "export.json").write_text(json.dumps(manifest))
+            with pytest.raises(exported.ExportError, match="cannot be read") as error:
+                load(cut)
+            assert str(error.value).startswith(f"{cut / name} cannot be read ("), error.value
     (cut / "params.safetensors").unlink()
     with pytest.raises(exported.ExportError, match=r"params.safetensors cannot be read \(File"):
         mmrec_jax.load_exported(cut)
