@@ -43,7 +43,8 @@ def unwritable_reason(folder: str | Path) -> str | None:
 
 def too_little_room(folder: str | Path, needed: int, what: str) -> str | None:
     """A warning when the disk holding `folder` has less room than `needed` bytes for
-    `what` (say, "a checkpoint of this run"); None when it has enough or cannot tell."""
+    `what` (say, "the run's train state", which a checkpoint may store compressed); None
+    when it has enough or cannot tell."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -53,7 +54,7 @@ def too_little_room(folder: str | Path, needed: int, what: str) -> str | None:
     mib = 2**20
     return (
         f"Warning: the disk holding {folder} has {free / mib:.1f} MiB free, less than the "
-        f"{needed / mib:.1f} MiB of {what}: saving it will fail. Free some space, or pass "
+        f"{needed / mib:.1f} MiB of {what}: saving it may fail. Free some space, or pass "
         "another folder."
     )
 

@@ -366,7 +366,7 @@ def warn_outside_vocabulary(name: str, array, num_ids: int, size_field: str) -> 
     otherwise train an ID tower that tells no one apart.
     """
     values = concrete_values(array)
-    if values is None or values.size == 0:
+    if values is None or values.size == 0 or num_ids < 1:  # no vocabulary: the tower says so
         return
     low, high = int(values.min()), int(values.max())
     if low < 0 or high > num_ids:

@@ -793,9 +793,9 @@ def _check_updates(train_config: ml_collections.ConfigDict, total_steps: int, ve
             f"update (config.train.grad_accum_steps={accum} micro-batches make one)."
         )
     warmup = train_config.warmup_steps
-    if verbose and updates > 1 and warmup >= updates:
+    if verbose and updates > 1 and warmup >= updates - 1:
         print(
-            f"Note: config.train.warmup_steps={warmup} is not below the run's {updates} "
+            f"Note: config.train.warmup_steps={warmup} leaves no decay in the run's {updates} "
             f"optimizer updates: the warmup ends at update {updates - 1}, and the learning "
             "rate peaks at the end without decaying."
         )
@@ -1073,7 +1073,7 @@ def _train_and_evaluate(
             # nothing trains, so a finished run's record keeps the settings it finished with).
             write_atomic(workdir / "config.json", config_to_json(config))
             state_bytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
-            warning = files.too_little_room(workdir, state_bytes, "a checkpoint of this run")
+            warning = files.too_little_room(workdir, state_bytes, "the run's train state")
             if warning:
                 print(warning)
         # A fresh run starts at 0: records of an earlier attempt that saved nothing go too.

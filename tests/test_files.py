@@ -71,10 +71,10 @@ def test_too_little_room_warns_with_both_sizes(tmp_path, monkeypatch):
     assert files.too_little_room(tmp_path, 1, "a file") is None  # a byte fits
     usage = files.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(files.shutil, "disk_usage", lambda _: usage._replace(free=3 * 2**20))
-    warning = files.too_little_room(tmp_path, 5 * 2**20, "a checkpoint of this run")
+    warning = files.too_little_room(tmp_path, 5 * 2**20, "the run's train state")
     assert warning == (
         f"Warning: the disk holding {tmp_path} has 3.0 MiB free, less than the 5.0 MiB of "
-        "a checkpoint of this run: saving it will fail. Free some space, or pass another folder."
+        "the run's train state: saving it may fail. Free some space, or pass another folder."
     )
     assert files.too_little_room(tmp_path, 3 * 2**20, "a file") is None
 

@@ -361,6 +361,8 @@ def test_ids_outside_the_vocabulary_count_as_unknown_and_warn_when_eager():
         warnings.simplefilter("error")  # under jit: nothing to check, and no warning
         np.testing.assert_allclose(jax.jit(model.apply)(variables, raw), want, atol=1e-6)
         model.apply(variables, batch)  # indices in range: no warning
+        schema.warn_outside_vocabulary("user_id", raw["user_id"], 0, "num_users")  # unset:
+        # the ID embedding itself refuses a vocabulary of 0
 
 
 def test_with_pretrained_text_puts_the_pretrained_bert_in(tmp_path):

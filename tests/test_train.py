@@ -166,16 +166,17 @@ def test_settings_this_run_does_not_use_are_noted(data_dir, capsys):
     short = tiny_config(data_dir, train__grad_accum_steps=3).train
     with pytest.raises(ConfigError, match=r"grad_accum_steps=3 micro-batches .* trains 2 steps"):
         train._check_updates(short, 2, verbose=True)
-    train._check_updates(short, 10, verbose=True)  # 3 updates, beyond the 2 of warmup
+    train._check_updates(short, 13, verbose=True)  # 4 updates: 2 of warmup, 2 of decay
     out = capsys.readouterr().out
-    assert "Note: the last 1 of the run's 10 steps make no update" in out
+    assert "Note: the last 1 of the run's 13 steps make no update" in out
     assert "warmup" not in out
-    long_warmup = tiny_config(data_dir, train__warmup_steps=100).train
-    train._check_updates(long_warmup, 4, verbose=True)
-    assert (
-        "Note: config.train.warmup_steps=100 is not below the run's 4 optimizer updates: the "
-        "warmup ends at update 3"
-    ) in capsys.readouterr().out
+    for warmup in (3, 100):  # both end the warmup at the last of 4 updates
+        long_warmup = tiny_config(data_dir, train__warmup_steps=warmup).train
+        train._check_updates(long_warmup, 4, verbose=True)
+        assert (
+            f"Note: config.train.warmup_steps={warmup} leaves no decay in the run's 4 optimizer "
+            "updates: the warmup ends at update 3"
+        ) in capsys.readouterr().out
 
 
 def test_a_loss_above_max_loss_names_the_setting():
