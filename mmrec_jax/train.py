@@ -1094,6 +1094,7 @@ def _train_and_evaluate(
     train_iter = loader("train", train=True, start_row=rows_done)
 
     jit_step = jit_train_step(model, setup, mesh, first_local, config.model.dtype)
+    del first_local, example  # their shapes were all they were for: free the memory now
     predict_fn = predict.make_predict_fn(model, param_shardings)
     meta = {
         "config": json.loads(config_to_json(config)),
