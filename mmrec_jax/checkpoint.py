@@ -431,11 +431,7 @@ class Checkpointer:
         for step in steps:
             if not (self.directory / str(step)).exists():
                 continue  # another process or person moved it already
-            target = self.workdir / "checkpoints_damaged" / str(step)
-            suffix = 1
-            while target.exists():
-                target = target.with_name(f"{step}_{suffix}")
-                suffix += 1
+            target = files.free_path(self.workdir / "checkpoints_damaged" / str(step))
             target.parent.mkdir(exist_ok=True)
             (self.directory / str(step)).rename(target)
             moved[step] = target

@@ -59,6 +59,15 @@ def too_little_room(folder: str | Path, needed: int, what: str) -> str | None:
     )
 
 
+def free_path(path: Path) -> Path:
+    """`path`, or the first of path_1, path_2, ... (same suffix) that does not exist."""
+    candidate, number = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}_{number}{path.suffix}")
+        number += 1
+    return candidate
+
+
 def error_line(error: BaseException, limit: int = 300) -> str:
     """Says `error` in one line: "TypeName: the first line of its message" (cut after
     `limit` characters, with "..."); its repr stands in for a message it lacks."""

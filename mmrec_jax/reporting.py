@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mmrec_jax.files import write_atomic
+from mmrec_jax.files import free_path, write_atomic
 
 # Seconds between a progress bar's updates when stderr is a file or a pipe, not a
 # terminal or a notebook: a log gets a line every half minute, not ten a second.
@@ -167,7 +167,7 @@ def _records(path: Path, keep_damaged: bool = False) -> list[dict]:
         elif number < len(lines) or text.endswith("\n"):
             damaged.append(str(number))
     if keep_damaged and damaged:
-        copy = _free_path(path.with_name("metrics_damaged.jsonl"))
+        copy = free_path(path.with_name("metrics_damaged.jsonl"))
         shutil.copyfile(path, copy)
         which = (
             f"lines {', '.join(damaged)} are not metrics records"
@@ -179,15 +179,6 @@ def _records(path: Path, keep_damaged: bool = False) -> list[dict]:
             f"as it was in {copy}."
         )
     return records
-
-
-def _free_path(path: Path) -> Path:
-    """`path`, or the first of path_1, path_2, ... (same suffix) that does not exist."""
-    candidate, number = path, 1
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}_{number}{path.suffix}")
-        number += 1
-    return candidate
 
 
 def format_cell(value: Any) -> str:

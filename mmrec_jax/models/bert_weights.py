@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from mmrec_jax.hub import resolve_pretrained
-from mmrec_jax.models.bert import Bert, BertConfig
+from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
 
 logger = logging.getLogger(__name__)
 
@@ -178,12 +178,6 @@ def _read_checkpoint(folder: Path) -> tuple[dict[tuple[str, ...], tuple], list[s
     return weights, unmatched
 
 
-def _bert_for(folder: Path, dtype, param_dtype) -> Bert:
-    config = json.loads((folder / "config.json").read_text())
-    bert_config = BertConfig.from_dict(config, has_pooler=checkpoint_has_pooler(folder))
-    return Bert(bert_config, dtype=dtype, param_dtype=param_dtype)
-
-
 def load_params(bert: Bert, folder: str | os.PathLike) -> dict:
     """Loads a checkpoint folder's weights into `bert`'s parameter tree.
 
@@ -262,7 +256,7 @@ def load_pretrained(
       (bert, params, tokenizer); apply with `bert.apply({"params": params}, ids, mask)`.
     """
     folder = resolve_pretrained(name_or_path)
-    bert = _bert_for(folder, dtype, param_dtype)
+    bert = Bert(load_bert_config(folder), dtype=dtype, param_dtype=param_dtype)
     return bert, load_params(bert, folder), load_tokenizer(folder)
 
 
