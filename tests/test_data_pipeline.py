@@ -35,6 +35,8 @@ def make_config(data_dir, name="mmrec_synthetic", **overrides):
         ("data.synthetic.num_users", "40"),
         ("data.synthetic.num_items", "60"),
         ("data.synthetic.seed", "1"),
+        # The stored side of the synthetic images: batches carry them byte for byte.
+        ("model.image.size", "56"),
     ]
     pairs += [(k.replace("__", "."), str(v)) for k, v in overrides.items()]
     return load_config(ROOT / "configs" / "tiny.py", pairs)
