@@ -170,8 +170,8 @@ def test_first_token_only_matches_the_full_bert_and_its_gradients(top_n):
         return jnp.sum(jnp.sin(hidden[:, 0])) + jnp.sum(pooled**2)
 
     for got, want in zip(
-        jax.tree.leaves(jax.grad(functools.partial(loss, fast))(params)),
-        jax.tree.leaves(jax.grad(functools.partial(loss, full))(params)),
+        jax.tree.leaves(jax.jit(jax.grad(functools.partial(loss, fast)))(params)),
+        jax.tree.leaves(jax.jit(jax.grad(functools.partial(loss, full)))(params)),
         strict=True,
     ):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

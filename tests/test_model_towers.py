@@ -157,11 +157,12 @@ def test_attention_matches_numpy_reference(t, s, width, heads, absorbed):
     def loss(fn):
         return lambda p, q, kv: jnp.sum(jnp.sin(fn(p, q, kv)))
 
-    grads = jax.grad(loss(lambda p, q, kv: layer.apply({"params": p}, q, kv, mask)), (0, 1, 2))(
-        params, q, kv
-    )
-    reference = jax.grad(
-        loss(lambda p, q, kv: _attention_reference(p, q, kv, mask, heads, jnp)), (0, 1, 2)
+    # Compiled: op by op, the backward passes would compile each primitive on its own.
+    grads = jax.jit(
+        jax.grad(loss(lambda p, q, kv: layer.apply({"params": p}, q, kv, mask)), (0, 1, 2))
+    )(params, q, kv)
+    reference = jax.jit(
+        jax.grad(loss(lambda p, q, kv: _attention_reference(p, q, kv, mask, heads, jnp)), (0, 1, 2))
     )(params, q, kv)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
