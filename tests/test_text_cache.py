@@ -219,3 +219,31 @@ def test_item_text_fields_are_what_training_read(tiny, mode):
         ids, mask = tokenize_texts(tokenizer, TEXTS, max_len=8)
         np.testing.assert_array_equal(fields["text_ids"], ids)
         np.testing.assert_array_equal(fields["text_mask"], mask)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_named(tiny, tmp_path, mode):
+    # Two words added to the tokenizer (vocab.txt) but not to the BERT's embeddings: under
+    # jit their ids would read NaN embeddings.
+    folder, _ = tiny
+    grown = tmp_path / "grown"
+    shutil.copytree(folder, grown)
+    words = (folder / "vocab.txt").read_text().split()
+    vocab_size = transformers.BertConfig.from_pretrained(str(folder)).vocab_size
+    extra = vocab_size - len(words) + 1  # the second added word's id is past the vocabulary
+    (grown / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(extra)]) + "\n")
+    config = ml_collections.ConfigDict(
+        {
+            "model": {"text": {"model": str(grown), "mode": mode, "pooling": "mean"}},
+            "data": {"max_text_len": 8},
+        }
+    )
+    known = ["a cat video", f"w{extra - 2} song"]  # every id inside the vocabulary
+    assert item_text_fields(known, config, batch_size=4)["has_text"].all()
+    texts = [*known, None, f"a dog w{extra - 1}"]
+    with pytest.raises(ConfigError) as error:
+        item_text_fields(texts, config, batch_size=4)
+    message = str(error.value)
+    assert f"The tokenizer in {grown} gives token id {vocab_size} " in message
+    assert f"(in the text 'a dog w{extra - 1}')" in message
+    assert f"vocab_size={vocab_size}" in message and "tokenizer.save_pretrained" in message

@@ -471,11 +471,9 @@ class ItemStore:
     def _load_text(self, config, texts: list[str]) -> None:
         max_len = int(config.data.max_text_len)
         if schema.text_is_trained(self.text_mode):
-            from mmrec_jax.data.text_cache import tokenize_texts
-            from mmrec_jax.models.bert_weights import load_tokenizer
+            from mmrec_jax.data.text_cache import tokenize_for_model
 
-            tokenizer = load_tokenizer(config.model.text.model)
-            ids, mask = tokenize_texts(tokenizer, texts + [""], max_len)
+            ids, mask = tokenize_for_model(config.model.text.model, texts + [""], max_len)
             # The last row, the empty text, fills padding slots: [CLS] [SEP], never all-masked.
             self.arrays["text_ids"], self.arrays["text_mask"] = ids[:-1], mask[:-1]
             self._empty_text = (ids[-1], mask[-1])

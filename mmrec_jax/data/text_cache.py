@@ -10,7 +10,9 @@ so a corrupted or truncated cache is detected, reported with a warning and rebui
 never used. A cache folder that cannot be written (a read-only dataset folder) is warned
 about; the embeddings are then computed every run.
 
-`tokenize_texts` is the tokenization the input pipeline uses for the trained text modes.
+`tokenize_for_model` is the tokenization the input pipeline uses for the trained text
+modes: `tokenize_texts` with the model's own tokenizer, every id checked against its
+vocabulary (under jit an id past it would read NaN embeddings).
 `item_text_fields` makes an item block's text fields for new texts, as the input
 pipeline makes them for the dataset's, so that serving code can score items a model
 has never seen.
@@ -31,12 +33,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmrec_jax import schema, sharding
+from mmrec_jax.config import ConfigError
 from mmrec_jax.files import write_atomic
 from mmrec_jax.hub import resolve_pretrained
+from mmrec_jax.models.bert import load_bert_config
 from mmrec_jax.models.bert_weights import (
     TOKENIZER_FILES,
     checkpoint_has_pooler,
     load_pretrained,
+    load_tokenizer,
     weight_files,
 )
 from mmrec_jax.models.text import POOLINGS, check_pooler, pool
@@ -67,6 +72,53 @@ def tokenize_texts(tokenizer, texts: Sequence[str | None], max_len: int) -> tupl
         return_tensors="np",
     )
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def check_token_ids(ids: np.ndarray, texts: Sequence[str], vocab_size: int, folder) -> None:
+    """Raises ConfigError when a tokenized text holds an id past the model's vocabulary.
+
+    Args:
+      ids: (N, L) token ids of `texts`.
+      texts: the N texts they came from (the message quotes the first offending one).
+      vocab_size: the BERT's number of token embeddings (its config.json's vocab_size).
+      folder: the pretrained model folder, named in the message.
+    """
+    outside = np.argwhere(ids >= vocab_size)
+    if outside.size == 0:
+        return
+    row, column = outside[0]
+    text = texts[row]
+    quoted = repr(text if len(text) <= 60 else text[:57] + "...")
+    raise ConfigError(
+        f"The tokenizer in {folder} gives token id {int(ids[row, column])} (in the text "
+        f"{quoted}), but the BERT there has vocab_size={vocab_size} (its config.json): "
+        "the tokenizer files belong to another model, or tokens were added to it without "
+        "growing the embeddings. Put the model's own tokenizer files in the folder "
+        "(tokenizer.save_pretrained)."
+    )
+
+
+def tokenize_for_model(
+    name_or_path: str | Path, texts: Sequence[str | None], max_len: int
+) -> tuple[np.ndarray, ...]:
+    """`tokenize_texts` with a pretrained BERT's own tokenizer, checked against its vocabulary.
+
+    Args:
+      name_or_path: a hub id (resolved offline first) or a local BERT folder.
+      texts: N texts; None is tokenized as the empty text.
+      max_len: tokens per text, [CLS] and [SEP] included.
+
+    Returns:
+      ids (N, max_len) int32 and mask (N, max_len) int32 (1 for real tokens).
+
+    Raises:
+      ConfigError: the tokenizer gives an id the model has no embedding for.
+    """
+    folder = resolve_pretrained(name_or_path)
+    ids, mask = tokenize_texts(load_tokenizer(folder), texts, max_len)
+    vocab_size = load_bert_config(folder).vocab_size
+    check_token_ids(ids, [text or "" for text in texts], vocab_size, folder)
+    return ids, mask
 
 
 def _file_sha256(path: Path) -> bytes:
@@ -126,7 +178,9 @@ def _compute_embeddings(
     rows = np.array([i for i, text in enumerate(texts) if text], dtype=np.int64)
     if rows.size == 0:
         return out
-    ids, mask = tokenize_texts(tokenizer, [texts[i] for i in rows], max_len)  # (M, L)
+    chosen = [texts[i] for i in rows]
+    ids, mask = tokenize_texts(tokenizer, chosen, max_len)  # (M, L)
+    check_token_ids(ids, chosen, bert.config.vocab_size, folder)
     mesh = Mesh(np.array(jax.local_devices()), ("batch",))
     batch = -(-min(batch_size, rows.size) // mesh.size) * mesh.size  # a multiple of devices
     processes, index = jax.process_count(), jax.process_index()
@@ -283,9 +337,7 @@ def item_text_fields(
     fields = {"has_text": np.array([bool(text) for text in texts], bool)}
     folder = resolve_pretrained(text_config.model)
     if schema.text_is_trained(text_config.mode):
-        from mmrec_jax.models.bert_weights import load_tokenizer
-
-        ids, mask = tokenize_texts(load_tokenizer(str(folder)), texts, max_len)
+        ids, mask = tokenize_for_model(folder, texts, max_len)
         return {**fields, "text_ids": ids, "text_mask": mask}
     embedding = _compute_embeddings(folder, texts, text_config.pooling, max_len, batch_size)
     return {**fields, "text_embedding": embedding}
