@@ -10,18 +10,18 @@ catalogue: each item is encoded once (`encode_items`, jit-compiled, item blocks 
 over the devices), then a (users x items) grid of rows per call is scored from those
 encoded items (`score`) and reduced to each user's top K on the device (`top_k_items`),
 with the user's training positives excluded and the split's positives as the relevant
-items. The results are printed beside the dataset's oracle and written
-to `WORKDIR/eval/<split>.json` (with the split's calibration curve, bin by bin); the
-reliability diagrams of every split evaluated at that checkpoint (by this call or an
-earlier one) go to `WORKDIR/eval/calibration.png`. `--ablate` re-scores
-the split with each content modality marked absent in turn and reports the AUC each one
-is worth.
+items. The results are printed beside the dataset's oracle, the ranking metrics also
+beside those of recommending every user the most popular items (`popularity_ranking`),
+and written to `WORKDIR/eval/<split>.json` (with the split's calibration curve, bin by
+bin); the reliability diagrams of every split evaluated at that checkpoint (by this call
+or an earlier one) go to `WORKDIR/eval/calibration.png`. `--ablate` re-scores the split
+with each content modality marked absent in turn and reports the AUC each one is worth.
 
 Every step is a function (`encode_catalogue`, `catalogue_scores`, `rank_catalogue`,
-`make_split_fn`, `evaluate_params`), so other code (the training summary) can call
-them with a model and parameters in memory. Their jit-compiled programs belong to the
-model object (`programs_of`): calling again with the same model, for another split or
-another checkpoint's parameters, reuses the compilations.
+`popularity_ranking`, `make_split_fn`, `evaluate_params`), so other code (the training
+summary) can call them with a model and parameters in memory. Their jit-compiled
+programs belong to the model object (`programs_of`): calling again with the same model,
+for another split or another checkpoint's parameters, reuses the compilations.
 """
 
 from __future__ import annotations
@@ -491,6 +491,58 @@ def rank_catalogue(
     return results
 
 
+def popularity_ranking(
+    users: UserTable,
+    relevant: tuple[np.ndarray, np.ndarray],
+    ks: Sequence[int],
+    num_items: int,
+    users_per_chunk: int = 1024,
+) -> dict[str, float]:
+    """The ranking metrics of recommending every user the most popular items.
+
+    The baseline a model's full-catalogue ranking has to beat: items ordered by how many
+    users have them among their training positives (ties by item row), each user's own
+    training positives ranked last, scored by `metrics.per_user_ranking_metrics` over the
+    same users as `rank_catalogue`.
+
+    Args:
+      users: the user table (its `train_positives` give the popularity and the exclusions).
+      relevant: CSR (offsets (U + 1,), item rows) of each user's relevant items.
+      ks: cut-offs, each in [1, num_items].
+      num_items: N, the catalogue size.
+      users_per_chunk: users per dense (users, N) block.
+
+    Returns:
+      {"hr@K", "recall@K", "ndcg@K", "mrr@K", "map@K"} for each K, averaged over users.
+
+    Raises:
+      ValueError: a K outside [1, N], or no user has a relevant item that is not excluded.
+    """
+    ks = _check_ks(ks, num_items)
+    top = max(ks)
+    liked_by = np.bincount(users.train_positives[1], minlength=num_items)  # (N,)
+    order = np.argsort(-liked_by, kind="stable")  # (N,) the most liked first
+    user_rows = np.flatnonzero(np.diff(relevant[0]) > 0)
+    per_user: dict[str, list[np.ndarray]] = {}
+    for start in range(0, user_rows.size, users_per_chunk):
+        rows = user_rows[start : start + users_per_chunk]
+        exclude = _dense_rows(users.train_positives, rows, num_items)  # (b, N)
+        # Per user, the order with their excluded items moved to the end (a stable sort).
+        ranked = np.take_along_axis(
+            np.broadcast_to(order, exclude.shape),
+            np.argsort(exclude[:, order], axis=1, kind="stable")[:, :top],
+            axis=1,
+        )  # (b, top)
+        chunk = metrics_lib.per_user_ranking_metrics(
+            ranked, _dense_rows(relevant, rows, num_items), ks, exclude
+        )
+        for name, values in chunk.items():
+            per_user.setdefault(name, []).append(values)
+    if not per_user or sum(v.size for v in next(iter(per_user.values()))) == 0:
+        raise ValueError("Ranking metrics are undefined: the split has no positive to rank.")
+    return {name: float(np.mean(np.concatenate(values))) for name, values in per_user.items()}
+
+
 # ------------------------------------------------------------------------ click metrics
 
 
@@ -602,7 +654,8 @@ def evaluate_params(
 
     Returns:
       {split: {"click": {...}, "calibration": `metrics.calibration_curve`, "ranking":
-      {...} or None, "ranked_users": int,
+      {...} or None, "ranked_users": int, "popularity": the ranking metrics of
+      recommending the most popular items (`popularity_ranking`) or None,
       "rows": {"examples", "positive_rate"}, "oracle": {...} or None,
       "ablation": {modality: {..., "auc_drop"}} (with `ablate`; empty for a model with
       no content modality)}}. Ranking is None for "train": its positives are the
@@ -659,6 +712,9 @@ def evaluate_params(
             )
             entry["ranked_users"] = int(ranking.pop("users"))
             entry["ranking"] = ranking
+            entry["popularity"] = popularity_ranking(
+                catalogue.users, relevant, ks, catalogue.num_items
+            )
         entry["oracle"] = (getattr(info, "oracle", None) or {}).get(split)
         if ablate:
             entry["ablation"] = {}
@@ -683,7 +739,8 @@ def evaluate_params(
 
 
 def format_results(results: Mapping[str, Mapping]) -> str:
-    """The metrics of each split as a text table, each split beside its oracle.
+    """The metrics of each split as a text table, each split beside its oracle and the
+    ranking metrics of recommending the most popular items.
 
     With `--ablate`, each split's ablation table follows; a model with no content
     modality (every "ablation" empty) gets one line saying so instead.
@@ -699,18 +756,22 @@ def format_results(results: Mapping[str, Mapping]) -> str:
     header = ["metric"]
     for split, entry in results.items():
         header += [split] + ([f"{split} oracle"] if entry.get("oracle") else [])
+        header += [f"{split} popular"] if entry.get("popularity") else []
     table = [header]
     for name in names:
         row = [name]
         for entry in results.values():
             row.append(reporting.format_cell(values(entry).get(name)))
-            if entry.get("oracle"):
-                row.append(reporting.format_cell(entry["oracle"].get(name)))
+            for baseline in ("oracle", "popularity"):
+                if entry.get(baseline):
+                    row.append(reporting.format_cell(entry[baseline].get(name)))
         table.append(row)
     users = ["ranked users"]
     for entry in results.values():
         users.append(reporting.format_cell(entry.get("ranked_users")))
         users += [reporting.format_cell(None)] if entry.get("oracle") else []  # no oracle count
+        if entry.get("popularity"):  # the same users
+            users.append(reporting.format_cell(entry.get("ranked_users")))
     table.append(users)
     lines = reporting.align_table(table)
     lines += reporting.undefined_gauc_note({s: e["click"] for s, e in results.items()})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _trained_run import GROUP, restored_checkpoint, trained_run
 
-from mmrec_jax import evaluate, sharding, train
+from mmrec_jax import evaluate, reporting, sharding, train
 from mmrec_jax.data import builder, pipeline
 
 pytestmark = pytest.mark.xdist_group(GROUP)
@@ -121,6 +121,40 @@ def test_full_catalogue_ranking_equals_brute_force(restored, split):
         assert result[name] == pytest.approx(value, abs=1e-9), name
 
 
+def test_popularity_ranking_equals_brute_force():
+    # 37 users, 30 items, popularity with ties; chunks of 8 users, the last one short.
+    rng = np.random.default_rng(3)
+    num_users, num_items, ks = 37, 30, (1, 5, 10)
+    liked = rng.random((num_users, num_items)) < rng.uniform(0.0, 0.4, num_items)
+    held_out = rng.random((num_users, num_items)) < 0.1
+    held_out[:, 0] = True  # item 0: relevant to everyone, excluded for those who liked it
+    liked[-1] = True  # a user who liked every item: no relevant item left to rank
+    users = evaluate.UserTable(
+        user_id=np.arange(1, num_users + 1, dtype=np.int32),
+        history=np.zeros((num_users, 1), np.int32),
+        history_mask=np.zeros((num_users, 1), bool),
+        train_positives=evaluate.csr_from_pairs(*np.nonzero(liked), num_users),
+        interacted=evaluate.csr_from_pairs(*np.nonzero(liked | held_out), num_users),
+    )
+    relevant = evaluate.csr_from_pairs(*np.nonzero(held_out), num_users)
+    result = evaluate.popularity_ranking(users, relevant, ks, num_items, users_per_chunk=8)
+    # Every user's scores: how many users liked each item in training.
+    scores = np.broadcast_to(liked.sum(axis=0), (num_users, num_items))
+    expected, counted = _brute_force_ranking(
+        scores,
+        [set(np.flatnonzero(row)) for row in held_out],
+        [set(np.flatnonzero(row)) for row in liked],
+        ks,
+    )
+    assert counted == num_users - 1 and result.keys() == expected.keys()  # all but the last
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value, abs=1e-9), name
+    with pytest.raises(ValueError, match="no positive to rank"):
+        evaluate.popularity_ranking(
+            users, evaluate.csr_from_pairs([], [], num_users), ks, num_items
+        )
+
+
 def test_ranking_nan_scores_is_an_error(restored):
     config, model, params, catalogue, encoded, mesh = restored
     broken = jax.tree.map(lambda leaf: leaf * np.nan, params)
@@ -159,31 +193,34 @@ def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir
     for label in ("encoding items", "ranking test", "ranking test_cold"):
         assert label in err, label
     header = next(line for line in out.splitlines() if line.startswith("metric"))
-    assert header.split() == [
-        "metric",
-        "test",
-        "test",
-        "oracle",
-        "test_cold",
-        "test_cold",
-        "oracle",
-    ]
+    columns = ["test", "test oracle", "test popular"]
+    columns += [c.replace("test", "test_cold") for c in columns]
+    assert header.split() == ["metric"] + " ".join(columns).split()
     metrics = ["auc", "gauc", "logloss", "accuracy", "ece"] + [
         f"{m}@{k}" for k in (5, 10) for m in ("hr", "recall", "ndcg", "mrr", "map")
     ]
-    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    lines = {
+        line.split()[0]: dict(zip(columns, line.split()[1:], strict=True))
+        for line in out.splitlines()
+        if line.split() and line.split()[0] in metrics
+    }
     for name in metrics:  # a value for test and for test_cold
-        test, _, test_cold, _ = lines[name]
-        assert np.isfinite([float(test), float(test_cold)]).all(), name
+        assert np.isfinite([float(lines[name][c]) for c in ("test", "test_cold")]).all(), name
     for name in ("auc", "logloss"):  # and the oracle's beside them
-        assert np.isfinite([float(lines[name][1]), float(lines[name][3])]).all(), name
+        cells = [lines[name][c] for c in ("test oracle", "test_cold oracle")]
+        assert np.isfinite([float(cell) for cell in cells]).all(), name
     assert "Modality ablation on test " in out and "Modality ablation on test_cold " in out
     # Click metrics equal those of the training loop's own evaluation of the same checkpoint.
     summary = json.loads((workdir / "summary.json").read_text())["splits"]
     for split in ("test", "test_cold"):
         result = json.loads((workdir / "eval" / f"{split}.json").read_text())
         assert result["split"] == split and result["k"] == [5, 10]
-        assert set(result["ranking"]) == set(metrics[5:])
+        assert set(result["ranking"]) == set(result["popularity"]) == set(metrics[5:])
+        # The ranking metrics of recommending the most popular items beside the model's;
+        # no popularity baseline for click metrics.
+        for name in metrics:
+            want = result["popularity"].get(name)
+            assert lines[name][f"{split} popular"] == reporting.format_cell(want), (split, name)
         for name in ("auc", "logloss"):
             assert result["oracle"][name] == summary[split]["oracle"][name], (split, name)
         for name, value in summary[split]["model"].items():
