@@ -1070,6 +1070,38 @@ def test_a_cut_movielens_row_is_a_named_problem(tmp_path):
     assert sum(meta["split_sizes"].values()) == len(lines) - 1
 
 
+def test_movielens_positives_only_keeps_the_liked_ratings_and_samples_negatives(tmp_path):
+    ml_subset(tmp_path / "ml", max_user=6, max_movie=400)
+    with open(tmp_path / "ml" / "ratings.csv", newline="") as f:
+        ratings = list(csv.DictReader(f))
+    liked = sorted(
+        (r["userId"], r["movieId"], 1.0, int(r["timestamp"]))
+        for r in ratings
+        if float(r["rating"]) >= 3.5
+    )
+    assert 0 < len(liked) < len(ratings)
+    argv = ["--input", str(tmp_path / "ml"), "--output", str(tmp_path / "data")]
+    movielens.main([*argv, "--positives_only", "--positive_threshold", "3.5"])
+    assert rated(tmp_path / "data", "movielens") == liked
+    meta = builder.read_metadata(tmp_path / "data", "movielens")
+    assert meta["positives_only"] and meta["source"].endswith(", ratings >= 3.5 only")
+    config = load_config(
+        ROOT / "configs" / "local.py",
+        [("data.name", "movielens"), ("data.data_dir", str(tmp_path / "data"))],
+    )
+    info = pipeline.load_dataset_info(config.data)
+    negatives = config.data.negatives_per_positive
+    assert info.positives_only and negatives >= 1
+    assert pipeline.num_examples(info, "train", negatives) == (
+        info.split_sizes["train"] * (1 + negatives)
+    )
+    options = local.ImportOptions(name="none", positive_threshold=6.0)
+    with pytest.raises(local.ImportFailed, match="No rating is at or above --positive_threshold 6"):
+        movielens.import_movielens(
+            tmp_path / "ml", tmp_path / "data", options, verbose=False, positives_only=True
+        )
+
+
 def rated(data_dir: Path, name: str) -> list[tuple[str, str, float, int]]:
     """(user key, movie key, label, timestamp) of every interaction of a dataset, sorted."""
     meta = builder.read_metadata(data_dir, name)

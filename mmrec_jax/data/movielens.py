@@ -1,7 +1,8 @@
 """MovieLens ratings as an mmrec dataset, through the same path as `mmrec_jax.data.local`.
 
     python -m mmrec_jax.data.movielens --input DIR --output DATA_DIR [--name movielens]
-        [--split leave_last|random|cold_items] [--positive_threshold 4.0] [--skip_invalid]
+        [--split leave_last|random|cold_items] [--positive_threshold 4.0] [--positives_only]
+        [--skip_invalid]
 
 DIR is an unpacked MovieLens release in one of three layouts:
 
@@ -23,7 +24,12 @@ DIR is an unpacked MovieLens release in one of three layouts:
   or with an id that is not a whole number, is a bad row.
 
 Each movie's text is "TITLE. Genres: A, B. Tags: x, y" (tags as users gave them, each
-once). Ratings at or above `--positive_threshold` are positives, the others negatives.
+once). Ratings at or above `--positive_threshold` are positives, the others negatives:
+a model of which of the movies a user rated they liked, which ranks the whole catalogue
+poorly, since it never sees a movie the user did not rate. `--positives_only` keeps the
+positives only, and training samples negatives among the movies each user did not rate
+(`config.data.negatives_per_positive`): a model for full-catalogue ranking and
+`mmrec_jax.recommend`.
 A user's ratings given in the same second are put in a seeded random order (`--seed`),
 not the files' order by movie id, wherever time order decides (which rating is held out
 by leave_last, which ratings are history). Movies have no image or audio, so the dataset
@@ -303,8 +309,15 @@ def import_movielens(
     options: local.ImportOptions | None = None,
     overwrite: bool = False,
     verbose: bool = True,
+    positives_only: bool = False,
 ) -> Path:
     """Converts a MovieLens folder into DATA_DIR/NAME.
+
+    Args:
+      positives_only: keep only the ratings at or above `options.positive_threshold`, as
+        positives; training then samples negatives among the movies a user did not rate,
+        which full-catalogue ranking (and recommending) needs. Otherwise every rating is
+        kept, labelled by the threshold: a model of which rated movies a user liked.
 
     Returns:
       DATA_DIR/NAME.
@@ -329,6 +342,16 @@ def import_movielens(
         )
     columns = {"rating": True, "timestamp": True}
     source = f"MovieLens ({release}) {folder.resolve()}"
+    if positives_only:
+        threshold = options.positive_threshold
+        interactions = [i for i in interactions if i.rating >= threshold]
+        if not interactions:
+            raise local.ImportFailed(
+                f"No rating is at or above --positive_threshold {threshold:g}: "
+                "--positives_only keeps nothing. Lower the threshold."
+            )
+        columns = {"timestamp": True}  # every row a positive
+        source += f", ratings >= {threshold:g} only"
     # The files list each user's ratings by movie id, which says nothing about the order
     # of ratings given in the same second (a fifth of ml-latest-small's users end so).
     content = local.build_content(
@@ -346,12 +369,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")
     local.add_common_flags(parser, DEFAULT_NAME)
+    parser.add_argument(
+        "--positives_only",
+        action="store_true",
+        help="keep only ratings >= --positive_threshold, as positives: training samples "
+        "negatives among unrated movies (config.data.negatives_per_positive), for "
+        "full-catalogue ranking and recommending",
+    )
     args = parser.parse_args(argv)
     options = local.options_from_args(parser, args, has_timestamps=True)  # every release
     require_writable_folder(parser, "--output", args.output)
     try:
         with exits_quietly(parser, exit_process=argv is None):
-            import_movielens(args.input, args.output, options, overwrite=args.overwrite)
+            import_movielens(
+                args.input,
+                args.output,
+                options,
+                overwrite=args.overwrite,
+                positives_only=args.positives_only,
+            )
     except (local.ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
