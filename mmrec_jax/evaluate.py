@@ -528,11 +528,10 @@ def popularity_ranking(
         rows = user_rows[start : start + users_per_chunk]
         exclude = _dense_rows(users.train_positives, rows, num_items)  # (b, N)
         # Per user, the order with their excluded items moved to the end (a stable sort).
-        ranked = np.take_along_axis(
-            np.broadcast_to(order, exclude.shape),
-            np.argsort(exclude[:, order], axis=1, kind="stable")[:, :top],
-            axis=1,
-        )  # (b, top)
+        # A user's top items lie within the first top + (their exclusions) of the order.
+        excluded = np.diff(users.train_positives[0])[rows]  # (b,)
+        prefix = order[: min(num_items, top + int(excluded.max()))]  # (P,)
+        ranked = prefix[np.argsort(exclude[:, prefix], axis=1, kind="stable")[:, :top]]
         chunk = metrics_lib.per_user_ranking_metrics(
             ranked, _dense_rows(relevant, rows, num_items), ks, exclude
         )

@@ -129,6 +129,8 @@ def test_popularity_ranking_equals_brute_force():
     held_out = rng.random((num_users, num_items)) < 0.1
     held_out[:, 0] = True  # item 0: relevant to everyone, excluded for those who liked it
     liked[-1] = True  # a user who liked every item: no relevant item left to rank
+    liked[-2] = True
+    liked[-2, [0, 5, 6, 7]] = False  # four items left to rank, fewer than K: the rest excluded
     users = evaluate.UserTable(
         user_id=np.arange(1, num_users + 1, dtype=np.int32),
         history=np.zeros((num_users, 1), np.int32),
