@@ -1084,7 +1084,7 @@ def test_movielens_positives_only_keeps_the_liked_ratings_and_samples_negatives(
     movielens.main([*argv, "--positives_only", "--positive_threshold", "3.5"])
     assert rated(tmp_path / "data", "movielens") == liked
     meta = builder.read_metadata(tmp_path / "data", "movielens")
-    assert meta["positives_only"] and meta["source"].endswith(", ratings >= 3.5 only")
+    assert meta["positives_only"] and meta["labels"] == "rating >= 3.5"
     config = load_config(
         ROOT / "configs" / "local.py",
         [("data.name", "movielens"), ("data.data_dir", str(tmp_path / "data"))],
@@ -1095,11 +1095,35 @@ def test_movielens_positives_only_keeps_the_liked_ratings_and_samples_negatives(
     assert pipeline.num_examples(info, "train", negatives) == (
         info.split_sizes["train"] * (1 + negatives)
     )
-    options = local.ImportOptions(name="none", positive_threshold=6.0)
-    with pytest.raises(local.ImportFailed, match="No rating is at or above --positive_threshold 6"):
-        movielens.import_movielens(
-            tmp_path / "ml", tmp_path / "data", options, verbose=False, positives_only=True
-        )
+    options = local.ImportOptions(name="none", positive_threshold=6.0, positives_only=True)
+    with pytest.raises(
+        local.ImportFailed, match=r"a rating at or above --positive_threshold 6: --positives_only"
+    ):
+        movielens.import_movielens(tmp_path / "ml", tmp_path / "data", options, verbose=False)
+
+
+@pytest.mark.parametrize("column", ["label", "rating"])
+def test_local_positives_only_keeps_the_positives_of_labelled_data(tmp_path, column):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_csv(folder / "items.csv", ["item_id", "text"], [[f"i{n}", f"item {n}"] for n in range(6)])
+    rows = [
+        [f"u{u}", f"i{(u + n) % 6}", 1000 * u + n, (u + n) % 3] for u in range(4) for n in range(5)
+    ]
+    # label: 1 where the last cell is 0; rating: 5 there, else 2 or 3.
+    values = {"label": lambda c: int(c == 0), "rating": lambda c: 5 if c == 0 else c + 1}[column]
+    write_csv(
+        folder / "interactions.csv",
+        ["user_id", "item_id", "timestamp", column],
+        [[u, i, t, values(c)] for u, i, t, c in rows],
+    )
+    argv = ["--input", str(folder), "--output", str(tmp_path / "data")]
+    local.main([*argv, "--name", "kept", "--positives_only", "--split", "random"])
+    liked = sorted((u, i, 1.0, t) for u, i, t, c in rows if c == 0)
+    assert rated(tmp_path / "data", "kept") == liked
+    assert builder.read_metadata(tmp_path / "data", "kept")["positives_only"]
+    local.main([*argv, "--name", "every", "--split", "random"])  # without: every row kept
+    assert len(rated(tmp_path / "data", "every")) == len(rows)
 
 
 def rated(data_dir: Path, name: str) -> list[tuple[str, str, float, int]]:

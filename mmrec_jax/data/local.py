@@ -1,7 +1,8 @@
 """`mmrec_local`: your own interactions and item content as a TFDS dataset.
 
     python -m mmrec_jax.data.local --input DIR --output DATA_DIR [--name NAME]
-        [--split leave_last|random|cold_items] [--positive_threshold 4.0] [--skip_invalid]
+        [--split leave_last|random|cold_items] [--positive_threshold 4.0] [--positives_only]
+        [--skip_invalid]
 
 DIR holds
 
@@ -9,6 +10,10 @@ DIR holds
   or `rating` (a number; `rating >= --positive_threshold` is a positive), optional
   `timestamp` (a number, or an ISO 8601 date and time). Without `label` and `rating` every
   row is a positive: the pipeline samples negatives (config.data.negatives_per_positive).
+  `--positives_only` keeps only the positives of labelled or rated data, so that training
+  samples negatives among the items a user has no interaction with: a model of the items
+  a user engaged with rarely sees one they never met, and ranks the whole catalogue
+  (and recommends) poorly.
 - `items.csv` (or `.jsonl` / `.parquet`): `item_id` and any of `text` (or several
   columns `text_*`, or the columns named by `--text_columns`, joined into one text),
   `image` (a path relative to DIR, JPEG or PNG, any size and mode) and `audio` (a path,
@@ -101,6 +106,9 @@ class ImportOptions:
     split: str | None = None
     # Ratings at or above this are positives.
     positive_threshold: float = 4.0
+    # Keep the positive interactions only (labels 1, ratings at or above the threshold):
+    # training then samples negatives among the items a user has no interaction with.
+    positives_only: bool = False
     # Skip bad rows (and bad media files) instead of failing.
     skip_invalid: bool = False
     # Seed of the random and cold_items splits (and of `build_content`'s shuffled ties).
@@ -775,6 +783,30 @@ def _chosen_of_each_pair(
     return last
 
 
+def _positives(
+    interactions: list[RawInteraction], columns: dict, threshold: float
+) -> list[RawInteraction]:
+    """The positive interactions (label 1, or rating >= threshold; all of implicit data).
+
+    Raises:
+      ImportFailed: none is positive.
+    """
+    if columns.get("label"):
+        kept = [i for i in interactions if i.label == 1.0]
+        rule = "label 1"
+    elif columns.get("rating"):
+        kept = [i for i in interactions if i.rating >= threshold]
+        rule = f"a rating at or above --positive_threshold {threshold:g}"
+    else:
+        return interactions  # every row is a positive already
+    if interactions and not kept:
+        raise ImportFailed(
+            f"No interaction has {rule}: --positives_only keeps nothing."
+            + (" Lower the threshold." if columns.get("rating") else "")
+        )
+    return kept
+
+
 def build_content(
     raw_items: list[RawItem],
     raw_interactions: list[RawInteraction],
@@ -822,6 +854,8 @@ def build_content(
             )
             continue
         kept.append(inter)
+    if options.positives_only:
+        kept = _positives(kept, columns, options.positive_threshold)
 
     if problems:
         if not options.skip_invalid:
@@ -1063,6 +1097,13 @@ def add_common_flags(parser: argparse.ArgumentParser, default_name: str) -> None
     parser.add_argument(
         "--positive_threshold", type=float, default=4.0, help="ratings >= this are positives"
     )
+    parser.add_argument(
+        "--positives_only",
+        action="store_true",
+        help="keep only the positives (label 1, rating >= --positive_threshold): training "
+        "samples negatives among the items a user has no interaction with "
+        "(config.data.negatives_per_positive), for full-catalogue ranking and recommending",
+    )
     parser.add_argument("--skip_invalid", action="store_true", help="skip bad rows, report counts")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     parser.add_argument(
@@ -1108,6 +1149,7 @@ def options_from_args(
         name=args.name,
         split=args.split,
         positive_threshold=args.positive_threshold,
+        positives_only=args.positives_only,
         skip_invalid=args.skip_invalid,
         seed=args.seed,
         history_len=args.history_len,

@@ -309,15 +309,14 @@ def import_movielens(
     options: local.ImportOptions | None = None,
     overwrite: bool = False,
     verbose: bool = True,
-    positives_only: bool = False,
 ) -> Path:
     """Converts a MovieLens folder into DATA_DIR/NAME.
 
-    Args:
-      positives_only: keep only the ratings at or above `options.positive_threshold`, as
-        positives; training then samples negatives among the movies a user did not rate,
-        which full-catalogue ranking (and recommending) needs. Otherwise every rating is
-        kept, labelled by the threshold: a model of which rated movies a user liked.
+    With `options.positives_only`, only the ratings at or above
+    `options.positive_threshold` are kept, as positives: training then samples negatives
+    among the movies a user did not rate, which full-catalogue ranking (and recommending)
+    needs. Otherwise every rating is kept, labelled by the threshold: a model of which
+    rated movies a user liked.
 
     Returns:
       DATA_DIR/NAME.
@@ -342,16 +341,6 @@ def import_movielens(
         )
     columns = {"rating": True, "timestamp": True}
     source = f"MovieLens ({release}) {folder.resolve()}"
-    if positives_only:
-        threshold = options.positive_threshold
-        interactions = [i for i in interactions if i.rating >= threshold]
-        if not interactions:
-            raise local.ImportFailed(
-                f"No rating is at or above --positive_threshold {threshold:g}: "
-                "--positives_only keeps nothing. Lower the threshold."
-            )
-        columns = {"timestamp": True}  # every row a positive
-        source += f", ratings >= {threshold:g} only"
     # The files list each user's ratings by movie id, which says nothing about the order
     # of ratings given in the same second (a fifth of ml-latest-small's users end so).
     content = local.build_content(
@@ -369,25 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--input", required=True, help="unpacked MovieLens folder")
     local.add_common_flags(parser, DEFAULT_NAME)
-    parser.add_argument(
-        "--positives_only",
-        action="store_true",
-        help="keep only ratings >= --positive_threshold, as positives: training samples "
-        "negatives among unrated movies (config.data.negatives_per_positive), for "
-        "full-catalogue ranking and recommending",
-    )
     args = parser.parse_args(argv)
     options = local.options_from_args(parser, args, has_timestamps=True)  # every release
     require_writable_folder(parser, "--output", args.output)
     try:
         with exits_quietly(parser, exit_process=argv is None):
-            import_movielens(
-                args.input,
-                args.output,
-                options,
-                overwrite=args.overwrite,
-                positives_only=args.positives_only,
-            )
+            import_movielens(args.input, args.output, options, overwrite=args.overwrite)
     except (local.ImportFailed, builder.DatasetExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
