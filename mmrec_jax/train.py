@@ -772,9 +772,9 @@ def check_dataset_readable(info: pipeline.DatasetInfo) -> None:
         raise damage or builder.DatasetDamagedError(problem)
 
 
-def _check_updates(train_config: ml_collections.ConfigDict, total_steps: int, verbose: bool):
-    """Refuses a run too short for one optimizer update; notes steps that make none and a
-    warmup the run is too short for.
+def _check_updates(train_config: ml_collections.ConfigDict, total_steps: int, verbose: bool) -> int:
+    """The run's number of optimizer updates (at least 1). Refuses a run too short for
+    one; notes steps that make none and a warmup the run is too short for.
 
     Raises:
       ConfigError: fewer steps than `grad_accum_steps` micro-batches, which make an update.
@@ -799,6 +799,7 @@ def _check_updates(train_config: ml_collections.ConfigDict, total_steps: int, ve
             f"optimizer updates: the warmup ends at update {updates - 1}, and the learning "
             "rate peaks at the end without decaying."
         )
+    return updates
 
 
 def _divergence(loss: float, grad_norm: float, max_loss: float) -> tuple[str, str]:
@@ -991,8 +992,7 @@ def _train_and_evaluate(
             f"split of {info.name!r} ({examples} examples). {fix}"
         )
     total_steps = config.train.num_steps or config.train.num_epochs * epoch_steps
-    _check_updates(config.train, total_steps, verbose=is_chief)
-    updates = max(total_steps // max(config.train.grad_accum_steps, 1), 1)
+    updates = _check_updates(config.train, total_steps, verbose=is_chief)
 
     item_store = pipeline.ItemStore(config, info)
     loader = functools.partial(

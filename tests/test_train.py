@@ -166,7 +166,7 @@ def test_settings_this_run_does_not_use_are_noted(data_dir, capsys):
     short = tiny_config(data_dir, train__grad_accum_steps=3).train
     with pytest.raises(ConfigError, match=r"grad_accum_steps=3 micro-batches .* trains 2 steps"):
         train._check_updates(short, 2, verbose=True)
-    train._check_updates(short, 13, verbose=True)  # 4 updates: 2 of warmup, 2 of decay
+    assert train._check_updates(short, 13, verbose=True) == 4  # 2 of warmup, 2 of decay
     out = capsys.readouterr().out
     assert "Note: the last 1 of the run's 13 steps make no update" in out
     assert "warmup" not in out
