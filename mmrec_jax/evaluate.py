@@ -522,6 +522,7 @@ def popularity_ranking(
     top = max(ks)
     liked_by = np.bincount(users.train_positives[1], minlength=num_items)  # (N,)
     order = np.argsort(-liked_by, kind="stable")  # (N,) the most liked first
+    excluded = np.diff(users.train_positives[0])  # (U,) each user's training positives
     user_rows = np.flatnonzero(np.diff(relevant[0]) > 0)
     per_user: dict[str, list[np.ndarray]] = {}
     for start in range(0, user_rows.size, users_per_chunk):
@@ -529,8 +530,7 @@ def popularity_ranking(
         exclude = _dense_rows(users.train_positives, rows, num_items)  # (b, N)
         # Per user, the order with their excluded items moved to the end (a stable sort).
         # A user's top items lie within the first top + (their exclusions) of the order.
-        excluded = np.diff(users.train_positives[0])[rows]  # (b,)
-        prefix = order[: min(num_items, top + int(excluded.max()))]  # (P,)
+        prefix = order[: min(num_items, top + int(excluded[rows].max()))]  # (P,)
         ranked = prefix[np.argsort(exclude[:, prefix], axis=1, kind="stable")[:, :top]]
         chunk = metrics_lib.per_user_ranking_metrics(
             ranked, _dense_rows(relevant, rows, num_items), ks, exclude
