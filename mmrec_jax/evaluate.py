@@ -106,6 +106,7 @@ class Catalogue:
       item_block: item rows (n,) -> the item block of exactly those items, in order.
       item_ids: (N,) original item ids, in item-table order.
       item_id_index: (N,) int32 each item's ID-vocabulary index (0 = out of vocabulary).
+      item_texts: (N,) each item's text ("" without one).
       user_ids: (U,) original user ids, in user-table order.
       users: the `UserTable` (ID index, latest history, training positives).
       item_store: the `pipeline.ItemStore` the blocks come from (shared with the
@@ -117,6 +118,7 @@ class Catalogue:
     item_block: Callable[[np.ndarray], Mapping]
     item_ids: np.ndarray
     item_id_index: np.ndarray
+    item_texts: list[str]
     user_ids: np.ndarray
     users: UserTable
     item_store: Any = None
@@ -146,6 +148,7 @@ def open_catalogue(config: Any) -> Catalogue:
         item_block=lambda rows: store.block(rows, len(rows)),
         item_ids=np.asarray(info.item_ids),
         item_id_index=store.item_id,
+        item_texts=store.texts,
         user_ids=np.asarray(info.user_ids),
         users=users,
         item_store=store,

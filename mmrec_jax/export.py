@@ -57,6 +57,7 @@ Top-K items for a user: `python -m mmrec_jax.recommend --export {name} --user US
 | `params.safetensors` | every parameter; key = "/"-joined path, float32 |
 | `item_ids.npy`, `item_embeddings.npy` | original item ids and each item's (D,) embedding |
 | `item_id_index.npy` | each item's ID-vocabulary index (`items["item_id"]` of a batch) |
+| `item_texts.npy` | each item's text cut to {text_chars} characters, to show it ("": none) |
 | `item_tokens.npy`, `item_token_mask.npy` | each item's (M, D) modality tokens and mask |
 | `user_ids.npy`, `user_id_index.npy` | original user ids and their ID-vocabulary index |
 | `user_history.npy`, `user_history_mask.npy` | each user's latest history (item rows) |
@@ -143,6 +144,7 @@ def write_export(
     tables = {
         "item_ids": _text_array(catalogue.item_ids),
         "item_id_index": catalogue.item_id_index.astype(np.int32),
+        "item_texts": np.array([exported.text_preview(t) for t in catalogue.item_texts], dtype=str),
         "item_embeddings": encoded["embedding"].astype(np.float32),
         "item_tokens": encoded["tokens"].astype(np.float32),
         "item_token_mask": encoded["mask"].astype(bool),
@@ -159,6 +161,7 @@ def write_export(
         workdir=workdir,
         step=step,
         name=name,
+        text_chars=exported.ITEM_TEXT_CHARS,
         text=_README_TEXT.format(name=name) if text is not None else "",
     )
     (folder / exported.README_FILE).write_text(readme)

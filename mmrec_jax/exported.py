@@ -14,6 +14,8 @@ The folder's layout (file names are the constants below):
     item_ids.npy             (N,) original item ids, in item-table order
     item_id_index.npy        (N,) each item's ID-vocabulary index (0 = out of vocabulary):
                              the `items["item_id"]` of a batch holding that item
+    item_texts.npy           (N,) each item's text on one line, cut to 120 characters
+                             ("" for an item without text): to show the item
     item_embeddings.npy      (N, D) each item's summary vector (`encode_items`' embedding)
     item_tokens.npy          (N, M, D) each item's modality tokens (`encode_items`' tokens)
     item_token_mask.npy      (N, M) True where the item has that modality
@@ -53,7 +55,7 @@ from mmrec_jax.config import config_from_dict
 from mmrec_jax.files import error_line
 
 # Version of the layout above; bumped when it changes incompatibly.
-EXPORT_FORMAT = 3
+EXPORT_FORMAT = 4
 
 MANIFEST_FILE = "export.json"
 CONFIG_FILE = "config.json"
@@ -66,6 +68,7 @@ README_FILE = "README.md"
 TABLE_FILES = {
     "item_ids": "item_ids.npy",
     "item_id_index": "item_id_index.npy",
+    "item_texts": "item_texts.npy",
     "item_embeddings": "item_embeddings.npy",
     "item_tokens": "item_tokens.npy",
     "item_token_mask": "item_token_mask.npy",
@@ -76,6 +79,17 @@ TABLE_FILES = {
     "user_interacted_offsets": "user_interacted_offsets.npy",
     "user_interacted_items": "user_interacted_items.npy",
 }
+
+# Characters of each item's text that item_texts.npy keeps: enough to tell the item.
+ITEM_TEXT_CHARS = 120
+
+
+def text_preview(text: str, max_chars: int = ITEM_TEXT_CHARS) -> str:
+    """`text` on one line (runs of whitespace become one space), cut to `max_chars`
+    characters with a trailing "…" when longer."""
+    line = " ".join(text.split())
+    return line if len(line) <= max_chars else line[: max_chars - 1] + "…"
+
 
 # Separator of the parameter paths in the safetensors keys.
 KEY_SEPARATOR = "/"

@@ -8,7 +8,8 @@ The user's ID embedding and latest history (from the export's user table) are sc
 against every item of the export's encoded item table with the model's `score`, in
 jit-compiled chunks of items; the items the user already interacted with (in any split of
 the dataset, whether the interaction was positive or not) are left out unless
---include_interacted is given.
+--include_interacted is given. The top K are printed best first, each with the start of
+its text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from mmrec_jax.cli import exits_quietly
 
 # Items scored per jit call (the last chunk is padded to this size).
 ITEMS_PER_CALL = 4096
+# Characters of each item's text shown in the printed table.
+CLI_TEXT_CHARS = 60
 
 
 class UnknownUserError(KeyError):
@@ -44,6 +47,7 @@ class Recommendation:
     item_id: object  # the original item id
     logit: float
     probability: float
+    text: str  # the item's text on one line, cut as the export keeps it ("" without text)
 
 
 class ExportedRecommender:
@@ -157,9 +161,14 @@ class ExportedRecommender:
         if k == 0:
             return []
         top_logits, top_items = metrics_lib.top_k_items(logits[None], k, exclude[None])
-        item_ids = self.tables["item_ids"]
+        item_ids, item_texts = self.tables["item_ids"], self.tables["item_texts"]
         return [
-            Recommendation(item_ids[i].item(), float(s), float(0.5 + 0.5 * np.tanh(0.5 * s)))
+            Recommendation(
+                item_ids[i].item(),
+                float(s),
+                float(0.5 + 0.5 * np.tanh(0.5 * s)),
+                str(item_texts[i]),
+            )
             for s, i in zip(np.asarray(top_logits[0]), np.asarray(top_items[0]), strict=True)
         ]
 
@@ -198,11 +207,12 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
     left_out = "" if args.include_interacted else f" (leaving out the {seen} they interacted with)"
     print(f"Top {len(results)} items for user {args.user}{left_out}:")
     width = max([len(str(r.item_id)) for r in results] + [4])
-    print(f"{'rank':>4}  {'item':<{width}}  {'probability':>11}  {'logit':>8}")
+    print(f"{'rank':>4}  {'item':<{width}}  {'probability':>11}  {'logit':>8}  text")
     for rank, result in enumerate(results, 1):
+        text = exported.text_preview(result.text, CLI_TEXT_CHARS)
         print(
             f"{rank:>4}  {str(result.item_id):<{width}}  {result.probability:>11.4f}  "
-            f"{result.logit:>8.3f}"
+            f"{result.logit:>8.3f}  {text}".rstrip()
         )
     return 0
 

@@ -12,6 +12,7 @@ import flax
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 import transformers
 from _tiny_bert import make_tiny_bert, torch_outputs
 from _trained_run import GROUP, restored_checkpoint, trained_run
@@ -126,6 +127,27 @@ def test_item_table_and_manifest(export_dir, checkpoint, workdir):
     np.testing.assert_allclose(tables["item_embeddings"], mean, rtol=1e-5, atol=1e-6)
     run_config = json.loads((workdir / "config.json").read_text())
     assert json.loads((export_dir / "config.json").read_text()) == run_config
+    # Each item's text as the dataset stores it (read with plain TFDS), on one line and
+    # cut to 120 characters, the last an ellipsis.
+    source = tfds.data_source(f"{config.data.name}/items", data_dir=str(config.data.data_dir))
+    stored = [r["text"] for r in source["items"].__getitems__(list(range(n)))]
+    lines = [" ".join((t.decode() if isinstance(t, bytes) else t).split()) for t in stored]
+    assert any(len(line) > 120 for line in lines) and "" in lines  # both cases met
+    expected = [line if len(line) <= 120 else line[:119] + "…" for line in lines]
+    assert tables["item_texts"].tolist() == expected
+
+
+def test_text_preview_keeps_one_line_and_cuts_long_texts():
+    assert exported.text_preview("  Toy Story (1995).\n Genres:\tAnimation ") == (
+        "Toy Story (1995). Genres: Animation"
+    )
+    long = "word " * 100
+    preview = exported.text_preview(long)
+    assert len(preview) == exported.ITEM_TEXT_CHARS and preview.endswith("…")
+    assert preview[:-1] == " ".join(long.split())[: exported.ITEM_TEXT_CHARS - 1]
+    assert exported.text_preview("abcdef", 6) == "abcdef"
+    assert exported.text_preview("abcdefg", 6) == "abcde…"
+    assert exported.text_preview("") == ""
 
 
 def test_item_id_index_builds_batches_that_reproduce_the_item_tokens(export_dir, checkpoint):
@@ -306,6 +328,7 @@ def test_recommend_leaves_out_items_interacted_with_and_matches_brute_force(
     ranked = sorted((i for i in range(n) if i not in interacted), key=lambda i: (-logits[i], i))
     item_ids = recommender.tables["item_ids"].tolist()
     assert [r.item_id for r in results] == [item_ids[i] for i in ranked[:5]]
+    assert [r.text for r in results] == [recommender.tables["item_texts"][i] for i in ranked[:5]]
     np.testing.assert_allclose([r.logit for r in results], logits[ranked[:5]], atol=1e-5)
     assert not {r.item_id for r in results} & {item_ids[i] for i in interacted}
     # Every item left: all but those interacted with, the negative ones included.
@@ -351,6 +374,11 @@ def test_recommend_cli_and_unknown_user(export_dir, capsys):
     assert recommend.main(["--export", str(export_dir), "--user", user, "--k", "3"]) == 0
     out = capsys.readouterr().out
     assert f"Top 3 items for user {user}" in out and len(out.strip().splitlines()) == 5
+    # Each row ends with the start of its item's text.
+    best = recommend.ExportedRecommender(export_dir).recommend(user, 3)
+    for line, result in zip(out.strip().splitlines()[2:], best, strict=True):
+        assert line.split()[1] == str(result.item_id)
+        assert line.endswith(exported.text_preview(result.text, recommend.CLI_TEXT_CHARS))
     assert "they interacted with" in out
     args = ["--export", str(export_dir), "--user", user, "--k", "6", "--include_interacted"]
     assert recommend.main(args) == 0

@@ -410,6 +410,7 @@ class ItemStore:
       arrays: {"image": (N, S, S, 3) uint8, "audio": (N, T) float32, "text_ids",
         "text_mask": (N, L) int32 or "text_embedding": (N, Dt) float32}, for the enabled
         towers; image and audio are absent here when they are decoded per block.
+      texts: (N,) each item's text ("" without one), as the dataset stores it.
       users: the `UserStore`.
     """
 
@@ -443,17 +444,17 @@ class ItemStore:
             self.arrays["image"] = np.zeros((n, self.image_size, self.image_size, 3), np.uint8)
         if "audio" in self._decoded:
             self.arrays["audio"] = np.zeros((n, self.clip_samples), np.float32)
-        texts: list[str] = []
+        self.texts: list[str] = []
         for start in range(0, n, _ITEM_CHUNK):
             rows = range(start, min(start + _ITEM_CHUNK, n))
             for row, record in zip(rows, self._reader.read(rows), strict=True):
                 self.item_id[row] = record["item_id"]
                 for m in builder.MODALITIES:
                     self.has[m][row] = bool(record[f"has_{m}"])
-                texts.append(builder.text(record["text"]) if record["has_text"] else "")
+                self.texts.append(builder.text(record["text"]) if record["has_text"] else "")
                 self._decode_into(self.arrays, row, record, self._decoded)
         if "text" in self.towers:
-            self._load_text(config, texts)
+            self._load_text(config, self.texts)
         self.users = UserStore.load(self.info)
 
     def _decode_into(self, arrays: dict, slot: int, record: Mapping, modalities) -> None:
