@@ -658,7 +658,8 @@ def evaluate_params(
       {split: {"click": {...}, "calibration": `metrics.calibration_curve`, "ranking":
       {...} or None, "ranked_users": int, "popularity": the ranking metrics of
       recommending the most popular items (`popularity_ranking`) or None,
-      "rows": {"examples", "positive_rate"}, "oracle": {...} or None,
+      "rows": {"examples", "positive_rate", "gauc_users" (the users GAUC averages: those
+      with a positive and a negative row)}, "oracle": {...} or None,
       "ablation": {modality: {..., "auc_drop"}} (with `ablate`; empty for a model with
       no content modality)}}. Ranking is None for "train": its positives are the
       excluded items.
@@ -684,6 +685,7 @@ def evaluate_params(
             "rows": {
                 "examples": int(rows["label"].shape[0]),
                 "positive_rate": float(np.mean(rows["label"] > 0.5)),
+                "gauc_users": metrics_lib.gauc_users(rows["user_index"], rows["label"] > 0.5),
             },
         }
         if split != "train":

@@ -234,6 +234,18 @@ def gauc(user_ids, labels, scores) -> float:
     return float(np.sum(count[valid] * per_user) / np.sum(count[valid]))
 
 
+def gauc_users(user_ids, labels) -> int:
+    """How many users `gauc` averages over: those with both a positive and a negative
+    impression (0 where GAUC is undefined). A GAUC over a handful of users is noise.
+
+    Args:
+      user_ids: (N,) user of each impression.
+      labels: (N,) binary labels.
+    """
+    labels, user_ids = _click_inputs(labels, "user_ids", user_ids)
+    return int(np.intersect1d(user_ids[labels], user_ids[~labels]).size)
+
+
 def logloss(labels, probs, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy of probabilities.
 

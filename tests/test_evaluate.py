@@ -1,5 +1,6 @@
 """`mmrec_jax.evaluate` on a tiny trained run: full-catalogue ranking, the CLI, ablation."""
 
+import collections
 import dataclasses
 import json
 import shutil
@@ -9,9 +10,11 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from _trained_run import GROUP, restored_checkpoint, trained_run
 
 from mmrec_jax import evaluate, reporting, sharding, train
+from mmrec_jax.config import load_config
 from mmrec_jax.data import builder, pipeline
 
 pytestmark = pytest.mark.xdist_group(GROUP)
@@ -212,6 +215,12 @@ def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir
         cells = [lines[name][c] for c in ("test oracle", "test_cold oracle")]
         assert np.isfinite([float(cell) for cell in cells]).all(), name
     assert "Modality ablation on test " in out and "Modality ablation on test_cold " in out
+    gauc_users_row = next(
+        dict(zip(columns, line.split()[1:], strict=True))
+        for line in out.splitlines()
+        if line.startswith("gauc_users ")
+    )
+    run = load_config(str(workdir / "config.json"))
     # Click metrics equal those of the training loop's own evaluation of the same checkpoint.
     summary = json.loads((workdir / "summary.json").read_text())["splits"]
     for split in ("test", "test_cold"):
@@ -239,6 +248,15 @@ def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir
         ]
         ece = sum(gaps) / result["rows"]["examples"]
         assert ece == pytest.approx(result["click"]["ece"], abs=1e-9)
+        # GAUC averages the users with both a positive and a negative row of the split,
+        # counted here from the split's records (plain TFDS), and the table says how many.
+        source = tfds.data_source(run.data.name, data_dir=str(run.data.data_dir))[split]
+        labels_of_user = collections.defaultdict(set)
+        for record in source.__getitems__(list(range(len(source)))):
+            labels_of_user[int(record["user_index"])].add(int(record["label"]))
+        both = sum(len(labels) == 2 for labels in labels_of_user.values())
+        assert 0 < both == result["rows"]["gauc_users"]
+        assert gauc_users_row[split] == str(both)
         assert set(result["ablation"]) == {"text"}  # the run's only content modality
         ablated = result["ablation"]["text"]
         assert ablated["auc_drop"] == pytest.approx(result["click"]["auc"] - ablated["auc"])

@@ -95,6 +95,19 @@ def test_gauc_with_string_user_ids():
 def test_gauc_without_a_user_with_both_classes_is_an_error():
     with pytest.raises(ValueError, match="no user has both"):
         metrics.gauc([0, 0, 1, 1], [1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4])
+    assert metrics.gauc_users([0, 0, 1, 1], [1, 1, 0, 0]) == 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gauc_users_counts_the_users_gauc_averages(seed):
+    _, users, labels, _ = _click_data(seed)
+    both = {u for u in users.tolist() if len(set(labels[users == u].tolist())) == 2}
+    assert 0 < len(both) < np.unique(users).size  # users of one class are left out
+    assert metrics.gauc_users(users, labels) == len(both)
+    names = np.array([f"user-{u}" for u in users])
+    assert metrics.gauc_users(names, labels.astype(float)) == len(both)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        metrics.gauc_users(users, labels * 2)
 
 
 # ------------------------------------------------------------- logloss, accuracy, ECE
