@@ -2,6 +2,7 @@
 
     python -m mmrec_jax.evaluate --workdir runs/default [--split test] [--split test_cold]
         [--checkpoint best|latest|STEP] [--k 10,20] [--ablate] [--batch_size N]
+        [--ranking_users N]
 
 Click prediction (AUC, GAUC, logloss, accuracy, ECE) scores the split's rows as the
 training loop does, in batches of the run's `train.batch_size` rows or `--batch_size`.
@@ -10,12 +11,14 @@ catalogue: each item is encoded once (`encode_items`, jit-compiled, item blocks 
 over the devices), then a (users x items) grid of rows per call is scored from those
 encoded items (`score`) and reduced to each user's top K on the device (`top_k_items`),
 with the user's training positives excluded and the split's positives as the relevant
-items. The results are printed beside the dataset's oracle, the ranking metrics also
-beside those of recommending every user the most popular items (`popularity_ranking`),
-and written to `WORKDIR/eval/<split>.json` (with the split's calibration curve, bin by
-bin); the reliability diagrams of every split evaluated at that checkpoint (by this call
-or an earlier one) go to `WORKDIR/eval/calibration.png`. `--ablate` re-scores the split
-with each content modality marked absent in turn and reports the AUC each one is worth.
+items (`--ranking_users N` ranks a seeded random sample of N users instead, for
+catalogues too large to rank every user). The results are printed beside the dataset's
+oracle, the ranking metrics also beside those of recommending every user the most
+popular items (`popularity_ranking`), and written to `WORKDIR/eval/<split>.json` (with
+the split's calibration curve, bin by bin); the reliability diagrams of every split
+evaluated at that checkpoint (by this call or an earlier one) go to
+`WORKDIR/eval/calibration.png`. `--ablate` re-scores the split with each content modality
+marked absent in turn and reports the AUC each one is worth.
 
 Every step is a function (`encode_catalogue`, `catalogue_scores`, `rank_catalogue`,
 `popularity_ranking`, `make_split_fn`, `evaluate_params`), so other code (the training
@@ -341,6 +344,43 @@ def grid_logits(model: Any, params: Any, encoded: Mapping, users: Mapping) -> ja
     return logits.astype(jnp.float32).reshape(num_users, num_items)
 
 
+def ranking_sample(
+    rows: Mapping[str, np.ndarray],
+    positive: np.ndarray,
+    catalogue: Catalogue,
+    count: int,
+    seed: int,
+) -> tuple[np.ndarray, dict | None]:
+    """Keeps the positives of a seeded random sample of `count` users to rank.
+
+    The users drawn from are those ranking counts: with a positive row whose item is not
+    among their training positives (the excluded items).
+
+    Args:
+      rows: a scored split's rows ("user_index", "item_index").
+      positive: (R,) bool, the rows that are positives.
+      catalogue: the dataset's catalogue (its user table's training positives).
+      count: users to keep.
+      seed: seeds the draw.
+
+    Returns:
+      ((R,) the positives of the users drawn, {"user_ids": their original ids in user-table
+      order, "of": how many users could be drawn}), or (`positive`, None) when there are
+      no more than `count` users to draw from.
+    """
+    offsets, excluded = catalogue.users.train_positives
+    num_items = catalogue.num_items
+    owner = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))  # (E,)
+    user, item = rows["user_index"].astype(np.int64), rows["item_index"].astype(np.int64)
+    seen = np.isin(user * num_items + item, owner * num_items + excluded)  # (R,)
+    candidates = np.unique(user[positive & ~seen])
+    if candidates.size <= count:
+        return positive, None
+    drawn = np.sort(np.random.default_rng(seed).choice(candidates, count, replace=False))
+    sample = {"user_ids": catalogue.user_ids[drawn].tolist(), "of": int(candidates.size)}
+    return positive & np.isin(user, drawn), sample
+
+
 def _user_chunks(
     users: UserTable, user_rows: np.ndarray, num_items: int, mesh, history: bool, rows_per_call
 ):
@@ -641,6 +681,7 @@ def evaluate_params(
     ks: Sequence[int] = DEFAULT_KS,
     ablate: bool = False,
     catalogue: Catalogue | None = None,
+    ranking_users: int | None = None,
 ) -> dict[str, dict]:
     """Every metric of `params` on each split.
 
@@ -653,6 +694,9 @@ def evaluate_params(
       ks: ranking cut-offs.
       ablate: also score each split with each content modality marked absent.
       catalogue: `open_catalogue(config)`, if already open.
+      ranking_users: rank only a random sample of this many of a split's users (seeded
+        by `config.seed`; `ranking_sample`), for catalogues too large to rank every
+        user; None ranks them all.
 
     Returns:
       {split: {"click": {...}, "calibration": `metrics.calibration_curve`, "ranking":
@@ -660,6 +704,8 @@ def evaluate_params(
       recommending the most popular items (`popularity_ranking`) or None,
       "rows": {"examples", "positive_rate", "gauc_users" (the users GAUC averages: those
       with a positive and a negative row)}, "oracle": {...} or None,
+      "ranking_sample": {"user_ids": the users ranked, "of": how many could have been}
+      (only where `ranking_users` left users out),
       "ablation": {modality: {..., "auc_drop"}} (with `ablate`; empty for a model with
       no content modality)}}. Ranking is None for "train": its positives are the
       excluded items.
@@ -699,6 +745,12 @@ def evaluate_params(
                     progress="encoding items",
                 )
             positive = rows["label"] > 0.5
+            if ranking_users is not None:
+                positive, sample = ranking_sample(
+                    rows, positive, catalogue, ranking_users, int(config.seed)
+                )
+                if sample is not None:
+                    entry["ranking_sample"] = sample
             relevant = csr_from_pairs(
                 rows["user_index"][positive],
                 rows["item_index"][positive],
@@ -779,6 +831,13 @@ def format_results(results: Mapping[str, Mapping]) -> str:
     table.append(users)
     lines = reporting.align_table(table)
     lines += reporting.undefined_gauc_note({s: e["click"] for s, e in results.items()})
+    for split, entry in results.items():
+        if entry.get("ranking_sample"):
+            sample = entry["ranking_sample"]
+            lines.append(
+                f"ranked users of {split}: a random sample of {len(sample['user_ids'])} of its "
+                f"{sample['of']} users with a positive to rank (--ranking_users)."
+            )
     if any("ablation" in e for e in results.values()) and not any(
         e.get("ablation") for e in results.values()
     ):
@@ -808,6 +867,7 @@ def evaluate_run(
     data_dir: str | Path | None = None,
     batch_size: int | None = None,
     write: bool = True,
+    ranking_users: int | None = None,
 ) -> dict[str, dict]:
     """Evaluates a checkpoint of a run; writes `workdir/eval/<split>.json` for each split.
 
@@ -826,12 +886,14 @@ def evaluate_run(
         up to a multiple of the devices); the metrics do not depend on it, the memory
         used does.
       write: write the results (`write_results`); False only returns them.
+      ranking_users: rank a seeded random sample of this many users of each split
+        (`evaluate_params`); None: every user.
 
     Returns:
       `evaluate_params`' results, each with "checkpoint_step" and "k" added.
 
     Raises:
-      ValueError: a bad split, cut-off or batch size.
+      ValueError: a bad split, cut-off, batch size or number of users to rank.
     """
     from mmrec_jax import train
     from mmrec_jax.data import pipeline
@@ -846,12 +908,16 @@ def evaluate_run(
             f"--batch_size {batch_size} must be a positive multiple of the number of devices "
             f"({mesh.size})."
         )
+    if ranking_users is not None and ranking_users < 1:
+        raise ValueError(f"--ranking_users {ranking_users} must be at least 1.")
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     if str(checkpoint) == "best" and train.best_checkpoint_step(workdir) is None:
         checkpoint = "latest"  # the run was never validated
     config.train.batch_size = batch_size or default_batch_size(config, mesh.size)
     catalogue = open_catalogue(config)
-    results = evaluate_params(config, model, params, splits, mesh, ks, ablate, catalogue)
+    results = evaluate_params(
+        config, model, params, splits, mesh, ks, ablate, catalogue, ranking_users
+    )
     for split, entry in results.items():
         entry.update(split=split, checkpoint=str(checkpoint), checkpoint_step=int(step))
         entry["k"] = [int(k) for k in ks]
@@ -1021,6 +1087,12 @@ def main(argv: list[str] | None = None) -> int:
         help="rows scored per batch (default: the run's train.batch_size, rounded up to a "
         "multiple of the devices); lower it if evaluation runs out of memory",
     )
+    parser.add_argument(
+        "--ranking_users",
+        type=int,
+        help="rank a random sample of this many of each split's users (seeded by the run's "
+        "config.seed; default: every user), for catalogues too large to rank them all",
+    )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()
     with exits_quietly(parser, exit_process=argv is None):
@@ -1041,6 +1113,7 @@ def _evaluate_and_report(parser: argparse.ArgumentParser, args: argparse.Namespa
             data_dir=args.data_dir,
             batch_size=args.batch_size,
             write=False,
+            ranking_users=args.ranking_users,
         )
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}{moved_data_hint(error, args)}\n")

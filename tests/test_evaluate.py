@@ -94,19 +94,23 @@ def _brute_force_ranking(scores, relevant, exclude, ks):
     )
 
 
+def _positives_of_users(config, split: str, num_users: int) -> tuple[list[set], list[set]]:
+    """Each user's positives in `split` and in train (the relevant and the excluded items),
+    read straight from the records."""
+    positives = {}
+    for name in (split, "train"):
+        positives[name] = [set() for _ in range(num_users)]
+        for r in _records(config, builder.INTERACTIONS, name):
+            if r["label"] > 0.5:
+                positives[name][int(r["user_index"])].add(int(r["item_index"]))
+    return positives[split], positives["train"]
+
+
 @pytest.mark.parametrize("split", ["test", "test_cold"])
 def test_full_catalogue_ranking_equals_brute_force(restored, split):
     config, model, params, catalogue, encoded, mesh = restored
     num_users = catalogue.users.user_id.shape[0]
-    # The split's positives and each user's train positives, read straight from the records.
-    relevant = [set() for _ in range(num_users)]
-    for r in _records(config, builder.INTERACTIONS, split):
-        if r["label"] > 0.5:
-            relevant[int(r["user_index"])].add(int(r["item_index"]))
-    exclude = [set() for _ in range(num_users)]
-    for r in _records(config, builder.INTERACTIONS, "train"):
-        if r["label"] > 0.5:
-            exclude[int(r["user_index"])].add(int(r["item_index"]))
+    relevant, exclude = _positives_of_users(config, split, num_users)
     scores = evaluate.catalogue_scores(
         model, params, encoded, catalogue.users, np.arange(num_users), mesh
     )
@@ -122,6 +126,47 @@ def test_full_catalogue_ranking_equals_brute_force(restored, split):
     assert result.keys() == expected.keys()
     for name, value in expected.items():
         assert result[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_ranking_a_sample_of_users_equals_brute_force_on_those_users(workdir, restored, capsys):
+    config, model, params, catalogue, encoded, mesh = restored
+    num_users = catalogue.users.user_id.shape[0]
+    relevant, exclude = _positives_of_users(config, "test", num_users)
+    rankable = [u for u in range(num_users) if relevant[u] - exclude[u]]
+    ks = (1, 5)
+    results = evaluate.evaluate_run(workdir, ["test"], ks=ks, write=False, ranking_users=3)
+    result = results["test"]
+    sample = result["ranking_sample"]
+    user_ids = catalogue.user_ids.tolist()
+    drawn = [user_ids.index(u) for u in sample["user_ids"]]
+    assert sample["of"] == len(rankable) > 3 and result["ranked_users"] == 3
+    assert drawn == sorted(set(drawn)) and set(drawn) <= set(rankable)
+    scores = evaluate.catalogue_scores(model, params, encoded, catalogue.users, drawn, mesh)
+    expected, counted = _brute_force_ranking(
+        scores, [relevant[u] for u in drawn], [exclude[u] for u in drawn], ks
+    )
+    assert counted == 3
+    for name, value in expected.items():
+        assert result["ranking"][name] == pytest.approx(value, abs=1e-6), name
+    # The popularity baseline ranks the same users.
+    pairs = [(u, i) for u in drawn for i in relevant[u]]
+    csr = evaluate.csr_from_pairs(*np.array(pairs).T, num_users)
+    popular = evaluate.popularity_ranking(catalogue.users, csr, ks, catalogue.num_items)
+    assert result["popularity"] == pytest.approx(popular, abs=1e-12)
+    # The click metrics still score every row.
+    summary = json.loads((workdir / "summary.json").read_text())["splits"]["test"]["model"]
+    assert result["click"]["auc"] == pytest.approx(summary["auc"], abs=1e-6)
+    note = f"ranked users of test: a random sample of 3 of its {len(rankable)} users"
+    assert note in evaluate.format_results(results)
+    # As many users as there are to rank: every one, and no sample recorded.
+    everyone = evaluate.evaluate_run(
+        workdir, ["test"], ks=ks, write=False, ranking_users=len(rankable)
+    )["test"]
+    assert "ranking_sample" not in everyone and everyone["ranked_users"] == len(rankable)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--workdir", str(workdir), "--ranking_users", "0"])
+    assert exit_info.value.code == 2
+    assert "--ranking_users 0 must be at least 1" in capsys.readouterr().err
 
 
 def test_popularity_ranking_equals_brute_force():
