@@ -365,6 +365,44 @@ def test_ids_outside_the_vocabulary_count_as_unknown_and_warn_when_eager():
         # the ID embedding itself refuses a vocabulary of 0
 
 
+@pytest.mark.parametrize("towers", ["image,id,history", "id"])
+def test_unknown_ids_are_absent_tokens_not_the_untrained_table_row(towers):
+    """No training row reaches the OOV rows of the ID tables, so an unknown user or item
+    leaves its ID token out of the fusion, whatever those rows hold."""
+    cfg = tiny_config(towers)
+    model = build_model(cfg)
+    batch = make_batch(cfg, seed=3)
+    variables = model.init(init_key(), batch)
+    apply = jax.jit(model.apply)
+    user_id = batch["user_id"].copy()
+    user_id[:2] = 0
+    user_id[3] = NUM_USERS  # known
+    item_id = batch["items"]["item_id"].copy()
+    item_id[batch["item_slot"][1:3]] = 0  # rows 1 (both unknown) and 2 (the item only)
+    batch = _replace_items({**batch, "user_id": user_id}, item_id=item_id)
+    logits = apply(variables, batch)
+    assert np.isfinite(logits).all()
+
+    def with_row(variables, table, index, value):
+        params = flax.core.unfreeze(variables)["params"]
+        embedding = params[table]["embedding"]["embedding"]
+        params[table]["embedding"]["embedding"] = embedding.at[index].set(value)
+        return {"params": params}
+
+    # Whatever the OOV rows hold, the logits stay.
+    changed = with_row(variables, "user_id", 0, 50.0)
+    changed = with_row(changed, "item_id", 0, -50.0)
+    np.testing.assert_allclose(apply(changed, batch), logits, rtol=1e-6, atol=1e-6)
+    # A known user's row does count.
+    moved = apply(with_row(variables, "user_id", NUM_USERS, 50.0), batch)
+    assert np.abs(moved[3] - logits[3]) > 1e-3
+    if towers == "id":  # row 1 has no token at all: the fusion's bias alone, like any such row
+        items = dict(batch["items"], item_id=np.zeros(U, np.int32))
+        nothing = apply(variables, {**batch, "user_id": np.zeros(B, np.int32), "items": items})
+        np.testing.assert_allclose(nothing, np.full(B, nothing[0]), rtol=1e-6)
+        np.testing.assert_allclose(logits[1], nothing[0], rtol=1e-6)
+
+
 def test_with_pretrained_text_puts_the_pretrained_bert_in(tmp_path):
     reference = make_tiny_bert(tmp_path, seed=4)  # saved by transformers
     cfg = tiny_config("text,id", text_mode="finetune")

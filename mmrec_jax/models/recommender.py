@@ -10,7 +10,10 @@
 Item towers (text, image, audio, item ID) run once per item of the batch's item block
 and give M item tokens per item; `score` gathers them for each row's candidate by slot,
 adds the user tokens (user ID, attention over the history items' embeddings) and fuses
-them into one logit. Splitting `encode_items` from `score` lets full-catalogue ranking
+them into one logit. A user or item ID token whose ID is out of vocabulary (index 0: a
+user or item no training row has) is marked absent, like a missing modality: the OOV row
+of an ID table is never trained, so the fusion reads the other tokens, as it learned to
+under modality dropout. Splitting `encode_items` from `score` lets full-catalogue ranking
 encode every item once and then score users x items. `init` gives every layer random
 weights; `with_pretrained_text` puts the pretrained BERT into a text tower that
 fine-tunes it (a frozen one reads cached embeddings and holds no BERT).
@@ -131,7 +134,8 @@ class Recommender(nn.Module):
           items: the item block (`batch["items"]`, see `mmrec_jax.schema`), U >= 1 items.
             Applied eagerly, a NaN or infinite value in the content of an item that has
             that modality raises `BatchError`, and an `item_id` outside [0, num_items]
-            (counted as out of vocabulary, like 0) warns.
+            (counted as out of vocabulary, like 0) warns. An out-of-vocabulary item's ID
+            token is absent from the mask.
           train: enables dropout inside the towers (rng stream "dropout").
 
         Returns:
@@ -154,7 +158,6 @@ class Recommender(nn.Module):
                 "item_id", items["item_id"], self.config.num_items, "num_items"
             )
         items = _zero_absent_content(items)
-        num_items = items["item_id"].shape[0]
         tokens, masks = [], []
         for name in token_names(self.towers)[0]:
             if name == "text":
@@ -168,7 +171,7 @@ class Recommender(nn.Module):
                 masks.append(items["has_audio"])
             else:
                 tokens.append(self.item_id(items["item_id"]))
-                masks.append(jnp.ones((num_items,), bool))
+                masks.append(_in_vocabulary(items["item_id"], self.config.num_items))
         dtype = self.compute_dtype
         mask = jnp.stack([jnp.asarray(m, bool) for m in masks], axis=1)  # (U, M)
         stacked = jnp.stack([t.astype(dtype) for t in tokens], axis=1)  # (U, M, D)
@@ -184,7 +187,10 @@ class Recommender(nn.Module):
             block (a history slot where the mask is False may hold anything). A slot
             outside the block raises `BatchError` when applied eagerly; under jit, where
             values cannot be checked, its row's logit is NaN. A `user_id` outside
-            [0, num_users] counts as out of vocabulary, like 0 (eagerly, with a warning).
+            [0, num_users] counts as out of vocabulary, like 0 (eagerly, with a warning);
+            an out-of-vocabulary user's ID token is absent. A row none of whose tokens is
+            present (an unknown user and item with nothing else to read) scores the
+            fusion's bias alone.
           encoded: the output of `encode_items` for that item block, or tables of its
             form: `tokens` (N, M, D), `mask` (N, M) bool and `embedding` (N, D), M the
             model's item tokens and D its width.
@@ -215,13 +221,12 @@ class Recommender(nn.Module):
         slot = rows["item_slot"]  # (B,)
         tokens = [encoded["tokens"][slot]]  # [(B, M, D)]
         masks = [encoded["mask"][slot]]  # [(B, M)]
-        batch = slot.shape[0]
         # Compiled code cannot reject a slot outside the block (indexing clamps it and
         # wraps a negative one): such a row's logit is NaN, not another item's score.
         bad_slot = ~_in_range(slot, num_items)  # (B,)
         if "id" in self.towers:
             tokens.append(self.user_id(rows["user_id"])[:, None, :])  # (B, 1, D)
-            masks.append(jnp.ones((batch, 1), bool))
+            masks.append(_in_vocabulary(rows["user_id"], self.config.num_users)[:, None])
         if "history" in self.towers:
             candidate = encoded["embedding"][slot]  # (B, D)
             history_mask = jnp.asarray(rows["history_mask"], bool)  # (B, H)
@@ -279,6 +284,12 @@ def _static_train(train) -> bool:
             "the computation (dropout). Jit with jax.jit(model.apply, "
             "static_argnames='train')."
         ) from None
+
+
+def _in_vocabulary(ids: jax.Array, num_ids: int) -> jax.Array:
+    """Whether each ID-vocabulary index names a known ID (0 and out-of-range ones do not)."""
+    ids = jnp.asarray(ids)
+    return (ids >= 1) & (ids <= num_ids)
 
 
 def _in_range(slots: jax.Array, num_items: int) -> jax.Array:

@@ -1,8 +1,10 @@
 """User modelling: ID embeddings with an out-of-vocabulary bucket, and history attention.
 
 A user (or item) ID-vocabulary index is 0 for IDs unseen in training: they all share
-one learned OOV embedding. Ids outside the vocabulary are mapped to 0 too, so an
-evaluation set with new users cannot index out of range.
+one OOV row of the table. Ids outside the vocabulary are mapped to 0 too, so an
+evaluation set with new users cannot index out of range. No training row reaches the OOV
+row (every user and item of the training split has an ID), so the recommender marks an
+OOV token absent rather than read it (`mmrec_jax.models.recommender`).
 
 History attention (DIN / BST style): the candidate item's content embedding attends
 over the embeddings of the items the user engaged with before (up to H, most recent
