@@ -2,6 +2,7 @@
 
     python -m mmrec_jax.recommend --export export/ --user USER_ID [--k 10]
         [--include_interacted]
+    python -m mmrec_jax.recommend --export export/ --items ITEM_ID,ITEM_ID,... [--k 10]
     python -m mmrec_jax.recommend --export export/ --list_users
 
 The user's ID embedding and latest history (from the export's user table) are scored
@@ -9,7 +10,9 @@ against every item of the export's encoded item table with the model's `score`, 
 jit-compiled chunks of items; the items the user already interacted with (in any split of
 the dataset, whether the interaction was positive or not) are left out unless
 --include_interacted is given. The top K are printed best first, each with the start of
-its text.
+its text. `--items` recommends for a user the export does not know, from the items they
+engaged with (most recent first): the model's history tower reads them, and its unknown
+user ID is left out as in training's unknown users; those items are left out of the list.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -33,11 +37,19 @@ ITEMS_PER_CALL = 4096
 CLI_TEXT_CHARS = 60
 
 
-class UnknownUserError(KeyError):
-    """A user id that is not in the export's user table."""
+class UnknownIdError(KeyError):
+    """An id that is not in the export's tables."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
+
+
+class UnknownUserError(UnknownIdError):
+    """A user id that is not in the export's user table."""
+
+
+class UnknownItemError(UnknownIdError):
+    """An item id that is not in the export's item table."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +83,9 @@ class ExportedRecommender:
             "embedding": jnp.asarray(self.tables["item_embeddings"]),
         }
         self._index = {self._key(u): i for i, u in enumerate(self.tables["user_ids"].tolist())}
+        self._item_index = {
+            self._key(i): row for row, i in enumerate(self.tables["item_ids"].tolist())
+        }
         self._score = jax.jit(
             self._score_chunk,
             compiler_options=runtime.compiler_options(self.model.config.dtype),
@@ -102,6 +117,27 @@ class ExportedRecommender:
             )
         return row
 
+    def item_row(self, item_id) -> int:
+        """The row of `item_id` (an original id, as given or as text) in the item table.
+
+        Raises:
+          UnknownItemError: the export has no such item.
+        """
+        row = self._item_index.get(self._key(item_id))
+        if row is None:
+            ids = self.tables["item_ids"]
+            examples = ", ".join(str(i) for i in ids[:5].tolist())
+            raise UnknownItemError(
+                f"Unknown item {item_id!r}: export {str(self.path)!r} has no such item among "
+                f"its {ids.shape[0]} items (ids like {examples})."
+            )
+        return row
+
+    @property
+    def history_len(self) -> int:
+        """H: the most recent items of a history the model reads."""
+        return int(self.tables["user_history"].shape[1])
+
     def _score_chunk(self, variables, encoded, user_id, history, history_mask, slots):
         rows = {"user_id": jnp.broadcast_to(user_id, slots.shape), "item_slot": slots}
         if self.history:
@@ -112,11 +148,35 @@ class ExportedRecommender:
     def scores(self, user_id) -> np.ndarray:
         """(N,) logits of the user against every item of the export, in item-table order."""
         row = self.user_row(user_id)
+        return self._scores(
+            self.tables["user_id_index"][row],
+            self.tables["user_history"][row],
+            self.tables["user_history_mask"][row],
+        )
+
+    def scores_for_history(self, item_ids: Sequence) -> np.ndarray:
+        """(N,) logits of a user the export does not know, who engaged with `item_ids`.
+
+        Args:
+          item_ids: original item ids, most recent first; the model reads the first
+            `history_len` of them (with no history tower, none: every new user then gets
+            the same scores).
+
+        Raises:
+          UnknownItemError: an item the export does not have.
+        """
+        rows = [self.item_row(i) for i in item_ids][: self.history_len]
+        history = np.zeros(self.history_len, np.int32)  # (H,)
+        history[: len(rows)] = rows
+        return self._scores(0, history, np.arange(self.history_len) < len(rows))
+
+    def _scores(self, user_index, history: np.ndarray, history_mask: np.ndarray) -> np.ndarray:
+        """(N,) logits of one user (ID-vocabulary index, (H,) history rows and mask)."""
         num_items = self.tables["item_ids"].shape[0]
         chunk = self.items_per_call
-        user = jnp.asarray(self.tables["user_id_index"][row], jnp.int32)
-        history = jnp.asarray(self.tables["user_history"][row], jnp.int32)  # (H,)
-        history_mask = jnp.asarray(self.tables["user_history_mask"][row], bool)
+        user = jnp.asarray(user_index, jnp.int32)
+        history = jnp.asarray(history, jnp.int32)  # (H,)
+        history_mask = jnp.asarray(history_mask, bool)
         out = []
         for start in range(0, num_items, chunk):
             slots = np.arange(start, start + chunk, dtype=np.int32) % num_items  # (chunk,)
@@ -147,16 +207,39 @@ class ExportedRecommender:
         """
         if k < 1:
             raise ValueError(f"k={k} must be at least 1.")
-        logits = self.scores(user_id)  # (N,)
+        left_out = self.interacted_items(user_id) if leave_out_interacted else []
+        return self._top(self.scores(user_id), left_out, k, f"user {user_id!r}")
+
+    def recommend_for_history(
+        self, item_ids: Sequence, k: int = 10, leave_out_given: bool = True
+    ) -> list[Recommendation]:
+        """Top-K items for a user the export does not know, best first.
+
+        Args:
+          item_ids: original ids of the items the user engaged with, most recent first
+            (`scores_for_history`).
+          k: how many items; fewer come back when fewer are left to recommend.
+          leave_out_given: leave out the items of `item_ids` (False: rank every item).
+
+        Raises:
+          UnknownItemError: an item the export does not have.
+          ValueError: k < 1.
+        """
+        if k < 1:
+            raise ValueError(f"k={k} must be at least 1.")
+        left_out = [self.item_row(i) for i in item_ids] if leave_out_given else []
+        return self._top(self.scores_for_history(item_ids), left_out, k, "the new user")
+
+    def _top(self, logits: np.ndarray, left_out, k: int, who: str) -> list[Recommendation]:
+        """The top `k` of (N,) `logits` without the item rows `left_out`, best first."""
         if np.isnan(logits).any():
             raise ValueError(
-                f"The scores of user {user_id!r} hold NaN for {int(np.isnan(logits).sum())} "
+                f"The scores of {who} hold NaN for {int(np.isnan(logits).sum())} "
                 f"of {logits.size} items: the exported parameters or item encodings are not "
                 "finite. Export again from a checkpoint of a run that trained without NaN."
             )
         exclude = np.zeros(logits.shape, bool)
-        if leave_out_interacted:
-            exclude[self.interacted_items(user_id)] = True
+        exclude[np.asarray(left_out, np.int64)] = True
         k = min(k, int((~exclude).sum()))
         if k == 0:
             return []
@@ -181,12 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", required=True, help="a folder from mmrec_jax.export")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="the user's original id")
+    who.add_argument(
+        "--items",
+        help="recommend for a user the export does not know, who engaged with these items: "
+        "original ids, comma-separated, most recent first",
+    )
     who.add_argument("--list_users", action="store_true", help="print every known user id")
     parser.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     parser.add_argument(
         "--include_interacted",
         action="store_true",
-        help="rank the items the user interacted with too (left out by default)",
+        help="rank the items the user interacted with (or --items) too (left out by default)",
     )
     args = parser.parse_args(argv)
     with exits_quietly(parser, exit_process=argv is None):
@@ -200,12 +288,29 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
         if args.list_users:
             print("\n".join(str(u) for u in recommender.user_ids.tolist()))
             return 0
-        results = recommender.recommend(args.user, args.k, not args.include_interacted)
-    except (UnknownUserError, exported.ExportError, ValueError) as error:
+        if args.items is not None:
+            item_ids = [i.strip() for i in args.items.split(",") if i.strip()]
+            if not item_ids:
+                raise ValueError("--items: give at least one item id.")
+            leave_out = not args.include_interacted
+            results = recommender.recommend_for_history(item_ids, args.k, leave_out)
+            left_out = " (leaving those out)" if leave_out else ""
+            who = f"a new user who engaged with {len(item_ids)} items{left_out}"
+        else:
+            results = recommender.recommend(args.user, args.k, not args.include_interacted)
+            seen = recommender.interacted_items(args.user).size
+            left_out = f" (leaving out the {seen} they interacted with)"
+            who = f"user {args.user}{'' if args.include_interacted else left_out}"
+    except (UnknownIdError, exported.ExportError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    seen = recommender.interacted_items(args.user).size
-    left_out = "" if args.include_interacted else f" (leaving out the {seen} they interacted with)"
-    print(f"Top {len(results)} items for user {args.user}{left_out}:")
+    if args.items is not None and not recommender.history:
+        print("Note: the model has no history tower, so every new user gets this list.")
+    elif args.items is not None and len(item_ids) > recommender.history_len:
+        print(
+            f"Note: the model reads the first {recommender.history_len} of the "
+            f"{len(item_ids)} items given (the most recent)."
+        )
+    print(f"Top {len(results)} items for {who}:")
     width = max([len(str(r.item_id)) for r in results] + [4])
     print(f"{'rank':>4}  {'item':<{width}}  {'probability':>11}  {'logit':>8}  text")
     for rank, result in enumerate(results, 1):

@@ -343,6 +343,63 @@ def test_recommend_leaves_out_items_interacted_with_and_matches_brute_force(
     assert probabilities == sorted(probabilities, reverse=True)
 
 
+def test_recommend_for_a_new_user_from_their_items_matches_brute_force(
+    export_dir, checkpoint, capsys
+):
+    config, model, params = checkpoint
+    store = pipeline.ItemStore(config)
+    n = store.num_item_rows
+    recommender = recommend.ExportedRecommender(export_dir, items_per_call=16)
+    item_ids = recommender.tables["item_ids"].tolist()
+    h = config.data.history_len
+    given = [7, 2, 11, 5, 3, 8][: h + 1]  # item rows, most recent first; one past H
+    assert len(given) == h + 1
+    # The model reads the first H, with an unknown user ID (index 0).
+    history = np.array(given[:h])
+    batch = {
+        "user_id": np.zeros(n, np.int32),
+        "user_index": np.zeros(n, np.int32),
+        "item_slot": np.arange(n, dtype=np.int32),
+        "history_slot": np.repeat(history[None], n, axis=0).astype(np.int32),
+        "history_mask": np.ones((n, h), bool),
+        "label": np.zeros(n, np.float32),
+        "weight": np.ones(n, np.float32),
+        "items": store.block(np.arange(n), n),
+    }
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, batch))
+    ids = [str(item_ids[i]) for i in given]  # as typed on a command line
+    np.testing.assert_allclose(recommender.scores_for_history(ids), logits, atol=1e-5)
+    results = recommender.recommend_for_history(ids, k=4)
+    ranked = sorted((i for i in range(n) if i not in given), key=lambda i: (-logits[i], i))
+    assert [r.item_id for r in results] == [item_ids[i] for i in ranked[:4]]
+    np.testing.assert_allclose([r.logit for r in results], logits[ranked[:4]], atol=1e-5)
+    everything = recommender.recommend_for_history(ids, k=n, leave_out_given=False)
+    assert len(everything) == n
+    # Another history, other scores: the history is what the model reads.
+    other = recommender.scores_for_history([str(item_ids[i]) for i in (1, 4)])
+    assert np.abs(other - logits).max() > 1e-4
+    with pytest.raises(recommend.UnknownItemError, match="Unknown item 'no_such_item'"):
+        recommender.recommend_for_history([ids[0], "no_such_item"])
+
+    assert recommend.main(["--export", str(export_dir), "--items", ",".join(ids), "--k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (
+        lines[0]
+        == f"Note: the model reads the first {h} of the {h + 1} items given (the most recent)."
+    )
+    assert (
+        lines[1]
+        == f"Top 3 items for a new user who engaged with {h + 1} items (leaving those out):"
+    )
+    assert [line.split()[1] for line in lines[3:]] == [str(item_ids[i]) for i in ranked[:3]]
+    for bad in (",", "no_such_item"):
+        with pytest.raises(SystemExit) as exit_info:
+            recommend.main(["--export", str(export_dir), "--items", bad])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--items: give at least one item id" in err and "Unknown item 'no_such_item'" in err
+
+
 def test_the_exports_own_readme_runs_without_mmrec_jax(export_dir, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", (export_dir / "README.md").read_text(), re.S)
     (block,) = [b for b in blocks if "load_file" in b]
