@@ -7,6 +7,7 @@ _LAZY = {
     "load_exported": "mmrec_jax.exported",
     "load_tables": "mmrec_jax.exported",
     "load_export_config": "mmrec_jax.exported",
+    "ExportedRecommender": "mmrec_jax.recommend",
     "item_text_fields": "mmrec_jax.data.text_cache",
 }
 

@@ -55,7 +55,7 @@ def test_the_functions_the_readme_calls_resolve_as_written():
     text = (ROOT / "README.md").read_text()
     dotted = sorted(set(re.findall(r"\bmmrec_jax((?:\.\w+)+)\(", text)))
     media_calls = sorted(set(re.findall(r"\bmedia\.(\w+)\(", text)))
-    assert {".item_text_fields", ".load_export_config"} <= set(dotted)
+    assert {".item_text_fields", ".load_export_config", ".ExportedRecommender"} <= set(dotted)
     assert {"decode_image", "decode_audio"} <= set(media_calls)
     script = "import mmrec_jax\nfrom mmrec_jax.data import media\n" + "".join(
         [f"assert callable(mmrec_jax{name}), {name!r}\n" for name in dotted]
