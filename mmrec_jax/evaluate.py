@@ -360,14 +360,18 @@ def ranking_sample(
       rows: a scored split's rows ("user_index", "item_index").
       positive: (R,) bool, the rows that are positives.
       catalogue: the dataset's catalogue (its user table's training positives).
-      count: users to keep.
+      count: users to keep, at least 1.
       seed: seeds the draw.
 
     Returns:
       ((R,) the positives of the users drawn, {"user_ids": their original ids in user-table
       order, "of": how many users could be drawn}), or (`positive`, None) when there are
       no more than `count` users to draw from.
+
+    Raises:
+      ValueError: `count` < 1.
     """
+    _check_ranking_users(count)
     offsets, excluded = catalogue.users.train_positives
     num_items = catalogue.num_items
     owner = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))  # (E,)
@@ -379,6 +383,11 @@ def ranking_sample(
     drawn = np.sort(np.random.default_rng(seed).choice(candidates, count, replace=False))
     sample = {"user_ids": catalogue.user_ids[drawn].tolist(), "of": int(candidates.size)}
     return positive & np.isin(user, drawn), sample
+
+
+def _check_ranking_users(count: int) -> None:
+    if count < 1:
+        raise ValueError(f"--ranking_users {count} must be at least 1.")
 
 
 def _user_chunks(
@@ -908,8 +917,8 @@ def evaluate_run(
             f"--batch_size {batch_size} must be a positive multiple of the number of devices "
             f"({mesh.size})."
         )
-    if ranking_users is not None and ranking_users < 1:
-        raise ValueError(f"--ranking_users {ranking_users} must be at least 1.")
+    if ranking_users is not None:
+        _check_ranking_users(ranking_users)
     config, model, params, step = train.restore_params(workdir, checkpoint, devices, data_dir)
     if str(checkpoint) == "best" and train.best_checkpoint_step(workdir) is None:
         checkpoint = "latest"  # the run was never validated
@@ -1091,7 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
         "--ranking_users",
         type=int,
         help="rank a random sample of this many of each split's users (seeded by the run's "
-        "config.seed; default: every user), for catalogues too large to rank them all",
+        "config.seed; a split with no more ranks them all; default: every user), for "
+        "catalogues too large to rank them all",
     )
     args = parser.parse_args(argv)
     sharding.maybe_initialize_distributed()

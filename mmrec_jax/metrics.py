@@ -236,7 +236,8 @@ def gauc(user_ids, labels, scores) -> float:
 
 def gauc_users(user_ids, labels) -> int:
     """How many users `gauc` averages over: those with both a positive and a negative
-    impression (0 where GAUC is undefined). A GAUC over a handful of users is noise.
+    impression among the rows given (sampled negatives included), 0 where GAUC is
+    undefined. A GAUC over a handful of users is noise.
 
     Args:
       user_ids: (N,) user of each impression.

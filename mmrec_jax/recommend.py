@@ -11,8 +11,9 @@ jit-compiled chunks of items; the items the user already interacted with (in any
 the dataset, whether the interaction was positive or not) are left out unless
 --include_interacted is given. The top K are printed best first, each with the start of
 its text. `--items` recommends for a user the export does not know, from the items they
-engaged with (most recent first): the model's history tower reads them, and its unknown
-user ID is left out as in training's unknown users; those items are left out of the list.
+engaged with (most recent first): the model's history tower reads them, and the user's ID
+token is absent, as for any user no training row has; those items are left out of the
+list.
 """
 
 from __future__ import annotations
@@ -133,6 +134,14 @@ class ExportedRecommender:
             )
         return row
 
+    def item_rows(self, item_ids: Sequence) -> list[int]:
+        """The item-table rows of `item_ids`, each item once (where it first appears).
+
+        Raises:
+          UnknownItemError: an item the export does not have.
+        """
+        return list(dict.fromkeys(self.item_row(i) for i in item_ids))
+
     @property
     def history_len(self) -> int:
         """H: the most recent items of a history the model reads."""
@@ -158,14 +167,14 @@ class ExportedRecommender:
         """(N,) logits of a user the export does not know, who engaged with `item_ids`.
 
         Args:
-          item_ids: original item ids, most recent first; the model reads the first
-            `history_len` of them (with no history tower, none: every new user then gets
-            the same scores).
+          item_ids: original item ids, most recent first (a repeated id counts where it
+            first appears); the model reads the first `history_len` items (with no history
+            tower, none: every new user then gets the same scores).
 
         Raises:
           UnknownItemError: an item the export does not have.
         """
-        rows = [self.item_row(i) for i in item_ids][: self.history_len]
+        rows = self.item_rows(item_ids)[: self.history_len]
         history = np.zeros(self.history_len, np.int32)  # (H,)
         history[: len(rows)] = rows
         return self._scores(0, history, np.arange(self.history_len) < len(rows))
@@ -227,7 +236,7 @@ class ExportedRecommender:
         """
         if k < 1:
             raise ValueError(f"k={k} must be at least 1.")
-        left_out = [self.item_row(i) for i in item_ids] if leave_out_given else []
+        left_out = self.item_rows(item_ids) if leave_out_given else []
         return self._top(self.scores_for_history(item_ids), left_out, k, "the new user")
 
     def _top(self, logits: np.ndarray, left_out, k: int, who: str) -> list[Recommendation]:
@@ -294,8 +303,9 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
                 raise ValueError("--items: give at least one item id.")
             leave_out = not args.include_interacted
             results = recommender.recommend_for_history(item_ids, args.k, leave_out)
-            left_out = " (leaving those out)" if leave_out else ""
-            who = f"a new user who engaged with {len(item_ids)} items{left_out}"
+            given = len(recommender.item_rows(item_ids))
+            left_out = (" (leaving it out)" if given == 1 else " (leaving those out)") * leave_out
+            who = f"a new user who engaged with {given} item{'s' * (given != 1)}{left_out}"
         else:
             results = recommender.recommend(args.user, args.k, not args.include_interacted)
             seen = recommender.interacted_items(args.user).size
@@ -305,10 +315,10 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if args.items is not None and not recommender.history:
         print("Note: the model has no history tower, so every new user gets this list.")
-    elif args.items is not None and len(item_ids) > recommender.history_len:
+    elif args.items is not None and given > recommender.history_len:
         print(
             f"Note: the model reads the first {recommender.history_len} of the "
-            f"{len(item_ids)} items given (the most recent)."
+            f"{given} items given (the most recent)."
         )
     print(f"Top {len(results)} items for {who}:")
     width = max([len(str(r.item_id)) for r in results] + [4])

@@ -163,6 +163,10 @@ def test_ranking_a_sample_of_users_equals_brute_force_on_those_users(workdir, re
         workdir, ["test"], ks=ks, write=False, ranking_users=len(rankable)
     )["test"]
     assert "ranking_sample" not in everyone and everyone["ranked_users"] == len(rankable)
+    one_row = {"user_index": np.array([drawn[0]]), "item_index": np.array([0])}
+    for count in (0, -1):  # from Python, as from the command line
+        with pytest.raises(ValueError, match=f"--ranking_users {count} must be at least 1"):
+            evaluate.ranking_sample(one_row, np.array([True]), catalogue, count, seed=0)
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--workdir", str(workdir), "--ranking_users", "0"])
     assert exit_info.value.code == 2

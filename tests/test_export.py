@@ -369,6 +369,9 @@ def test_recommend_for_a_new_user_from_their_items_matches_brute_force(
     logits = np.asarray(jax.jit(model.apply)({"params": params}, batch))
     ids = [str(item_ids[i]) for i in given]  # as typed on a command line
     np.testing.assert_allclose(recommender.scores_for_history(ids), logits, atol=1e-5)
+    # A repeated item counts once, where it first appears.
+    repeated = [ids[0], ids[1], ids[0], *ids[1:]]
+    np.testing.assert_allclose(recommender.scores_for_history(repeated), logits, atol=1e-5)
     results = recommender.recommend_for_history(ids, k=4)
     ranked = sorted((i for i in range(n) if i not in given), key=lambda i: (-logits[i], i))
     assert [r.item_id for r in results] == [item_ids[i] for i in ranked[:4]]
@@ -392,6 +395,10 @@ def test_recommend_for_a_new_user_from_their_items_matches_brute_force(
         == f"Top 3 items for a new user who engaged with {h + 1} items (leaving those out):"
     )
     assert [line.split()[1] for line in lines[3:]] == [str(item_ids[i]) for i in ranked[:3]]
+    args = ["--export", str(export_dir), "--items", f"{ids[0]},{ids[0]}", "--k", "2"]
+    assert recommend.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Top 2 items for a new user who engaged with 1 item (leaving it out):" in out
     for bad in (",", "no_such_item"):
         with pytest.raises(SystemExit) as exit_info:
             recommend.main(["--export", str(export_dir), "--items", bad])
