@@ -1,7 +1,7 @@
 """Top-K recommendations for a user, served from an export folder alone.
 
     python -m mmrec_jax.recommend --export export/ --user USER_ID [--k 10]
-        [--include_interacted]
+        [--include_interacted] [--show_history]
     python -m mmrec_jax.recommend --export export/ --items ITEM_ID,ITEM_ID,... [--k 10]
     python -m mmrec_jax.recommend --export export/ --list_users
 
@@ -10,10 +10,10 @@ against every item of the export's encoded item table with the model's `score`, 
 jit-compiled chunks of items; the items the user already interacted with (in any split of
 the dataset, whether the interaction was positive or not) are left out unless
 --include_interacted is given. The top K are printed best first, each with the start of
-its text. `--items` recommends for a user the export does not know, from the items they
-engaged with (most recent first): the model's history tower reads them, and the user's ID
-token is absent, as for any user no training row has; those items are left out of the
-list.
+its text (`--show_history` prints the user's latest history first). `--items` recommends
+for a user the export does not know, from the items they engaged with (most recent
+first): the model's history tower reads them, and the user's ID token is absent, as for
+any user no training row has; those items are left out of the list.
 """
 
 from __future__ import annotations
@@ -199,6 +199,14 @@ class ExportedRecommender:
         offsets = self.tables["user_interacted_offsets"]
         return self.tables["user_interacted_items"][offsets[row] : offsets[row + 1]]
 
+    def latest_history(self, user_id) -> list[tuple[object, str]]:
+        """(item id, item text) of the user's latest history, most recent first: the items
+        the history tower reads for this user."""
+        row = self.user_row(user_id)
+        rows = self.tables["user_history"][row][self.tables["user_history_mask"][row]]
+        item_ids, item_texts = self.tables["item_ids"], self.tables["item_texts"]
+        return [(item_ids[i].item(), str(item_texts[i])) for i in rows]
+
     def recommend(
         self, user_id, k: int = 10, leave_out_interacted: bool = True
     ) -> list[Recommendation]:
@@ -281,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--list_users", action="store_true", help="print every known user id")
     parser.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     parser.add_argument(
+        "--show_history",
+        action="store_true",
+        help="with --user: first print the user's latest history, the items the model reads",
+    )
+    parser.add_argument(
         "--include_interacted",
         action="store_true",
         help="rank the items the user interacted with (or --items) too (left out by default)",
@@ -320,6 +333,14 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
             f"Note: the model reads the first {recommender.history_len} of the "
             f"{given} items given (the most recent)."
         )
+    if args.show_history and args.user is not None:
+        history = recommender.latest_history(args.user)
+        count = f"{len(history)} item{'s' * (len(history) != 1)}"
+        print(f"Latest history of user {args.user} ({count}, most recent first):")
+        id_width = max([len(str(i)) for i, _ in history] + [4])
+        for item_id, text in history:
+            text = exported.text_preview(text, CLI_TEXT_CHARS)
+            print(f"      {str(item_id):<{id_width}}  {text}".rstrip())
     print(f"Top {len(results)} items for {who}:")
     width = max([len(str(r.item_id)) for r in results] + [4])
     print(f"{'rank':>4}  {'item':<{width}}  {'probability':>11}  {'logit':>8}  text")

@@ -341,6 +341,11 @@ def test_recommend_leaves_out_items_interacted_with_and_matches_brute_force(
     ]
     probabilities = [r.probability for r in results]
     assert probabilities == sorted(probabilities, reverse=True)
+    # The latest history, as the dataset's user record holds it, with the items' texts.
+    latest = recommender.latest_history(record["user_key"].decode())
+    rows = [int(i) for i in history if i >= 0]
+    assert rows and [i for i, _ in latest] == [item_ids[i] for i in rows]
+    assert [t for _, t in latest] == [recommender.tables["item_texts"][i] for i in rows]
 
 
 def test_recommend_for_a_new_user_from_their_items_matches_brute_force(
@@ -444,6 +449,13 @@ def test_recommend_cli_and_unknown_user(export_dir, capsys):
         assert line.split()[1] == str(result.item_id)
         assert line.endswith(exported.text_preview(result.text, recommend.CLI_TEXT_CHARS))
     assert "they interacted with" in out
+    args = ["--export", str(export_dir), "--user", user, "--k", "2", "--show_history"]
+    assert recommend.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    latest = recommend.ExportedRecommender(export_dir).latest_history(user)
+    assert lines[0].startswith(f"Latest history of user {user} ({len(latest)} item")
+    assert [line.split()[0] for line in lines[1 : 1 + len(latest)]] == [str(i) for i, _ in latest]
+    assert lines[1 + len(latest)].startswith("Top 2 items") and len(lines) == len(latest) + 5
     args = ["--export", str(export_dir), "--user", user, "--k", "6", "--include_interacted"]
     assert recommend.main(args) == 0
     out = capsys.readouterr().out
