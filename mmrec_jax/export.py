@@ -68,7 +68,8 @@ Top-K items for a user: `python -m mmrec_jax.recommend --export {name} --user US
 """
 
 _README_TEXT = """
-The text tower's BERT opens with Hugging Face transformers:
+The text tower's BERT opens with Hugging Face transformers (where PyTorch is installed),
+or in JAX with `mmrec_jax.models.bert_weights.load_pretrained("{name}/text_model")`:
 
 ```python
 from transformers import AutoTokenizer, BertModel

@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         help="rank the items the user interacted with (or --items) too (left out by default)",
     )
     args = parser.parse_args(argv)
+    if args.show_history and args.user is None:
+        parser.error("--show_history goes with --user (--items are the history).")
     with exits_quietly(parser, exit_process=argv is None):
         return _recommend_and_print(parser, args)
 
@@ -333,7 +335,7 @@ def _recommend_and_print(parser: argparse.ArgumentParser, args: argparse.Namespa
             f"Note: the model reads the first {recommender.history_len} of the "
             f"{given} items given (the most recent)."
         )
-    if args.show_history and args.user is not None:
+    if args.show_history:
         history = recommender.latest_history(args.user)
         count = f"{len(history)} item{'s' * (len(history) != 1)}"
         print(f"Latest history of user {args.user} ({count}, most recent first):")

@@ -404,6 +404,10 @@ def test_recommend_for_a_new_user_from_their_items_matches_brute_force(
     assert recommend.main(args) == 0
     out = capsys.readouterr().out
     assert "Top 2 items for a new user who engaged with 1 item (leaving it out):" in out
+    with pytest.raises(SystemExit) as exit_info:
+        recommend.main(["--export", str(export_dir), "--items", ids[0], "--show_history"])
+    assert exit_info.value.code == 2
+    assert "--show_history goes with --user" in capsys.readouterr().err
     for bad in (",", "no_such_item"):
         with pytest.raises(SystemExit) as exit_info:
             recommend.main(["--export", str(export_dir), "--items", bad])
@@ -436,6 +440,17 @@ def test_readme_scores_from_the_export_alone_as_recommend_does(export_dir):
     user_id = namespace["tables"]["user_ids"][namespace["user"]]
     expected = recommend.ExportedRecommender(export_dir).scores(user_id)
     np.testing.assert_allclose(namespace["scores"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_readme_scores_a_batch_with_the_exported_model(export_dir, checkpoint):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if "load_exported" in b and "example_batch" in b]
+    namespace = {}
+    exec(block.replace('"export/"', repr(str(export_dir))), namespace)
+    _, model, params = checkpoint
+    expected = model.apply({"params": params}, namespace["batch"], train=False)
+    assert namespace["logits"].shape == (1,)
+    np.testing.assert_allclose(namespace["logits"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_recommend_cli_and_unknown_user(export_dir, capsys):
