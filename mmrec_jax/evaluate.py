@@ -667,11 +667,6 @@ def score_split(
         return predict.predict_batches(split_fn, params, counted(bar), mesh)
 
 
-def click_metrics_of(rows: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """AUC, GAUC (by user), logloss, accuracy and ECE of `score_split`'s rows."""
-    return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -732,7 +727,7 @@ def evaluate_params(
             split_fn, params, config, split, mesh, (), catalogue.item_store, f"scoring {split}"
         )
         entry: dict[str, Any] = {
-            "click": click_metrics_of(rows),
+            "click": predict.click_metrics(rows),
             "calibration": metrics_lib.calibration_curve(
                 rows["label"], metrics_lib.sigmoid(rows["logit"])
             ),
@@ -784,7 +779,7 @@ def evaluate_params(
         if ablate:
             entry["ablation"] = {}
             for modality in content_modalities(model):
-                absent = click_metrics_of(
+                absent = predict.click_metrics(
                     score_split(
                         split_fn,
                         params,

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mmrec_jax import runtime, sharding
+from mmrec_jax import metrics, runtime, sharding
 
 # Row fields gathered beside the logits, where the batch has them, for metrics.
 _ROW_FIELDS = ("label", "weight", "user_index")
@@ -56,3 +56,8 @@ def predict_batches(
         return merged
     keep = merged["weight"] > 0
     return {key: value[keep] for key, value in merged.items()}
+
+
+def click_metrics(rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """AUC, GAUC (by user), logloss, accuracy and ECE of `predict_batches`' rows."""
+    return metrics.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])

@@ -190,10 +190,15 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
-def summary_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Formats {split: {"model": {...}, "oracle": {...}}} as a text table.
+# Below this many users (each with a positive and a negative row) a GAUC is said to be noise.
+FEW_GAUC_USERS = 20
 
-    Columns: each model metric, then each oracle metric as "oracle <name>".
+
+def summary_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Formats {split: {"model": {...}, "oracle": {...}, "gauc_users": n}} as a text table.
+
+    Columns: each model metric, then each oracle metric as "oracle <name>"; notes follow
+    where GAUC is undefined or averages fewer than `FEW_GAUC_USERS` users.
     """
     metric_names: list[str] = []
     oracle_names: list[str] = []
@@ -215,7 +220,25 @@ def summary_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
             + [format_cell(oracle.get(n)) for n in oracle_names]
         )
     note = undefined_gauc_note({split: entry.get("model", {}) for split, entry in summary.items()})
+    note += few_gauc_users_note(summary)
     return "\n".join(align_table(rows) + note)
+
+
+def few_gauc_users_note(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A line naming the splits whose GAUC averages fewer than `FEW_GAUC_USERS` users,
+    given {split: {"model": click metrics, "gauc_users": int}}; [] if none."""
+    few = [
+        f"{split} {entry['gauc_users']}"
+        for split, entry in summary.items()
+        if entry.get("model", {}).get("gauc") is not None
+        and entry.get("gauc_users", FEW_GAUC_USERS) < FEW_GAUC_USERS
+    ]
+    if not few:
+        return []
+    return [
+        f"gauc averages few users (with both a positive and a negative row): {', '.join(few)}; "
+        "read it as noise."
+    ]
 
 
 def undefined_gauc_note(click_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:

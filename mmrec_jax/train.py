@@ -329,12 +329,20 @@ def evaluate_split(
       sample: score only a seeded random sample of this many of the split's
         interactions (`pipeline.make_batches`' `sample`; None: all).
     """
+    rows = _split_rows(predict_fn, params, loader, split, mesh, info, sample)
+    return None if rows is None else predict.click_metrics(rows)
+
+
+def _split_rows(
+    predict_fn, params, loader, split: str, mesh, info, sample: int | None = None
+) -> dict[str, np.ndarray] | None:
+    """`predict.predict_batches`' rows of `split` (`evaluate_split`'s arguments), or None
+    if it is empty."""
     if int(info.split_sizes.get(split, 0)) == 0:
         return None
     batches = loader(split, train=False, sample=sample)
     with contextlib.closing(batches):  # stops its workers
-        rows = predict.predict_batches(predict_fn, params, batches, mesh)
-    return metrics_lib.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
+        return predict.predict_batches(predict_fn, params, batches, mesh)
 
 
 @dataclasses.dataclass
@@ -1400,10 +1408,10 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
     train_size = int(info.split_sizes["train"])
     sample = min(max(int(info.split_sizes.get("validation", 0)), _MIN_TRAIN_SAMPLE), train_size)
     for split in REPORT_SPLITS:
-        result = evaluate_split(
+        rows = _split_rows(
             predict_fn, params, loader, split, mesh, info, sample if split == "train" else None
         )
-        if result is None:
+        if rows is None:
             continue
         oracle = (info.oracle or {}).get(split)
         if oracle is not None:
@@ -1412,7 +1420,12 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
                 for k in ("auc", "logloss")
                 if k in oracle
             }
-        summary[split] = {"model": result, "oracle": oracle}
+        summary[split] = {
+            "model": predict.click_metrics(rows),
+            "oracle": oracle,
+            # The users GAUC averages: a handful make it noise (the table says so).
+            "gauc_users": metrics_lib.gauc_users(rows["user_index"], rows["label"] > 0.5),
+        }
     if is_chief:
         table = reporting.summary_table(summary)
         sampled = (

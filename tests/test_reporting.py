@@ -126,3 +126,21 @@ def test_summary_table_explains_an_undefined_gauc():
         "gauc -: no user of test has both a positive and a negative row (as when each user "
         "has one held-out row)."
     )
+
+
+def test_summary_table_says_where_gauc_averages_few_users():
+    few = reporting.FEW_GAUC_USERS - 1
+    summary = {
+        "test": {"model": {"auc": 0.7, "gauc": 0.6}, "oracle": None, "gauc_users": few},
+        "test_cold": {"model": {"auc": 0.7, "gauc": 0.5}, "oracle": None, "gauc_users": 2},
+        "validation": {"model": {"auc": 0.7, "gauc": 0.6}, "gauc_users": few + 1},
+        "train": {"model": {"auc": 0.7, "gauc": None}, "gauc_users": 0},  # undefined: said so
+    }
+    lines = reporting.summary_table(summary).splitlines()
+    assert lines[-1] == (
+        f"gauc averages few users (with both a positive and a negative row): test {few}, "
+        "test_cold 2; read it as noise."
+    )
+    assert lines[-2].startswith("gauc -: no user of train")
+    del summary["test"], summary["test_cold"]
+    assert "few users" not in reporting.summary_table(summary)

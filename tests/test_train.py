@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tensorflow_datasets as tfds
 from _processes import finish, launch_two_processes, start_two_processes, subprocess_env
 from _profile_trace import traced_steps
 from _tiny_bert import make_tiny_bert
@@ -66,6 +67,14 @@ def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
         assert entry["oracle"] is not None and "auc" in entry["oracle"], split
     payload = json.loads((tmp_path / "summary.json").read_text())
     assert payload["splits"]["test"]["model"]["auc"] == summary["test"]["model"]["auc"]
+    # The users each split's GAUC averages, counted from the split's records.
+    for split in ("validation", "test", "test_cold"):
+        source = tfds.data_source(config.data.name, data_dir=str(data_dir))[split]
+        labels_of_user = {}
+        for record in source.__getitems__(list(range(len(source)))):
+            labels_of_user.setdefault(int(record["user_index"]), set()).add(int(record["label"]))
+        both = sum(len(labels) == 2 for labels in labels_of_user.values())
+        assert payload["splits"][split]["gauc_users"] == both > 0, split
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "auc.png").is_file()
     assert any((tmp_path / "tensorboard").iterdir())
     assert "oracle auc" in out and "test_cold" in out
