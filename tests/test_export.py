@@ -448,7 +448,7 @@ def test_readme_scores_a_batch_with_the_exported_model(export_dir, checkpoint):
     namespace = {}
     exec(block.replace('"export/"', repr(str(export_dir))), namespace)
     _, model, params = checkpoint
-    expected = model.apply({"params": params}, namespace["batch"], train=False)
+    expected = jax.jit(model.apply)({"params": params}, namespace["batch"])
     assert namespace["logits"].shape == (1,)
     np.testing.assert_allclose(namespace["logits"], expected, rtol=1e-5, atol=1e-6)
 
