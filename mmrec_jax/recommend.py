@@ -93,8 +93,8 @@ class ExportedRecommender:
         )
 
     @staticmethod
-    def _key(user_id) -> str:
-        return str(user_id)
+    def _key(original_id) -> str:
+        return str(original_id)
 
     @property
     def user_ids(self) -> np.ndarray:
@@ -107,16 +107,9 @@ class ExportedRecommender:
         Raises:
           UnknownUserError: the export has no such user.
         """
-        row = self._index.get(self._key(user_id))
-        if row is None:
-            ids = self.user_ids
-            examples = ", ".join(str(u) for u in ids[:5].tolist())
-            raise UnknownUserError(
-                f"Unknown user {user_id!r}: export {str(self.path)!r} has no such user among "
-                f"its {ids.shape[0]} users (ids like {examples}). List them all with "
-                f"`python -m mmrec_jax.recommend --export {self.path} --list_users`."
-            )
-        return row
+        command = f"python -m mmrec_jax.recommend --export {self.path} --list_users"
+        hint = f" List them all with `{command}`."
+        return self._row(self._index, user_id, "user", self.user_ids, UnknownUserError, hint)
 
     def item_row(self, item_id) -> int:
         """The row of `item_id` (an original id, as given or as text) in the item table.
@@ -124,13 +117,17 @@ class ExportedRecommender:
         Raises:
           UnknownItemError: the export has no such item.
         """
-        row = self._item_index.get(self._key(item_id))
+        ids = self.tables["item_ids"]
+        return self._row(self._item_index, item_id, "item", ids, UnknownItemError, "")
+
+    def _row(self, index, key, what: str, ids: np.ndarray, error: type, hint: str) -> int:
+        """`index[key]` (as text), or `error` naming `key` and a few of the `ids` known."""
+        row = index.get(self._key(key))
         if row is None:
-            ids = self.tables["item_ids"]
             examples = ", ".join(str(i) for i in ids[:5].tolist())
-            raise UnknownItemError(
-                f"Unknown item {item_id!r}: export {str(self.path)!r} has no such item among "
-                f"its {ids.shape[0]} items (ids like {examples})."
+            raise error(
+                f"Unknown {what} {key!r}: export {str(self.path)!r} has no such {what} among "
+                f"its {ids.shape[0]} {what}s (ids like {examples}).{hint}"
             )
         return row
 
