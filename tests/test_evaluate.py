@@ -159,10 +159,14 @@ def test_ranking_a_sample_of_users_equals_brute_force_on_those_users(workdir, re
     note = f"ranked users of test: a random sample of 3 of its {len(rankable)} users"
     assert note in evaluate.format_results(results)
     # As many users as there are to rank: every one, and no sample recorded.
-    everyone = evaluate.evaluate_run(
-        workdir, ["test"], ks=ks, write=False, ranking_users=len(rankable)
-    )["test"]
-    assert "ranking_sample" not in everyone and everyone["ranked_users"] == len(rankable)
+    pairs = [(u, i) for u in range(num_users) for i in relevant[u]]
+    rows = dict(zip(("user_index", "item_index"), np.array(pairs).T, strict=True))
+    positive = np.ones(len(pairs), bool)
+    kept, sample = evaluate.ranking_sample(rows, positive, catalogue, len(rankable), seed=0)
+    assert sample is None and kept is positive
+    kept, sample = evaluate.ranking_sample(rows, positive, catalogue, len(rankable) - 1, 0)
+    assert sample["of"] == len(rankable) and len(sample["user_ids"]) == len(rankable) - 1
+    assert len(set(rows["user_index"][kept])) == len(rankable) - 1
     one_row = {"user_index": np.array([drawn[0]]), "item_index": np.array([0])}
     for count in (0, -1):  # from Python, as from the command line
         with pytest.raises(ValueError, match=f"--ranking_users {count} must be at least 1"):
