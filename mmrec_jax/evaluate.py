@@ -835,6 +835,9 @@ def format_results(results: Mapping[str, Mapping]) -> str:
     table.append(users)
     lines = reporting.align_table(table)
     lines += reporting.undefined_gauc_note({s: e["click"] for s, e in results.items()})
+    lines += reporting.few_gauc_users_note(
+        {s: {"model": e["click"], **e.get("rows", {})} for s, e in results.items()}
+    )
     for split, entry in results.items():
         if entry.get("ranking_sample"):
             sample = entry["ranking_sample"]

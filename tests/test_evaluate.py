@@ -486,6 +486,14 @@ def test_results_table_marks_each_cell_without_a_value():
     one_row_each = dict(entry, click={"auc": 0.7, "gauc": None})
     lines = evaluate.format_results({"test": one_row_each, "train": entry}).splitlines()
     assert lines[-1].startswith("gauc -: no user of test has both a positive and a negative")
+    # A GAUC of a few users is said to be noise, as in the training summary.
+    few = dict(entry, click={"auc": 0.7, "gauc": 0.5}, rows={"examples": 8, "gauc_users": 2})
+    lines = evaluate.format_results({"test_cold": few, "test": entry}).splitlines()
+    assert (
+        lines[-1]
+        == reporting.few_gauc_users_note({"test_cold": {"model": few["click"], "gauc_users": 2}})[0]
+    )
+    assert "test_cold 2; read it as noise" in lines[-1]
 
 
 def test_ablating_a_model_without_content_modalities_says_so():
