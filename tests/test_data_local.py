@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import re
+import sys
 import types
 from pathlib import Path
 
@@ -1278,3 +1279,16 @@ def test_ml10m_dat_layout_with_half_stars_and_tags(tmp_path):
         ("2", "2", 0.0, 868245920),
         ("2", "3", 0.0, 868245645),
     ]
+
+
+def test_the_printed_train_command_runs_the_importers_own_python(tmp_path, monkeypatch):
+    python = tmp_path / "repo" / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.chdir(tmp_path / "repo")  # the project folder, where train.py is
+    assert local.train_command("shop", "data").startswith(".venv/bin/python train.py ")
+    monkeypatch.chdir(python.parent)  # not a bare name that the PATH would resolve
+    assert local.train_command("shop", "data").startswith("./python train.py ")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", "/opt/my env/bin/python")  # outside: absolute
+    assert local.train_command("shop", "data").startswith("'/opt/my env/bin/python' train.py ")

@@ -952,14 +952,27 @@ def build_content(
 
 def train_command(name: str, data_dir: str | Path, train_rows: int | None = None) -> str:
     """The command that trains on an imported dataset (with `train_rows` training
-    interactions, a batch size that fits them when configs/local.py's would not)."""
+    interactions, a batch size that fits them when configs/local.py's would not), run by
+    the Python that runs this (the project's environment, activated or not)."""
     command = (
-        f"python train.py --config configs/local.py --workdir runs/{name} "
+        f"{_this_python()} train.py --config configs/local.py --workdir runs/{name} "
         f"--config.data.name={name} --config.data.data_dir={data_dir}"
     )
     if train_rows is not None and train_rows < 8 * _LOCAL_BATCH_SIZE:
         command += f" --config.train.batch_size={_fitting_batch_size(train_rows)}"
     return command
+
+
+def _this_python() -> str:
+    """This interpreter as a command line names it: relative to the working folder where it
+    lies under it (`.venv/bin/python`), else its absolute path."""
+    executable = Path(sys.executable or "python")
+    try:
+        relative = executable.relative_to(Path.cwd())
+    except ValueError:
+        return shlex.quote(str(executable))
+    # A bare name would be looked up on the PATH: "./python" names this one.
+    return shlex.quote(str(relative) if relative.parent != Path(".") else f"./{relative}")
 
 
 def _fitting_batch_size(train_rows: int) -> int:
