@@ -735,7 +735,7 @@ def evaluate_params(
             "rows": {
                 "examples": int(rows["label"].shape[0]),
                 "positive_rate": float(np.mean(rows["label"] > 0.5)),
-                "gauc_users": metrics_lib.gauc_users(rows["user_index"], rows["label"] > 0.5),
+                "gauc_users": predict.gauc_users(rows),
             },
         }
         if split != "train":

@@ -61,3 +61,8 @@ def predict_batches(
 def click_metrics(rows: dict[str, np.ndarray]) -> dict[str, float]:
     """AUC, GAUC (by user), logloss, accuracy and ECE of `predict_batches`' rows."""
     return metrics.click_metrics(rows["label"], rows["logit"], user_ids=rows["user_index"])
+
+
+def gauc_users(rows: dict[str, np.ndarray]) -> int:
+    """How many users GAUC averages over among `predict_batches`' rows (`metrics.gauc_users`)."""
+    return metrics.gauc_users(rows["user_index"], rows["label"] > 0.5)

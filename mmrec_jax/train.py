@@ -27,7 +27,6 @@ import optax
 
 from mmrec_jax import checkpoint as checkpoint_lib
 from mmrec_jax import cli, files, optim, predict, profiling, reporting, runtime, schema, sharding
-from mmrec_jax import metrics as metrics_lib
 from mmrec_jax.config import (
     ConfigError,
     check_values,
@@ -1424,7 +1423,7 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
             "model": predict.click_metrics(rows),
             "oracle": oracle,
             # The users GAUC averages: a handful make it noise (the table says so).
-            "gauc_users": metrics_lib.gauc_users(rows["user_index"], rows["label"] > 0.5),
+            "gauc_users": predict.gauc_users(rows),
         }
     if is_chief:
         table = reporting.summary_table(summary)
