@@ -64,6 +64,7 @@ def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path
     assert out["profile"] == str(profiling.newest_trace(tmp_path))
     assert traced_steps(tmp_path, name="train_step") == [1, 2]
     assert out["samples_per_s"] > 0 and out["step_ms_median"] > 0
+    assert isinstance(out["minor_faults_per_step"], int) and out["minor_faults_per_step"] >= 0
     # XLA also counts elementwise work, so its count is a little above the matmuls'.
     assert 0.5 < out["counted_over_xla"] <= 1.0
     assert out["devices"] == "1 x cpu"
@@ -188,6 +189,7 @@ def test_the_peak_and_its_shape_come_from_the_same_measurement(monkeypatch):
         "times": [0.2, 0.25, 0.3],
         "data_times": [],
         "cpu_times": [0.4, 0.5, 0.6],
+        "minor_faults": 300,
         "compile_s": 1.0,
         "compile_phases": {},
         "first_call_s": 1.5,
@@ -206,6 +208,7 @@ def test_the_peak_and_its_shape_come_from_the_same_measurement(monkeypatch):
     assert rates["step_ms_median"] == 250.0 and rates["gflops_per_s"] == 200.0
     assert rates["peak_gflops_per_s"] == 400.0 and rates["peak_shape"] == [1024, 1024, 1024]
     assert rates["fraction_of_peak"] == 0.5
+    assert rates["minor_faults_per_step"] == 100
 
 
 def test_a_second_compilation_fails_the_benchmark_and_is_explained(monkeypatch, capsys, caplog):
