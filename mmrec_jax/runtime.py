@@ -11,7 +11,8 @@ minor page faults (4 KiB each), and with 4 KiB pages the TLB misses add to that.
 `restart_with_huge_pages()`, called first thing by the command-line entry points
 (`train.py`, `python -m mmrec_jax.evaluate` and `export`, the benchmarks), re-executes
 the process once with it. Measured on the 2-core CPU machine, idle: no page faults left
-per step, the fine-tuning step 400 -> 323 ms, the embedded default config's step
+per step (about 800 on a later, slower state of the machine; BENCHMARKS.md), the
+fine-tuning step 400 -> 323 ms, the embedded default config's step
 615 -> 417 ms; the PyTorch original unchanged. (One arena for every thread,
 `M_ARENA_MAX=1`, also removed the faults but gained only 7%.) Set `MMREC_HUGE_PAGES=0`
 to turn it off.
