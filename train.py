@@ -36,6 +36,8 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, config) ->
     from mmrec_jax.hub import PretrainedModelNotFound
 
     runtime.tune_host_allocator()
+    if train.runs_inline(config):
+        runtime.run_cpu_computations_inline()
     try:
         train.train_and_evaluate(config, args.workdir)
     except PretrainedModelNotFound as error:

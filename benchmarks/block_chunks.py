@@ -81,8 +81,10 @@ def main(argv=None) -> None:
     args, config = cli.parse_config_args(_parser(), argv)
     if not 0 < args.fill <= 1:
         sys.exit(f"error: --fill {args.fill} must lie in (0, 1]: the share of filled slots.")
-    config.model.dtype = runtime.compute_dtype(config.model.dtype)
     runtime.tune_host_allocator()
+    if train_lib.runs_inline(config):
+        runtime.run_cpu_computations_inline()
+    config.model.dtype = runtime.compute_dtype(config.model.dtype)
     mesh = sharding.make_mesh()
     rows = int(config.train.batch_size)
     train_lib.check_batch_divides(rows, mesh.size)

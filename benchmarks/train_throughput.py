@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep glibc's default allocator settings (see mmrec_jax.runtime)",
     )
+    parser.add_argument(
+        "--async_dispatch",
+        action="store_true",
+        help="keep JAX's asynchronous CPU dispatch where train.py would run the step "
+        "inline (fine-tuned text; see mmrec_jax.train.runs_inline)",
+    )
     return parser
 
 
@@ -256,8 +262,13 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, config = cli.parse_config_args(_parser(), argv)
     overrides = split_overrides(argv)[1]
-    config.model.dtype = runtime.compute_dtype(config.model.dtype)  # "auto" -> this platform's
     tuned_malloc = False if args.default_malloc else runtime.tune_host_allocator()
+    inline = (
+        train_lib.runs_inline(config)
+        and not args.async_dispatch
+        and runtime.run_cpu_computations_inline()
+    )
+    config.model.dtype = runtime.compute_dtype(config.model.dtype)  # "auto" -> this platform's
     counter = common.CompileCounter()
     if args.random_text_weights:
         name = config.model.text.model
@@ -356,6 +367,7 @@ def main(argv=None) -> None:
                 batch=batch,
             ),
             "tuned_malloc": tuned_malloc,
+            "inline_execution": inline,
             "huge_pages": runtime.huge_pages_enabled(),
             "compiler_options": runtime.compiler_options(config.model.dtype),
             "env": {

@@ -1,4 +1,4 @@
-"""Settings for running jitted steps fast on a CPU host: the allocator and XLA's options.
+"""Settings for running jitted steps fast on a CPU host: allocator, threads, XLA options.
 
 Huge pages. XLA's CPU buffers are large (a 47 MB gradient of BERT's word-embedding
 table, 51 MB for the seed image tower's dense layer) and every step touches hundreds of
@@ -22,12 +22,34 @@ and frees them when it ends. glibc serves allocations above its mmap threshold (
 32 MiB) with fresh pages from `mmap` and unmaps them on `free`, so every large buffer
 is page-faulted in (and zeroed by the kernel) again on every step. Measured on the
 2-core CPU machine: one elementwise pass over a 51 MB array took 35-100 ms with glibc's
-defaults and 3-12 ms with `tune_host_allocator`, which makes glibc serve every
-allocation from its heap and keep freed memory for reuse (the process then keeps its
-peak heap size until it exits, which is what a training or serving process needs
-anyway). The MiniLM fine-tuning step of configs/seed.py ran about 20% faster with it
-while another job used one of the cores, and 2% faster on an idle machine (PyTorch's
-step, 22% faster).
+defaults and 3-12 ms with `tune_host_allocator`, which makes glibc serve allocations
+from its heap and keep freed memory for reuse (the process then keeps its peak heap
+size until it exits, which is what a training or serving process needs anyway). The
+MiniLM fine-tuning step of configs/seed.py ran about 20% faster with it while another
+job used one of the cores, and 2% faster on an idle machine (PyTorch's step, 22%
+faster).
+
+Execution thread. That holds on the main thread only. A thread other than the main one
+allocates from its own glibc arena, made of heaps of at most 64 MiB, and glibc serves a
+larger request there with `mmap` whatever `M_MMAP_MAX` says, and unmaps it on `free`.
+JAX's CPU client runs each computation on one of its worker threads by default, so a
+step's temporary buffer (XLA allocates all of a step's temporaries as one block: 372 MiB
+for the MiniLM fine-tuning step of configs/seed.py at 32 tokens, 1244 MiB at 128) was
+mapped, faulted in and unmapped again on every step, and on a virtual machine that hands
+freed memory back to its host, faulting it in again made the step at 128 tokens 13-16%
+slower, single steps up to 1.6x. `run_cpu_computations_inline()` has JAX run
+single-device CPU computations on the thread that launches them instead
+(`jax_cpu_enable_async_dispatch` off), so that the block comes from the main heap and
+stays there. Measured on the 2-core machine, interleaved: the fine-tuning step at 128
+tokens 2081-2140 -> 1816-1847 ms (and steady: 1.81-2.01 s against 1.85-2.32 s within a
+run), at 32 tokens 538-578 -> 518-527 ms, the cached-text (frozen) step 140 -> 135 ms,
+the embedded default config's step 616-696 -> 573-581 ms; inference (56 MiB of
+temporaries) unchanged. Python then waits for each computation instead of running ahead
+of it, so the host's work between steps no longer overlaps them: `make train` (the
+embedded default config, frozen text, Grain's pipeline) took 3:24-3:25 instead of
+3:17-3:18. `train.py` therefore runs inline only the runs that fine-tune their text model
+(`mmrec_jax.train.runs_inline`). Computations over several devices always run on the
+worker threads.
 
 Compiler options. XLA's CPU backend hands matrix multiplies, reductions and convolutions
 to YNNPACK by default; its convolutions ran on one thread here (240 GFLOP/s for the
@@ -82,6 +104,33 @@ def tune_host_allocator() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+
+
+def run_cpu_computations_inline() -> bool:
+    """Runs each single-device CPU computation on the thread that launches it.
+
+    Turns JAX's asynchronous CPU dispatch off, so that the buffers of a jitted step
+    come from the launching thread's glibc heap, which `tune_host_allocator` keeps,
+    instead of fresh pages mapped on every step (see the module doc). Call it once at
+    the start of a process, before its first JAX computation: the setting is read when
+    JAX creates its CPU client. It changes neither results nor computations over
+    several devices, and nothing on GPU or TPU.
+
+    Returns:
+      True when the setting will take effect; False when JAX's backends already exist
+      or this JAX has no such option (nothing is changed then).
+    """
+    import jax
+    from jax._src import xla_bridge
+
+    initialized = getattr(xla_bridge, "backends_are_initialized", lambda: True)
+    if initialized():
+        return False
+    try:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    except AttributeError:  # a JAX without the option
+        return False
+    return True
 
 
 # glibc's tunable that backs malloc's heap with transparent huge pages (glibc >= 2.35).

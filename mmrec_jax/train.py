@@ -63,6 +63,21 @@ def halved_batch_size(batch_size: int, num_devices: int) -> int:
     return batch_size // 2 // num_devices * num_devices
 
 
+def runs_inline(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run's CPU computations should run on the thread that launches them.
+
+    True when the run fine-tunes its text model: its train step's temporaries (372 MiB
+    for MiniLM at 32 tokens and batch 32, 1244 MiB at 128) dwarf the host's work between
+    steps, and kept in the main heap they are not faulted in again on every step
+    (`runtime.run_cpu_computations_inline`; the step 4-16% faster on the 2-core CPU
+    machine). The other configs keep JAX's asynchronous dispatch: the embedded default's
+    run was 3.5% slower inline (BENCHMARKS.md).
+    """
+    return "text" in schema.parse_towers(config.model.towers) and (
+        config.model.text.mode == "finetune"
+    )
+
+
 def _fixes_message(what: str, then: str, options: list[str]) -> str:
     """An out-of-memory message: what failed, what to do, one option per line."""
     return "\n".join([what, then, *(f"  {option}" for option in options)])

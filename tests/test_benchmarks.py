@@ -68,6 +68,7 @@ def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path
     # XLA also counts elementwise work, so its count is a little above the matmuls'.
     assert 0.5 < out["counted_over_xla"] <= 1.0
     assert out["devices"] == "1 x cpu"
+    assert out["inline_execution"] is False  # the tiny config's text is frozen
     memory = out["memory"]
     # The step's inputs are the train state and the batch, and the donated state is
     # written in place: XLA's buffer sizes agree with the arrays' own.

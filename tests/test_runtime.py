@@ -145,3 +145,114 @@ def test_compiler_options_follow_the_resolved_dtype():
     assert auto == runtime.compiler_options(runtime.compute_dtype("auto"))
     assert (auto is not None) == (jax.default_backend() == "cpu")  # float32 on a CPU
     assert runtime.compiler_options("bfloat16") is None
+
+
+# Runs a jitted program with a 96 MiB temporary buffer (above glibc's 64 MiB per-thread
+# heaps) a few times, inline or on JAX's worker threads, and reports the page faults of
+# each run once the heap has settled (its first runs still grow it).
+INLINE_SCRIPT = """
+import json, resource, sys
+import jax, jax.numpy as jnp
+from mmrec_jax import runtime
+
+runtime.tune_host_allocator()
+inline = runtime.run_cpu_computations_inline() if sys.argv[1] == "inline" else None
+
+@jax.jit
+def step(x, v):
+    # (1024, 64, 384) float32: 96 MiB, kept whole by the barrier
+    h = jax.lax.optimization_barrier(jnp.sin(x[:, :, None] * v))
+    return x + 1e-3 * (h.sum(-1) - h.max(-1))
+
+x, v = jnp.linspace(0, 1, 1024 * 64).reshape(1024, 64), jnp.linspace(0, 1, 384)
+temporaries = step.lower(x, v).compile().memory_analysis().temp_size_in_bytes
+for _ in range(5):
+    x = jax.block_until_ready(step(x, v))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    x = jax.block_until_ready(step(x, v))
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+print(json.dumps({
+    "inline": inline,
+    "async_dispatch": jax.config.read("jax_cpu_enable_async_dispatch"),
+    "faults_per_run": faults,
+    "temporary_pages": temporaries // resource.getpagesize(),
+    "result": [float(x.sum()), float(x[17, 5])],
+}))
+"""
+
+
+def _run_inline_script(tmp_path, mode: str) -> dict:
+    script = tmp_path / "inline.py"
+    script.write_text(INLINE_SCRIPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env.pop("GLIBC_TUNABLES", None)  # 4 KiB pages: every page of a fresh buffer faults
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_inline_computations_reuse_their_temporary_buffer(tmp_path):
+    inline = _run_inline_script(tmp_path, "inline")
+    threaded = _run_inline_script(tmp_path, "threaded")
+    assert inline["inline"] is True and inline["async_dispatch"] is False
+    assert threaded["inline"] is None and threaded["async_dispatch"] is True
+    assert inline["temporary_pages"] * os.sysconf("SC_PAGE_SIZE") >= 96 * 2**20
+    # The same program computes the same numbers either way.
+    assert inline["result"] == threaded["result"]
+    if runtime._glibc_version() is not None:
+        # On JAX's worker threads glibc maps the block afresh on every run, so each run
+        # faults in every page of it; run inline it comes from the kept main heap.
+        assert threaded["faults_per_run"] > 0.5 * threaded["temporary_pages"]
+        assert inline["faults_per_run"] < 0.25 * inline["temporary_pages"]
+
+
+def test_inline_setting_is_refused_once_the_backends_exist():
+    import jax
+
+    jax.devices()  # this process's backends exist from here on
+    before = jax.config.read("jax_cpu_enable_async_dispatch")
+    assert runtime.run_cpu_computations_inline() is False
+    assert jax.config.read("jax_cpu_enable_async_dispatch") == before
+
+
+@pytest.mark.parametrize("mode, inline", [("finetune", True), ("frozen", False)])
+def test_train_py_runs_fine_tuning_inline_before_training(monkeypatch, tmp_path, mode, inline):
+    import argparse
+    import importlib.util
+
+    from mmrec_jax import train
+    from mmrec_jax.config import load_config
+
+    config = load_config(str(ROOT / "configs/tiny.py"))
+    config.model.text.mode = mode
+    calls = []
+    monkeypatch.setattr(runtime, "tune_host_allocator", lambda: calls.append("allocator"))
+    monkeypatch.setattr(runtime, "run_cpu_computations_inline", lambda: calls.append("inline"))
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: calls.append("train"))
+    spec = importlib.util.spec_from_file_location("train_entry_point", ROOT / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    entry._train(argparse.ArgumentParser(), argparse.Namespace(workdir=str(tmp_path)), config)
+    assert calls == (["allocator", "inline", "train"] if inline else ["allocator", "train"])
+
+
+def test_only_runs_that_fine_tune_their_text_run_inline():
+    from mmrec_jax import train
+    from mmrec_jax.config import load_config
+
+    config = load_config(str(ROOT / "configs/seed.py"))
+    assert train.runs_inline(config)  # BERT fine-tuned
+    config.model.towers = "image,audio,id"
+    assert not train.runs_inline(config)  # no text tower at all
+    assert not train.runs_inline(load_config(str(ROOT / "configs/default.py")))  # cached text
