@@ -69,9 +69,9 @@ def runs_inline(config: ml_collections.ConfigDict) -> bool:
     True when the run fine-tunes its text model: its train step's temporaries (372 MiB
     for MiniLM at 32 tokens and batch 32, 1244 MiB at 128) dwarf the host's work between
     steps, and kept in the main heap they are not faulted in again on every step
-    (`runtime.run_cpu_computations_inline`; the step 4-16% faster on the 2-core CPU
-    machine). The other configs keep JAX's asynchronous dispatch: the embedded default's
-    run was 3.5% slower inline (BENCHMARKS.md).
+    (`runtime.run_cpu_computations_inline`; on the 2-core CPU machine the step 1-10%
+    faster at 32 tokens, 10-17% at 128). The other configs keep JAX's asynchronous
+    dispatch: the embedded default's run was 3.5% slower inline (BENCHMARKS.md).
     """
     return "text" in schema.parse_towers(config.model.towers) and (
         config.model.text.mode == "finetune"
