@@ -121,10 +121,14 @@ def run_cpu_computations_inline() -> bool:
       or this JAX has no such option (nothing is changed then).
     """
     import jax
-    from jax._src import xla_bridge
 
-    initialized = getattr(xla_bridge, "backends_are_initialized", lambda: True)
-    if initialized():
+    try:
+        from jax._src import xla_bridge
+
+        initialized = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a JAX that moved it: assume a fresh process
+        initialized = False
+    if initialized:
         return False
     try:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
