@@ -28,7 +28,7 @@ def main() -> None:
 
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, config) -> None:
-    from mmrec_jax import runtime, train
+    from mmrec_jax import runtime, train, train_step
     from mmrec_jax.checkpoint import CheckpointError
     from mmrec_jax.config import ConfigError
     from mmrec_jax.data.builder import DatasetDamagedError
@@ -36,7 +36,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, config) ->
     from mmrec_jax.hub import PretrainedModelNotFound
 
     runtime.tune_host_allocator()
-    if train.runs_inline(config):
+    if train_step.runs_inline(config):
         runtime.run_cpu_computations_inline()
     try:
         train.train_and_evaluate(config, args.workdir)

@@ -26,8 +26,7 @@ import common
 import jax
 import numpy as np
 
-from mmrec_jax import cli, runtime, schema, sharding
-from mmrec_jax import train as train_lib
+from mmrec_jax import cli, runtime, schema, sharding, train_step
 from mmrec_jax.config import split_overrides
 from mmrec_jax.models import recommender
 
@@ -82,21 +81,21 @@ def main(argv=None) -> None:
     if not 0 < args.fill <= 1:
         sys.exit(f"error: --fill {args.fill} must lie in (0, 1]: the share of filled slots.")
     runtime.tune_host_allocator()
-    if train_lib.runs_inline(config):
+    if train_step.runs_inline(config):
         runtime.run_cpu_computations_inline()
     config.model.dtype = runtime.compute_dtype(config.model.dtype)
     mesh = sharding.make_mesh()
     rows = int(config.train.batch_size)
-    train_lib.check_batch_divides(rows, mesh.size)
+    train_step.check_batch_divides(rows, mesh.size)
     common.fill_vocab(config)
     items = rows if args.items is None else args.items
     local = partly_filled(common.random_batch(config, rows, items), args.fill)
     batch = sharding.global_batch(mesh, local)
     model = recommender.build_model(config.model)
-    setup = train_lib.build_train_state(config, model, mesh, batch, 10 * args.steps)
+    setup = train_step.build_train_state(config, model, mesh, batch, 10 * args.steps)
 
     def compile_step():
-        jitted = train_lib.jit_train_step(model, setup, mesh, local, config.model.dtype)
+        jitted = train_step.jit_train_step(model, setup, mesh, local, config.model.dtype)
         return jitted.lower(setup.state, batch).compile()
 
     chunks = schema.block_chunks(items)

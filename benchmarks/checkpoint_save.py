@@ -4,7 +4,7 @@
         benchmarks/checkpoint_save.py --config configs/tiny.py [--config.KEY=VALUE ...] \\
         [--saves 5] [--rounds 2]
 
-Builds the config's train state on every device (`mmrec_jax.train.build_train_state`:
+Builds the config's train state on every device (`mmrec_jax.train_step.build_train_state`:
 parameters and optimizer state replicated unless `train.fsdp`) and saves it `--saves`
 times through `mmrec_jax.checkpoint.Checkpointer`, asynchronously as training does,
 under two settings in turn, `--rounds` times: the library's
@@ -27,8 +27,7 @@ from pathlib import Path
 import common
 import jax
 
-from mmrec_jax import checkpoint, cli, runtime, sharding
-from mmrec_jax import train as train_lib
+from mmrec_jax import checkpoint, cli, runtime, sharding, train_step
 from mmrec_jax.models import recommender
 
 # The settings compared: the library's threshold, and Orbax's default (no threshold).
@@ -67,7 +66,7 @@ def main(argv=None) -> None:
     rows = int(config.train.batch_size)
     batch = sharding.global_batch(mesh, common.random_batch(config, rows, rows))
     model = recommender.build_model(config.model)
-    state = train_lib.build_train_state(config, model, mesh, batch, 1).state
+    state = train_step.build_train_state(config, model, mesh, batch, 1).state
     leaves = jax.tree.leaves(state)
     counter = common.CompileCounter()
     results: dict[str, dict] = {name: {"rounds": []} for name in SETTINGS}

@@ -236,13 +236,24 @@ def significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
+def _errors_naming_their_fix() -> tuple[type[Exception], ...]:
+    """The library's errors whose message says the fix (a bad config value or batch, a
+    dataset that is not there), the input pipeline's only where it was imported: a
+    benchmark on random batches runs without its packages."""
+    from mmrec_jax.config import ConfigError
+    from mmrec_jax.schema import BatchError
+
+    errors = [ConfigError, BatchError]
+    pipeline = sys.modules.get("mmrec_jax.data.pipeline")
+    if pipeline is not None:
+        errors += [pipeline.DatasetNotBuiltError, pipeline.DatasetMismatchError]
+    return tuple(errors)
+
+
 def report_errors(main) -> None:
     """Runs a benchmark's `main`, ending with one line on the library's errors that name
     their fix (a bad config value, a dataset or text model that is not there)."""
-    from mmrec_jax.config import ConfigError
-    from mmrec_jax.data.pipeline import DatasetMismatchError, DatasetNotBuiltError
     from mmrec_jax.hub import PretrainedModelNotFound
-    from mmrec_jax.schema import BatchError
 
     try:
         main()
@@ -251,7 +262,7 @@ def report_errors(main) -> None:
             f"error: {error}\nOr run without it: --random_text_weights gives the text tower "
             "random weights of the same architecture."
         )
-    except (ConfigError, DatasetNotBuiltError, DatasetMismatchError, BatchError) as error:
+    except _errors_naming_their_fix() as error:
         sys.exit(f"error: {error}")
 
 

@@ -15,7 +15,7 @@ catalogue items) and `mmrec_jax.metrics.top_k_items` picks each user's K best, a
 one jitted call: evaluation's own ranking program (`evaluate.programs_of(model).rank`).
 Users/s counts those calls only; the encoding rate is reported beside it.
 
-Parameters are initialised as training does (`mmrec_jax.train.build_train_state`, the
+Parameters are initialised as training does (`mmrec_jax.train_step.build_train_state`, the
 pretrained BERT included). Prints one JSON line last.
 """
 
@@ -30,8 +30,7 @@ import common
 import jax
 import numpy as np
 
-from mmrec_jax import cli, evaluate, predict, runtime, schema, sharding
-from mmrec_jax import train as train_lib
+from mmrec_jax import cli, evaluate, predict, runtime, schema, sharding, train_step
 from mmrec_jax.models import recommender
 
 
@@ -81,7 +80,7 @@ def main(argv=None) -> None:
     local = common.random_batch(config, rows, rows)
     batch = sharding.global_batch(mesh, local)
     model = recommender.build_model(config.model)
-    setup = train_lib.build_train_state(config, model, mesh, batch, 1)
+    setup = train_step.build_train_state(config, model, mesh, batch, 1)
     params = setup.state["params"]
 
     # Pairs: the evaluation forward pass.

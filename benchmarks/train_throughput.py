@@ -5,8 +5,8 @@
         --config.train.batch_size=32 [--steps 10] [--inference] [--pipeline] [--profile DIR]
 
 Builds the model and its sharded train state exactly as training does
-(`mmrec_jax.train.build_train_state`, the pretrained BERT included), jits
-`mmrec_jax.train.make_train_step` with the training loop's shardings and donation, and
+(`mmrec_jax.train_step.build_train_state`, the pretrained BERT included), jits
+`mmrec_jax.train_step.make_train_step` with the training loop's shardings and donation, and
 times `--steps` steps after `--warmup` untimed ones. Batches are random, of the config's
 shapes (`mmrec_jax.schema`): `train.batch_size` rows and an item block of `--items`
 items (default: one item per row, as in the original design, where every sample carries
@@ -62,9 +62,8 @@ import time
 import common
 import jax
 
-from mmrec_jax import cli, predict, profiling, runtime, schema, sharding
+from mmrec_jax import cli, predict, profiling, runtime, schema, sharding, train_step
 from mmrec_jax import flops as flops_lib
-from mmrec_jax import train as train_lib
 from mmrec_jax.config import split_overrides
 from mmrec_jax.models import recommender
 
@@ -118,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         "--async_dispatch",
         action="store_true",
         help="keep JAX's asynchronous CPU dispatch where train.py would run the step "
-        "inline (fine-tuned text; see mmrec_jax.train.runs_inline)",
+        "inline (fine-tuned text; see mmrec_jax.train_step.runs_inline)",
     )
     return parser
 
@@ -126,11 +125,12 @@ def _parser() -> argparse.ArgumentParser:
 def _batches(args, config, mesh):
     """(config, first local batch, iterator of local batches, item block size)."""
     if args.pipeline:
+        from mmrec_jax import train
         from mmrec_jax.data import pipeline
 
         pipeline.ensure_dataset(config.data)
         info = pipeline.load_dataset_info(config.data)
-        config = train_lib.resolve_config(config, info)
+        config = train.resolve_config(config, info)
         # Epoch after epoch, however many steps are timed.
         iterator = iter(pipeline.make_batches(config, "train", train=True, num_epochs=None))
         first = next(iterator)
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
     overrides = split_overrides(argv)[1]
     tuned_malloc = False if args.default_malloc else runtime.tune_host_allocator()
     inline = (
-        train_lib.runs_inline(config)
+        train_step.runs_inline(config)
         and not args.async_dispatch
         and runtime.run_cpu_computations_inline()
     )
@@ -282,12 +282,12 @@ def main(argv=None) -> None:
         common.random_bert_folder(common.RANDOM_BERT_ARCHITECTURES[name], folder)
         config.model.text.model = folder
     mesh = sharding.make_mesh()
-    train_lib.check_batch_divides(int(config.train.batch_size), mesh.size)
+    train_step.check_batch_divides(int(config.train.batch_size), mesh.size)
     config, local, iterator, items = _batches(args, config, mesh)
     rows = int(config.train.batch_size)
     batch = sharding.global_batch(mesh, local)
     model = recommender.build_model(config.model)
-    setup = train_lib.build_train_state(
+    setup = train_step.build_train_state(
         config, model, mesh, batch, max(args.steps, 1) * 10, abstract=args.compile_only
     )
     state = setup.state
@@ -302,7 +302,7 @@ def main(argv=None) -> None:
 
     else:
         name = STEP_NAME
-        jitted = train_lib.jit_train_step(model, setup, mesh, local, config.model.dtype)
+        jitted = train_step.jit_train_step(model, setup, mesh, local, config.model.dtype)
 
         def run(batch):
             nonlocal state

@@ -48,7 +48,7 @@ temporaries) unchanged. Python then waits for each computation instead of runnin
 of it, so the host's work between steps no longer overlaps them: `make train` (the
 embedded default config, frozen text, Grain's pipeline) took 3:24-3:25 instead of
 3:17-3:18. `train.py` therefore runs inline only the runs that fine-tune their text model
-(`mmrec_jax.train.runs_inline`). Computations over several devices always run on the
+(`mmrec_jax.train_step.runs_inline`). Computations over several devices always run on the
 worker threads.
 
 Compiler options. XLA's CPU backend hands matrix multiplies, reductions and convolutions

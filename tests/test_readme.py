@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+from mmrec_jax import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +43,25 @@ def test_recommender_example(in_repo_root):
     assert np.isfinite(namespace["train_logits"]).all()
     width = namespace["config"].model.width
     assert namespace["items"]["embedding"].shape == (1, width)
+
+
+def test_train_step_example_continues_the_recommender_example(in_repo_root):
+    namespace = {}
+    exec(_block_with("build_model("), namespace)
+    exec(_block_with("train_step.build_train_state("), namespace)
+    state, metrics = namespace["state"], namespace["metrics"]
+    assert int(state["step"]) == 1
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+    assert float(metrics["grad_norm"]) > 0
+    # A second step (the warm-up schedule's first rate is 0) moves the parameters away from
+    # their initial values, built again: the step donated the first ones.
+    config, model, mesh = namespace["config"], namespace["model"], namespace["mesh"]
+    state, _ = namespace["step"](state, namespace["global_batch"])
+    again = train_step.build_train_state(config, model, mesh, namespace["global_batch"], 100)
+    initial = jax.tree.leaves(again.state["params"])
+    trained = jax.tree.leaves(state["params"])
+    assert len(initial) == len(trained)
+    assert any(not np.allclose(a, b) for a, b in zip(initial, trained, strict=True))
 
 
 def test_bert_example(in_repo_root):

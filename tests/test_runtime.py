@@ -251,11 +251,11 @@ def test_train_py_runs_fine_tuning_inline_before_training(monkeypatch, tmp_path,
 
 
 def test_only_runs_that_fine_tune_their_text_run_inline():
-    from mmrec_jax import train
+    from mmrec_jax import train_step
     from mmrec_jax.config import load_config
 
     config = load_config(str(ROOT / "configs/seed.py"))
-    assert train.runs_inline(config)  # BERT fine-tuned
+    assert train_step.runs_inline(config)  # BERT fine-tuned
     config.model.towers = "image,audio,id"
-    assert not train.runs_inline(config)  # no text tower at all
-    assert not train.runs_inline(load_config(str(ROOT / "configs/default.py")))  # cached text
+    assert not train_step.runs_inline(config)  # no text tower at all
+    assert not train_step.runs_inline(load_config(str(ROOT / "configs/default.py")))  # cached text

@@ -837,7 +837,7 @@ def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, mo
     def build_train_state(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 7 bytes.")
 
-    monkeypatch.setattr(train, "build_train_state", build_train_state)
+    monkeypatch.setattr(train.train_step, "build_train_state", build_train_state)
     with pytest.raises(train.OutOfMemory) as info:
         train.train_and_evaluate(tiny_config(data_dir, train__num_steps=2), tmp_path)
     message = str(info.value)
