@@ -55,7 +55,8 @@ RANDOM_BERT_ARCHITECTURES = {
         "pad_token_id": 0,
     },
 }
-# Its tokenizer: all-MiniLM-L6-v2 (installed as a package) has bert-base-uncased's vocabulary.
+# Their tokenizer by default: all-MiniLM-L6-v2 (installed as a package) has
+# bert-base-uncased's vocabulary.
 RANDOM_BERT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -71,13 +72,16 @@ def batch_dims(config: ml_collections.ConfigDict, rows: int, items: int) -> dict
     return schema.batch_dims(config, rows, items, cached_text_dim(config.model))
 
 
-def random_bert_folder(architecture: dict, folder: str | os.PathLike) -> str:
+def random_bert_folder(
+    architecture: dict, folder: str | os.PathLike, tokenizer: str = RANDOM_BERT_TOKENIZER
+) -> str:
     """Writes a BERT checkpoint of `architecture` with random weights into `folder`.
 
     Args:
       architecture: `config.json` fields, e.g. `RANDOM_BERT_ARCHITECTURES["bert-base-uncased"]`.
-      folder: where to write config.json, model.safetensors and the tokenizer
-        (`RANDOM_BERT_TOKENIZER`'s; its vocabulary must cover `vocab_size`).
+      folder: where to write config.json, model.safetensors and the tokenizer.
+      tokenizer: the hub id or folder of the tokenizer saved beside the weights; its
+        vocabulary must fit `vocab_size`.
 
     Returns:
       The folder, for `config.model.text.model`.
@@ -86,11 +90,12 @@ def random_bert_folder(architecture: dict, folder: str | os.PathLike) -> str:
     from mmrec_jax.models.bert_weights import load_tokenizer, save_pretrained
 
     bert_config = BertConfig.from_dict(architecture, has_pooler=True)
-    tokenizer = load_tokenizer(RANDOM_BERT_TOKENIZER)
+    name = tokenizer
+    tokenizer = load_tokenizer(name)
     if len(tokenizer) > bert_config.vocab_size:
         raise ValueError(
-            f"The tokenizer of {RANDOM_BERT_TOKENIZER} has {len(tokenizer)} tokens, more than "
-            f"the architecture's vocab_size {bert_config.vocab_size}."
+            f"The tokenizer of {name} has {len(tokenizer)} tokens, more than the "
+            f"architecture's vocab_size {bert_config.vocab_size}."
         )
     bert = Bert(bert_config)
     ids = np.zeros((1, 8), np.int32)

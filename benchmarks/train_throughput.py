@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         "written to a temporary folder: runs the seed shapes without the model hub",
     )
     parser.add_argument(
+        "--random_text_tokenizer",
+        default=common.RANDOM_BERT_TOKENIZER,
+        metavar="NAME_OR_FOLDER",
+        help="the tokenizer saved with --random_text_weights (hub id or a folder of its "
+        "files; its vocabulary must fit the architecture's)",
+    )
+    parser.add_argument(
         "--default_malloc",
         action="store_true",
         help="keep glibc's default allocator settings (see mmrec_jax.runtime)",
@@ -279,7 +286,9 @@ def main(argv=None) -> None:
             )
         folder = tempfile.mkdtemp(prefix="random-bert-")
         atexit.register(shutil.rmtree, folder, True)
-        common.random_bert_folder(common.RANDOM_BERT_ARCHITECTURES[name], folder)
+        common.random_bert_folder(
+            common.RANDOM_BERT_ARCHITECTURES[name], folder, args.random_text_tokenizer
+        )
         config.model.text.model = folder
     mesh = sharding.make_mesh()
     train_step.check_batch_divides(int(config.train.batch_size), mesh.size)

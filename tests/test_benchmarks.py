@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from _profile_trace import traced_steps
+from _tiny_bert import WORDS, make_tiny_bert
 
 from mmrec_jax import profiling
 
@@ -206,6 +207,10 @@ def test_random_bert_folder_is_a_loadable_checkpoint_of_the_architecture(tmp_pat
     assert len(tokenizer) == 30522
     torch_model = transformers.BertModel.from_pretrained(folder)
     assert torch_model.config.num_hidden_layers == 2
+    # Another model's tokenizer, from its folder, is saved in its place.
+    make_tiny_bert(tmp_path / "tiny")
+    folder = common.random_bert_folder(architecture, tmp_path / "other", str(tmp_path / "tiny"))
+    assert load_pretrained(folder)[2].get_vocab() == {word: i for i, word in enumerate(WORDS)}
 
 
 def test_the_peak_and_its_shape_come_from_the_same_measurement(monkeypatch):
