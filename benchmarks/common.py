@@ -160,7 +160,11 @@ class CompileCounter:
     )
 
     def __init__(self):
+        from jax.experimental.compilation_cache import compilation_cache
+
         jax.config.update("jax_enable_compilation_cache", False)
+        # JAX 0.12 decides once per process whether to use the cache: forget that answer.
+        compilation_cache.reset_cache()
         self.compiles: collections.Counter = collections.Counter()
         self.seconds: collections.Counter = collections.Counter()
         self.phases: collections.Counter = collections.Counter()
