@@ -156,6 +156,33 @@ def _glibc_version() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+# XLA option that keeps XLA's CPU operations (its FFT among them) on one thread each.
+SINGLE_THREADED_EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
+
+
+def fft_can_deadlock(num_cpu_devices: int) -> bool:
+    """Whether XLA's CPU FFT can hang this process for good.
+
+    jaxlib 0.11's FFT hands the FFT library (ducc0) the intra-op thread pool it runs on;
+    when every thread of that pool runs an FFT at once, as several CPU devices each
+    computing one do, each waits for the others' work. Seen with jaxlib 0.11.2 on 2 and 8
+    CPU devices: the first training step with the log-mel audio frontend never finished,
+    every time; one device, jaxlib 0.10.2 and 0.12.0.1 ran. `SINGLE_THREADED_EIGEN_FLAG`
+    in XLA_FLAGS avoids it.
+
+    Args:
+      num_cpu_devices: the CPU devices this process runs computations on.
+    """
+    import jax
+    import jaxlib.version
+
+    if jax.default_backend() != "cpu" or num_cpu_devices < 2:
+        return False
+    if SINGLE_THREADED_EIGEN_FLAG in os.environ.get("XLA_FLAGS", "").lower():
+        return False
+    return jaxlib.version.__version__.split(".")[:2] == ["0", "11"]
+
+
 def huge_pages_available() -> bool:
     """Whether this host can back malloc's heap with transparent huge pages on request.
 

@@ -211,6 +211,26 @@ def build_train_state(
     return TrainSetup(state, shardings, optimizer, schedule)
 
 
+def check_no_fft_deadlock(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Raises ConfigError where the log-mel audio frontend's FFT would hang this process
+    (`runtime.fft_can_deadlock`: jaxlib 0.11 on several CPU devices), naming the fixes."""
+    towers = schema.parse_towers(config.model.towers)
+    if "audio" not in towers or config.model.audio.frontend != "logmel":
+        return
+    if not runtime.fft_can_deadlock(len(mesh.local_devices)):
+        return
+    import jaxlib.version
+
+    raise ConfigError(
+        f"config.model.audio.frontend='logmel' computes an FFT, and jaxlib "
+        f"{jaxlib.version.__version__}'s CPU FFT hangs for good when several CPU devices "
+        f"({len(mesh.local_devices)} here) run it at once. Add "
+        f"{runtime.SINGLE_THREADED_EIGEN_FLAG} to XLA_FLAGS before the start (slower: one "
+        "thread per operation), run on one CPU device, use jax 0.10 or 0.12 or newer, or "
+        "set --config.model.audio.frontend=raw."
+    )
+
+
 def check_batch_divides(batch: int, num_devices: int, kept_batch: int | None = None) -> None:
     """Raises ConfigError unless `batch` rows split evenly over `num_devices`.
 

@@ -10,7 +10,10 @@ fusion emitters (`--xla_cpu_use_fusion_emitters=false`): the same HLO, compiled 
 half the time again (the tiny config's train step: 3.2 s to 1.5 s). XLA stops the process
 on a flag it does not know, so the flag is added only where this jaxlib accepts it.
 `MMREC_TEST_PRODUCTION_CODEGEN=1` leaves both at XLA's defaults, to run the suite on the
-code generation that training and serving use (616 s against 347 s on 2 cores).
+code generation that training and serving use (616 s against 347 s on 2 cores). Under
+jaxlib 0.11, whose CPU FFT hangs when several devices run one at once
+(`mmrec_jax.runtime.fft_can_deadlock`), XLA's operations are kept to one thread each,
+as the library tells its users to do there.
 
 Many tests compile the same programs (the tiny config's train and evaluation steps, in
 this process, in the other pytest-xdist worker and in the training subprocesses), so the
@@ -22,6 +25,7 @@ compiled; the folder of a run that was killed is removed by the next run. A
 `MMREC_TEST_COMPILATION_CACHE=0` turns the cache off.
 """
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -30,6 +34,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from mmrec_jax.runtime import SINGLE_THREADED_EIGEN_FLAG
 
 _FAST_CODEGEN_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
@@ -51,6 +57,8 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
         _SUITE_XLA_FLAGS += " --xla_backend_optimization_level=0"
         if _xla_accepts(_FAST_CODEGEN_FLAG):
             _SUITE_XLA_FLAGS += f" {_FAST_CODEGEN_FLAG}"
+    if importlib.metadata.version("jaxlib").startswith("0.11."):
+        _SUITE_XLA_FLAGS += f" {SINGLE_THREADED_EIGEN_FLAG}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SUITE_XLA_FLAGS}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

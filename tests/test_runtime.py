@@ -259,3 +259,51 @@ def test_only_runs_that_fine_tune_their_text_run_inline():
     config.model.towers = "image,audio,id"
     assert not train_step.runs_inline(config)  # no text tower at all
     assert not train_step.runs_inline(load_config(str(ROOT / "configs/default.py")))  # cached text
+
+
+@pytest.mark.parametrize(
+    "jaxlib_version, devices, xla_flags, hangs",
+    [
+        ("0.11.2", 8, "", True),
+        ("0.11.0", 2, "--xla_force_host_platform_device_count=2", True),
+        ("0.11.2", 1, "", False),  # one device: no two FFTs at once
+        ("0.11.2", 8, "--xla_cpu_multi_thread_eigen=false", False),  # the fix
+        ("0.10.2", 8, "", False),
+        ("0.12.0.1", 8, "", False),
+    ],
+)
+def test_fft_deadlock_is_foreseen_for_jaxlib_0_11_on_several_cpu_devices(
+    monkeypatch, jaxlib_version, devices, xla_flags, hangs
+):
+    import jax  # before the version is patched: importing JAX checks it
+    import jaxlib.version
+
+    assert jax.default_backend() == "cpu"
+
+    monkeypatch.setattr(jaxlib.version, "__version__", jaxlib_version)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+    assert runtime.fft_can_deadlock(devices) is hangs
+
+
+def test_a_log_mel_run_that_would_hang_stops_with_the_fixes(monkeypatch):
+    import jax
+    import jaxlib.version
+
+    from mmrec_jax import sharding, train_step
+    from mmrec_jax.config import ConfigError, load_config
+
+    several = sharding.make_mesh(jax.devices()[:2])  # the suite's virtual CPU devices
+    one = sharding.make_mesh(jax.devices()[:1])
+    monkeypatch.setattr(jaxlib.version, "__version__", "0.11.2")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    config = load_config(str(ROOT / "configs/tiny.py"))
+    assert config.model.audio.frontend == "logmel"
+    with pytest.raises(ConfigError) as info:
+        train_step.check_no_fft_deadlock(config, several)
+    message = str(info.value)
+    assert "jaxlib 0.11.2" in message and "2 here" in message
+    assert "Add --xla_cpu_multi_thread_eigen=false to XLA_FLAGS" in message
+    assert "--config.model.audio.frontend=raw" in message
+    train_step.check_no_fft_deadlock(config, one)
+    config.model.audio.frontend = "raw"  # no FFT
+    train_step.check_no_fft_deadlock(config, several)
