@@ -561,7 +561,6 @@ def restore_params(
     )
     check_dataset_readable(info)
     mesh = sharding.make_mesh(devices)
-    train_step.check_no_fft_deadlock(config, mesh)
     model = recommender.build_model(config.model)
     # Shapes only: no data is read.
     example = schema.example_batch(config, cached_text_dim(config.model))
@@ -783,7 +782,7 @@ def _train_and_evaluate(
     is_chief = process_index == 0
     mesh = sharding.make_mesh(devices)
     train_step.check_batch_divides(config.train.batch_size, mesh.size, _resumed_batch_size(workdir))
-    train_step.check_no_fft_deadlock(config, mesh)
+    train_step.check_no_fft_deadlock(config, mesh)  # before the dataset is built
     build_error = None
     if is_chief:  # builds the dataset if needed; the others wait for it
         try:

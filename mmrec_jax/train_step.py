@@ -161,7 +161,11 @@ def build_train_state(
       total_updates: optimizer updates in the run (the schedule's length).
       abstract: return `jax.ShapeDtypeStruct`s with shardings instead of arrays (for
         restoring a checkpoint without computing an initialisation).
+
+    Raises:
+      ConfigError: the model's FFT would hang on this mesh (`check_no_fft_deadlock`).
     """
+    check_no_fft_deadlock(config, mesh)
     rng = jax.random.key(config.seed)
     init_rng, dropout_rng = jax.random.split(rng)
 

@@ -289,8 +289,9 @@ def test_a_log_mel_run_that_would_hang_stops_with_the_fixes(monkeypatch):
     import jax
     import jaxlib.version
 
-    from mmrec_jax import sharding, train_step
+    from mmrec_jax import schema, sharding, train_step
     from mmrec_jax.config import ConfigError, load_config
+    from mmrec_jax.models import recommender
 
     several = sharding.make_mesh(jax.devices()[:2])  # the suite's virtual CPU devices
     one = sharding.make_mesh(jax.devices()[:1])
@@ -304,6 +305,12 @@ def test_a_log_mel_run_that_would_hang_stops_with_the_fixes(monkeypatch):
     assert "jaxlib 0.11.2" in message and "2 here" in message
     assert "Add --xla_cpu_multi_thread_eigen=false to XLA_FLAGS" in message
     assert "--config.model.audio.frontend=raw" in message
+    # The train state (training, and evaluation and export restoring a run) checks it too.
+    model = recommender.build_model(config.model)
+    with pytest.raises(ConfigError, match="hangs for good"):
+        train_step.build_train_state(
+            config, model, several, schema.example_batch(config), 1, abstract=True
+        )
     train_step.check_no_fft_deadlock(config, one)
     config.model.audio.frontend = "raw"  # no FFT
     train_step.check_no_fft_deadlock(config, several)
