@@ -160,6 +160,14 @@ def _glibc_version() -> tuple[int, int] | None:
 SINGLE_THREADED_EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
 
 
+def jaxlib_fft_can_hang() -> bool:
+    """Whether the installed jaxlib is one whose CPU FFT can hang (0.11; see
+    `fft_can_deadlock`). Reads the version without starting JAX's backends."""
+    import jaxlib.version
+
+    return jaxlib.version.__version__.split(".")[:2] == ["0", "11"]
+
+
 def fft_can_deadlock(num_cpu_devices: int) -> bool:
     """Whether XLA's CPU FFT can hang this process for good.
 
@@ -174,13 +182,12 @@ def fft_can_deadlock(num_cpu_devices: int) -> bool:
       num_cpu_devices: the CPU devices this process runs computations on.
     """
     import jax
-    import jaxlib.version
 
     if jax.default_backend() != "cpu" or num_cpu_devices < 2:
         return False
     if SINGLE_THREADED_EIGEN_FLAG in os.environ.get("XLA_FLAGS", "").lower():
         return False
-    return jaxlib.version.__version__.split(".")[:2] == ["0", "11"]
+    return jaxlib_fft_can_hang()
 
 
 def huge_pages_available() -> bool:

@@ -25,7 +25,6 @@ compiled; the folder of a run that was killed is removed by the next run. A
 `MMREC_TEST_COMPILATION_CACHE=0` turns the cache off.
 """
 
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from mmrec_jax.runtime import SINGLE_THREADED_EIGEN_FLAG
+from mmrec_jax.runtime import SINGLE_THREADED_EIGEN_FLAG, jaxlib_fft_can_hang
 
 _FAST_CODEGEN_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
@@ -57,7 +56,7 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
         _SUITE_XLA_FLAGS += " --xla_backend_optimization_level=0"
         if _xla_accepts(_FAST_CODEGEN_FLAG):
             _SUITE_XLA_FLAGS += f" {_FAST_CODEGEN_FLAG}"
-    if importlib.metadata.version("jaxlib").startswith("0.11."):
+    if jaxlib_fft_can_hang():
         _SUITE_XLA_FLAGS += f" {SINGLE_THREADED_EIGEN_FLAG}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SUITE_XLA_FLAGS}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
