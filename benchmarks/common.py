@@ -73,14 +73,14 @@ def batch_dims(config: ml_collections.ConfigDict, rows: int, items: int) -> dict
 
 
 def random_bert_folder(
-    architecture: dict, folder: str | os.PathLike, tokenizer: str = RANDOM_BERT_TOKENIZER
+    architecture: dict, folder: str | os.PathLike, tokenizer_source: str = RANDOM_BERT_TOKENIZER
 ) -> str:
     """Writes a BERT checkpoint of `architecture` with random weights into `folder`.
 
     Args:
       architecture: `config.json` fields, e.g. `RANDOM_BERT_ARCHITECTURES["bert-base-uncased"]`.
       folder: where to write config.json, model.safetensors and the tokenizer.
-      tokenizer: the hub id or folder of the tokenizer saved beside the weights; its
+      tokenizer_source: the hub id or folder of the tokenizer saved beside the weights; its
         vocabulary must fit `vocab_size`.
 
     Returns:
@@ -90,11 +90,10 @@ def random_bert_folder(
     from mmrec_jax.models.bert_weights import load_tokenizer, save_pretrained
 
     bert_config = BertConfig.from_dict(architecture, has_pooler=True)
-    name = tokenizer
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(tokenizer_source)
     if len(tokenizer) > bert_config.vocab_size:
         raise ValueError(
-            f"The tokenizer of {name} has {len(tokenizer)} tokens, more than the "
+            f"The tokenizer of {tokenizer_source} has {len(tokenizer)} tokens, more than the "
             f"architecture's vocab_size {bert_config.vocab_size}."
         )
     bert = Bert(bert_config)
