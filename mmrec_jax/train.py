@@ -781,7 +781,9 @@ def _train_and_evaluate(
     """`train_and_evaluate` once the workdir is this process's alone."""
     is_chief = process_index == 0
     mesh = sharding.make_mesh(devices)
-    train_step.check_batch_divides(config.train.batch_size, mesh.size, _resumed_batch_size(workdir))
+    if config.train.batch_size % mesh.size:  # the workdir's run is read for the message only
+        kept = _resumed_batch_size(workdir)
+        train_step.check_batch_divides(config.train.batch_size, mesh.size, kept)
     train_step.check_no_fft_deadlock(config, mesh)  # before the dataset is built
     build_error = None
     if is_chief:  # builds the dataset if needed; the others wait for it
