@@ -80,9 +80,7 @@ def main(argv=None) -> None:
     args, config = cli.parse_config_args(_parser(), argv)
     if not 0 < args.fill <= 1:
         sys.exit(f"error: --fill {args.fill} must lie in (0, 1]: the share of filled slots.")
-    runtime.tune_host_allocator()
-    if train_step.runs_inline(config):
-        runtime.run_cpu_computations_inline()
+    train_step.set_up_cpu_host(config)
     config.model.dtype = runtime.compute_dtype(config.model.dtype)
     mesh = sharding.make_mesh()
     rows = int(config.train.batch_size)

@@ -269,11 +269,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, config = cli.parse_config_args(_parser(), argv)
     overrides = split_overrides(argv)[1]
-    tuned_malloc = False if args.default_malloc else runtime.tune_host_allocator()
-    inline = (
-        train_step.runs_inline(config)
-        and not args.async_dispatch
-        and runtime.run_cpu_computations_inline()
+    tuned_malloc, inline = train_step.set_up_cpu_host(
+        config, tune_allocator=not args.default_malloc, inline=not args.async_dispatch
     )
     config.model.dtype = runtime.compute_dtype(config.model.dtype)  # "auto" -> this platform's
     counter = common.CompileCounter()

@@ -314,3 +314,30 @@ def test_a_log_mel_run_that_would_hang_stops_with_the_fixes(monkeypatch):
     train_step.check_no_fft_deadlock(config, one)
     config.model.audio.frontend = "raw"  # no FFT
     train_step.check_no_fft_deadlock(config, several)
+
+
+@pytest.mark.parametrize(
+    "mode, tune_allocator, inline, calls",
+    [
+        ("finetune", True, True, ["allocator", "inline"]),
+        ("frozen", True, True, ["allocator"]),  # runs_inline: only fine-tuning
+        ("finetune", False, True, ["inline"]),
+        ("finetune", True, False, ["allocator"]),
+    ],
+)
+def test_set_up_cpu_host_applies_what_the_run_and_the_caller_ask(
+    monkeypatch, mode, tune_allocator, inline, calls
+):
+    from mmrec_jax import train_step
+    from mmrec_jax.config import load_config
+
+    config = load_config(str(ROOT / "configs/seed.py"))
+    config.model.text.mode = mode
+    made = []
+    monkeypatch.setattr(runtime, "tune_host_allocator", lambda: made.append("allocator") or True)
+    monkeypatch.setattr(
+        runtime, "run_cpu_computations_inline", lambda: made.append("inline") or True
+    )
+    applied = train_step.set_up_cpu_host(config, tune_allocator=tune_allocator, inline=inline)
+    assert made == calls
+    assert applied == ("allocator" in calls, "inline" in calls)
