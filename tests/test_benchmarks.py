@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _processes import xla_flags
 from _profile_trace import traced_steps
 from _tiny_bert import WORDS, make_tiny_bert
 
@@ -24,8 +25,7 @@ def _one_device_env() -> dict:
     """
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if "device_count" not in f)
+    env["XLA_FLAGS"] = xla_flags(1)
     return env
 
 

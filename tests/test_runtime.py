@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _processes import xla_flags
 
 from mmrec_jax import runtime
 
@@ -191,9 +192,7 @@ def _run_inline_script(tmp_path, mode: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
     env.pop("GLIBC_TUNABLES", None)  # 4 KiB pages: every page of a fresh buffer faults
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
-    )
+    env["XLA_FLAGS"] = xla_flags(1)
     result = subprocess.run(
         [sys.executable, str(script), mode],
         capture_output=True,
