@@ -152,6 +152,56 @@ _TINY_BERT = bert.BertConfig(
 )
 
 
+def test_small_table_rows_and_their_gradient_are_a_gather_and_its_gradient():
+    table = jax.random.normal(jax.random.key(0), (3, 5))
+    ids = jnp.array([[0, 2, 2, 1], [1, 1, 0, 0]])
+    weights = jax.random.normal(jax.random.key(1), (2, 4, 5))
+    np.testing.assert_array_equal(bert.small_table_rows(table, ids), table[ids])
+    got = jax.grad(lambda t: jnp.sum(bert.small_table_rows(t, ids) * weights))(table)
+    want = jax.grad(lambda t: jnp.sum(t[ids] * weights))(table)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _scatter_adds(jaxpr, scope: str = "") -> list[tuple[str, str]]:
+    """(name scope, output dtype) of every scatter-add in a jaxpr and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        where = f"{scope}/{eqn.source_info.name_stack}"
+        if eqn.primitive.name == "scatter-add":
+            found.append((where, str(eqn.outvars[0].aval.dtype)))
+        for value in eqn.params.values():
+            sub = getattr(value, "jaxpr", None)
+            if sub is not None:
+                found += _scatter_adds(getattr(sub, "jaxpr", sub), where)
+    return found
+
+
+def test_embedding_gradients_scatter_only_into_word_and_position_tables_in_float32():
+    """bfloat16 compute, float32 tables: no bfloat16 scatter-add, none for token types."""
+    embeddings = bert.BertEmbeddings(_TINY_BERT, dtype=jnp.bfloat16)
+    ids = jax.random.randint(jax.random.key(0), (3, 9), 1, 50)
+    token_types = jnp.zeros_like(ids)
+    params = embeddings.init(jax.random.key(1), ids, token_types, True)
+
+    def loss(params):
+        out = embeddings.apply(params, ids, token_types, True)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    scatters = _scatter_adds(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    tables = sorted(
+        name for where, _ in scatters for name in ("word", "position", "token_type")
+        if f"/{name}_embeddings/" in where
+    )  # fmt: skip
+    assert tables == ["position", "word"], scatters
+    assert all(dtype == "float32" for _, dtype in scatters), scatters
+    grads = jax.jit(jax.grad(loss))(params)["params"]
+    got = grads["token_type_embeddings"]["embedding"]
+    # Every token is of type 0: its row's gradient is every token's, as is the word table's.
+    want = grads["word_embeddings"]["embedding"].sum(0)
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[1], 0)
+
+
 @pytest.mark.parametrize("top_n", [None, 1])
 def test_first_token_only_matches_the_full_bert_and_its_gradients(top_n):
     ids = jax.random.randint(jax.random.key(0), (3, 9), 1, 50)

@@ -149,8 +149,34 @@ def load_bert_config(name_or_path: str | os.PathLike) -> BertConfig:
     return BertConfig.from_dict(config, has_pooler=checkpoint_has_pooler(folder))
 
 
+def small_table_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table[ids]` for a table of a few rows, as a select per row and a sum.
+
+    Its gradient is a masked reduction per row. A gather's gradient is a scatter-add
+    whose updates all land on the same few rows (every token of a single-segment text
+    has segment 0), which a GPU serializes: on an H200 the token-type gradient of 32768
+    tokens took 110 ms as a scatter-add, two thirds of a BERT-base training step.
+
+    Args:
+      table: (V, H) rows, V small (BERT's segment types: 2).
+      ids: int (...) row indices in [0, V).
+
+    Returns:
+      (..., H) the rows of `ids`.
+    """
+    rows = jnp.arange(table.shape[0])
+    picked = jnp.where((ids[..., None] == rows)[..., None], table, 0)  # (..., V, H)
+    return picked.sum(axis=-2)
+
+
 class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, LayerNorm, dropout."""
+    """Word + position + token-type embeddings, LayerNorm, dropout.
+
+    The embeddings are looked up and summed in the parameter dtype and cast to the
+    compute dtype after: the word embeddings' gradient is then a scatter-add in the
+    parameter dtype (float32), which a GPU adds with native atomics, and the tables are
+    never cast whole. Token types are looked up by `small_table_rows`.
+    """
 
     config: BertConfig
     dtype: Any = jnp.float32
@@ -166,7 +192,7 @@ class BertEmbeddings(nn.Module):
                 num,
                 cfg.hidden_size,
                 embedding_init=init,
-                dtype=self.dtype,
+                dtype=self.param_dtype,
                 param_dtype=self.param_dtype,
                 name=name,
             )
@@ -175,7 +201,8 @@ class BertEmbeddings(nn.Module):
         positions = jnp.arange(length)[None, :]  # (1, L)
         x = embed(cfg.vocab_size, "word_embeddings")(input_ids)  # (B, L, H)
         x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
-        x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        token_types = embed(cfg.type_vocab_size, "token_type_embeddings").embedding  # (T, H)
+        x = (x + small_table_rows(token_types, token_type_ids)).astype(self.dtype)
         x = nn.LayerNorm(
             epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
             name="LayerNorm",
