@@ -81,9 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
     image.channels = (16, 32)
     # Width of the dense layer after the conv blocks.
     image.hidden = 128
-    # Conv kernel gradient: xla (XLA's convolution) or im2col (matrix multiplies over
-    # cache-sized batch chunks; can be faster on CPU for large item blocks).
-    image.conv_kernel_grad = "xla"
+    # Conv gradients: auto (xla on CPU, native on GPU and TPU), native (XLA's own conv
+    # gradients), xla (forward convolutions in the NHWC layout, fast on XLA's CPU backend)
+    # or im2col (xla, with the kernel's as matrix multiplies over cache-sized batch
+    # chunks; can be faster on CPU for large item blocks).
+    image.conv_kernel_grad = "auto"
 
     # Audio tower: conv blocks over the raw waveform or its log-mel spectrogram.
     model.audio = audio = ml_collections.ConfigDict()

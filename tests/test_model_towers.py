@@ -63,6 +63,9 @@ def test_max_pool_rejects_too_small_input():
         # Even kernels pad one more after than before: the input gradient pads the other way.
         ("xla", (5, 6, 7, 3), (2, 4)),
         ("im2col", (5, 9, 2), (2,)),
+        ("native", (5, 6, 7, 3), (3, 3)),
+        ("native", (5, 9, 2), (2,)),
+        ("auto", (5, 6, 7, 3), (2, 4)),
     ],
 )
 def test_conv_matches_flax_conv_and_its_gradients(monkeypatch, kernel_grad, shape, kernel_size):
@@ -95,6 +98,24 @@ def test_conv_matches_flax_conv_and_its_gradients(monkeypatch, kernel_grad, shap
             strict=True,
         ):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_auto_takes_forward_conv_gradients_on_cpu_and_xla_own_elsewhere(monkeypatch):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    conv = Conv(4, (3, 3))
+    params = conv.init(INIT_KEY, x)
+
+    def forward_jaxpr():  # conv_same's custom VJP shows in the forward jaxpr
+        return str(jax.make_jaxpr(lambda p: conv.apply(p, x))(params))
+
+    assert layers.resolve_kernel_grad("auto") == "xla"  # the tests run on XLA's CPU
+    assert "custom_vjp_call" in forward_jaxpr()
+    monkeypatch.setattr(layers, "cpu_fast_paths", lambda: False)  # as on a GPU or TPU
+    assert layers.resolve_kernel_grad("auto") == "native"
+    assert layers.resolve_kernel_grad("im2col") == "im2col"  # a choice is kept anywhere
+    assert "custom_vjp_call" not in forward_jaxpr()
+    with pytest.raises(ValueError, match="kernel_grad='fast'; choose one of"):
+        Conv(4, (3, 3), kernel_grad="fast").init(INIT_KEY, x)
 
 
 def test_conv_same_names_an_unknown_kernel_gradient():
@@ -479,6 +500,29 @@ def test_content_towers_encode_a_large_block_in_chunks_skipping_chunks_without_c
     for got, want in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(whole_grads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert all(np.any(g != 0) for g in jax.tree.leaves(chunked_grads))
+
+
+def test_content_towers_encode_a_large_block_in_one_go_on_gpu_and_tpu(monkeypatch):
+    monkeypatch.setattr(schema, "MIN_CHUNK_ITEMS", 4)  # a block of 32: 8 chunks of 4 on CPU
+    slots = 32
+    tower = ImageTower(_image_config(), width=6)
+    content = np.random.default_rng(0).integers(0, 256, (slots, 8, 8, 3), dtype=np.uint8)
+    present = np.zeros(slots, bool)
+    present[schema.slot_order(slots)[:5]] = True  # content in the first chunk only
+    params = tower.init(INIT_KEY, content)
+
+    def encode():
+        apply = jax.jit(lambda p: tower.apply(p, content, present))
+        jaxpr = str(jax.make_jaxpr(lambda p: tower.apply(p, content, present))(params))
+        return np.asarray(apply(params)), jaxpr
+
+    chunked, chunked_jaxpr = encode()
+    assert "cond[" in chunked_jaxpr
+    monkeypatch.setattr(layers, "cpu_fast_paths", lambda: False)  # as on a GPU or TPU
+    whole, whole_jaxpr = encode()
+    assert "cond[" not in whole_jaxpr
+    np.testing.assert_allclose(whole[present], chunked[present], rtol=1e-5, atol=1e-5)
+    assert (chunked[~present] == 0).any() and (np.abs(whole[~present]) > 0).all()
 
 
 # --- user ----------------------------------------------------------------------------
