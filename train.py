@@ -28,13 +28,14 @@ def main() -> None:
 
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, config) -> None:
-    from mmrec_jax import train, train_step
+    from mmrec_jax import runtime, train, train_step
     from mmrec_jax.checkpoint import CheckpointError
     from mmrec_jax.config import ConfigError
     from mmrec_jax.data.builder import DatasetDamagedError
     from mmrec_jax.data.pipeline import DatasetMismatchError, DatasetNotBuiltError
     from mmrec_jax.hub import PretrainedModelNotFound
 
+    runtime.use_native_gpu_atomics()
     train_step.set_up_cpu_host(config)
     try:
         train.train_and_evaluate(config, args.workdir)

@@ -1,4 +1,5 @@
-"""Settings for running jitted steps fast on a CPU host: allocator, threads, XLA options.
+"""Settings for running jitted steps fast on a CPU host (allocator, threads, XLA options),
+and the one GPU setting some jaxlib versions need.
 
 Huge pages. XLA's CPU buffers are large (a 47 MB gradient of BERT's word-embedding
 table, 51 MB for the seed image tower's dense layer) and every step touches hundreds of
@@ -68,14 +69,23 @@ Compute dtype. `config.model.dtype = "auto"` (the configs' default) computes in 
 on GPU and TPU, whose matrix units run it at several times their float32 rate, and in
 float32 on a CPU, where bfloat16 was slower (the MiniLM fine-tuning step at 0.73x of
 float32 on the 2-core machine; BENCHMARKS.md). `compute_dtype` resolves it.
+
+GPU atomics. A trained BERT's embedding gradient is a scatter-add, which a GPU computes
+with atomic adds. jaxlib 0.10.2 to 0.11.0 compile float32 atomic adds to compare-and-swap
+loops that collapse when many tokens add into one row (padding, [CLS]);
+`use_native_gpu_atomics()`, called by `train.py` and the benchmarks before their first
+computation, sets the XLA option that restores the GPU's own atomic adds there.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
+import re
 import sys
+import warnings
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -122,13 +132,7 @@ def run_cpu_computations_inline() -> bool:
     """
     import jax
 
-    try:
-        from jax._src import xla_bridge
-
-        initialized = xla_bridge.backends_are_initialized()
-    except (ImportError, AttributeError):  # a JAX that moved it: assume a fresh process
-        initialized = False
-    if initialized:
+    if _backends_initialized():
         return False
     try:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -142,6 +146,92 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 # Environment variable that turns the restart off when set to 0.
 HUGE_PAGES_ENV = "MMREC_HUGE_PAGES"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _backends_initialized() -> bool:
+    """Whether JAX has created its backends (after which XLA_FLAGS and the CPU client's
+    settings are no longer read)."""
+    try:
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a JAX that moved it: assume a fresh process
+        return False
+
+
+# LLVM option, through XLA's backend options, that lets XLA's GPU backend add floats
+# with the GPU's own atomic instructions (which flush subnormals to zero).
+NATIVE_GPU_ATOMICS_OPTION = "-nvptx-allow-ftz-atomics"
+_BACKEND_OPTIONS_FLAG = "--xla_backend_extra_options="
+
+
+def gpu_atomics_are_cas_loops(jaxlib_version: str | None = None) -> bool:
+    """Whether this jaxlib compiles a float32 scatter-add on GPU to compare-and-swap loops.
+
+    The LLVM of jaxlib 0.10.2 to 0.11.0 lowers XLA's float atomic adds to compare-and-swap
+    retry loops instead of the GPU's atomic add (jax-ml/jax#38806, fixed in 0.11.1).
+    Under contention they collapse: in an embedding table's gradient every padding token
+    of the batch adds into one row, and the reports measured 450-2000x slower scatters.
+
+    Args:
+      jaxlib_version: a version string; None reads the installed jaxlib's.
+    """
+    if jaxlib_version is None:
+        import jaxlib.version
+
+        jaxlib_version = jaxlib.version.__version__
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", jaxlib_version)
+    if match is None:
+        return False
+    return (0, 10, 2) <= tuple(int(n) for n in match.groups()) <= (0, 11, 0)
+
+
+def with_backend_option(xla_flags: str, option: str) -> str:
+    """`xla_flags` (an XLA_FLAGS value) with `option` added to --xla_backend_extra_options."""
+    flags = xla_flags.split()
+    for index, flag in enumerate(flags):
+        if flag.startswith(_BACKEND_OPTIONS_FLAG):
+            options = flag[len(_BACKEND_OPTIONS_FLAG) :]
+            if option not in options.split(","):
+                flags[index] = f"{flag},{option}" if options else flag + option
+            return " ".join(flags)
+    return " ".join([*flags, _BACKEND_OPTIONS_FLAG + option])
+
+
+def _cuda_plugin_installed() -> bool:
+    return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+
+
+def use_native_gpu_atomics() -> bool:
+    """Has XLA add floats with the GPU's atomic instructions where this jaxlib would not.
+
+    With a jaxlib of `gpu_atomics_are_cas_loops` and JAX's CUDA plugin installed, adds
+    `NATIVE_GPU_ATOMICS_OPTION` to XLA_FLAGS, which XLA reads when JAX starts its
+    backends: call it before the process's first JAX computation. Elsewhere it changes
+    nothing. The atomic adds then flush float32 subnormals (below 1.2e-38) to zero, as
+    every jaxlib before 0.10.2 and after 0.11.0 does.
+
+    Returns:
+      True when the option takes effect; False when it is not needed, or when JAX's
+      backends already started (a warning then names the fix).
+    """
+    if not gpu_atomics_are_cas_loops() or not _cuda_plugin_installed():
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if NATIVE_GPU_ATOMICS_OPTION in flags:
+        return True
+    if _backends_initialized():
+        warnings.warn(
+            "This jaxlib adds floats on GPU with slow compare-and-swap loops "
+            "(jax-ml/jax#38806), and JAX's backends have started, so XLA_FLAGS is no longer "
+            "read: embedding gradients may run hundreds of times slower. Start the process "
+            f"with XLA_FLAGS='{_BACKEND_OPTIONS_FLAG}{NATIVE_GPU_ATOMICS_OPTION}', or use "
+            "jax 0.11.1 or later.",
+            stacklevel=2,
+        )
+        return False
+    os.environ["XLA_FLAGS"] = with_backend_option(flags, NATIVE_GPU_ATOMICS_OPTION)
+    return True
 
 
 def _glibc_version() -> tuple[int, int] | None:

@@ -340,3 +340,50 @@ def test_set_up_cpu_host_applies_what_the_run_and_the_caller_ask(
     applied = train_step.set_up_cpu_host(config, tune_allocator=tune_allocator, inline=inline)
     assert made == calls
     assert applied == ("allocator" in calls, "inline" in calls)
+
+
+@pytest.mark.parametrize(
+    "version,affected",
+    [("0.10.1", False), ("0.10.2", True), ("0.10.2.dev20260601", True), ("0.11.0", True)]
+    + [("0.11.1", False), ("0.11.2", False), ("0.12.0.1", False), ("nightly", False)],
+)
+def test_gpu_atomics_are_cas_loops_in_jaxlib_0_10_2_to_0_11_0(version, affected):
+    assert runtime.gpu_atomics_are_cas_loops(version) is affected
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ("", "--xla_backend_extra_options=-opt"),
+        ("--xla_foo=1", "--xla_foo=1 --xla_backend_extra_options=-opt"),
+        ("--xla_backend_extra_options=a=1 --x", "--xla_backend_extra_options=a=1,-opt --x"),
+        ("--xla_backend_extra_options=", "--xla_backend_extra_options=-opt"),
+        ("--xla_backend_extra_options=-opt,b", "--xla_backend_extra_options=-opt,b"),
+    ],
+)
+def test_a_backend_option_joins_the_users_xla_flags(flags, expected):
+    assert runtime.with_backend_option(flags, "-opt") == expected
+
+
+def test_native_gpu_atomics_are_asked_for_only_where_jaxlib_needs_them(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    monkeypatch.setattr(runtime, "_backends_initialized", lambda: False)
+    monkeypatch.setattr(runtime, "_cuda_plugin_installed", lambda: True)
+    monkeypatch.setattr(runtime, "gpu_atomics_are_cas_loops", lambda: False)
+    assert runtime.use_native_gpu_atomics() is False
+    assert os.environ["XLA_FLAGS"] == "--xla_foo=1"
+    monkeypatch.setattr(runtime, "gpu_atomics_are_cas_loops", lambda: True)
+    monkeypatch.setattr(runtime, "_cuda_plugin_installed", lambda: False)  # a CPU-only JAX
+    assert runtime.use_native_gpu_atomics() is False
+    assert os.environ["XLA_FLAGS"] == "--xla_foo=1"
+    monkeypatch.setattr(runtime, "_cuda_plugin_installed", lambda: True)
+    assert runtime.use_native_gpu_atomics() is True
+    want = f"--xla_foo=1 --xla_backend_extra_options={runtime.NATIVE_GPU_ATOMICS_OPTION}"
+    assert os.environ["XLA_FLAGS"] == want
+    assert runtime.use_native_gpu_atomics() is True  # already there: unchanged
+    assert os.environ["XLA_FLAGS"] == want
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    monkeypatch.setattr(runtime, "_backends_initialized", lambda: True)
+    with pytest.warns(UserWarning, match="XLA_FLAGS='--xla_backend_extra_options=-nvptx"):
+        assert runtime.use_native_gpu_atomics() is False
+    assert os.environ["XLA_FLAGS"] == "--xla_foo=1"
