@@ -3,9 +3,11 @@
     python benchmarks/block_chunks.py --config configs/default.py [--items 1200] \
         [--fill 0.5] [--steps 10] [--config.KEY=VALUE ...]
 
-The content towers (a trained BERT, image, audio) encode an item block of
+On CPU the content towers (a trained BERT, image, audio) encode an item block of
 `schema.BLOCK_CHUNKS * schema.MIN_CHUNK_ITEMS` slots or more in chunks and skip the
-chunks that hold no item (`mmrec_jax.models.layers.encode_in_chunks`). This compiles
+chunks that hold no item (`mmrec_jax.models.layers.encode_in_chunks`); on GPU and TPU
+they encode it in one go (`layers.item_block_chunks`), so both programs are the same
+there. This compiles
 the config's train step on one random batch twice, as the library runs it and with
 every block encoded in one go, and calls the two alternately: on a shared 2-core
 machine separate runs of one program differ by 10-15%, more than the difference
@@ -28,7 +30,7 @@ import numpy as np
 
 from mmrec_jax import cli, runtime, schema, sharding, train_step
 from mmrec_jax.config import split_overrides
-from mmrec_jax.models import recommender
+from mmrec_jax.models import layers, recommender
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,12 +98,12 @@ def main(argv=None) -> None:
         jitted = train_step.jit_train_step(model, setup, mesh, local, config.model.dtype)
         return jitted.lower(setup.state, batch).compile()
 
-    chunks = schema.block_chunks(items)
+    chunks = layers.item_block_chunks(items)
     if chunks == 1:
         print(
             f"note: a block of {items} slots is encoded in one go either way (chunks need "
-            f"{schema.BLOCK_CHUNKS * schema.MIN_CHUNK_ITEMS} slots or more, a multiple of "
-            f"{schema.BLOCK_CHUNKS}); raise --items.",
+            f"JAX's CPU backend and {schema.BLOCK_CHUNKS * schema.MIN_CHUNK_ITEMS} slots or "
+            f"more, a multiple of {schema.BLOCK_CHUNKS}); raise --items, or run on a CPU.",
             file=sys.stderr,
         )
     compiled = {"chunks": compile_step()}

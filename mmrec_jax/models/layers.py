@@ -457,6 +457,12 @@ def cpu_fast_paths() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def item_block_chunks(num_slots: int) -> int:
+    """How many chunks the content towers encode an item block of `num_slots` in here:
+    `schema.block_chunks` on CPU (`cpu_fast_paths`), else 1 (one pass)."""
+    return schema.block_chunks(num_slots) if cpu_fast_paths() else 1
+
+
 def resolve_kernel_grad(kernel_grad: str) -> str:
     """`Conv`'s kernel gradient: "auto" is "xla" on CPU (`cpu_fast_paths`), else "native"."""
     _check_kernel_grad(kernel_grad, CONV_KERNEL_GRADS)
@@ -584,9 +590,9 @@ def apply_in_chunks(
 ) -> jax.Array:
     """`module.<method>(inputs, **kwargs)` over an item block: a large block in chunks.
 
-    On CPU (`cpu_fast_paths`) a block of U slots with `schema.block_chunks(U)` > 1 runs
-    through `encode_in_chunks` (chunks without a present item are skipped); a smaller
-    one, any block on GPU and TPU, and any block while the module initializes, in one go.
+    A block of U slots with `item_block_chunks(U)` > 1 (on CPU only) runs through
+    `encode_in_chunks` (chunks without a present item are skipped); a smaller one, any
+    block on GPU and TPU, and any block while the module initializes, in one go.
 
     Args:
       module: a bound module whose `method` (its compact method) encodes items.
@@ -607,7 +613,7 @@ def apply_in_chunks(
             f"present must be (U,) = ({slots},), one flag per item of the block; got "
             f"{jnp.shape(present)}."
         )
-    chunks = schema.block_chunks(slots) if cpu_fast_paths() else 1
+    chunks = item_block_chunks(slots)
     if chunks == 1 or module.is_initializing():
         return getattr(module, method)(inputs, **kwargs)
     unbound, params = module.clone(parent=None), module.variables["params"]
