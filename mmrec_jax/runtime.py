@@ -165,6 +165,17 @@ NATIVE_GPU_ATOMICS_OPTION = "-nvptx-allow-ftz-atomics"
 _BACKEND_OPTIONS_FLAG = "--xla_backend_extra_options="
 
 
+def _jaxlib_release(jaxlib_version: str | None = None) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of a jaxlib version string (None: the installed jaxlib's,
+    read without starting JAX's backends); None for a string that does not start so."""
+    if jaxlib_version is None:
+        import jaxlib.version
+
+        jaxlib_version = jaxlib.version.__version__
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", jaxlib_version)
+    return None if match is None else tuple(int(n) for n in match.groups())
+
+
 def gpu_atomics_are_cas_loops(jaxlib_version: str | None = None) -> bool:
     """Whether this jaxlib compiles a float32 scatter-add on GPU to compare-and-swap loops.
 
@@ -176,14 +187,8 @@ def gpu_atomics_are_cas_loops(jaxlib_version: str | None = None) -> bool:
     Args:
       jaxlib_version: a version string; None reads the installed jaxlib's.
     """
-    if jaxlib_version is None:
-        import jaxlib.version
-
-        jaxlib_version = jaxlib.version.__version__
-    match = re.match(r"(\d+)\.(\d+)\.(\d+)", jaxlib_version)
-    if match is None:
-        return False
-    return (0, 10, 2) <= tuple(int(n) for n in match.groups()) <= (0, 11, 0)
+    release = _jaxlib_release(jaxlib_version)
+    return release is not None and (0, 10, 2) <= release <= (0, 11, 0)
 
 
 def with_backend_option(xla_flags: str, option: str) -> str:
@@ -253,9 +258,8 @@ SINGLE_THREADED_EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
 def jaxlib_fft_can_hang() -> bool:
     """Whether the installed jaxlib is one whose CPU FFT can hang (0.11; see
     `fft_can_deadlock`). Reads the version without starting JAX's backends."""
-    import jaxlib.version
-
-    return jaxlib.version.__version__.split(".")[:2] == ["0", "11"]
+    release = _jaxlib_release()
+    return release is not None and release[:2] == (0, 11)
 
 
 def fft_can_deadlock(num_cpu_devices: int) -> bool:
