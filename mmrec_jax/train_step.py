@@ -117,14 +117,35 @@ def _text_is_frozen_fn(config: ml_collections.ConfigDict):
     return is_frozen
 
 
-def _insert_pretrained_text(params: dict, config: ml_collections.ConfigDict) -> dict:
-    """Replaces the random BERT of a trained text tower with the pretrained weights,
-    on the shardings of the parameters they replace."""
-    bert = recommender.pretrained_text_params(params, config.model)
+def _create_params(
+    init_params: Any,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    key: jax.Array,
+    example_batch: dict,
+) -> tuple[dict, dict]:
+    """Initialises the parameters already sharded: (params, their shardings).
+
+    A trained text tower's BERT comes from its pretrained weights instead: the jitted
+    init leaves it out, so XLA neither compiles nor runs a random initialisation that
+    would be thrown away (for BERT-base, 4.4 of the 7.3 s that init compiles in on a
+    CPU). Every other parameter gets the values `model.init` gives it.
+    """
+    abstract = jax.eval_shape(init_params, key, example_batch)
+    shardings = sharding.state_shardings(mesh, abstract, config.train.fsdp)
+    bert = recommender.pretrained_text_params(abstract, config.model)
     if bert is None:
-        return params
-    shardings = jax.tree.map(lambda x: x.sharding, params["text"]["bert"])
-    return {**params, "text": {**params["text"], "bert": sharding.put_global(bert, shardings)}}
+        return jax.jit(init_params, out_shardings=shardings)(key, example_batch), shardings
+
+    def without_bert(tree: dict) -> dict:
+        return {**tree, "text": {k: v for k, v in tree["text"].items() if k != "bert"}}
+
+    params = jax.jit(
+        lambda key, batch: without_bert(init_params(key, batch)),
+        out_shardings=without_bert(shardings),
+    )(key, example_batch)
+    text = {**params["text"], "bert": sharding.put_global(bert, shardings["text"]["bert"])}
+    return {**params, "text": text}, shardings
 
 
 @dataclasses.dataclass
@@ -174,7 +195,8 @@ def build_train_state(
     """Creates the train state already sharded (or only its shapes, with `abstract`).
 
     Parameters are initialised under `jax.jit(..., out_shardings=...)` so each device
-    creates only its own shards; a trained text tower then gets the pretrained BERT.
+    creates only its own shards; a trained text tower's BERT is placed from its
+    pretrained weights instead of being initialised.
 
     Args:
       config: the resolved run config.
@@ -201,10 +223,7 @@ def build_train_state(
         params = jax.eval_shape(init_params, init_rng, example_batch)
         param_shardings = sharding.state_shardings(mesh, params, fsdp)
     else:
-        params, param_shardings = sharding.create_sharded(
-            init_params, mesh, fsdp, init_rng, example_batch
-        )
-        params = _insert_pretrained_text(params, config)
+        params, param_shardings = _create_params(init_params, config, mesh, init_rng, example_batch)
     optimizer, schedule = optim.build_optimizer(
         config.train,
         params,

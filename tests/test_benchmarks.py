@@ -86,7 +86,7 @@ def test_train_throughput_compiles_once_and_counts_the_flops_xla_counts(tmp_path
     # The two profiled steps are in the trace, each marked as one step.
     assert out["profile"] == str(profiling.newest_trace(tmp_path))
     assert traced_steps(tmp_path, name="train_step") == [1, 2]
-    assert out["samples_per_s"] > 0 and out["step_ms_median"] > 0
+    assert out["samples_per_s"] > 0 and out["step_ms_median"] > 0 and out["state_s"] > 0
     assert isinstance(out["minor_faults_per_step"], int) and out["minor_faults_per_step"] >= 0
     # XLA also counts elementwise work, so its count is a little above the matmuls'.
     assert 0.5 < out["counted_over_xla"] <= 1.0

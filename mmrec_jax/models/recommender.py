@@ -322,7 +322,8 @@ def pretrained_text_params(params: Mapping, model_config: ml_collections.ConfigD
     """The pretrained weights of the text tower's BERT, for `params["text"]["bert"]`.
 
     Args:
-      params: the model's parameter tree (`init(...)["params"]`).
+      params: the model's parameter tree (`init(...)["params"]`), or only its shapes
+        and dtypes (`jax.eval_shape` of it).
       model_config: `config.model`; its `text.model` names the pretrained BERT.
 
     Returns:
