@@ -97,9 +97,24 @@ def random_bert_folder(
             f"architecture's vocab_size {bert_config.vocab_size}."
         )
     bert = Bert(bert_config)
-    ids = np.zeros((1, 8), np.int32)
-    params = jax.jit(lambda key: bert.init(key, ids, np.ones_like(ids)))(jax.random.key(0))
-    save_pretrained(params["params"], bert_config, folder, tokenizer)
+    ids = np.zeros((1, 1), np.int32)
+    shapes = jax.eval_shape(lambda: bert.init(jax.random.key(0), ids, ids))["params"]
+    generator = np.random.default_rng(0)
+
+    def draw(path, spec) -> np.ndarray:
+        """BERT's own initialisation (transformers' too): N(0, initializer_range) weights,
+        zero biases, unit LayerNorm scales. Drawn by numpy: XLA would compile a random
+        kernel per weight, which takes longer than drawing them."""
+        name = path[-1].key
+        if name == "bias":
+            return np.zeros(spec.shape, np.float32)
+        if name == "scale":
+            return np.ones(spec.shape, np.float32)
+        weights = generator.standard_normal(spec.shape, np.float32)
+        return weights * np.float32(bert_config.initializer_range)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
+    save_pretrained(params, bert_config, folder, tokenizer)
     return str(folder)
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from _processes import xla_flags
 from _profile_trace import traced_steps
@@ -204,6 +206,13 @@ def test_random_bert_folder_is_a_loadable_checkpoint_of_the_architecture(tmp_pat
     bert, params, tokenizer = load_pretrained(folder)
     assert bert.config.vocab_size == 30522 and bert.config.hidden_size == 32
     assert params["embeddings"]["word_embeddings"]["embedding"].shape == (30522, 32)
+    # BERT's own initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm scales.
+    for path, value in jax.tree_util.tree_leaves_with_path(params):
+        name, value = path[-1].key, np.asarray(value)
+        if name in ("bias", "scale"):
+            np.testing.assert_array_equal(value, float(name == "scale"), err_msg=str(path))
+        elif value.size >= 1000:
+            assert abs(value.std() - 0.02) < 0.002 and abs(value.mean()) < 0.002, path
     assert len(tokenizer) == 30522
     torch_model = transformers.BertModel.from_pretrained(folder)
     assert torch_model.config.num_hidden_layers == 2
