@@ -58,6 +58,7 @@ def progress_bar(
     iterable: Iterable | None = None,
     initial: int = 0,
     enabled: bool = True,
+    note: str | None = None,
 ):
     """A tqdm progress bar on stderr, shown by process 0 only.
 
@@ -71,6 +72,7 @@ def progress_bar(
       iterable: items to iterate over through the bar (else call `update`).
       initial: the count to start from (a resumed run's step).
       enabled: False gives a bar that shows nothing (as on the other processes).
+      note: shown after the bar from its first line on, until `set_postfix_str` replaces it.
     """
     import jax
     from tqdm.auto import tqdm
@@ -82,6 +84,7 @@ def progress_bar(
         initial=initial,
         desc=label,
         unit=unit,
+        postfix=note,
         file=sys.stderr if interactive else _LogLines(sys.stderr),
         disable=not enabled or jax.process_index() != 0,
         dynamic_ncols=True,

@@ -1049,8 +1049,14 @@ def _train_and_evaluate(
         checkpointer.save(step, state, position, step_meta, metrics)
         last_saved = step
 
+    # The first step compiles the program (up to a minute for a large model on a GPU).
     progress = reporting.progress_bar(
-        "train", total_steps, "step", initial=start_step, enabled=is_chief
+        "train",
+        total_steps,
+        "step",
+        initial=start_step,
+        enabled=is_chief,
+        note="compiling the train step",
     )
     # The first step after a start or resume compiles and the second warms up (its dispatch
     # still takes longer): the trace starts at the third.
@@ -1087,6 +1093,8 @@ def _train_and_evaluate(
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                 state, step_metrics = jit_step(state, sharding.global_batch(mesh, local_batch))
             step += 1
+            if step == start_step + 1:
+                progress.set_postfix_str("", refresh=False)  # compiled
             rows_done += config.train.batch_size
             profiler.after_step(state)
             window_steps += 1

@@ -56,7 +56,8 @@ def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
     config = tiny_config(data_dir, train__profile_steps=3)
     assert config.model.dtype == "auto"
     summary = train.train_and_evaluate(config, tmp_path)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "compiling the train step" in err  # beside the bar while the first step compiles
     # The run records the dtype it computed in: "auto" is float32 on a CPU.
     run_config = json.loads((tmp_path / "config.json").read_text())
     assert run_config["model"]["dtype"] == runtime.compute_dtype("auto") == "float32"
