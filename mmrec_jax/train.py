@@ -827,22 +827,17 @@ def _train_and_evaluate(
     with contextlib.closing(loader("train", train=True)) as batches:
         first_local = next(batches)
     example = sharding.global_batch(mesh, first_local)
-    try:
-        setup = train_step.build_train_state(config, model, mesh, example, updates)
-        jax.block_until_ready(setup.state)  # an allocation failure surfaces here, not later
-    except jax.errors.JaxRuntimeError as error:
-        if not runtime.is_out_of_memory(error):
-            raise
-        raise OutOfMemory(_state_out_of_memory_message(error, config, mesh.size)) from error
-    state, state_shardings = setup.state, setup.shardings
-    param_shardings = state_shardings["params"]
+    # The state's shapes and shardings first: a resumed run restores its state into them
+    # and never creates (initialises, loads the pretrained BERT into) one to throw away.
+    setup = train_step.build_train_state(config, model, mesh, example, updates, abstract=True)
+    param_shardings = setup.shardings["params"]
     schedule = setup.schedule
     if is_chief:
-        recommender.print_param_counts(state["params"])
+        recommender.print_param_counts(setup.state["params"])
 
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
-        restored = checkpointer.restore_latest_good(checkpoint_lib.abstract_like(state))
+        restored = checkpointer.restore_latest_good(setup.state)
     except checkpoint_lib.CheckpointError:
         checkpointer.close()  # release Orbax's background threads before the error surfaces
         raise
@@ -856,7 +851,17 @@ def _train_and_evaluate(
     # Early stopping's record travels in each checkpoint's metadata, so a resumed run
     # counts on (and an early-stopped run stays stopped) as an uninterrupted one would.
     best_auc, evals_without_gain = -math.inf, 0
-    if restored is not None:
+    if restored is None:
+        try:
+            setup = train_step.build_train_state(config, model, mesh, example, updates)
+            jax.block_until_ready(setup.state)  # an allocation failure surfaces here
+        except jax.errors.JaxRuntimeError as error:
+            checkpointer.close()
+            if not runtime.is_out_of_memory(error):
+                raise
+            raise OutOfMemory(_state_out_of_memory_message(error, config, mesh.size)) from error
+        state = setup.state
+    else:
         start_step, state, data_state, restored_meta, damaged = restored
         if damaged:
             _set_aside(checkpointer, damaged, is_chief)

@@ -533,6 +533,26 @@ def test_resuming_on_another_device_count_says_what_changes(reference_run):
 
 
 @WITH_REFERENCE_RUN
+def test_a_resumed_run_restores_its_state_without_creating_one(
+    reference_run, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    shutil.rmtree(run / "checkpoints" / "30")
+    built = []
+    build = train.train_step.build_train_state
+
+    def build_train_state(*args, **kwargs):
+        built.append("shapes" if kwargs.get("abstract") else "arrays")
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train.train_step, "build_train_state", build_train_state)
+    train.train_and_evaluate(train.load_run_config(run), run)
+    assert built == ["shapes"]  # restored into them from step 20: no state made to discard
+    assert max(_losses(run)) == 30
+
+
+@WITH_REFERENCE_RUN
 def test_damaged_newest_checkpoint_is_set_aside_and_its_steps_retrained(
     data_dir, reference_run, tmp_path
 ):
@@ -835,7 +855,11 @@ def test_a_damaged_dataset_stops_the_run_before_it_trains(data_dir, tmp_path):
 
 
 def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, monkeypatch):
+    build_shapes = train.train_step.build_train_state
+
     def build_train_state(*args, **kwargs):
+        if kwargs.get("abstract"):  # only shapes: nothing allocated
+            return build_shapes(*args, **kwargs)
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 7 bytes.")
 
     monkeypatch.setattr(train.train_step, "build_train_state", build_train_state)
@@ -845,7 +869,7 @@ def test_out_of_memory_creating_the_state_names_the_fixes(data_dir, tmp_path, mo
     assert "creating the parameters and optimizer state on 8 device(s)" in message
     assert "allocating 7 bytes" in message and "Nothing was trained or saved yet" in message
     assert "--config.train.fsdp=True" in message
-    assert not (tmp_path / "checkpoints").exists()
+    assert not any((tmp_path / "checkpoints").glob("*"))
 
 
 def test_every_process_stops_when_process_0_cannot_take_the_workdir(data_dir, tmp_path):
