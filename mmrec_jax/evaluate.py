@@ -4,12 +4,15 @@
         [--checkpoint best|latest|STEP] [--k 10,20] [--ablate] [--batch_size N]
         [--ranking_users N]
 
-Click prediction (AUC, GAUC, logloss, accuracy, ECE) scores the split's rows as the
-training loop does, in batches of the run's `train.batch_size` rows or `--batch_size`.
+Every item of the catalogue is encoded once (`encode_items`, jit-compiled, item blocks
+split over the devices), and everything is scored from those encoded items (`score`).
+Click prediction (AUC, GAUC, logloss, accuracy, ECE) scores the split's rows, in batches
+of the run's `train.batch_size` rows or `--batch_size`, each row's candidate and history
+looked up among them (the values of the training loop's scoring, which encodes each
+batch's own item block, to float rounding).
 Ranking scores every user that has a positive in the split against every item of the
-catalogue: each item is encoded once (`encode_items`, jit-compiled, item blocks split
-over the devices), then a (users x items) grid of rows per call is scored from those
-encoded items (`score`) and reduced to each user's top K on the device (`top_k_items`),
+catalogue: a (users x items) grid of rows per call is scored from the encoded items
+and reduced to each user's top K on the device (`top_k_items`),
 with the user's training positives excluded and the split's positives as the relevant
 items (`--ranking_users N` ranks a seeded random sample of N users instead, for
 catalogues too large to rank every user). The results are printed beside the dataset's
@@ -18,7 +21,8 @@ popular items (`popularity_ranking`), and written to `WORKDIR/eval/<split>.json`
 the split's calibration curve, bin by bin); the reliability diagrams of every split
 evaluated at that checkpoint (by this call or an earlier one) go to
 `WORKDIR/eval/calibration.png`. `--ablate` re-scores the split with each content modality
-marked absent in turn and reports the AUC each one is worth.
+marked absent in every item in turn (the catalogue encoded again without it) and reports
+the AUC each one is worth.
 
 Every step is a function (`encode_catalogue`, `catalogue_scores`, `rank_catalogue`,
 `popularity_ranking`, `make_split_fn`, `evaluate_params`), so other code (the training
@@ -255,14 +259,14 @@ def _programs(handle: _ByIdentity) -> Programs:
         top_items = metrics_lib.top_k_items(logits, top, exclude)[1]  # (Bu, top)
         return top_items, jnp.isnan(logits).any(axis=1)  # (Bu, top), (Bu,)
 
-    def split_rows(params, batch):
-        logits = model.apply({"params": params}, batch, train=False)  # (B,)
+    def split_rows(params, rows, encoded):
+        logits = model.apply({"params": params}, rows, encoded, method="score")  # (B,)
         return {
             "logit": logits.astype(jnp.float32),
-            "label": batch["label"],
-            "weight": batch["weight"],
-            "user_index": batch["user_index"],
-            "item_index": batch["items"]["item_index"][batch["item_slot"]],
+            "label": rows["label"],
+            "weight": rows["weight"],
+            "user_index": rows["user_index"],
+            "item_index": rows["item_slot"],
         }
 
     return Programs(
@@ -598,7 +602,8 @@ def popularity_ranking(
 
 
 def make_split_fn(model: Any) -> Callable:
-    """A jitted `(params, batch) -> {"logit", "label", "weight", "user_index", "item_index"}`.
+    """A jitted `(params, rows, encoded) -> {"logit", "label", "weight", "user_index",
+    "item_index"}`: `catalogue_rows` scored against the encoded catalogue (on the mesh).
 
     `item_index` is each row's candidate item as a row of the item table, so one pass
     over a split gives both the click metrics and the relevant items of the ranking.
@@ -607,15 +612,40 @@ def make_split_fn(model: Any) -> Callable:
     return programs_of(model).split_rows
 
 
-def mark_absent(batch: Mapping, modalities: Sequence[str]) -> dict:
-    """A copy of a (numpy) batch in which every item lacks `modalities` (has_* False)."""
-    items = dict(batch["items"])
+def catalogue_rows(batch: Mapping, process_index: int | None = None) -> dict:
+    """A (numpy) local batch's rows, their slots turned into rows of the item table.
+
+    A batch's `item_slot` and `history_slot` index the global item block (process p's
+    block at offset p x its capacity, see `mmrec_jax.data.pipeline`); its
+    `items["item_index"]` says which item of the table each of its slots holds. The
+    result indexes an encoded catalogue (`encode_catalogue`) instead, and has no
+    `items`. History slots that the mask leaves out point at item 0.
+
+    Args:
+      batch: a local batch of `pipeline.make_batches`.
+      process_index: the process that made it (default: this one).
+    """
+    if process_index is None:
+        process_index = jax.process_index()
+    item_rows = np.asarray(batch["items"]["item_index"])  # (U,)
+    offset = process_index * item_rows.shape[0]
+    rows = {key: value for key, value in batch.items() if key != "items"}
+    rows["item_slot"] = item_rows[np.asarray(batch["item_slot"]) - offset]  # (B,)
+    if "history_slot" in batch:
+        history = item_rows[np.asarray(batch["history_slot"]) - offset]  # (B, H)
+        rows["history_slot"] = np.where(batch["history_mask"], history, 0).astype(np.int32)
+    return rows
+
+
+def mark_absent(items: Mapping, modalities: Sequence[str]) -> dict:
+    """A copy of a (numpy) item block in which every item lacks `modalities` (has_* False)."""
+    items = dict(items)
     for modality in modalities:
         flag = f"has_{modality}"
         if flag not in items:
-            raise ValueError(f"The batch has no {flag!r}: the model has no {modality} tower.")
+            raise ValueError(f"The items have no {flag!r}: the model has no {modality} tower.")
         items[flag] = np.zeros_like(items[flag])
-    return {**batch, "items": items}
+    return items
 
 
 def score_split(
@@ -624,7 +654,7 @@ def score_split(
     config: Any,
     split: str,
     mesh: jax.sharding.Mesh,
-    absent: Sequence[str] = (),
+    encoded: Mapping,
     item_store: Any = None,
     progress: str | None = None,
 ) -> dict[str, np.ndarray]:
@@ -636,7 +666,7 @@ def score_split(
       config: the resolved run config.
       split: the split's name.
       mesh: the device mesh.
-      absent: content modalities to mark absent in every item (`mark_absent`).
+      encoded: the encoded catalogue, replicated on the mesh (`encode_catalogue`).
       item_store: a `pipeline.ItemStore` of this config to share (default: a new one).
       progress: the label of a progress bar over the batches (process 0 prints it), or
         None for none.
@@ -659,15 +689,30 @@ def score_split(
 
     def counted(bar):
         for batch in batches:
-            yield mark_absent(batch, absent) if absent else batch
+            yield catalogue_rows(batch)
             bar.update(1)
 
+    split_rows = functools.partial(split_fn, encoded=encoded)
     # The pipeline's worker processes, if any, stop when the pass is done.
     with contextlib.closing(batches), _progress_bar(progress, total, "batch") as bar:
-        return predict.predict_batches(split_fn, params, counted(bar), mesh)
+        return predict.predict_batches(split_rows, params, counted(bar), mesh)
 
 
 # --------------------------------------------------------------------------- evaluation
+
+
+def _encoded_catalogue(
+    model: Any, params: Any, catalogue: Catalogue, mesh: jax.sharding.Mesh, absent: str = ""
+) -> dict[str, np.ndarray]:
+    """`encode_catalogue` of the catalogue's items, with the modality `absent` marked
+    absent in every item (`mark_absent`) when one is named."""
+
+    def item_block(rows: np.ndarray) -> Mapping:
+        block = catalogue.item_block(rows)
+        return mark_absent(block, [absent]) if absent else block
+
+    label = f"encoding items without {absent}" if absent else "encoding items"
+    return encode_catalogue(model, params, item_block, catalogue.num_items, mesh, progress=label)
 
 
 def content_modalities(model: Any) -> tuple[str, ...]:
@@ -718,13 +763,13 @@ def evaluate_params(
     info = catalogue.info
     _check_ks(ks, catalogue.num_items)
     split_fn = make_split_fn(model)
-    encoded = None
+    splits = [split for split in splits if int(info.split_sizes.get(split, 0)) > 0]
+    encoded = _encoded_catalogue(model, params, catalogue, mesh) if splits else None
+    on_mesh = _replicated(mesh, encoded) if splits else None
     results = {}
     for split in splits:
-        if int(info.split_sizes.get(split, 0)) == 0:
-            continue
         rows = score_split(
-            split_fn, params, config, split, mesh, (), catalogue.item_store, f"scoring {split}"
+            split_fn, params, config, split, mesh, on_mesh, catalogue.item_store, f"scoring {split}"
         )
         entry: dict[str, Any] = {
             "click": predict.click_metrics(rows),
@@ -739,15 +784,6 @@ def evaluate_params(
             },
         }
         if split != "train":
-            if encoded is None:
-                encoded = encode_catalogue(
-                    model,
-                    params,
-                    catalogue.item_block,
-                    catalogue.num_items,
-                    mesh,
-                    progress="encoding items",
-                )
             positive = rows["label"] > 0.5
             if ranking_users is not None:
                 positive, sample = ranking_sample(
@@ -779,6 +815,7 @@ def evaluate_params(
         if ablate:
             entry["ablation"] = {}
             for modality in content_modalities(model):
+                without_modality = _encoded_catalogue(model, params, catalogue, mesh, modality)
                 absent = predict.click_metrics(
                     score_split(
                         split_fn,
@@ -786,7 +823,7 @@ def evaluate_params(
                         config,
                         split,
                         mesh,
-                        (modality,),
+                        _replicated(mesh, without_modality),
                         catalogue.item_store,
                         f"scoring {split} without {modality}",
                     )

@@ -67,6 +67,35 @@ def test_catalogue_scores_equal_the_full_model_per_user(restored):
         np.testing.assert_allclose(scores[row], apply(params, batch), rtol=1e-5, atol=1e-5)
 
 
+def test_split_rows_scored_from_the_catalogue_equal_their_own_item_block(restored):
+    """A pipeline batch scored by `model.apply` on its own item block (as training does)
+    gives the logits of its rows looked up in the encoded catalogue."""
+    config, model, params, catalogue, encoded, mesh = restored
+    batches = pipeline.make_batches(config, "test", train=False, item_store=catalogue.item_store)
+    batch = next(iter(batches))
+    batches.close()
+    # Some history slots left out, one pointing at a padding slot (item_index -1).
+    batch["history_mask"][::2, -1] = False
+    padding = np.flatnonzero(batch["items"]["item_index"] < 0)
+    batch["history_slot"][::2, -1] = padding[0] if padding.size else 0
+    apply = jax.jit(lambda p, b: model.apply({"params": p}, b, train=False))
+    split_fn = evaluate.make_split_fn(model)
+    on_mesh = jax.tree.map(jax.numpy.asarray, encoded)
+    rows = evaluate.catalogue_rows(batch)
+    scored = split_fn(params, rows, on_mesh)
+    np.testing.assert_allclose(scored["logit"], apply(params, batch), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(
+        scored["item_index"], batch["items"]["item_index"][batch["item_slot"]]
+    )
+    # Process 1 of two: its slots are offset by its block's capacity.
+    capacity = batch["items"]["item_index"].shape[0]
+    shifted = dict(batch, item_slot=batch["item_slot"] + capacity)
+    shifted["history_slot"] = batch["history_slot"] + capacity
+    again = evaluate.catalogue_rows(shifted, process_index=1)
+    for key in ("item_slot", "history_slot"):
+        np.testing.assert_array_equal(again[key], rows[key])
+
+
 def _brute_force_ranking(scores, relevant, exclude, ks):
     """Per-user loops over a full sort: the textbook definitions, nothing vectorised."""
     per_user = {f"{m}@{k}": [] for k in ks for m in ("hr", "recall", "ndcg", "mrr", "map")}
@@ -320,12 +349,12 @@ def test_evaluate_prints_every_metric_beside_the_oracle_and_the_ablation(workdir
 
 
 def test_mark_absent_clears_only_the_flag_and_copies():
-    batch = {"label": np.ones(2), "items": {"has_text": np.ones(3, bool), "image": np.ones(3)}}
-    absent = evaluate.mark_absent(batch, ["text"])
-    assert not absent["items"]["has_text"].any() and batch["items"]["has_text"].all()
-    np.testing.assert_array_equal(absent["items"]["image"], batch["items"]["image"])
+    items = {"has_text": np.ones(3, bool), "image": np.ones(3)}
+    absent = evaluate.mark_absent(items, ["text"])
+    assert not absent["has_text"].any() and items["has_text"].all()
+    np.testing.assert_array_equal(absent["image"], items["image"])
     with pytest.raises(ValueError, match="no 'has_audio'"):
-        evaluate.mark_absent(batch, ["audio"])
+        evaluate.mark_absent(items, ["audio"])
 
 
 def test_batch_size_changes_memory_not_metrics(workdir, capsys, monkeypatch):
