@@ -26,6 +26,7 @@ import numpy as np
 from mmrec_jax import checkpoint as checkpoint_lib
 from mmrec_jax import (
     cli,
+    evaluate,
     files,
     predict,
     profiling,
@@ -255,36 +256,96 @@ def _process_index_and_count() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+# The most memory an encoded catalogue may take on each device for the training loop's
+# evaluations to score from it (see `SplitScorer`).
+_MAX_ENCODED_CATALOGUE_BYTES = 512 * 2**20
+
+
+class SplitScorer:
+    """Scores splits for the training loop's evaluations and its final report.
+
+    Rows are scored from the encoded catalogue (every item encoded once for the
+    parameters, `evaluate.encode_catalogue`, each row's items looked up in it,
+    `evaluate.catalogue_rows`), as `mmrec_jax.evaluate` does, where that encodes no more
+    items than the batches' own item blocks would and the encoding takes at most
+    `_MAX_ENCODED_CATALOGUE_BYTES` per device; otherwise each batch encodes its own item
+    block (`predict.make_predict_fn`). Both give the same values to float rounding.
+
+    Args:
+      model: the `Recommender`.
+      mesh: the device mesh.
+      param_shardings: the parameters' shardings.
+      loader: `(split, train=False, sample=None) -> batch iterator`, e.g. a partial of
+        `pipeline.make_batches` with this process's index and a shared item store.
+      item_store: that `pipeline.ItemStore`.
+      config: the resolved run config.
+      info: the dataset's `DatasetInfo`.
+    """
+
+    def __init__(self, model, mesh, param_shardings, loader, item_store, config, info):
+        self.model, self.mesh, self.loader, self.info = model, mesh, loader, info
+        self.item_store, self.config = item_store, config
+        self.predict_fn = predict.make_predict_fn(model, param_shardings)
+        self.split_fn = evaluate.make_split_fn(model)
+
+    def num_rows(self, split: str, sample: int | None = None) -> int:
+        """Rows that scoring `split` (or a sample of it) takes."""
+        examples = pipeline.num_examples(
+            self.info, split, int(self.config.data.negatives_per_positive)
+        )
+        return examples if sample is None else min(sample, examples)
+
+    def catalogue(self, params, rows: int) -> dict | None:
+        """The encoded catalogue on the mesh for scoring `rows` rows with `params`, or None
+        where the batches' own item blocks are the cheaper (or the only fitting) way."""
+        towers = schema.parse_towers(self.config.model.towers)
+        slots_per_row = 1 + (int(self.config.data.history_len) if "history" in towers else 0)
+        num_items = self.item_store.num_item_rows
+        tokens = len(recommender.token_names(towers)[0])
+        encoded_bytes = num_items * (tokens + 1) * int(self.config.model.width) * 4
+        if num_items > rows * slots_per_row or encoded_bytes > _MAX_ENCODED_CATALOGUE_BYTES:
+            return None
+        encoded = evaluate.encode_catalogue(
+            self.model,
+            params,
+            lambda item_rows: self.item_store.block(item_rows, len(item_rows)),
+            num_items,
+            self.mesh,
+        )
+        replicated = sharding.replicated(self.mesh)
+        return sharding.put_global(encoded, jax.tree.map(lambda _: replicated, encoded))
+
+    def rows(
+        self, params, split: str, sample: int | None = None, catalogue: dict | None = None
+    ) -> dict[str, np.ndarray] | None:
+        """`predict.predict_batches`' rows of `split` (None if it is empty), from
+        `catalogue` (`self.catalogue(params, ...)`) when given."""
+        if int(self.info.split_sizes.get(split, 0)) == 0:
+            return None
+        batches = self.loader(split, train=False, sample=sample)
+        with contextlib.closing(batches):  # stops its workers
+            if catalogue is None:
+                return predict.predict_batches(self.predict_fn, params, batches, self.mesh)
+            rows = (evaluate.catalogue_rows(batch) for batch in batches)
+            split_fn = functools.partial(self.split_fn, encoded=catalogue)
+            return predict.predict_batches(split_fn, params, rows, self.mesh)
+
+
 def evaluate_split(
-    predict_fn, params, loader, split: str, mesh, info, sample: int | None = None
+    scorer: SplitScorer, params, split: str, sample: int | None = None
 ) -> dict[str, float] | None:
     """AUC, GAUC, logloss, accuracy and ECE of `params` on `split` (None if it is empty).
 
     Args:
-      predict_fn: from `predict.make_predict_fn`.
+      scorer: the run's `SplitScorer`.
       params: the parameters on the mesh.
-      loader: `(split, train=False, sample=None) -> batch iterator`, e.g. a partial of
-        `pipeline.make_batches` with this process's index and a shared item store.
       split: the split's name.
-      mesh: the device mesh.
-      info: the dataset's `DatasetInfo`.
       sample: score only a seeded random sample of this many of the split's
         interactions (`pipeline.make_batches`' `sample`; None: all).
     """
-    rows = _split_rows(predict_fn, params, loader, split, mesh, info, sample)
+    catalogue = scorer.catalogue(params, scorer.num_rows(split, sample))
+    rows = scorer.rows(params, split, sample, catalogue)
     return None if rows is None else predict.click_metrics(rows)
-
-
-def _split_rows(
-    predict_fn, params, loader, split: str, mesh, info, sample: int | None = None
-) -> dict[str, np.ndarray] | None:
-    """`predict.predict_batches`' rows of `split` (`evaluate_split`'s arguments), or None
-    if it is empty."""
-    if int(info.split_sizes.get(split, 0)) == 0:
-        return None
-    batches = loader(split, train=False, sample=sample)
-    with contextlib.closing(batches):  # stops its workers
-        return predict.predict_batches(predict_fn, params, batches, mesh)
 
 
 def _stored_config(path: Path) -> dict:
@@ -921,7 +982,7 @@ def _train_and_evaluate(
 
     jit_step = train_step.jit_train_step(model, setup, mesh, first_local, config.model.dtype)
     del first_local, example  # their shapes were all they were for: free the memory now
-    predict_fn = predict.make_predict_fn(model, param_shardings)
+    scorer = SplitScorer(model, mesh, param_shardings, loader, item_store, config, info)
     meta = {
         "config": json.loads(config_to_json(config)),
         "dataset": info.name,
@@ -1131,9 +1192,7 @@ def _train_and_evaluate(
             evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
             if evaluate_now or step == total_steps:
                 check_pending()
-                result = evaluate_split(
-                    predict_fn, state["params"], loader, "validation", mesh, info
-                )
+                result = evaluate_split(scorer, state["params"], "validation")
                 if result is not None:
                     write_records({f"validation/{k}": v for k, v in result.items()})
                 if result is not None and result["auc"] is None:
@@ -1198,7 +1257,7 @@ def _train_and_evaluate(
             )
         raise SystemExit(128 + signum)
 
-    summary = _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info)
+    summary = _final_report(workdir, checkpointer, state, scorer, info)
     checkpointer.close()
     writer.close()
     return summary
@@ -1208,7 +1267,7 @@ def _train_and_evaluate(
 _MIN_TRAIN_SAMPLE = 1000
 
 
-def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) -> dict:
+def _final_report(workdir, checkpointer, state, scorer: SplitScorer, info) -> dict:
     """Evaluates the best checkpoint on every split; writes summary.json and the plots."""
     is_chief = jax.process_index() == 0
     params = state["params"]
@@ -1233,10 +1292,12 @@ def _final_report(workdir, checkpointer, state, predict_fn, loader, mesh, info) 
     # pass over the largest split. Its first rows would be a few users' (stored by user).
     train_size = int(info.split_sizes["train"])
     sample = min(max(int(info.split_sizes.get("validation", 0)), _MIN_TRAIN_SAMPLE), train_size)
+    samples = {split: sample if split == "train" else None for split in REPORT_SPLITS}
+    # One encoding of the catalogue, where it pays, for every split.
+    total_rows = sum(scorer.num_rows(split, samples[split]) for split in REPORT_SPLITS)
+    catalogue = scorer.catalogue(params, total_rows)
     for split in REPORT_SPLITS:
-        rows = _split_rows(
-            predict_fn, params, loader, split, mesh, info, sample if split == "train" else None
-        )
+        rows = scorer.rows(params, split, samples[split], catalogue)
         if rows is None:
             continue
         oracle = (info.oracle or {}).get(split)
