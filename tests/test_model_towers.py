@@ -156,8 +156,18 @@ ATTENTION_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("cpu_paths, inference", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("t,s,width,heads,absorbed", ATTENTION_SHAPES)
-def test_attention_matches_numpy_reference(t, s, width, heads, absorbed):
+def test_attention_matches_numpy_reference(
+    monkeypatch, t, s, width, heads, absorbed, cpu_paths, inference
+):
+    # The CPU's broadcast form (inference, few keys) and the other paths, all run here.
+    monkeypatch.setattr(layers, "cpu_fast_paths", lambda: cpu_paths)
+    broadcast = layers.attention_by_broadcast
+    used = []
+    monkeypatch.setattr(
+        layers, "attention_by_broadcast", lambda *a: used.append(1) or broadcast(*a)
+    )
     assert absorbed_attention_is_cheaper(t, s, width, heads) == absorbed
     batch = 3
     rng = np.random.default_rng(0)
@@ -169,7 +179,7 @@ def test_attention_matches_numpy_reference(t, s, width, heads, absorbed):
     params = layer.init(INIT_KEY, q, kv, mask)["params"]
     # Non-zero biases, so that the absorbed form's handling of them is exercised.
     params = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), params)
-    out = layer.apply({"params": params}, q, kv, mask)
+    out = layer.apply({"params": params}, q, kv, mask, inference)
     expected = _attention_reference(jax.tree.map(np.asarray, params), q, kv, mask, heads, np)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -180,13 +190,16 @@ def test_attention_matches_numpy_reference(t, s, width, heads, absorbed):
 
     # Compiled: op by op, the backward passes would compile each primitive on its own.
     grads = jax.jit(
-        jax.grad(loss(lambda p, q, kv: layer.apply({"params": p}, q, kv, mask)), (0, 1, 2))
+        jax.grad(
+            loss(lambda p, q, kv: layer.apply({"params": p}, q, kv, mask, inference)), (0, 1, 2)
+        )
     )(params, q, kv)
     reference = jax.jit(
         jax.grad(loss(lambda p, q, kv: _attention_reference(p, q, kv, mask, heads, jnp)), (0, 1, 2))
     )(params, q, kv)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert bool(used) == (cpu_paths and inference and not absorbed)
 
 
 def test_attention_parameters_are_those_of_dense_general_layers():

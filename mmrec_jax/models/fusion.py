@@ -61,7 +61,8 @@ class FusionLayer(nn.Module):
         """x: (B, T, D), mask: (B, T) bool -> (B, T, D)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.LayerNorm(name="attention_norm", **kw)(x)
-        h = MultiHeadAttention(self.num_heads, name="attention", **kw)(h, h, mask)
+        attention = MultiHeadAttention(self.num_heads, name="attention", **kw)
+        h = attention(h, h, mask, inference=not train)
         x = x + Dropout(self.dropout)(h, deterministic=not train)
         h = nn.LayerNorm(name="mlp_norm", **kw)(x)
         h = nn.Dense(self.mlp_dim, name="mlp_in", **kw)(h)
