@@ -888,31 +888,24 @@ def _train_and_evaluate(
     with contextlib.closing(loader("train", train=True)) as batches:
         first_local = next(batches)
     example = sharding.global_batch(mesh, first_local)
-    # The state's shapes and shardings first: a resumed run restores its state into them
-    # and never creates (initialises, loads the pretrained BERT into) one to throw away.
-    setup = train_step.build_train_state(config, model, mesh, example, updates, abstract=True)
-    param_shardings = setup.shardings["params"]
-    schedule = setup.schedule
-    if is_chief:
-        recommender.print_param_counts(setup.state["params"])
-
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    try:
-        restored = checkpointer.restore_latest_good(setup.state)
-    except checkpoint_lib.CheckpointError:
-        checkpointer.close()  # release Orbax's background threads before the error surfaces
-        raise
-    except jax.errors.JaxRuntimeError as error:
-        checkpointer.close()
-        if not runtime.is_out_of_memory(error):
+    restored = None
+    if checkpointer.all_steps():
+        # Restored into the state's shapes and shardings: a resumed run never creates a
+        # state (initialises it, loads the pretrained BERT into it) only to replace it.
+        setup = train_step.build_train_state(config, model, mesh, example, updates, abstract=True)
+        try:
+            restored = checkpointer.restore_latest_good(setup.state)
+        except checkpoint_lib.CheckpointError:
+            checkpointer.close()  # release Orbax's background threads before the error
             raise
-        message = _state_out_of_memory_message(error, config, mesh.size, checkpointer.directory)
-        raise OutOfMemory(message) from error
-    start_step = 0
-    # Early stopping's record travels in each checkpoint's metadata, so a resumed run
-    # counts on (and an early-stopped run stays stopped) as an uninterrupted one would.
-    best_auc, evals_without_gain = -math.inf, 0
-    if restored is None:
+        except jax.errors.JaxRuntimeError as error:
+            checkpointer.close()
+            if not runtime.is_out_of_memory(error):
+                raise
+            message = _state_out_of_memory_message(error, config, mesh.size, checkpointer.directory)
+            raise OutOfMemory(message) from error
+    else:
         try:
             setup = train_step.build_train_state(config, model, mesh, example, updates)
             jax.block_until_ready(setup.state)  # an allocation failure surfaces here
@@ -921,6 +914,15 @@ def _train_and_evaluate(
             if not runtime.is_out_of_memory(error):
                 raise
             raise OutOfMemory(_state_out_of_memory_message(error, config, mesh.size)) from error
+    param_shardings = setup.shardings["params"]
+    schedule = setup.schedule
+    if is_chief:
+        recommender.print_param_counts(setup.state["params"])
+    start_step = 0
+    # Early stopping's record travels in each checkpoint's metadata, so a resumed run
+    # counts on (and an early-stopped run stays stopped) as an uninterrupted one would.
+    best_auc, evals_without_gain = -math.inf, 0
+    if restored is None:
         state = setup.state
     else:
         start_step, state, data_state, restored_meta, damaged = restored
