@@ -457,8 +457,10 @@ def cpu_fast_paths() -> bool:
     """Whether the CPU-only fast paths apply: JAX compiles for XLA's CPU backend.
 
     True when JAX's default backend is the CPU. Then `Conv` takes `conv_same`'s
-    gradients and a large item block is encoded in chunks (`apply_in_chunks`); on GPU
-    and TPU both are slower than the plain forms (see the module docstring).
+    gradients, a large item block is encoded in chunks (`apply_in_chunks`) and scoring
+    attends over few keys by `attention_by_broadcast`; on GPU and TPU the first two are
+    slower than the plain forms, and the last is not measured there (see the module
+    docstring).
     """
     return jax.default_backend() == "cpu"
 
@@ -703,8 +705,8 @@ def attention_by_broadcast(
     the query-key and weight-value products as many tiny batched matrix multiplies; as
     elementwise products and reductions they fuse instead. The default fusion's
     self-attention over 6 tokens of 4000 rows (4 heads of 32) took 25 ms through
-    `dot_product_attention` and 11.6 ms this way; a full-catalogue ranking call 152-161
-    against 181-197 ms. The default train step was not faster with it (645-652 against
+    `dot_product_attention` and 11.6 ms this way; a full-catalogue ranking call 152-177
+    against 181-211 ms. The default train step was not faster with it (645-652 against
     623-629 ms at best), so `MultiHeadAttention` takes it for inference only (2-core CPU,
     jax 0.10.2).
 
