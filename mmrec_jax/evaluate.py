@@ -194,14 +194,6 @@ def _local_part(global_rows: np.ndarray) -> np.ndarray:
     return global_rows[index * per : (index + 1) * per]
 
 
-def _replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-    """Host numpy arrays (equal on every process) as arrays replicated over the mesh."""
-    spec = sharding.replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(x.shape, spec, lambda index: x[index]), tree
-    )
-
-
 def _progress_bar(label: str | None, total: int, unit: str):
     """A progress bar on process 0 when `label` is given; a silent one otherwise."""
     return reporting.progress_bar(label or "", total, unit, enabled=label is not None)
@@ -441,7 +433,7 @@ def catalogue_scores(
     """
     user_rows = np.asarray(user_rows, np.int64)
     num_items = encoded["mask"].shape[0]
-    items = _replicated(mesh, dict(encoded))
+    items = sharding.put_replicated(mesh, dict(encoded))
     grid = programs_of(model).grid
     out = []
     for rows, arrays, _ in _user_chunks(
@@ -505,7 +497,7 @@ def rank_catalogue(
     user_rows = np.flatnonzero(np.diff(offsets) > 0)  # users with a relevant item
     if user_rows.size == 0:
         raise ValueError("Ranking metrics are undefined: the split has no positive.")
-    items = _replicated(mesh, dict(encoded))
+    items = sharding.put_replicated(mesh, dict(encoded))
     rank = functools.partial(programs_of(model).rank, top=top)
     data = sharding.data_sharding(mesh)
     per_user: dict[str, list[np.ndarray]] = {}
@@ -765,7 +757,7 @@ def evaluate_params(
     split_fn = make_split_fn(model)
     splits = [split for split in splits if int(info.split_sizes.get(split, 0)) > 0]
     encoded = _encoded_catalogue(model, params, catalogue, mesh) if splits else None
-    on_mesh = _replicated(mesh, encoded) if splits else None
+    on_mesh = sharding.put_replicated(mesh, encoded) if splits else None
     results = {}
     for split in splits:
         rows = score_split(
@@ -823,7 +815,7 @@ def evaluate_params(
                         config,
                         split,
                         mesh,
-                        _replicated(mesh, without_modality),
+                        sharding.put_replicated(mesh, without_modality),
                         catalogue.item_store,
                         f"scoring {split} without {modality}",
                     )

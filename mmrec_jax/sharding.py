@@ -163,6 +163,12 @@ def put_global(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
+def put_replicated(mesh: Mesh, tree: Any) -> Any:
+    """`put_global` of host values (equal on every process), each replicated over `mesh`."""
+    spec = replicated(mesh)
+    return put_global(tree, jax.tree.map(lambda _: spec, tree))
+
+
 def batch_shardings(mesh: Mesh, batch: Mapping) -> Any:
     """The sharding of every array of a batch: leading axis over `data`."""
     return jax.tree.map(lambda _: data_sharding(mesh), batch)

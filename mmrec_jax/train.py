@@ -312,8 +312,7 @@ class SplitScorer:
             num_items,
             self.mesh,
         )
-        replicated = sharding.replicated(self.mesh)
-        return sharding.put_global(encoded, jax.tree.map(lambda _: replicated, encoded))
+        return sharding.put_replicated(self.mesh, encoded)
 
     def rows(
         self, params, split: str, sample: int | None = None, catalogue: dict | None = None

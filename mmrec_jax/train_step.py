@@ -252,7 +252,7 @@ def build_train_state(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
     else:
-        counters = sharding.put_global(counters, {"step": replicated, "rng": replicated})
+        counters = sharding.put_replicated(mesh, counters)
         state = {"params": params, "opt_state": opt_state, **counters}
     return TrainSetup(state, shardings, optimizer, schedule)
 
