@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -681,13 +681,27 @@ def score_split(
 
     def counted(bar):
         for batch in batches:
-            yield catalogue_rows(batch)
+            yield batch
             bar.update(1)
 
-    split_rows = functools.partial(split_fn, encoded=encoded)
     # The pipeline's worker processes, if any, stop when the pass is done.
     with contextlib.closing(batches), _progress_bar(progress, total, "batch") as bar:
-        return predict.predict_batches(split_rows, params, counted(bar), mesh)
+        return score_batches(split_fn, params, encoded, counted(bar), mesh)
+
+
+def score_batches(
+    split_fn: Callable,
+    params: Any,
+    encoded: Mapping,
+    batches: Iterable[Mapping],
+    mesh: jax.sharding.Mesh,
+) -> dict[str, np.ndarray]:
+    """`predict.predict_batches` of local pipeline batches against the encoded catalogue:
+    each batch's rows through `catalogue_rows`, scored by `split_fn` (`make_split_fn`)
+    with `encoded` replicated on the mesh."""
+    rows = (catalogue_rows(batch) for batch in batches)
+    split_rows = functools.partial(split_fn, encoded=encoded)
+    return predict.predict_batches(split_rows, params, rows, mesh)
 
 
 # --------------------------------------------------------------------------- evaluation

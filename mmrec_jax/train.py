@@ -325,9 +325,7 @@ class SplitScorer:
         with contextlib.closing(batches):  # stops its workers
             if catalogue is None:
                 return predict.predict_batches(self.predict_fn, params, batches, self.mesh)
-            rows = (evaluate.catalogue_rows(batch) for batch in batches)
-            split_fn = functools.partial(self.split_fn, encoded=catalogue)
-            return predict.predict_batches(split_fn, params, rows, self.mesh)
+            return evaluate.score_batches(self.split_fn, params, catalogue, batches, self.mesh)
 
 
 def evaluate_split(
