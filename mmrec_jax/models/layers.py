@@ -703,12 +703,11 @@ def attention_by_broadcast(
 
     The same function (softmax in float32). Over a few tokens, XLA's CPU backend runs
     the query-key and weight-value products as many tiny batched matrix multiplies; as
-    elementwise products and reductions they fuse instead. The default fusion's
-    self-attention over 6 tokens of 4000 rows (4 heads of 32) took 25 ms through
-    `dot_product_attention` and 11.6 ms this way; a full-catalogue ranking call 152-177
-    against 181-211 ms. The default train step was not faster with it (645-652 against
-    623-629 ms at best), so `MultiHeadAttention` takes it for inference only (2-core CPU,
-    jax 0.10.2).
+    elementwise products and reductions they fuse instead: with the default config a
+    full-catalogue ranking call (4 users x 1000 items, 6 tokens each) took 152-177 ms
+    this way against 181-211 ms (`benchmarks/serve_throughput.py`). The default train
+    step was not faster with it (645-652 against 623-629 ms at best), so
+    `MultiHeadAttention` takes it for inference only (2-core CPU, jax 0.10.2).
 
     Args:
       query: (B, T, N, Dh).
