@@ -696,6 +696,22 @@ class _ProjectionParams(nn.Module):
 BROADCAST_ATTENTION_MAX_KEYS = 16
 
 
+def sum_of_terms(term: Callable[[int], jax.Array], count: int) -> jax.Array:
+    """`term(0) + term(1) + ... + term(count - 1)`, as one chain of elementwise adds.
+
+    XLA fuses the chain with the terms' products into one elementwise pass, where its
+    CPU backend runs a reduction over a short axis as a separate, slower pass (see
+    `attention_by_broadcast`). Not for a sum that a matrix product consumes: XLA's CPU
+    backend then pulls the chain into the product's fusion, which runs it several times
+    slower than a batched matrix product would compute the sum (the history attention's
+    weighted inputs, which feed its value kernel).
+    """
+    total = term(0)
+    for index in range(1, count):
+        total = total + term(index)
+    return total
+
+
 def attention_by_broadcast(
     query: jax.Array, key: jax.Array, value: jax.Array, key_mask: jax.Array | None = None
 ) -> jax.Array:
@@ -703,10 +719,13 @@ def attention_by_broadcast(
 
     The same function (softmax in float32). Over a few tokens, XLA's CPU backend runs
     the query-key and weight-value products as many tiny batched matrix multiplies; as
-    elementwise products and reductions they fuse instead: with the default config a
+    elementwise products, a reduction over the head dimension and an unrolled sum over
+    the keys (`sum_of_terms`) they fuse instead: with the default config a
     full-catalogue ranking call (4 users x 1000 items, 6 tokens each) took 152-177 ms
-    this way against 181-211 ms (`benchmarks/serve_throughput.py`). The default train
-    step was not faster with it (645-652 against 623-629 ms at best), so
+    this way with a reduction over the keys against 181-211 ms
+    (`benchmarks/serve_throughput.py`), and with the keys' sum unrolled 7-12% less (the
+    grid's logits alone, both versions compiled in one process and called in turn). The
+    default train step was not faster with it (645-652 against 623-629 ms at best), so
     `MultiHeadAttention` takes it for inference only (2-core CPU, jax 0.10.2).
 
     Args:
@@ -723,7 +742,9 @@ def attention_by_broadcast(
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, :, None], logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=2).astype(value.dtype)
-    return (probs[..., None] * value[:, None]).sum(2)  # (B, T, N, Dh)
+    return sum_of_terms(
+        lambda s: probs[:, :, s, :, None] * value[:, None, s], key.shape[1]
+    )  # (B, T, N, Dh)
 
 
 class MultiHeadAttention(nn.Module):
