@@ -11,8 +11,8 @@ of the run's `train.batch_size` rows or `--batch_size`, each row's candidate and
 looked up among them (the values of the training loop's scoring, which encodes each
 batch's own item block, to float rounding).
 Ranking scores every user that has a positive in the split against every item of the
-catalogue: a (users x items) grid of rows per call is scored from the encoded items
-and reduced to each user's top K on the device (`top_k_items`),
+catalogue: a (users x items) grid per call is scored from the encoded items
+(`score_grid`: each user's tokens and history attention computed once) and reduced to each user's top K on the device (`top_k_items`),
 with the user's training positives excluded and the split's positives as the relevant
 items (`--ranking_users N` ranks a seeded random sample of N users instead, for
 catalogues too large to rank every user). The results are printed beside the dataset's
@@ -322,22 +322,13 @@ def encode_catalogue(
 
 
 def grid_logits(model: Any, params: Any, encoded: Mapping, users: Mapping) -> jax.Array:
-    """(Bu, N) logits of Bu users against all N encoded items, one `score` call.
+    """(Bu, N) logits of Bu users against all N encoded items, one `score_grid` call.
 
     `users` holds (Bu,) `user_id` and, with the history tower, (Bu, H) `history_slot`
     and `history_mask` indexing the encoded items; traceable under `jax.jit`.
     """
-    num_users = users["user_id"].shape[0]
-    num_items = encoded["mask"].shape[0]
-    rows = {
-        "user_id": jnp.repeat(users["user_id"], num_items),  # (Bu * N,)
-        "item_slot": jnp.tile(jnp.arange(num_items, dtype=jnp.int32), num_users),
-    }
-    if "history_slot" in users:
-        rows["history_slot"] = jnp.repeat(users["history_slot"], num_items, axis=0)
-        rows["history_mask"] = jnp.repeat(users["history_mask"], num_items, axis=0)
-    logits = model.apply({"params": params}, rows, encoded, method="score")  # (Bu * N,)
-    return logits.astype(jnp.float32).reshape(num_users, num_items)
+    logits = model.apply({"params": params}, users, encoded, method="score_grid")  # (Bu, N)
+    return logits.astype(jnp.float32)
 
 
 def ranking_sample(

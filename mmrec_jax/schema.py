@@ -395,14 +395,35 @@ def validate_score_rows(
 
     Returns the symbol sizes found; raises `BatchError` like `validate_batch`.
     """
+    return _validate_row_fields(rows, towers, SCORE_FIELDS, "Rows", dims)
+
+
+def validate_score_users(users: Mapping, towers: tuple[str, ...] | str) -> dict[str, int]:
+    """Checks the user fields the model's `score_grid` reads: `SCORE_FIELDS` but the slot.
+
+    The fields are those of `validate_score_rows` without `item_slot`, with one row per
+    user ("B" is the number of users). Returns the symbol sizes found; raises
+    `BatchError` like `validate_batch`.
+    """
+    names = tuple(name for name in SCORE_FIELDS if name != "item_slot")
+    return _validate_row_fields(users, towers, names, "Users", None)
+
+
+def _validate_row_fields(
+    rows: Mapping,
+    towers: tuple[str, ...] | str,
+    names: tuple[str, ...],
+    what: str,
+    dims: dict[str, int] | None,
+) -> dict[str, int]:
     towers = parse_towers(towers)
     sizes = _sizes_of(dims)
     for spec in row_fields(towers):
-        if spec.name not in SCORE_FIELDS or (spec.name == "user_id" and "id" not in towers):
+        if spec.name not in names or (spec.name == "user_id" and "id" not in towers):
             continue
         if spec.name not in rows:
             raise BatchError(
-                f"Rows are missing the required field {spec.name!r} ({spec.doc}), shape "
+                f"{what} are missing the required field {spec.name!r} ({spec.doc}), shape "
                 f"{spec.shape}, for towers {','.join(towers)}."
             )
         _check_field("", spec, rows[spec.name], sizes, {})

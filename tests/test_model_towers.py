@@ -202,6 +202,28 @@ def test_attention_matches_numpy_reference(
     assert bool(used) == (cpu_paths and inference and not absorbed)
 
 
+@pytest.mark.parametrize("t,s,width,heads,absorbed", ATTENTION_SHAPES)
+def test_grid_attention_matches_attention_over_every_pair_of_rows(t, s, width, heads, absorbed):
+    rng = np.random.default_rng(1)
+    queries, keys = 4, 3
+    q = rng.normal(size=(queries, t, width)).astype(np.float32)
+    kv = rng.normal(size=(keys, s, width)).astype(np.float32)
+    mask = rng.random((keys, s)) < 0.6
+    mask[:, 0] = True
+    layer = MultiHeadAttention(heads)
+    params = layer.init(INIT_KEY, kv[:, :t], kv, mask)["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), params)
+    grid = layer.apply({"params": params}, q, kv, mask, grid=True)
+    assert grid.shape == (keys, queries, t, width)
+    pairs = layer.apply(
+        {"params": params},
+        np.tile(q, (keys, 1, 1)),
+        np.repeat(kv, queries, axis=0),
+        np.repeat(mask, queries, axis=0),
+    ).reshape(keys, queries, t, width)
+    np.testing.assert_allclose(grid, pairs, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_parameters_are_those_of_dense_general_layers():
     """Checkpoints written with nn.DenseGeneral projections load, and init is unchanged."""
 
@@ -581,6 +603,22 @@ def test_history_attention_ignores_padding_and_empty_histories():
     # An integer mask means the same; a mask of another shape is named.
     token3, _ = layer.apply(variables, candidate, history, mask.astype(np.int32))
     np.testing.assert_array_equal(token3, token)
+    # Every candidate seen from every history (NaN padding, an empty history) is the
+    # token of each (history, candidate) pair.
+    candidates = rng.normal(size=(5, 8)).astype(np.float32)
+    padded = history.copy()
+    padded[~mask] = np.nan
+    grid, present_grid = layer.apply(variables, candidates, padded, mask, grid=True)
+    assert grid.shape == (3, 5, 8)
+    pairs, _ = layer.apply(
+        variables,
+        np.tile(candidates, (3, 1)),
+        np.repeat(padded, 5, axis=0),
+        np.repeat(mask, 5, axis=0),
+    )
+    np.testing.assert_allclose(grid, pairs.reshape(3, 5, 8), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(present_grid, present)
+    np.testing.assert_array_equal(grid[2], 0.0)
     with pytest.raises(ValueError, match=r"history_mask \(B, H\); got .* and \(3, 3\)"):
         layer.apply(variables, candidate, history, mask[:, :3])
 

@@ -216,6 +216,7 @@ def test_history_padding_does_not_change_the_output():
 def test_encode_items_then_score_ranks_a_catalogue():
     model, variables, apply = full_model()
     batch = make_batch(model.config, seed=5)
+    batch["user_id"][1] = 0  # an unknown user
     encoded = jax.jit(functools.partial(model.apply, method=model.encode_items))(
         variables, batch["items"]
     )
@@ -235,6 +236,55 @@ def test_encode_items_then_score_ranks_a_catalogue():
     np.testing.assert_allclose(
         grid[np.arange(B), batch["item_slot"]], apply(variables, batch), rtol=1e-5, atol=1e-6
     )
+    # score_grid gives the same grid without repeating the users per item (a user
+    # without history and an unknown one among them).
+    assert not batch["history_mask"][0].any() and (batch["user_id"] == 0).any()
+    users = {key: batch[key] for key in ("user_id", "history_slot", "history_mask")}
+    score_grid = jax.jit(functools.partial(model.apply, method=model.score_grid))
+    np.testing.assert_allclose(score_grid(variables, users, encoded), grid, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("towers", ["image,history", "id", "text,audio"])
+def test_score_grid_matches_score_for_other_towers(towers):
+    cfg = tiny_config(towers)
+    model = Recommender(cfg)
+    batch = make_batch(cfg, seed=6)
+    variables = {"params": random_params(model, batch)}
+    encoded = model.apply(variables, batch["items"], method="encode_items")
+    users = {k: batch[k] for k in ("user_id", "history_slot", "history_mask") if k in batch}
+    rows = {key: np.repeat(value, U, axis=0) for key, value in users.items()}
+    rows["item_slot"] = np.tile(np.arange(U, dtype=np.int32), B)
+    pairs = model.apply(variables, rows, encoded, method="score").reshape(B, U)
+    grid = model.apply(variables, users, encoded, method="score_grid")
+    assert grid.shape == (B, U)
+    np.testing.assert_allclose(grid, pairs, rtol=1e-5, atol=1e-6)
+
+
+def test_score_grid_names_a_history_slot_outside_the_block():
+    model, variables, _ = full_model()
+    batch = make_batch(model.config, seed=7)
+    encoded = model.apply(variables, batch["items"], method="encode_items")
+    users = {key: batch[key] for key in ("user_id", "history_slot", "history_mask")}
+    row = int(np.flatnonzero(batch["history_mask"][:, 0])[0])
+    slots = batch["history_slot"].copy()
+    slots[row, 0] = U  # one past the block
+    users = {**users, "history_slot": slots}
+    with pytest.raises(schema.BatchError, match=rf"history_slot.*{U} items of the encoded"):
+        model.apply(variables, users, encoded, method="score_grid")
+    # Under jit, where values cannot be checked, that user's logits are NaN, not wrong.
+    grid = jax.jit(functools.partial(model.apply, method=model.score_grid))(
+        variables, users, encoded
+    )
+    assert np.isnan(grid[row]).all() and np.isfinite(np.delete(grid, row, 0)).all()
+    with pytest.raises(schema.BatchError, match="Users are missing the required field 'user_id'"):
+        model.apply(variables, {"history_slot": slots}, encoded, method="score_grid")
+    # Towers that read nothing of the users still need to know how many there are.
+    content = Recommender(tiny_config("text,audio"))
+    batch = make_batch(content.config)
+    variables = {"params": random_params(content, batch)}
+    encoded = content.apply(variables, batch["items"], method="encode_items")
+    with pytest.raises(schema.BatchError, match=r"score_grid needs the users' 'user_id' \(U,\)"):
+        content.apply(variables, {}, encoded, method="score_grid")
 
 
 def test_encode_items_lets_the_content_towers_skip_items_without_their_modality(monkeypatch):

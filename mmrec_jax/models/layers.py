@@ -747,6 +747,33 @@ def attention_by_broadcast(
     )  # (B, T, N, Dh)
 
 
+def grid_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, key_mask: jax.Array | None = None
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` of every query row over every key row.
+
+    The same function as attending from `query` repeated B times to `key` and `value`
+    repeated Q times, without repeating either: scoring U users against N items, the
+    users' keys and values are projected once per user and each item's query once,
+    and the products run as B x N matrix multiplies over all Q query rows at once.
+
+    Args:
+      query: (Q, T, N, Dh).
+      key, value: (B, S, N, Dh).
+      key_mask: (B, S) bool, True for keys that take part; a query whose keys are all
+        masked attends uniformly to them.
+
+    Returns:
+      (B, Q, T, N, Dh).
+    """
+    logits = jnp.einsum("qtnh,bsnh->bnqts", query, key) / math.sqrt(query.shape[-1])
+    if key_mask is not None:
+        mask = key_mask[:, None, None, None, :]  # (B, 1, 1, 1, S)
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+    return jnp.einsum("bnqts,bsnh->bqtnh", probs, value)  # (B, Q, T, N, Dh)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with a key mask; query, key, value and output projections.
 
@@ -777,19 +804,22 @@ class MultiHeadAttention(nn.Module):
         inputs_kv: jax.Array,
         key_mask: jax.Array | None = None,
         inference: bool = False,
+        grid: bool = False,
     ) -> jax.Array:
         """Attends from `inputs_q` (B, T, D) to `inputs_kv` (B, S, D).
 
         Args:
-          inputs_q: (B, T, D) queries.
+          inputs_q: (B, T, D) queries; with `grid`, (Q, T, D).
           inputs_kv: (B, S, D) keys and values.
           key_mask: (B, S) bool, True for keys that take part. A row whose keys are all
             masked attends uniformly to them; callers must ignore such rows' output.
           inference: the call computes no gradients (scoring, not training): picks the
             form that is fastest forward only (the same values either way).
+          grid: every one of the Q query rows attends to every one of the B key rows,
+            each projected once (`grid_attention`), instead of row b to row b.
 
         Returns:
-          (B, T, D).
+          (B, T, D); with `grid`, (B, Q, T, D).
         """
         width = inputs_q.shape[-1]
         heads = self.num_heads
@@ -812,7 +842,12 @@ class MultiHeadAttention(nn.Module):
             (kernel.astype(self.dtype), bias.astype(self.dtype)) for kernel, bias in params.values()
         )
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
-        query = jnp.einsum("btd,dnh->btnh", inputs_q, wq) + bq  # (B, T, N, Dh)
+        query = jnp.einsum("btd,dnh->btnh", inputs_q, wq) + bq  # (B or Q, T, N, Dh)
+        if grid:
+            key = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wk) + bk  # (B, S, N, Dh)
+            value = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wv) + bv  # (B, S, N, Dh)
+            out = grid_attention(query, key, value, key_mask)  # (B, Q, T, N, Dh)
+            return jnp.einsum("bqtnh,nhd->bqtd", out, wo) + bo  # (B, Q, T, D)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
         if absorbed_attention_is_cheaper(inputs_q.shape[1], inputs_kv.shape[1], width, heads):
             query_in = jnp.einsum("btnh,dnh->bntd", query, wk)  # (B, N, T, D)

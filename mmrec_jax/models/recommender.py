@@ -6,6 +6,7 @@
     logits = model.apply(variables, batch, train=False)  # (B,)
     encoded = model.apply(variables, items, method=model.encode_items)
     logits = model.apply(variables, rows, encoded, method=model.score)
+    grid = model.apply(variables, users, encoded, method=model.score_grid)  # (U, N)
 
 Item towers (text, image, audio, item ID) run once per item of the batch's item block
 and give M item tokens per item; `score` gathers them for each row's candidate by slot,
@@ -14,7 +15,8 @@ them into one logit. A user or item ID token whose ID is out of vocabulary (inde
 user or item no training row has) is marked absent, like a missing modality: the OOV row
 of an ID table is never trained, so the fusion reads the other tokens, as it learned to
 under modality dropout. Splitting `encode_items` from `score` lets full-catalogue ranking
-encode every item once and then score users x items. `init` gives every layer random
+encode every item once and then score users x items (`score_grid`: each user's tokens
+and history attention computed once per user, not per item). `init` gives every layer random
 weights; `with_pretrained_text` puts the pretrained BERT into a text tower that
 fine-tunes it (a frozen one reads cached embeddings and holds no BERT).
 
@@ -240,6 +242,76 @@ class Recommender(nn.Module):
         mask = jnp.concatenate(masks, axis=1)  # (B, T)
         logits = self.fusion(tokens, mask, train)  # (B,)
         return jnp.where(bad_slot, jnp.nan, logits)
+
+    def score_grid(self, users: Mapping, encoded: Mapping) -> jax.Array:
+        """Scores every user against every encoded item (full-catalogue ranking).
+
+        The logits `score` gives (without dropout) for the rows that pair each user with
+        each item, computed without repeating the users per item: each user's tokens
+        and history are read, normalised and projected once and each item's tokens
+        once; only the fusion runs per (user, item) pair.
+
+        Args:
+          users: U users as `score`'s rows without `item_slot`: `user_id` (U,) with the
+            id tower, `history_slot` (U, H) and `history_mask` (U, H) with the history
+            tower. A history slot outside the block raises `BatchError` when applied
+            eagerly; under jit that user's logits are NaN.
+          encoded: the output of `encode_items` for N items, or tables of its form (as
+            for `score`).
+
+        Returns:
+          (U, N) float32 logits.
+        """
+        check_has_params(self)
+        schema.validate_score_users(users, self.towers)
+        item_tokens = token_names(self.towers)[0]
+        num_items = schema.validate_encoded(encoded, len(item_tokens), self.config.width)
+        user_fields = [name for name in ("user_id", "history_slot") if name in users]
+        if not user_fields:
+            raise schema.BatchError(
+                "score_grid needs the users' 'user_id' (U,) to know how many users there "
+                "are, even for towers that do not read it."
+            )
+        num_users = jnp.shape(users[user_fields[0]])[0]
+        if "history" in self.towers:
+            schema.check_index_range(
+                "Batch field 'history_slot'",
+                users["history_slot"],
+                num_items,
+                f"slots index the {num_items} items of the encoded item block.",
+                where=users["history_mask"],
+            )
+        if "id" in self.towers:
+            schema.warn_outside_vocabulary(
+                "user_id", users["user_id"], self.config.num_users, "num_users"
+            )
+        dtype = self.compute_dtype
+        width = self.config.width
+        grid = (num_users, num_items)
+        tokens = [
+            jnp.broadcast_to(encoded["tokens"].astype(dtype), (*grid, len(item_tokens), width))
+        ]
+        masks = [jnp.broadcast_to(jnp.asarray(encoded["mask"], bool), (*grid, len(item_tokens)))]
+        bad_user = jnp.zeros((num_users,), bool)
+        if "id" in self.towers:
+            token = self.user_id(users["user_id"]).astype(dtype)  # (U, D)
+            present = _in_vocabulary(users["user_id"], self.config.num_users)  # (U,)
+            tokens.append(jnp.broadcast_to(token[:, None, None, :], (*grid, 1, width)))
+            masks.append(jnp.broadcast_to(present[:, None, None], (*grid, 1)))
+        if "history" in self.towers:
+            history_mask = jnp.asarray(users["history_mask"], bool)  # (U, H)
+            history = encoded["embedding"][users["history_slot"]]  # (U, H, D)
+            token, present = self.history(encoded["embedding"], history, history_mask, grid=True)
+            tokens.append(token.astype(dtype)[:, :, None, :])  # (U, N, 1, D)
+            masks.append(jnp.broadcast_to(present[:, None, None], (*grid, 1)))
+            bad_user |= jnp.any(history_mask & ~_in_range(users["history_slot"], num_items), 1)
+        tokens = jnp.concatenate(tokens, axis=2)  # (U, N, T, D)
+        mask = jnp.concatenate(masks, axis=2)  # (U, N, T)
+        num_tokens = tokens.shape[2]
+        logits = self.fusion(
+            tokens.reshape(-1, num_tokens, width), mask.reshape(-1, num_tokens), False
+        ).reshape(grid)  # (U, N)
+        return jnp.where(bad_user[:, None], jnp.nan, logits)
 
     def __call__(self, batch: Mapping, train: bool = False) -> jax.Array:
         """Scores a batch: `score(batch, encode_items(batch["items"]))`.

@@ -80,27 +80,37 @@ class HistoryAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, candidate: jax.Array, history: jax.Array, history_mask: jax.Array
+        self,
+        candidate: jax.Array,
+        history: jax.Array,
+        history_mask: jax.Array,
+        grid: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """Summarises the history as seen from the candidate.
 
         Args:
-          candidate: (B, D) candidate item embeddings.
+          candidate: (B, D) candidate item embeddings; with `grid`, (Q, D).
           history: (B, H, D) history item embeddings.
           history_mask: (B, H) bool, True where the history entry is real; the others
             are ignored whatever they hold (NaN included).
+          grid: every one of the Q candidates is seen from every one of the B histories
+            (scoring users against a catalogue): each history is normalised and projected
+            once, not once per candidate.
 
         Returns:
-          token: (B, D) the history token, zeros for rows without any history.
+          token: (B, D) the history token, zeros for rows without any history; with
+            `grid`, (B, Q, D).
           present: (B,) bool, whether the row has any history.
         """
         if (
             candidate.ndim != 2
-            or history.shape[::2] != candidate.shape
+            or candidate.shape[-1] != history.shape[-1]
+            or (not grid and history.shape[0] != candidate.shape[0])
             or jnp.shape(history_mask) != history.shape[:2]
         ):
+            rows = "Q" if grid else "B"
             raise ValueError(
-                "History attention takes candidate (B, D), history (B, H, D) and "
+                f"History attention takes candidate ({rows}, D), history (B, H, D) and "
                 f"history_mask (B, H); got {candidate.shape}, {history.shape} and "
                 f"{jnp.shape(history_mask)}."
             )
@@ -108,10 +118,12 @@ class HistoryAttention(nn.Module):
         # A masked entry gets no attention weight, but 0 * NaN is NaN: zero it first.
         history = jnp.where(history_mask[..., None], history, 0)  # (B, H, D)
         norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        query = nn.LayerNorm(name="query_norm", **norm)(candidate)[:, None, :]  # (B, 1, D)
+        query = nn.LayerNorm(name="query_norm", **norm)(candidate)[:, None, :]  # (B or Q, 1, D)
         keys = nn.LayerNorm(name="history_norm", **norm)(history)  # (B, H, D)
-        token = MultiHeadAttention(self.num_heads, name="attention", **norm)(
-            query, keys, history_mask
-        )[:, 0, :]  # (B, D)
+        attention = MultiHeadAttention(self.num_heads, name="attention", **norm)
         present = jnp.any(history_mask, axis=1)  # (B,)
+        if grid:
+            token = attention(query, keys, history_mask, grid=True)[:, :, 0, :]  # (B, Q, D)
+            return jnp.where(present[:, None, None], token, 0), present
+        token = attention(query, keys, history_mask)[:, 0, :]  # (B, D)
         return jnp.where(present[:, None], token, 0), present
