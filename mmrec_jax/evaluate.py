@@ -12,10 +12,11 @@ looked up among them (the values of the training loop's scoring, which encodes e
 batch's own item block, to float rounding).
 Ranking scores every user that has a positive in the split against every item of the
 catalogue: a (users x items) grid per call is scored from the encoded items
-(`score_grid`: each user's tokens and history attention computed once) and reduced to each user's top K on the device (`top_k_items`),
-with the user's training positives excluded and the split's positives as the relevant
-items (`--ranking_users N` ranks a seeded random sample of N users instead, for
-catalogues too large to rank every user). The results are printed beside the dataset's
+(`score_grid`: each user's tokens and history attention computed once) and reduced to
+each user's top K on the device (`top_k_items`), with the user's training positives
+excluded and the split's positives as the relevant items (`--ranking_users N` ranks a
+seeded random sample of N users instead, for catalogues too large to rank every user).
+The results are printed beside the dataset's
 oracle, the ranking metrics also beside those of recommending every user the most
 popular items (`popularity_ranking`), and written to `WORKDIR/eval/<split>.json` (with
 the split's calibration curve, bin by bin); the reliability diagrams of every split

@@ -145,11 +145,12 @@ class ExportedRecommender:
         return int(self.tables["user_history"].shape[1])
 
     def _score_chunk(self, variables, encoded, user_id, history, history_mask, slots):
-        rows = {"user_id": jnp.broadcast_to(user_id, slots.shape), "item_slot": slots}
+        users = {"user_id": user_id[None]}  # one user: (1,), (1, H)
         if self.history:
-            rows["history_slot"] = jnp.broadcast_to(history, (*slots.shape, history.shape[0]))
-            rows["history_mask"] = jnp.broadcast_to(history_mask, (*slots.shape, history.shape[0]))
-        return self.model.apply(variables, rows, encoded, method="score").astype(jnp.float32)
+            users["history_slot"] = history[None]
+            users["history_mask"] = history_mask[None]
+        logits = self.model.apply(variables, users, encoded, slots, method="score_grid")
+        return logits[0].astype(jnp.float32)  # (chunk,)
 
     def scores(self, user_id) -> np.ndarray:
         """(N,) logits of the user against every item of the export, in item-table order."""

@@ -242,6 +242,11 @@ def test_encode_items_then_score_ranks_a_catalogue():
     users = {key: batch[key] for key in ("user_id", "history_slot", "history_mask")}
     score_grid = jax.jit(functools.partial(model.apply, method=model.score_grid))
     np.testing.assert_allclose(score_grid(variables, users, encoded), grid, rtol=1e-5, atol=1e-6)
+    # Some of the items, in any order; the histories still index the whole block.
+    slots = np.array([U - 1, 0, 2, 2], np.int32)
+    np.testing.assert_allclose(
+        score_grid(variables, users, encoded, slots), grid[:, slots], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("towers", ["image,history", "id", "text,audio"])
@@ -260,7 +265,7 @@ def test_score_grid_matches_score_for_other_towers(towers):
     np.testing.assert_allclose(grid, pairs, rtol=1e-5, atol=1e-6)
 
 
-def test_score_grid_names_a_history_slot_outside_the_block():
+def test_score_grid_names_a_slot_outside_the_block():
     model, variables, _ = full_model()
     batch = make_batch(model.config, seed=7)
     encoded = model.apply(variables, batch["items"], method="encode_items")
@@ -276,6 +281,13 @@ def test_score_grid_names_a_history_slot_outside_the_block():
         variables, users, encoded
     )
     assert np.isnan(grid[row]).all() and np.isfinite(np.delete(grid, row, 0)).all()
+    slots = np.array([0, U], np.int32)
+    with pytest.raises(schema.BatchError, match=rf"item_slots.*{U} items of the encoded"):
+        model.apply(variables, users, encoded, slots, method="score_grid")
+    grid = jax.jit(functools.partial(model.apply, method=model.score_grid))(
+        variables, {**users, "history_slot": batch["history_slot"]}, encoded, slots
+    )
+    assert np.isnan(grid[:, 1]).all() and np.isfinite(grid[:, 0]).all()
     with pytest.raises(schema.BatchError, match="Users are missing the required field 'user_id'"):
         model.apply(variables, {"history_slot": slots}, encoded, method="score_grid")
     # Towers that read nothing of the users still need to know how many there are.

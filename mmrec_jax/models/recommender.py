@@ -243,7 +243,9 @@ class Recommender(nn.Module):
         logits = self.fusion(tokens, mask, train)  # (B,)
         return jnp.where(bad_slot, jnp.nan, logits)
 
-    def score_grid(self, users: Mapping, encoded: Mapping) -> jax.Array:
+    def score_grid(
+        self, users: Mapping, encoded: Mapping, item_slots: jax.Array | None = None
+    ) -> jax.Array:
         """Scores every user against every encoded item (full-catalogue ranking).
 
         The logits `score` gives (without dropout) for the rows that pair each user with
@@ -258,9 +260,12 @@ class Recommender(nn.Module):
             eagerly; under jit that user's logits are NaN.
           encoded: the output of `encode_items` for N items, or tables of its form (as
             for `score`).
+          item_slots: (C,) slots of `encoded` to score, in that order (the history slots
+            index all of it); None scores all N. A slot outside the block raises
+            `BatchError` eagerly; under jit its column is NaN.
 
         Returns:
-          (U, N) float32 logits.
+          (U, N) float32 logits; (U, C) with `item_slots`.
         """
         check_has_params(self)
         schema.validate_score_users(users, self.towers)
@@ -273,6 +278,17 @@ class Recommender(nn.Module):
                 "are, even for towers that do not read it."
             )
         num_users = jnp.shape(users[user_fields[0]])[0]
+        candidates = {key: encoded[key] for key in ("tokens", "mask", "embedding")}
+        bad_item = jnp.zeros((num_items,), bool)
+        if item_slots is not None:
+            schema.check_index_range(
+                "item_slots",
+                item_slots,
+                num_items,
+                f"slots index the {num_items} items of the encoded item block.",
+            )
+            candidates = {key: value[item_slots] for key, value in candidates.items()}
+            bad_item = ~_in_range(item_slots, num_items)  # (C,)
         if "history" in self.towers:
             schema.check_index_range(
                 "Batch field 'history_slot'",
@@ -287,11 +303,11 @@ class Recommender(nn.Module):
             )
         dtype = self.compute_dtype
         width = self.config.width
-        grid = (num_users, num_items)
+        grid = (num_users, bad_item.shape[0])  # (U, N or C)
         tokens = [
-            jnp.broadcast_to(encoded["tokens"].astype(dtype), (*grid, len(item_tokens), width))
+            jnp.broadcast_to(candidates["tokens"].astype(dtype), (*grid, len(item_tokens), width))
         ]
-        masks = [jnp.broadcast_to(jnp.asarray(encoded["mask"], bool), (*grid, len(item_tokens)))]
+        masks = [jnp.broadcast_to(jnp.asarray(candidates["mask"], bool), (*grid, len(item_tokens)))]
         bad_user = jnp.zeros((num_users,), bool)
         if "id" in self.towers:
             token = self.user_id(users["user_id"]).astype(dtype)  # (U, D)
@@ -301,7 +317,7 @@ class Recommender(nn.Module):
         if "history" in self.towers:
             history_mask = jnp.asarray(users["history_mask"], bool)  # (U, H)
             history = encoded["embedding"][users["history_slot"]]  # (U, H, D)
-            token, present = self.history(encoded["embedding"], history, history_mask, grid=True)
+            token, present = self.history(candidates["embedding"], history, history_mask, grid=True)
             tokens.append(token.astype(dtype)[:, :, None, :])  # (U, N, 1, D)
             masks.append(jnp.broadcast_to(present[:, None, None], (*grid, 1)))
             bad_user |= jnp.any(history_mask & ~_in_range(users["history_slot"], num_items), 1)
@@ -311,7 +327,7 @@ class Recommender(nn.Module):
         logits = self.fusion(
             tokens.reshape(-1, num_tokens, width), mask.reshape(-1, num_tokens), False
         ).reshape(grid)  # (U, N)
-        return jnp.where(bad_user[:, None], jnp.nan, logits)
+        return jnp.where(bad_user[:, None] | bad_item[None, :], jnp.nan, logits)
 
     def __call__(self, batch: Mapping, train: bool = False) -> jax.Array:
         """Scores a batch: `score(batch, encode_items(batch["items"]))`.
