@@ -723,10 +723,11 @@ def attention_by_broadcast(
     the keys (`sum_of_terms`) they fuse instead: with the default config a
     full-catalogue ranking call (4 users x 1000 items, 6 tokens each) took 152-177 ms
     this way with a reduction over the keys against 181-211 ms
-    (`benchmarks/serve_throughput.py`), and with the keys' sum unrolled 7-12% less (the
-    grid's logits alone, both versions compiled in one process and called in turn). The
-    default train step was not faster with it (645-652 against 623-629 ms at best), so
-    `MultiHeadAttention` takes it for inference only (2-core CPU, jax 0.10.2).
+    (`benchmarks/serve_throughput.py`); with the keys' sum unrolled, evaluating the
+    default run's test and test_cold (`python -m mmrec_jax.evaluate`) took 86-90 s
+    instead of 103-113 s (see BENCHMARKS.md). The default train step was not faster with
+    it (645-652 against 623-629 ms at best), so `MultiHeadAttention` takes it for
+    inference only (2-core CPU, jax 0.10.2).
 
     Args:
       query: (B, T, N, Dh).
