@@ -754,9 +754,9 @@ def grid_attention(
     """`jax.nn.dot_product_attention` of every query row over every key row.
 
     The same function as attending from `query` repeated B times to `key` and `value`
-    repeated Q times, without repeating either: scoring U users against N items, the
-    users' keys and values are projected once per user and each item's query once,
-    and the products run as B x N matrix multiplies over all Q query rows at once.
+    repeated Q times, without repeating either: scoring users against a catalogue, each
+    user's keys and values are projected once and each item's query once, and the
+    products run as one matrix multiply per key row and head over all Q query rows.
 
     Args:
       query: (Q, T, N, Dh).
