@@ -314,3 +314,24 @@ def test_the_compile_counter_compiles_what_the_persistent_cache_holds(tmp_path, 
         for name, value in before.items():
             jax.config.update(name, value)
         compilation_cache.reset_cache()
+
+
+def test_compiler_options_compiles_each_variant_and_refuses_an_unknown_option(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module("compiler_options")
+    tiny = ["--config", str(ROOT / "configs" / "tiny.py"), "--steps", "1", "--warmup", "0"]
+    region = "xla_cpu_copy_insertion_use_region_analysis"
+    module.main([*tiny, "--variant", f'no_region={{"{region}": null}}'])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode"] == "train" and set(out["step_ms_median"]) == {"library", "no_region"}
+    # The options each program's jit was given (not only those asked for).
+    assert out["options"]["library"][region] is True and region not in out["options"]["no_region"]
+    assert out["over_library"]["library"] == 1.0 and out["step_ms_min"]["no_region"] > 0
+    module.main([*tiny, "--inference", "--variant", 'fast_math={"xla_cpu_enable_fast_math": true}'])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode"] == "inference" and out["options"]["fast_math"]["xla_cpu_enable_fast_math"]
+    with pytest.raises(SystemExit, match="does not accept the option.*xla_cpu_no_such_option"):
+        module.main([*tiny, "--variant", 'bad={"xla_cpu_no_such_option": true}'])
+    with pytest.raises(SystemExit):
+        module.main([*tiny, "--variant", "library={}"])
+    assert "a name other than 'library'" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""XLA compiler options against the library's: one step compiled under each, one process.
+
+    python benchmarks/compiler_options.py --config configs/seed.py \\
+        --config.model.text.model=sentence-transformers/all-MiniLM-L6-v2 \\
+        --config.train.batch_size=32 \\
+        --variant 'onednn={"xla_cpu_use_onednn": true}' [--variant NAME=JSON ...] \\
+        [--inference] [--steps 10]
+
+Compiles the config's train step (with `--inference`, the forward pass of
+`mmrec_jax.predict`) on one random batch under the options the library uses
+(`runtime.CPU_COMPILER_OPTIONS`, as "library") and under each `--variant`: the library's
+options updated with the variant's JSON object (a null value removes an option). Then
+calls the programs in turn, so that each is timed under the same machine state: on a
+shared 2-core machine separate runs of one program differ by 10-30%, more than most
+option changes. An option the installed XLA does not accept is an error. Prints one JSON
+line last: each variant's options and its step's median and minimum milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import common
+import jax
+
+from mmrec_jax import cli, predict, runtime, sharding, train_step
+from mmrec_jax.config import split_overrides
+from mmrec_jax.models import recommender
+
+LIBRARY = "library"
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    name, sep, options = text.partition("=")
+    try:
+        parsed = json.loads(options) if sep else None
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{options!r} is not a JSON object: {error}") from None
+    if not name or name == LIBRARY or not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: write NAME={{JSON object of XLA options}}, a name other "
+            f"than {LIBRARY!r}, e.g. 'onednn={{\"xla_cpu_use_onednn\": true}}'."
+        )
+    return name, parsed
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_config_argument(parser)
+    common.add_step_arguments(parser)
+    parser.add_argument(
+        "--variant",
+        type=_variant,
+        action="append",
+        required=True,
+        help="NAME=JSON: XLA options to change from the library's (repeatable)",
+    )
+    parser.add_argument(
+        "--inference", action="store_true", help="the forward pass instead of the train step"
+    )
+    return parser
+
+
+def variant_options(changes: dict) -> dict:
+    """The library's CPU options updated with `changes` (a None value removes one)."""
+    options = dict(runtime.CPU_COMPILER_OPTIONS)
+    options.update(changes)
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _compile(make_fn, options: dict, dtype: str, args_of_call):
+    """(`make_fn()` built while the library's options are `options`, lowered and compiled;
+    the options the jitted function was given)."""
+    library = runtime.CPU_COMPILER_OPTIONS
+    runtime.CPU_COMPILER_OPTIONS = options
+    runtime.compiler_options.cache_clear()  # it caches the options it found accepted
+    try:
+        used = runtime.compiler_options(dtype) or {}
+        refused = sorted(set(options) - set(used))
+        if refused:
+            sys.exit(
+                f"error: this XLA ({jax.__version__}, {jax.default_backend()}) does not accept "
+                f"the option(s) {', '.join(refused)} for {dtype} compute; the library's "
+                "options apply on the CPU with float32 compute only."
+            )
+        return make_fn().lower(*args_of_call).compile(), used
+    finally:
+        runtime.CPU_COMPILER_OPTIONS = library
+        runtime.compiler_options.cache_clear()
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, config = cli.parse_config_args(_parser(), argv)
+    names = [name for name, _ in args.variant]
+    if len(set(names)) != len(names):
+        sys.exit(f"error: --variant names must differ; got {', '.join(names)}.")
+    train_step.set_up_cpu_host(config)
+    config.model.dtype = runtime.compute_dtype(config.model.dtype)
+    mesh = sharding.make_mesh()
+    rows = int(config.train.batch_size)
+    train_step.check_batch_divides(rows, mesh.size)
+    common.fill_vocab(config)
+    local = common.random_batch(config, rows, rows)
+    batch = sharding.global_batch(mesh, local)
+    model = recommender.build_model(config.model)
+    setup = train_step.build_train_state(config, model, mesh, batch, 10 * args.steps)
+    state = setup.state
+    if args.inference:
+
+        def make_fn():
+            return predict.make_predict_fn(model, setup.shardings["params"])
+
+        call_args = (state["params"], batch)
+    else:
+
+        def make_fn():
+            return train_step.jit_train_step(model, setup, mesh, local, config.model.dtype)
+
+        call_args = (state, batch)
+
+    wanted = {LIBRARY: dict(runtime.CPU_COMPILER_OPTIONS)}
+    wanted.update((name, variant_options(changes)) for name, changes in args.variant)
+    compiled, options = {}, {}
+    for name, opts in wanted.items():
+        compiled[name], options[name] = _compile(make_fn, opts, config.model.dtype, call_args)
+    wall = {name: [] for name in compiled}
+    for call in range(args.warmup + args.steps):
+        for name, program in compiled.items():  # each train step continues the last state
+            start = time.perf_counter()
+            if args.inference:
+                jax.block_until_ready(program(state["params"], batch))
+            else:
+                state, _ = jax.block_until_ready(program(state, batch))
+            if call >= args.warmup:
+                wall[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(times) * 1e3 for name, times in wall.items()}
+    report = {
+        "benchmark": "compiler_options",
+        "config": args.config,
+        "overrides": split_overrides(argv)[1],
+        "mode": "inference" if args.inference else "train",
+        "dtype": config.model.dtype,
+        "rows": rows,
+        "steps": args.steps,
+        "options": options,
+        "step_ms_median": {name: round(ms, 1) for name, ms in medians.items()},
+        "step_ms_min": {name: round(min(t) * 1e3, 1) for name, t in wall.items()},
+        "over_library": {name: round(ms / medians[LIBRARY], 3) for name, ms in medians.items()},
+        **common.machine(),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    runtime.restart_with_huge_pages()
+    common.report_errors(main)
