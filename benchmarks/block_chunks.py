@@ -82,12 +82,7 @@ def main(argv=None) -> None:
     args, config = cli.parse_config_args(_parser(), argv)
     if not 0 < args.fill <= 1:
         sys.exit(f"error: --fill {args.fill} must lie in (0, 1]: the share of filled slots.")
-    train_step.set_up_cpu_host(config)
-    config.model.dtype = runtime.compute_dtype(config.model.dtype)
-    mesh = sharding.make_mesh()
-    rows = int(config.train.batch_size)
-    train_step.check_batch_divides(rows, mesh.size)
-    common.fill_vocab(config)
+    mesh, rows = common.set_up_random_steps(config)
     items = rows if args.items is None else args.items
     local = partly_filled(common.random_batch(config, rows, items), args.fill)
     batch = sharding.global_batch(mesh, local)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax import schema
+from mmrec_jax import runtime, schema, sharding, train_step
 from mmrec_jax.models.text import cached_text_dim
 
 # ID-vocabulary sizes used when the config leaves them to the dataset (0).
@@ -65,6 +65,22 @@ def fill_vocab(config: ml_collections.ConfigDict) -> None:
     for key in ("num_users", "num_items"):
         if config.model[key] == 0:
             config.model[key] = DEFAULT_VOCAB
+
+
+def set_up_random_steps(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, int]:
+    """Prepares a process to time `config`'s step on random batches: (mesh, rows).
+
+    Applies the CPU host settings training uses (`train_step.set_up_cpu_host`), resolves
+    `model.dtype` "auto" to this platform's, fills unset ID vocabularies and checks that
+    the batch's rows divide over the devices.
+    """
+    train_step.set_up_cpu_host(config)
+    config.model.dtype = runtime.compute_dtype(config.model.dtype)
+    mesh = sharding.make_mesh()
+    rows = int(config.train.batch_size)
+    train_step.check_batch_divides(rows, mesh.size)
+    fill_vocab(config)
+    return mesh, rows
 
 
 def batch_dims(config: ml_collections.ConfigDict, rows: int, items: int) -> dict[str, int]:

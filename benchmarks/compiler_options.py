@@ -99,12 +99,7 @@ def main(argv=None) -> None:
     names = [name for name, _ in args.variant]
     if len(set(names)) != len(names):
         sys.exit(f"error: --variant names must differ; got {', '.join(names)}.")
-    train_step.set_up_cpu_host(config)
-    config.model.dtype = runtime.compute_dtype(config.model.dtype)
-    mesh = sharding.make_mesh()
-    rows = int(config.train.batch_size)
-    train_step.check_batch_divides(rows, mesh.size)
-    common.fill_vocab(config)
+    mesh, rows = common.set_up_random_steps(config)
     local = common.random_batch(config, rows, rows)
     batch = sharding.global_batch(mesh, local)
     model = recommender.build_model(config.model)
