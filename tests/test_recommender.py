@@ -255,12 +255,15 @@ def test_score_grid_matches_score_for_other_towers(towers):
     model = Recommender(cfg)
     batch = make_batch(cfg, seed=6)
     variables = {"params": random_params(model, batch)}
-    encoded = model.apply(variables, batch["items"], method="encode_items")
+    encoded = jax.jit(functools.partial(model.apply, method="encode_items"))(
+        variables, batch["items"]
+    )
     users = {k: batch[k] for k in ("user_id", "history_slot", "history_mask") if k in batch}
     rows = {key: np.repeat(value, U, axis=0) for key, value in users.items()}
     rows["item_slot"] = np.tile(np.arange(U, dtype=np.int32), B)
-    pairs = model.apply(variables, rows, encoded, method="score").reshape(B, U)
-    grid = model.apply(variables, users, encoded, method="score_grid")
+    pairs = jax.jit(functools.partial(model.apply, method="score"))(variables, rows, encoded)
+    grid = jax.jit(functools.partial(model.apply, method="score_grid"))(variables, users, encoded)
+    pairs = pairs.reshape(B, U)
     assert grid.shape == (B, U)
     np.testing.assert_allclose(grid, pairs, rtol=1e-5, atol=1e-6)
 
@@ -268,7 +271,9 @@ def test_score_grid_matches_score_for_other_towers(towers):
 def test_score_grid_names_a_slot_outside_the_block():
     model, variables, _ = full_model()
     batch = make_batch(model.config, seed=7)
-    encoded = model.apply(variables, batch["items"], method="encode_items")
+    encoded = jax.jit(functools.partial(model.apply, method="encode_items"))(
+        variables, batch["items"]
+    )
     users = {key: batch[key] for key in ("user_id", "history_slot", "history_mask")}
     row = int(np.flatnonzero(batch["history_mask"][:, 0])[0])
     slots = batch["history_slot"].copy()
@@ -294,7 +299,9 @@ def test_score_grid_names_a_slot_outside_the_block():
     content = Recommender(tiny_config("text,audio"))
     batch = make_batch(content.config)
     variables = {"params": random_params(content, batch)}
-    encoded = content.apply(variables, batch["items"], method="encode_items")
+    encoded = jax.jit(functools.partial(content.apply, method="encode_items"))(
+        variables, batch["items"]
+    )
     with pytest.raises(schema.BatchError, match=r"score_grid needs the users' 'user_id' \(U,\)"):
         content.apply(variables, {}, encoded, method="score_grid")
 
