@@ -696,6 +696,14 @@ class _ProjectionParams(nn.Module):
 BROADCAST_ATTENTION_MAX_KEYS = 16
 
 
+def _masked_softmax(logits: jax.Array, mask: jax.Array | None, axis: int, dtype: Any) -> jax.Array:
+    """Softmax over `axis` in float32, cast to `dtype`; a logit where `mask` (broadcast
+    against `logits`) is False gets the lowest value, so no weight unless all are masked."""
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=axis).astype(dtype)
+
+
 def sum_of_terms(term: Callable[[int], jax.Array], count: int) -> jax.Array:
     """`term(0) + term(1) + ... + term(count - 1)`, as one chain of elementwise adds.
 
@@ -740,9 +748,8 @@ def attention_by_broadcast(
     """
     scale = 1.0 / math.sqrt(query.shape[-1])
     logits = (query[:, :, None] * key[:, None]).sum(-1) * scale  # (B, T, S, N)
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, :, None], logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=2).astype(value.dtype)
+    mask = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, S, 1)
+    probs = _masked_softmax(logits, mask, 2, value.dtype)
     return sum_of_terms(
         lambda s: probs[:, :, s, :, None] * value[:, None, s], key.shape[1]
     )  # (B, T, N, Dh)
@@ -768,10 +775,8 @@ def grid_attention(
       (B, Q, T, N, Dh).
     """
     logits = jnp.einsum("qtnh,bsnh->bnqts", query, key) / math.sqrt(query.shape[-1])
-    if key_mask is not None:
-        mask = key_mask[:, None, None, None, :]  # (B, 1, 1, 1, S)
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+    mask = None if key_mask is None else key_mask[:, None, None, None, :]  # (B, 1, 1, 1, S)
+    probs = _masked_softmax(logits, mask, -1, value.dtype)
     return jnp.einsum("bnqts,bsnh->bqtnh", probs, value)  # (B, Q, T, N, Dh)
 
 
@@ -844,26 +849,22 @@ class MultiHeadAttention(nn.Module):
         )
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
         query = jnp.einsum("btd,dnh->btnh", inputs_q, wq) + bq  # (B or Q, T, N, Dh)
-        if grid:
-            key = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wk) + bk  # (B, S, N, Dh)
-            value = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wv) + bv  # (B, S, N, Dh)
-            out = grid_attention(query, key, value, key_mask)  # (B, Q, T, N, Dh)
-            return jnp.einsum("bqtnh,nhd->bqtd", out, wo) + bo  # (B, Q, T, D)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
-        if absorbed_attention_is_cheaper(inputs_q.shape[1], inputs_kv.shape[1], width, heads):
+        cheaper = absorbed_attention_is_cheaper(inputs_q.shape[1], inputs_kv.shape[1], width, heads)
+        if cheaper and not grid:
             query_in = jnp.einsum("btnh,dnh->bntd", query, wk)  # (B, N, T, D)
             logits = jnp.einsum("bntd,bsd->bnts", query_in, inputs_kv) / math.sqrt(head_dim)
-            if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            probs = _masked_softmax(logits, mask, -1, self.dtype)
             mixed = jnp.einsum("bnts,bsd->btnd", probs, inputs_kv)  # (B, T, N, D)
             out = jnp.einsum("btnd,dnh->btnh", mixed, wv) + bv  # (B, T, N, Dh)
         else:
             key = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wk) + bk  # (B, S, N, Dh)
             value = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wv) + bv  # (B, S, N, Dh)
             few_keys = inputs_kv.shape[1] <= BROADCAST_ATTENTION_MAX_KEYS
-            if inference and few_keys and cpu_fast_paths():
+            if grid:
+                out = grid_attention(query, key, value, key_mask)  # (B, Q, T, N, Dh)
+            elif inference and few_keys and cpu_fast_paths():
                 out = attention_by_broadcast(query, key, value, key_mask)  # (B, T, N, Dh)
             else:
                 out = jax.nn.dot_product_attention(query, key, value, mask=mask)
-        return jnp.einsum("btnh,nhd->btd", out, wo) + bo  # (B, T, D)
+        return jnp.einsum("...nh,nhd->...d", out, wo) + bo  # (B, T, D) or (B, Q, T, D)
