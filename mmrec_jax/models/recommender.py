@@ -207,19 +207,8 @@ class Recommender(nn.Module):
         num_items = schema.validate_encoded(
             encoded, len(token_names(self.towers)[0]), self.config.width
         )
-        slot_fields = ("item_slot", "history_slot") if "history" in self.towers else ("item_slot",)
-        for name in slot_fields:
-            schema.check_index_range(
-                f"Batch field {name!r}",
-                rows[name],
-                num_items,
-                f"slots index the {num_items} items of the encoded item block.",
-                where=rows["history_mask"] if name == "history_slot" else None,
-            )
-        if "id" in self.towers:
-            schema.warn_outside_vocabulary(
-                "user_id", rows["user_id"], self.config.num_users, "num_users"
-            )
+        _check_slots("Batch field 'item_slot'", rows["item_slot"], num_items)
+        self._check_user_fields(rows, num_items)
         slot = rows["item_slot"]  # (B,)
         tokens = [encoded["tokens"][slot]]  # [(B, M, D)]
         masks = [encoded["mask"][slot]]  # [(B, M)]
@@ -236,12 +225,27 @@ class Recommender(nn.Module):
             token, present = self.history(candidate, history, history_mask)
             tokens.append(token[:, None, :])  # (B, 1, D)
             masks.append(present[:, None])
-            bad_slot |= jnp.any(history_mask & ~_in_range(rows["history_slot"], num_items), 1)
+            bad_slot |= _history_out_of_range(rows, num_items)
         dtype = self.compute_dtype
         tokens = jnp.concatenate([t.astype(dtype) for t in tokens], axis=1)  # (B, T, D)
         mask = jnp.concatenate(masks, axis=1)  # (B, T)
         logits = self.fusion(tokens, mask, train)  # (B,)
         return jnp.where(bad_slot, jnp.nan, logits)
+
+    def _check_user_fields(self, rows: Mapping, num_items: int) -> None:
+        """Applied eagerly: a history slot outside the N encoded items raises
+        `BatchError`, a `user_id` outside the vocabulary warns."""
+        if "history" in self.towers:
+            _check_slots(
+                "Batch field 'history_slot'",
+                rows["history_slot"],
+                num_items,
+                where=rows["history_mask"],
+            )
+        if "id" in self.towers:
+            schema.warn_outside_vocabulary(
+                "user_id", rows["user_id"], self.config.num_users, "num_users"
+            )
 
     def score_grid(
         self, users: Mapping, encoded: Mapping, item_slots: jax.Array | None = None
@@ -281,26 +285,10 @@ class Recommender(nn.Module):
         candidates = {key: encoded[key] for key in ("tokens", "mask", "embedding")}
         bad_item = jnp.zeros((num_items,), bool)
         if item_slots is not None:
-            schema.check_index_range(
-                "item_slots",
-                item_slots,
-                num_items,
-                f"slots index the {num_items} items of the encoded item block.",
-            )
+            _check_slots("item_slots", item_slots, num_items)
             candidates = {key: value[item_slots] for key, value in candidates.items()}
             bad_item = ~_in_range(item_slots, num_items)  # (C,)
-        if "history" in self.towers:
-            schema.check_index_range(
-                "Batch field 'history_slot'",
-                users["history_slot"],
-                num_items,
-                f"slots index the {num_items} items of the encoded item block.",
-                where=users["history_mask"],
-            )
-        if "id" in self.towers:
-            schema.warn_outside_vocabulary(
-                "user_id", users["user_id"], self.config.num_users, "num_users"
-            )
+        self._check_user_fields(users, num_items)
         dtype = self.compute_dtype
         width = self.config.width
         grid = (num_users, bad_item.shape[0])  # (U, N or C)
@@ -320,7 +308,7 @@ class Recommender(nn.Module):
             token, present = self.history(candidates["embedding"], history, history_mask, grid=True)
             tokens.append(token.astype(dtype)[:, :, None, :])  # (U, N, 1, D)
             masks.append(jnp.broadcast_to(present[:, None, None], (*grid, 1)))
-            bad_user |= jnp.any(history_mask & ~_in_range(users["history_slot"], num_items), 1)
+            bad_user |= _history_out_of_range(users, num_items)
         tokens = jnp.concatenate(tokens, axis=2)  # (U, N, T, D)
         mask = jnp.concatenate(masks, axis=2)  # (U, N, T)
         num_tokens = tokens.shape[2]
@@ -378,6 +366,23 @@ def _in_vocabulary(ids: jax.Array, num_ids: int) -> jax.Array:
     """Whether each ID-vocabulary index names a known ID (0 and out-of-range ones do not)."""
     ids = jnp.asarray(ids)
     return (ids >= 1) & (ids <= num_ids)
+
+
+def _check_slots(name: str, slots, num_items: int, where=None) -> None:
+    """`schema.check_index_range` of slots into an encoded block of `num_items` items."""
+    schema.check_index_range(
+        name,
+        slots,
+        num_items,
+        f"slots index the {num_items} items of the encoded item block.",
+        where=where,
+    )
+
+
+def _history_out_of_range(rows: Mapping, num_items: int) -> jax.Array:
+    """(B,) bool: the row's history holds a real entry whose slot is outside the block."""
+    history_mask = jnp.asarray(rows["history_mask"], bool)  # (B, H)
+    return jnp.any(history_mask & ~_in_range(rows["history_slot"], num_items), axis=1)
 
 
 def _in_range(slots: jax.Array, num_items: int) -> jax.Array:
