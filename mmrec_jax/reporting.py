@@ -22,6 +22,27 @@ from mmrec_jax.files import free_path, write_atomic
 LOG_UPDATE_INTERVAL_S = 30.0
 
 
+def _summary_writer_class():
+    """tensorboardX's `SummaryWriter`, imported without importing PyTorch.
+
+    tensorboardX imports PyTorch whenever it is installed, only to accept PyTorch tensors
+    (about 2 s and a few hundred MB on a 2-core CPU, in every training process); the
+    values written here are Python floats. Unless the process has imported PyTorch
+    already, `import torch` fails for the length of tensorboardX's import, which
+    tensorboardX expects (it is optional there), and works again after it.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # an ImportError for `import torch`
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class _LogLines:
     """A progress bar's output for a log file or a pipe: each update on a line of its own.
 
@@ -112,15 +133,14 @@ class MetricsWriter:
         self.path = Path(workdir) / "metrics.jsonl"
         self._tensorboard = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
+            summary_writer = _summary_writer_class()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.is_file():
                 records = _records(self.path, keep_damaged=resume_step > 0)
                 kept = [json.dumps(r) for r in records if r["step"] <= resume_step]
                 write_atomic(self.path, "".join(f"{line}\n" for line in kept))
             purge = None if resume_step is None else resume_step + 1
-            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
+            self._tensorboard = summary_writer(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Records scalar `metrics` (names like "train/loss") at `step`; None values are skipped."""

@@ -5,6 +5,8 @@ Progress bars: written to a log, they update every half minute, not ten times a 
 
 import json
 import struct
+import subprocess
+import sys
 import time
 
 from tensorboardX.proto import event_pb2
@@ -49,6 +51,35 @@ def test_a_resumed_run_drops_the_records_of_the_steps_it_trains_again(tmp_path):
         if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START
     ]  # fmt: skip
     assert starts == [4]
+
+
+# In a fresh process: writes TensorBoard scalars, and says which modules it imported.
+_WRITE_IN_A_FRESH_PROCESS = """
+import sys
+from mmrec_jax import reporting
+writer = reporting.MetricsWriter(sys.argv[1])
+writer.write(1, {"train/loss": 0.5})
+writer.close()
+print("torch" in sys.modules)
+import torch  # still importable afterwards
+print(torch.ones(2).sum().item())
+"""
+
+
+def test_tensorboard_events_are_written_without_importing_pytorch(tmp_path):
+    # tensorboardX imports PyTorch, when installed (as in the test extras), only to accept
+    # its tensors: 2 s and ~200 MB of every training process.
+    out = subprocess.run(
+        [sys.executable, "-c", _WRITE_IN_A_FRESH_PROCESS, str(tmp_path)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout.split()  # fmt: skip
+    assert out == ["False", "2.0"]
+    values = [
+        (e.step, v.tag, v.simple_value)
+        for e in _events(tmp_path / "tensorboard") if e.HasField("summary")
+        for v in e.summary.value
+    ]  # fmt: skip
+    assert values == [(1, "train/loss", 0.5)]
 
 
 def test_a_resume_keeps_a_copy_of_a_damaged_metrics_file(tmp_path, capsys):
