@@ -96,11 +96,14 @@ def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
 
 
 def test_one_and_eight_devices_and_fsdp_give_the_same_losses(data_dir, tmp_path):
-    every_step = tiny_config(data_dir, train__num_steps=20, train__log_every=1)
+    # No evaluations before the final report: the losses are compared.
+    every_step = tiny_config(data_dir, train__num_steps=20, train__log_every=1, train__eval_every=0)
     train.train_and_evaluate(every_step, tmp_path / "one", devices=jax.devices()[:1])
     # Logged every 5 steps, with checkpoints (every 3) inside the logging windows: each
     # logged loss is the mean of its window's 5 steps.
-    windows = dict(train__num_steps=20, train__log_every=5, train__checkpoint_every=3)
+    windows = dict(
+        train__num_steps=20, train__log_every=5, train__checkpoint_every=3, train__eval_every=0
+    )
     eight = tiny_config(data_dir, **windows)
     train.train_and_evaluate(eight, tmp_path / "eight", devices=jax.devices()[:8])
     fsdp = tiny_config(data_dir, **windows, train__fsdp=True)
@@ -923,15 +926,10 @@ def test_two_processes_match_one_also_when_one_of_them_is_stopped(
 def test_two_process_evaluate_and_export_match_one(reference_run, tmp_path):
     from safetensors.numpy import load_file
 
-    from mmrec_jax import evaluate
+    from mmrec_jax import evaluate, export
 
     one = evaluate.evaluate_run(reference_run, ["test"], "latest", (5,))["test"]
-    single_export = tmp_path / "one"
-    subprocess.run(
-        [sys.executable, "-m", "mmrec_jax.export", "--workdir", str(reference_run),
-         "--checkpoint", "latest", "--out", str(single_export)],
-        env=subprocess_env(), check=True, timeout=600, capture_output=True,
-    )  # fmt: skip
+    single_export = export.export_run(reference_run, tmp_path / "one", "latest")
     (reference_run / "eval" / "test.json").unlink()
 
     run = ["--workdir", str(reference_run), "--checkpoint", "latest"]

@@ -31,7 +31,8 @@ def test_the_state_holds_the_pretrained_bert_and_inits_every_other_parameter(tmp
     setup = train_step.build_train_state(config, model, mesh, batch, 10)
 
     init_key = jax.random.split(jax.random.key(config.seed))[0]
-    initialised = model.init({"params": init_key, "dropout": init_key}, batch, train=False)
+    init = jax.jit(model.init, static_argnames="train")
+    initialised = init({"params": init_key, "dropout": init_key}, batch, train=False)
     expected = recommender.with_pretrained_text(initialised["params"], config.model)
     params = setup.state["params"]
     assert jax.tree.structure(params) == jax.tree.structure(expected)
