@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import math
 import os
 import platform
@@ -305,6 +304,29 @@ def report_errors(main) -> None:
         sys.exit(f"error: {error}")
 
 
+def best_matmul_rate(shapes, make_call: Callable[[int, int, int], Callable], repeats: int = 7):
+    """The fastest of the median matrix-multiply rates over `shapes`.
+
+    Args:
+      shapes: (M, K, N) triples.
+      make_call: (M, K, N) -> a call that computes one (M, K) x (K, N) product and
+        blocks until it is done; called once untimed, then `repeats` times timed.
+      repeats: timed calls per shape.
+
+    Returns:
+      {"gflops_per_s": best median GFLOP/s, "shape": its (M, K, N)}.
+    """
+    best = {"gflops_per_s": 0.0, "shape": None}
+    for m, k, n in shapes:
+        call = make_call(m, k, n)
+        call()
+        median = statistics.median(time_calls(call, repeats)[0])
+        rate = 2.0 * m * k * n / median / 1e9
+        if rate > best["gflops_per_s"]:
+            best = {"gflops_per_s": round(rate, 1), "shape": [m, k, n]}
+    return best
+
+
 def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:
     """The best float32 (or `dtype`) matrix-multiply rate of this machine, under jit.
 
@@ -314,19 +336,15 @@ def matmul_peak(dtype=jnp.float32, repeats: int = 7) -> dict:
     Returns:
       {"gflops_per_s": best median GFLOP/s, "shape": its (M, K, N), "dtype": name}.
     """
-    best = {"gflops_per_s": 0.0, "shape": None, "dtype": jnp.dtype(dtype).name}
     dot = jax.jit(jnp.dot)
-    shapes = PEAK_SHAPES if jax.default_backend() == "cpu" else ACCELERATOR_PEAK_SHAPES
-    for m, k, n in shapes:
+
+    def make_call(m: int, k: int, n: int) -> Callable:
         a = jax.random.normal(jax.random.key(0), (m, k), dtype)
         b = jax.random.normal(jax.random.key(1), (k, n), dtype)
-        jax.block_until_ready(dot(a, b))
-        call = functools.partial(lambda a, b: jax.block_until_ready(dot(a, b)), a, b)
-        median = statistics.median(time_calls(call, repeats)[0])
-        rate = 2.0 * m * k * n / median / 1e9
-        if rate > best["gflops_per_s"]:
-            best = {"gflops_per_s": round(rate, 1), "shape": [m, k, n], "dtype": best["dtype"]}
-    return best
+        return lambda: jax.block_until_ready(dot(a, b))
+
+    shapes = PEAK_SHAPES if jax.default_backend() == "cpu" else ACCELERATOR_PEAK_SHAPES
+    return {**best_matmul_rate(shapes, make_call, repeats), "dtype": jnp.dtype(dtype).name}
 
 
 def _mib(num_bytes: float) -> float:

@@ -103,19 +103,14 @@ def matmul_peak(repeats: int = 7) -> dict:
     Returns:
       {"gflops_per_s": best median GFLOP/s, "shape": its (M, K, N)}.
     """
-    best = {"gflops_per_s": 0.0, "shape": None}
     generator = torch.Generator().manual_seed(0)
-    for m, k, n in common.PEAK_SHAPES:
+
+    def make_call(m: int, k: int, n: int):
         a = torch.randn(m, k, generator=generator)
         b = torch.randn(k, n, generator=generator)
-        torch.matmul(a, b)
-        median = statistics.median(
-            common.time_calls(lambda a=a, b=b: torch.matmul(a, b), repeats)[0]
-        )
-        rate = 2.0 * m * k * n / median / 1e9
-        if rate > best["gflops_per_s"]:
-            best = {"gflops_per_s": round(rate, 1), "shape": [m, k, n]}
-    return best
+        return lambda: torch.matmul(a, b)
+
+    return common.best_matmul_rate(common.PEAK_SHAPES, make_call, repeats)
 
 
 # PyTorch's FLOP counter has formulas for the GPU's attention kernels, not for the CPU
