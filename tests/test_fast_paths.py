@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmrec_jax.models import bert
-from mmrec_jax.models.layers import Dropout, keep_mask, max_pool
+from mmrec_jax.models.layers import Dense, Dropout, dense_dot_general, keep_mask, max_pool
 
 
 def _flax_max_pool(x, window):
@@ -127,6 +127,88 @@ def test_dropout_off_and_full():
 # --- GELU ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((5, 7), jnp.float32), ((2, 4, 7), jnp.float32), ((2, 3, 4, 7), jnp.float32),
+     ((2, 4, 7), jnp.bfloat16)],
+)  # fmt: skip
+def test_dense_matches_flax_dense_and_a_float64_reference(shape, dtype):
+    """`Dense`: flax's parameters, values and gradients; the gradients are x^T g and g W^T."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    cotangent = jax.random.normal(jax.random.key(1), (*shape[:-1], 3))
+    ours, flax_dense = Dense(3, dtype=dtype), nn.Dense(3, dtype=dtype)
+    params = ours.init(jax.random.key(2), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, flax_dense.init(jax.random.key(2), x)
+    )
+
+    def loss(module, params, x):
+        return jnp.sum(module.apply(params, x).astype(jnp.float32) * cotangent)
+
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, flax_dense), argnums=(0, 1)))(
+        params, x
+    )
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    kernel = np.asarray(params["params"]["kernel"], np.float64)
+    x64, g64 = np.asarray(x, np.float64).reshape(-1, 7), np.asarray(cotangent, np.float64)
+    g64 = g64.reshape(-1, 3)
+    (_, (grads, grad_x)) = got
+    np.testing.assert_allclose(grads["params"]["kernel"], x64.T @ g64, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grads["params"]["bias"], g64.sum(0), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.float32(grad_x).reshape(-1, 7), g64 @ kernel.T, rtol=tol, atol=tol
+    )
+
+
+def _equations(jaxpr, scope: str = ""):
+    """(name scope, equation) of every equation in a jaxpr and its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        where = f"{scope}/{eqn.source_info.name_stack}"
+        yield where, eqn
+        for value in eqn.params.values():
+            sub = getattr(value, "jaxpr", None)
+            if sub is not None:
+                yield from _equations(getattr(sub, "jaxpr", sub), where)
+
+
+def test_dense_kernel_gradient_is_computed_in_the_kernel_layout():
+    """Autodiff of flax's Dense transposes a (Out, In) kernel gradient; `Dense` has none."""
+    x = jnp.ones((4, 6, 8))
+
+    def transposes(module):
+        params = module.init(jax.random.key(0), x)
+        grad = jax.grad(lambda p: jnp.sum(module.apply(p, x) ** 2))
+        jaxpr = jax.make_jaxpr(grad)(params).jaxpr
+        return any(eqn.primitive.name == "transpose" for _, eqn in _equations(jaxpr))
+
+    assert transposes(nn.Dense(5))
+    assert not transposes(Dense(5))
+
+
+def test_dense_dot_general_passes_other_contractions_to_lax():
+    """Batch dimensions, another contraction or a preferred type: `lax.dot_general` itself."""
+    a = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    b = jax.random.normal(jax.random.key(1), (2, 4, 5))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_array_equal(
+        dense_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched)
+    )
+    kernel = jax.random.normal(jax.random.key(2), (4, 5))
+    plain = (((2,), (0,)), ((), ()))
+    want = jax.lax.dot_general(a, kernel, plain, preferred_element_type=jnp.float32)
+    got = dense_dot_general(a, kernel, plain, preferred_element_type=jnp.float32)
+    np.testing.assert_array_equal(got, want)
+    first_axis = (((0,), (0,)), ((), ()))
+    c = jax.random.normal(jax.random.key(3), (4, 5))
+    np.testing.assert_array_equal(
+        dense_dot_general(kernel, c, first_axis), jax.lax.dot_general(kernel, c, first_axis)
+    )
+
+
 def test_gelu_matches_jax_exact_gelu_and_torch():
     import torch
 
@@ -164,16 +246,11 @@ def test_small_table_rows_and_their_gradient_are_a_gather_and_its_gradient():
 
 def _scatter_adds(jaxpr, scope: str = "") -> list[tuple[str, str]]:
     """(name scope, output dtype) of every scatter-add in a jaxpr and its sub-jaxprs."""
-    found = []
-    for eqn in jaxpr.eqns:
-        where = f"{scope}/{eqn.source_info.name_stack}"
-        if eqn.primitive.name == "scatter-add":
-            found.append((where, str(eqn.outvars[0].aval.dtype)))
-        for value in eqn.params.values():
-            sub = getattr(value, "jaxpr", None)
-            if sub is not None:
-                found += _scatter_adds(getattr(sub, "jaxpr", sub), where)
-    return found
+    return [
+        (where, str(eqn.outvars[0].aval.dtype))
+        for where, eqn in _equations(jaxpr, scope)
+        if eqn.primitive.name == "scatter-add"
+    ]
 
 
 def test_embedding_gradients_scatter_only_into_word_and_position_tables_in_float32():

@@ -22,7 +22,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, input_dtype, max_pool
+from mmrec_jax.models.layers import (
+    Conv,
+    Dense,
+    apply_in_chunks,
+    flatten_rows,
+    input_dtype,
+    max_pool,
+)
 
 FRONTENDS = ("raw", "logmel")
 
@@ -201,8 +208,8 @@ class AudioTower(nn.Module):
             )(x)
             x = max_pool(nn.relu(x), 2)  # (U, T / 2^(i+1), C_i)
         x = flatten_rows(x)  # (U, T' * C)
-        x = nn.Dense(cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
+        x = Dense(cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
         x = nn.relu(x)  # (U, hidden)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="project")(
+        return Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="project")(
             x
         )  # (U, width)

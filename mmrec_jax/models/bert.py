@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmrec_jax import schema
-from mmrec_jax.models.layers import Dropout, check_has_params, input_dtype
+from mmrec_jax.models.layers import Dense, Dropout, check_has_params, input_dtype
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -210,8 +210,8 @@ class BertEmbeddings(nn.Module):
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-def _dense(config: BertConfig, features: int, dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(
+def _dense(config: BertConfig, features: int, dtype, param_dtype, name: str) -> Dense:
+    return Dense(
         features,
         kernel_init=nn.initializers.normal(config.initializer_range),
         dtype=dtype,

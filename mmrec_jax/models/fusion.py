@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmrec_jax.models.layers import Dropout, MultiHeadAttention, masked_mean
+from mmrec_jax.models.layers import Dense, Dropout, MultiHeadAttention, masked_mean
 
 
 def modality_dropout(
@@ -65,8 +65,8 @@ class FusionLayer(nn.Module):
         h = attention(h, h, mask, inference=not train)
         x = x + Dropout(self.dropout)(h, deterministic=not train)
         h = nn.LayerNorm(name="mlp_norm", **kw)(x)
-        h = nn.Dense(self.mlp_dim, name="mlp_in", **kw)(h)
-        h = nn.Dense(x.shape[-1], name="mlp_out", **kw)(nn.gelu(h, approximate=False))
+        h = Dense(self.mlp_dim, name="mlp_in", **kw)(h)
+        h = Dense(x.shape[-1], name="mlp_out", **kw)(nn.gelu(h, approximate=False))
         return x + Dropout(self.dropout)(h, deterministic=not train)  # (B, T, D)
 
 
@@ -122,9 +122,9 @@ class Fusion(nn.Module):
             )
         x = nn.LayerNorm(name="final_norm", **kw)(x)
         pooled = masked_mean(x, mask, axis=1)  # (B, D)
-        h = nn.gelu(nn.Dense(cfg.mlp_dim, name="head_hidden", **kw)(pooled), approximate=False)
+        h = nn.gelu(Dense(cfg.mlp_dim, name="head_hidden", **kw)(pooled), approximate=False)
         # The logit in float32 under any compute dtype: bfloat16 keeps 8 bits of mantissa,
         # and its rounding would tie scores that AUC and the ranking must tell apart.
         out_kw = dict(kw, dtype=jnp.float32)
-        logits = nn.Dense(1, name="head_out", **out_kw)(h.astype(jnp.float32))  # (B, 1)
+        logits = Dense(1, name="head_out", **out_kw)(h.astype(jnp.float32))  # (B, 1)
         return logits[:, 0]

@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmrec_jax.models.layers import Conv, apply_in_chunks, flatten_rows, input_dtype, max_pool
+from mmrec_jax.models.layers import (
+    Conv,
+    Dense,
+    apply_in_chunks,
+    flatten_rows,
+    input_dtype,
+    max_pool,
+)
 
 # Per-channel RGB statistics used to normalise pixels (the ImageNet values).
 _RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -91,10 +98,10 @@ class ImageTower(nn.Module):
             )(x)
             x = max_pool(nn.relu(x), 2)  # (U, S / 2^(i+1), S / 2^(i+1), C_i)
         x = flatten_rows(x)  # (U, S' * S' * C)
-        x = nn.Dense(
+        x = Dense(
             self.config.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden"
         )(x)
         x = nn.relu(x)  # (U, hidden)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="project")(
+        return Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="project")(
             x
         )  # (U, width)

@@ -27,6 +27,12 @@ plain forms are the fast ones:
   im2col was about 2x faster for that conv; inside the whole image tower the two
   measured the same. Hence an option. On GPU and TPU it takes XLA's own gradients
   (`kernel_grad="auto"`), which cuDNN and the TPU compiler run directly.
+- `Dense` (every dense layer of the model, BERT's included) computes its kernel
+  gradient as `x^T @ grad` in the kernel's (In, Out) layout (`dense_product`'s custom
+  VJP), where autodiff computes `grad^T @ x` and transposes it; on the CPU that product
+  then runs on YNNPACK's matrix multiply instead of XLA's own dot, without the
+  transpose: a MiniLM fine-tuning step 7-10% faster. Everywhere, not only on the CPU
+  (the same products; not measured on GPU or TPU yet).
 - `apply_in_chunks` / `encode_in_chunks` run a content tower over a large item block
   chunk by chunk (`schema.BLOCK_CHUNKS`) on CPU, skipping the chunks that hold no item
   with its modality: the padding of a block its batch does not fill. On GPU and TPU a
@@ -413,10 +419,12 @@ def _check_kernel_grad(kernel_grad: str, choices: tuple[str, ...]) -> None:
 
 
 @flax.struct.dataclass
-class _ConvResiduals:
+class _ProductResiduals:
+    """The inputs of `conv_same` or `dense_product`, kept for their custom gradients."""
+
     x: jax.Array
     kernel: jax.Array
-    # Which gradients are needed: a first conv's input (the data) is not differentiated.
+    # Which gradients are needed: a first layer's input (the data) is not differentiated.
     input_grad: bool = flax.struct.field(pytree_node=False)
     kernel_grad: bool = flax.struct.field(pytree_node=False)
 
@@ -424,7 +432,7 @@ class _ConvResiduals:
 def _conv_same_fwd(x, kernel, kernel_grad):
     _check_kernel_grad(kernel_grad, FORWARD_CONV_KERNEL_GRADS)
     out = _conv(x.value, kernel.value)
-    return out, _ConvResiduals(x.value, kernel.value, x.perturbed, kernel.perturbed)
+    return out, _ProductResiduals(x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
 def _conv_same_bwd(kernel_grad, residuals, grad):
@@ -451,6 +459,84 @@ conv_same.defvjp(_conv_same_fwd, _conv_same_bwd, symbolic_zeros=True)
 # own gradients ("native"), or the fast one for the backend ("auto").
 FORWARD_CONV_KERNEL_GRADS = ("xla", "im2col")
 CONV_KERNEL_GRADS = ("auto", "native", *FORWARD_CONV_KERNEL_GRADS)
+
+
+def _dense_dimension_numbers(ndim: int) -> tuple:
+    """`nn.Dense`'s contraction: the input's last axis with the kernel's first."""
+    return (((ndim - 1,), (0,)), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_product(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+    """`x @ kernel` over x's last axis, (..., In) x (In, Out) -> (..., Out), whose kernel
+    gradient is computed as (In, Out) directly.
+
+    The same values and gradients as `lax.dot_general`. Autodiff of a dot computes the
+    kernel's gradient as `grad^T @ x`, (Out, In), and transposes it; XLA's CPU backend then
+    runs that product on its own dot instead of YNNPACK's and pays for the transpose (for
+    the image tower's 25088 x 512 kernel, 51 MB a step). Taking `x^T @ grad` made a MiniLM
+    fine-tuning step 7-10% faster (`Dense`).
+    """
+    return jax.lax.dot_general(x, kernel, _dense_dimension_numbers(x.ndim), precision=precision)
+
+
+def _dense_product_fwd(x, kernel, precision):
+    out = dense_product(x.value, kernel.value, precision)
+    return out, _ProductResiduals(x.value, kernel.value, x.perturbed, kernel.perturbed)
+
+
+def _dense_product_bwd(precision, residuals, grad):
+    if isinstance(grad, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    x, kernel = residuals.x, residuals.kernel  # (..., In), (In, Out); grad (..., Out)
+    grad_x = grad_kernel = None
+    if residuals.input_grad:
+        grad_x = jax.lax.dot_general(
+            grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())), precision=precision
+        ).astype(x.dtype)  # (..., In)
+    if residuals.kernel_grad:
+        leading = tuple(range(x.ndim - 1))
+        grad_kernel = jax.lax.dot_general(
+            x, grad, ((leading, leading), ((), ())), precision=precision
+        ).astype(kernel.dtype)  # (In, Out)
+    return grad_x, grad_kernel
+
+
+dense_product.defvjp(_dense_product_fwd, _dense_product_bwd, symbolic_zeros=True)
+
+
+def dense_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: tuple,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """`lax.dot_general` for `nn.Dense`'s `dot_general`: `dense_product` for Dense's own
+    contraction (the input's last axis with a 2-D kernel's first, equal dtypes, no
+    preferred output type), `lax.dot_general` itself for any other."""
+    if (
+        rhs.ndim == 2
+        and lhs.dtype == rhs.dtype
+        and preferred_element_type is None
+        and tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,))
+        and not any(dimension_numbers[1])
+    ):
+        return dense_product(lhs, rhs, precision)
+    return jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+class Dense(nn.Dense):
+    """`flax.linen.Dense` whose kernel gradient comes out in the kernel's layout
+    (`dense_product`): the same parameters, values and gradients."""
+
+    dot_general: Any = dense_dot_general
 
 
 def cpu_fast_paths() -> bool:

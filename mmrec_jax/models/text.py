@@ -30,7 +30,7 @@ import ml_collections
 from mmrec_jax import schema
 from mmrec_jax.config import ConfigError
 from mmrec_jax.models.bert import Bert, BertConfig, load_bert_config
-from mmrec_jax.models.layers import apply_in_chunks, input_dtype
+from mmrec_jax.models.layers import Dense, apply_in_chunks, input_dtype
 
 # Pooling choices of config.model.text.pooling.
 POOLINGS = ("cls", "mean", "pooler")
@@ -248,5 +248,5 @@ class TextTower(nn.Module):
             ids, mask = text["text_ids"], text["text_mask"]  # (U, L)
             hidden, pooled = bert(ids, mask, deterministic=deterministic)
             x = pool(hidden, mask, pooled, cfg.pooling)  # (U, H)
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        x = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
         return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
