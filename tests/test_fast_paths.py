@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from mmrec_jax.models import bert
-from mmrec_jax.models.layers import Dense, Dropout, dense_dot_general, keep_mask, max_pool
+from mmrec_jax.models.layers import (
+    Dense,
+    Dropout,
+    MultiHeadAttention,
+    absorbed_attention_is_cheaper,
+    dense_dot_general,
+    keep_mask,
+    max_pool,
+)
 
 
 def _flax_max_pool(x, window):
@@ -187,6 +195,26 @@ def test_dense_kernel_gradient_is_computed_in_the_kernel_layout():
 
     assert transposes(nn.Dense(5))
     assert not transposes(Dense(5))
+
+
+def test_attention_projection_gradients_are_computed_in_the_kernels_layouts():
+    """`MultiHeadAttention`'s projections are `dense_product`s: no kernel-shaped transpose
+    in its gradient (autodiff of the head einsums transposes each kernel's gradient)."""
+    width, heads, tokens = 12, 3, 4
+    assert not absorbed_attention_is_cheaper(tokens, tokens, width, heads)
+    x = jax.random.normal(jax.random.key(0), (2, tokens, width))
+    layer = MultiHeadAttention(heads)
+    params = layer.init(jax.random.key(1), x, x)
+    kernel_shapes = {dense["kernel"].shape for dense in params["params"].values()}
+    assert kernel_shapes == {(width, heads, width // heads), (heads, width // heads, width)}
+    grad = jax.grad(lambda p: jnp.sum(layer.apply(p, x, x) ** 2))
+    jaxpr = jax.make_jaxpr(grad)(params).jaxpr
+    transposed = [
+        eqn.outvars[0].aval.shape
+        for _, eqn in _equations(jaxpr)
+        if eqn.primitive.name == "transpose" and eqn.outvars[0].aval.shape in kernel_shapes
+    ]
+    assert transposed == []
 
 
 def test_dense_dot_general_passes_other_contractions_to_lax():

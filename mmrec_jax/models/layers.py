@@ -27,12 +27,12 @@ plain forms are the fast ones:
   im2col was about 2x faster for that conv; inside the whole image tower the two
   measured the same. Hence an option. On GPU and TPU it takes XLA's own gradients
   (`kernel_grad="auto"`), which cuDNN and the TPU compiler run directly.
-- `Dense` (every dense layer of the model, BERT's included) computes its kernel
-  gradient as `x^T @ grad` in the kernel's (In, Out) layout (`dense_product`'s custom
-  VJP), where autodiff computes `grad^T @ x` and transposes it; on the CPU that product
-  then runs on YNNPACK's matrix multiply instead of XLA's own dot, without the
-  transpose: a MiniLM fine-tuning step 7-10% faster. Everywhere, not only on the CPU
-  (the same products; not measured on GPU or TPU yet).
+- `Dense` (every dense layer of the model, BERT's included) and `MultiHeadAttention`'s
+  projections compute their kernel gradients as `x^T @ grad` in the kernel's (In, Out)
+  layout (`dense_product`'s custom VJP), where autodiff computes `grad^T @ x` and
+  transposes it; on the CPU that product then runs on YNNPACK's matrix multiply instead
+  of XLA's own dot, without the transpose: a MiniLM fine-tuning step 7-10% faster.
+  Everywhere, not only on the CPU (the same products; not measured on GPU or TPU yet).
 - `apply_in_chunks` / `encode_in_chunks` run a content tower over a large item block
   chunk by chunk (`schema.BLOCK_CHUNKS`) on CPU, skipping the chunks that hold no item
   with its modality: the padding of a block its batch does not fill. On GPU and TPU a
@@ -866,6 +866,14 @@ def grid_attention(
     return jnp.einsum("bnqts,bsnh->bqtnh", probs, value)  # (B, Q, T, N, Dh)
 
 
+def _project_to_heads(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(..., D) x (D, N, Dh) -> (..., N, Dh), as one `dense_product` with the kernel's
+    heads flattened: its gradient comes out in the kernel's layout (see `Dense`)."""
+    width, heads, head_dim = kernel.shape
+    out = dense_product(x, kernel.reshape(width, heads * head_dim))  # (..., N * Dh)
+    return out.reshape(*out.shape[:-1], heads, head_dim)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with a key mask; query, key, value and output projections.
 
@@ -877,7 +885,9 @@ class MultiHeadAttention(nn.Module):
     bias passes through the weighted sum because the weights sum to one. Otherwise the
     projections feed `jax.nn.dot_product_attention`, or, for inference on the CPU over
     at most `BROADCAST_ATTENTION_MAX_KEYS` keys, `attention_by_broadcast`. All compute
-    the same function.
+    the same function. The projections are `dense_product`s (the head kernels viewed as
+    (D, N * Dh) and (N * Dh, D) matrices), so their kernel gradients come out in the
+    kernels' layouts, as `Dense`'s do.
 
     Attributes:
       num_heads: heads; the model width must be divisible by it.
@@ -934,7 +944,7 @@ class MultiHeadAttention(nn.Module):
             (kernel.astype(self.dtype), bias.astype(self.dtype)) for kernel, bias in params.values()
         )
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
-        query = jnp.einsum("btd,dnh->btnh", inputs_q, wq) + bq  # (B or Q, T, N, Dh)
+        query = _project_to_heads(inputs_q, wq) + bq  # (B or Q, T, N, Dh)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
         cheaper = absorbed_attention_is_cheaper(inputs_q.shape[1], inputs_kv.shape[1], width, heads)
         if cheaper and not grid:
@@ -944,8 +954,8 @@ class MultiHeadAttention(nn.Module):
             mixed = jnp.einsum("bnts,bsd->btnd", probs, inputs_kv)  # (B, T, N, D)
             out = jnp.einsum("btnd,dnh->btnh", mixed, wv) + bv  # (B, T, N, Dh)
         else:
-            key = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wk) + bk  # (B, S, N, Dh)
-            value = jnp.einsum("bsd,dnh->bsnh", inputs_kv, wv) + bv  # (B, S, N, Dh)
+            key = _project_to_heads(inputs_kv, wk) + bk  # (B, S, N, Dh)
+            value = _project_to_heads(inputs_kv, wv) + bv  # (B, S, N, Dh)
             few_keys = inputs_kv.shape[1] <= BROADCAST_ATTENTION_MAX_KEYS
             if grid:
                 out = grid_attention(query, key, value, key_mask)  # (B, Q, T, N, Dh)
@@ -953,4 +963,5 @@ class MultiHeadAttention(nn.Module):
                 out = attention_by_broadcast(query, key, value, key_mask)  # (B, T, N, Dh)
             else:
                 out = jax.nn.dot_product_attention(query, key, value, mask=mask)
-        return jnp.einsum("...nh,nhd->...d", out, wo) + bo  # (B, T, D) or (B, Q, T, D)
+        out = out.reshape(*out.shape[:-2], width)  # (B, T, D) or (B, Q, T, D)
+        return dense_product(out, wo.reshape(width, width)) + bo
