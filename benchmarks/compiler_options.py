@@ -1,15 +1,20 @@
-"""XLA compiler options against the library's: one step compiled under each, one process.
+"""XLA compiler options and plain layers against the library's: one step compiled under
+each, one process.
 
     python benchmarks/compiler_options.py --config configs/seed.py \\
         --config.model.text.model=sentence-transformers/all-MiniLM-L6-v2 \\
         --config.train.batch_size=32 \\
         --variant 'onednn={"xla_cpu_use_onednn": true}' [--variant NAME=JSON ...] \\
-        [--inference] [--steps 10]
+        [--plain dense] [--plain max_pool] [--inference] [--steps 10]
 
 Compiles the config's train step (with `--inference`, the forward pass of
 `mmrec_jax.predict`) on one random batch under the options the library uses
 (`runtime.CPU_COMPILER_OPTIONS`, as "library") and under each `--variant`: the library's
-options updated with the variant's JSON object (a null value removes an option). Then
+options updated with the variant's JSON object (a null value removes an option), and
+under each `--plain` fast path: the library's options with that fast path of
+`mmrec_jax.models.layers` swapped for its plain form (`dense`: `dense_product` as
+`lax.dot_general`, whose kernel gradient autodiff computes; `max_pool`: `flax.linen.max_pool`),
+as "plain_NAME". Then
 calls the programs in turn, so that each is timed under the same machine state: on a
 shared 2-core machine separate runs of one program differ by 10-30%, more than most
 option changes. An option the installed XLA does not accept is an error. Prints one JSON
@@ -19,19 +24,41 @@ line last: each variant's options and its step's median and minimum milliseconds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from unittest import mock
 
 import common
+import flax.linen as nn
 import jax
 
 from mmrec_jax import cli, predict, runtime, sharding, train_step
 from mmrec_jax.config import split_overrides
-from mmrec_jax.models import recommender
+from mmrec_jax.models import layers, recommender
 
 LIBRARY = "library"
+
+
+def _plain_dense_product(x, kernel, precision=None):
+    """`layers.dense_product` without its custom gradient: `lax.dot_general` itself."""
+    dimensions = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, kernel, dimensions, precision=precision)
+
+
+def _plain_max_pool(x, window):
+    """`layers._max_pool` as `flax.linen.max_pool` (reduce_window, select_and_scatter)."""
+    spatial = (window,) * (x.ndim - 2)
+    return nn.max_pool(x, spatial, strides=spatial, padding="VALID")
+
+
+# --plain NAME: the attribute of `layers` a fast path is, and its plain form.
+PLAIN_FORMS = {
+    "dense": ("dense_product", _plain_dense_product),
+    "max_pool": ("_max_pool", _plain_max_pool),
+}
 
 
 def _variant(text: str) -> tuple[str, dict]:
@@ -56,8 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         "--variant",
         type=_variant,
         action="append",
-        required=True,
+        default=[],
         help="NAME=JSON: XLA options to change from the library's (repeatable)",
+    )
+    parser.add_argument(
+        "--plain",
+        choices=sorted(PLAIN_FORMS),
+        action="append",
+        default=[],
+        help="a fast path of the model's layers to compile in its plain form (repeatable)",
     )
     parser.add_argument(
         "--inference", action="store_true", help="the forward pass instead of the train step"
@@ -72,9 +106,10 @@ def variant_options(changes: dict) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _compile(make_fn, options: dict, dtype: str, args_of_call):
-    """(`make_fn()` built while the library's options are `options`, lowered and compiled;
-    the options the jitted function was given)."""
+def _compile(make_fn, options: dict, plain: str | None, dtype: str, args_of_call):
+    """(`make_fn()` built while the library's options are `options` and, when `plain`
+    names one, that fast path is its plain form, lowered and compiled; the options the
+    jitted function was given)."""
     library = runtime.CPU_COMPILER_OPTIONS
     runtime.CPU_COMPILER_OPTIONS = options
     runtime.compiler_options.cache_clear()  # it caches the options it found accepted
@@ -87,7 +122,11 @@ def _compile(make_fn, options: dict, dtype: str, args_of_call):
                 f"the option(s) {', '.join(refused)} for {dtype} compute; the library's "
                 "options apply on the CPU with float32 compute only."
             )
-        return make_fn().lower(*args_of_call).compile(), used
+        swap = contextlib.nullcontext()
+        if plain is not None:
+            swap = mock.patch.object(layers, *PLAIN_FORMS[plain])
+        with swap:
+            return make_fn().lower(*args_of_call).compile(), used
     finally:
         runtime.CPU_COMPILER_OPTIONS = library
         runtime.compiler_options.cache_clear()
@@ -96,7 +135,9 @@ def _compile(make_fn, options: dict, dtype: str, args_of_call):
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, config = cli.parse_config_args(_parser(), argv)
-    names = [name for name, _ in args.variant]
+    if not args.variant and not args.plain:
+        sys.exit("error: give at least one --variant NAME=JSON or --plain FAST_PATH.")
+    names = [name for name, _ in args.variant] + [f"plain_{name}" for name in args.plain]
     if len(set(names)) != len(names):
         sys.exit(f"error: --variant names must differ; got {', '.join(names)}.")
     mesh, rows = common.set_up_random_steps(config)
@@ -118,11 +159,15 @@ def main(argv=None) -> None:
 
         call_args = (state, batch)
 
-    wanted = {LIBRARY: dict(runtime.CPU_COMPILER_OPTIONS)}
-    wanted.update((name, variant_options(changes)) for name, changes in args.variant)
+    library = dict(runtime.CPU_COMPILER_OPTIONS)
+    wanted = {LIBRARY: (library, None)}
+    wanted.update((name, (variant_options(changes), None)) for name, changes in args.variant)
+    wanted.update((f"plain_{name}", (library, name)) for name in args.plain)
     compiled, options = {}, {}
-    for name, opts in wanted.items():
-        compiled[name], options[name] = _compile(make_fn, opts, config.model.dtype, call_args)
+    for name, (opts, plain) in wanted.items():
+        compiled[name], options[name] = _compile(
+            make_fn, opts, plain, config.model.dtype, call_args
+        )
     wall = {name: [] for name in compiled}
     for call in range(args.warmup + args.steps):
         for name, program in compiled.items():  # each train step continues the last state
@@ -143,6 +188,7 @@ def main(argv=None) -> None:
         "rows": rows,
         "steps": args.steps,
         "options": options,
+        "plain": {name: plain for name, (_, plain) in wanted.items() if plain is not None},
         "step_ms_median": {name: round(ms, 1) for name, ms in medians.items()},
         "step_ms_min": {name: round(min(t) * 1e3, 1) for name, t in wall.items()},
         "over_library": {name: round(ms / medians[LIBRARY], 3) for name, ms in medians.items()},

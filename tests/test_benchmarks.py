@@ -337,6 +337,41 @@ def test_compiler_options_compiles_each_variant_and_refuses_an_unknown_option(mo
     assert "a name other than 'library'" in capsys.readouterr().err
 
 
+def test_compiler_options_traces_each_plain_fast_path_for_its_own_variant(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module("compiler_options")
+    from mmrec_jax.models import layers
+
+    library_forms = {name: getattr(layers, attr) for name, (attr, _) in module.PLAIN_FORMS.items()}
+    traced = []
+
+    def counted(name, form):
+        def plain(*args, **kwargs):
+            traced.append(name)
+            return form(*args, **kwargs)
+
+        return plain
+
+    for name, (attr, form) in module.PLAIN_FORMS.items():
+        monkeypatch.setitem(module.PLAIN_FORMS, name, (attr, counted(name, form)))
+    tiny = ["--config", str(ROOT / "configs" / "tiny.py"), "--steps", "1", "--warmup", "0"]
+    module.main([*tiny, "--plain", "dense"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["step_ms_median"]) == {"library", "plain_dense"}
+    assert out["plain"] == {"plain_dense": "dense"}
+    assert out["options"]["plain_dense"] == out["options"]["library"]
+    # Only the plain variant's trace took the plain form: every dense layer of the model.
+    assert traced and set(traced) == {"dense"}
+    traced.clear()
+    module.main([*tiny, "--plain", "max_pool"])
+    assert traced and set(traced) == {"max_pool"}
+    assert {name: getattr(layers, attr) for name, (attr, _) in module.PLAIN_FORMS.items()} == (
+        library_forms
+    )
+    with pytest.raises(SystemExit, match="at least one --variant NAME=JSON or --plain"):
+        module.main(tiny)
+
+
 def _original_forward_flops(bert, tokens: int) -> tuple[int, int]:
     """The PyTorch original's forward FLOPs per sample, by hand (2 per multiply-add):
     (BERT's, the rest's)."""
