@@ -419,3 +419,73 @@ def test_pytorch_original_counts_its_flops_and_measures_its_own_peak(monkeypatch
         assert out["gflops_per_s"] == pytest.approx(rate, rel=0.01, abs=0.06)  # rounded
         fraction = out["gflops_per_s"] / out["peak_gflops_per_s"]
         assert out["fraction_of_peak"] == pytest.approx(fraction, rel=0.02, abs=2e-3)
+
+
+# Stands in for the interpreter `accelerator_checks.py` runs: answers its module check
+# (as a Python would, or naming `ml_collections` missing with MISSING set), and for a
+# benchmark prints a JSON line of the arguments it got, or fails where told to.
+_STUB_INTERPRETER = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+if args[0] == "-c":
+    if os.environ.get("STUB_MISSING"):
+        print("ml_collections")
+    sys.exit(0)
+if "--inference" in args and "--fail_inference" in args:
+    print("Inference broke: out of memory.", file=sys.stderr)
+    sys.exit(3)
+tokens = [a.split("=")[1] for a in args if a.startswith("--config.data.max_text_len=")]
+print("compiling...")
+print(json.dumps({{
+    "args": args, "samples_per_s": 100.0 + len(args), "step_ms_median": 10.0,
+    "step_ms_min": 9.0, "compile_s": 1.5, "gflops_per_s": 250000.0,
+    "fraction_of_peak": 0.5, "peak_gflops_per_s": 500000.0, "dtype": "bfloat16",
+    "devices": "1 x gpu", "tokens": tokens[-1] if tokens else "32",
+}}))
+"""
+
+
+def test_accelerator_checks_runs_each_benchmark_apart_and_keeps_the_others_results(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import accelerator_checks
+
+    stub = tmp_path / "python"
+    stub.write_text(_STUB_INTERPRETER.format(python=sys.executable))
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    extra = ["--random_text_tokenizer", "/tok", "--fail_inference", "--steps", "3"]
+    status = accelerator_checks.main([str(out), "--python", str(stub), "--", *extra])
+    printed = capsys.readouterr().out
+
+    assert status == 1  # the inference run failed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "inference.log",
+        "summary.md",
+        "train.json",
+        "train.log",
+        "train_128_tokens.json",
+        "train_128_tokens.log",
+    ]
+    train = json.loads((out / "train.json").read_text())
+    script = str(ROOT / "benchmarks" / "train_throughput.py")
+    assert train["args"] == [script, *accelerator_checks.BASE_ARGUMENTS, *extra]
+    longer = json.loads((out / "train_128_tokens.json").read_text())
+    assert longer["tokens"] == "128"
+    # The extra arguments come after the run's own, so `--steps 3` overrides its 10.
+    assert longer["args"][-len(extra) :] == extra
+    assert "Inference broke: out of memory." in (out / "inference.log").read_text()
+
+    summary = (out / "summary.md").read_text()
+    assert summary in printed
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines()[2:]}
+    assert set(rows) == set(accelerator_checks.RUNS)
+    rates = f"| {100.0 + len(train['args'])} | 10.0 / 9.0 | 1.5 | 250.0 | 0.5 | 500.0 |"
+    assert rates in rows["train"]
+    assert "failed: exit status 3: Inference broke: out of memory." in rows["inference"]
+
+    monkeypatch.setenv("STUB_MISSING", "1")
+    with pytest.raises(SystemExit, match="cannot import ml_collections"):
+        accelerator_checks.main([str(tmp_path / "again"), "--python", str(stub)])
+    assert not (tmp_path / "again").exists()
