@@ -17,6 +17,9 @@ when a run failed.
 Arguments after `--` go to every run, after the script's own, so they override them:
 `--random_text_tokenizer FOLDER` where the packaged all-MiniLM-L6-v2 tokenizer (which
 has bert-base-uncased's vocabulary) is not installed, or `--steps N`.
+
+The script itself needs only Python's standard library, so that it can say which of the
+benchmark's packages an interpreter lacks (`--python`, default: the one running it).
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import common
 
 HERE = Path(__file__).resolve().parent
 # Arguments of every run: the seed's shapes without the model hub.
@@ -53,6 +54,18 @@ REQUIRED_MODULES = (
 )
 
 
+def _seconds(text: str) -> int:
+    """An argparse `type`: whole seconds >= 1 (`common.at_least` imports JAX, which the
+    interpreter running this script may not have)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below the minimum 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -61,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", type=Path, help="folder for the logs, JSON and summary")
     parser.add_argument(
         "--timeout",
-        type=common.at_least(1),
+        type=_seconds,
         default=420,
         help="seconds each run may take (default 420)",
     )

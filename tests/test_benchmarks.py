@@ -422,7 +422,7 @@ def test_pytorch_original_counts_its_flops_and_measures_its_own_peak(monkeypatch
 
 
 # Stands in for the interpreter `accelerator_checks.py` runs: answers its module check
-# (as a Python would, or naming `ml_collections` missing with MISSING set), and for a
+# (as a Python would, or naming `ml_collections` missing with STUB_MISSING set), and for a
 # benchmark prints a JSON line of the arguments it got, or fails where told to.
 _STUB_INTERPRETER = """#!{python}
 import json, os, sys
@@ -489,3 +489,22 @@ def test_accelerator_checks_runs_each_benchmark_apart_and_keeps_the_others_resul
     with pytest.raises(SystemExit, match="cannot import ml_collections"):
         accelerator_checks.main([str(tmp_path / "again"), "--python", str(stub)])
     assert not (tmp_path / "again").exists()
+
+
+def test_accelerator_checks_runs_on_the_standard_library_alone(monkeypatch, capsys):
+    # It must start where the benchmark's packages are missing, to say which are.
+    script = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import accelerator_checks\n"
+        "heavy = {'jax', 'numpy', 'ml_collections', 'mmrec_jax'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import accelerator_checks
+
+    with pytest.raises(SystemExit):
+        accelerator_checks.main(["out", "--timeout", "0"])
+    assert "--timeout: 0 is below the minimum 1" in capsys.readouterr().err
