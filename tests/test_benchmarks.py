@@ -320,6 +320,7 @@ def test_compiler_options_compiles_each_variant_and_refuses_an_unknown_option(mo
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     module = importlib.import_module("compiler_options")
     tiny = ["--config", str(ROOT / "configs" / "tiny.py"), "--steps", "1", "--warmup", "0"]
+    tiny.append("--config.model.towers=id,history")  # any model: the options are the point
     region = "xla_cpu_copy_insertion_use_region_analysis"
     module.main([*tiny, "--variant", f'no_region={{"{region}": null}}'])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -355,6 +356,7 @@ def test_compiler_options_traces_each_plain_fast_path_for_its_own_variant(monkey
     for name, (attr, form) in module.PLAIN_FORMS.items():
         monkeypatch.setitem(module.PLAIN_FORMS, name, (attr, counted(name, form)))
     tiny = ["--config", str(ROOT / "configs" / "tiny.py"), "--steps", "1", "--warmup", "0"]
+    tiny.append("--config.model.towers=image,id")  # the image tower holds both fast paths
     module.main([*tiny, "--plain", "dense"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["step_ms_median"]) == {"library", "plain_dense"}

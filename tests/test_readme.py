@@ -34,7 +34,7 @@ def in_repo_root():
     os.chdir(cwd)
 
 
-def test_recommender_example(in_repo_root):
+def test_recommender_example_and_the_train_step_example_continuing_it(in_repo_root):
     namespace = {}
     exec(_block_with("build_model("), namespace)
     assert namespace["logits"].shape == (1,)
@@ -43,11 +43,6 @@ def test_recommender_example(in_repo_root):
     assert np.isfinite(namespace["train_logits"]).all()
     width = namespace["config"].model.width
     assert namespace["items"]["embedding"].shape == (1, width)
-
-
-def test_train_step_example_continues_the_recommender_example(in_repo_root):
-    namespace = {}
-    exec(_block_with("build_model("), namespace)
     exec(_block_with("train_step.build_train_state("), namespace)
     state, metrics = namespace["state"], namespace["metrics"]
     assert int(state["step"]) == 1

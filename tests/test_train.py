@@ -53,7 +53,10 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def test_tiny_run_end_to_end(data_dir, tmp_path, capsys):
-    config = tiny_config(data_dir, train__profile_steps=3)
+    # Validations and checkpoints at steps 40 and 80 and at the end of the epoch.
+    config = tiny_config(
+        data_dir, train__profile_steps=3, train__eval_every=40, train__checkpoint_every=40
+    )
     assert config.model.dtype == "auto"
     summary = train.train_and_evaluate(config, tmp_path)
     out, err = capsys.readouterr()
@@ -99,10 +102,10 @@ def test_one_and_eight_devices_and_fsdp_give_the_same_losses(data_dir, tmp_path)
     # No evaluations before the final report: the losses are compared.
     every_step = tiny_config(data_dir, train__num_steps=20, train__log_every=1, train__eval_every=0)
     train.train_and_evaluate(every_step, tmp_path / "one", devices=jax.devices()[:1])
-    # Logged every 5 steps, with checkpoints (every 3) inside the logging windows: each
-    # logged loss is the mean of its window's 5 steps.
+    # Logged every 5 steps, with checkpoints (steps 7 and 14) inside the logging windows:
+    # each logged loss is the mean of its window's 5 steps.
     windows = dict(
-        train__num_steps=20, train__log_every=5, train__checkpoint_every=3, train__eval_every=0
+        train__num_steps=20, train__log_every=5, train__checkpoint_every=7, train__eval_every=0
     )
     eight = tiny_config(data_dir, **windows)
     train.train_and_evaluate(eight, tmp_path / "eight", devices=jax.devices()[:8])
@@ -616,31 +619,56 @@ def test_a_damaged_best_checkpoint_is_named_by_readers_and_the_report_falls_back
     assert best.is_dir()  # readers move nothing
 
 
+def _checkpoint_steps(workdir) -> list[int]:
+    """The steps of the finished checkpoints in `workdir` (Orbax renames a step's folder
+    to its number once the step is complete)."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+
+
 @WITH_REFERENCE_RUN
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, reference_run, tmp_path):
-    killed = tmp_path / "killed"
+def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(
+    data_dir, reference_run, tmp_path
+):
+    # SIGTERM: the run saves a checkpoint at once and exits with the signal's status.
+    run = tmp_path / "run"
     process = subprocess.Popen(
-        _train_cmd(killed, data_dir, *RUN_ARGS),
+        _train_cmd(run, data_dir, *RUN_ARGS),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if any(r.get("step", 0) >= 5 for r in reporting.read_metrics(run)):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "SIGTERM received: saved checkpoint step" in output
+    saved = int(output.split("SIGTERM received: saved checkpoint step")[1].split()[0])
+    assert 5 <= saved < 20 and saved in _checkpoint_steps(run)  # another save lies ahead
+    # SIGKILL of the resumed run once it has saved a checkpoint of its own: no warning,
+    # nothing saved, the steps after that checkpoint lost.
+    process = subprocess.Popen(
+        _train_cmd(run, data_dir, *RUN_ARGS),
         env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 600
-    checkpoints = killed / "checkpoints"
-    # Kill once a checkpoint past the initial step-0 one exists: mid-run, with training
-    # state and data position to restore.
     while time.time() < deadline and process.poll() is None:
-        steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
-        if any(step > 0 for step in steps):
+        if max(_checkpoint_steps(run)) > saved:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    records = reporting.read_metrics(killed)
-    assert not records or records[-1]["step"] < 30
-    _resume_and_compare(killed, data_dir, reference_run)
+    assert max(_checkpoint_steps(run)) < 30 and reporting.read_metrics(run)[-1]["step"] < 30
+    # Resumed once more, the run ends as the uninterrupted one did.
+    _resume_and_compare(run, data_dir, reference_run)
 
 
 def _resume_and_compare(workdir, data_dir, reference_run):
@@ -659,32 +687,6 @@ def _resume_and_compare(workdir, data_dir, reference_run):
         return [tuple(r[n] for n in names) for r in records if "train/loss" in r]
 
     assert logged(workdir) == logged(reference_run)
-
-
-@WITH_REFERENCE_RUN
-@pytest.mark.slow
-def test_sigterm_saves_then_resume_matches_uninterrupted_run(data_dir, reference_run, tmp_path):
-    stopped = tmp_path / "stopped"
-    process = subprocess.Popen(
-        _train_cmd(stopped, data_dir, *RUN_ARGS),
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if any(r.get("step", 0) >= 5 for r in reporting.read_metrics(stopped)):
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=600)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
-    assert "SIGTERM received: saved checkpoint step" in output
-    saved = int(output.split("SIGTERM received: saved checkpoint step")[1].split()[0])
-    assert 5 <= saved < 30
-    assert str(saved) in {p.name for p in (stopped / "checkpoints").iterdir()}
-    _resume_and_compare(stopped, data_dir, reference_run)
 
 
 @pytest.mark.parametrize(
