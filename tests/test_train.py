@@ -625,6 +625,18 @@ def test_a_damaged_best_checkpoint_is_named_by_readers_and_the_report_falls_back
     assert best.is_dir()  # readers move nothing
 
 
+def _wait_while_running(process, ready, timeout: float = 600) -> None:
+    """Returns once `ready()` holds, the process has ended, or `timeout` seconds passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+
+
+def _logged_past(workdir, step: int) -> bool:
+    """Whether the run in `workdir` has logged a record of `step` or later."""
+    return any(r.get("step", 0) >= step for r in reporting.read_metrics(workdir))
+
+
 def _checkpoint_steps(workdir) -> list[int]:
     """The steps of the finished checkpoints in `workdir` (Orbax renames a step's folder
     to its number once the step is complete)."""
@@ -645,11 +657,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if any(r.get("step", 0) >= 5 for r in reporting.read_metrics(run)):
-            break
-        time.sleep(0.05)
+    _wait_while_running(process, lambda: _logged_past(run, 5))
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
@@ -664,11 +672,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if max(_checkpoint_steps(run)) > saved:
-            break
-        time.sleep(0.05)
+    _wait_while_running(process, lambda: max(_checkpoint_steps(run)) > saved)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -910,11 +914,7 @@ def test_two_processes_match_one_also_when_one_of_them_is_stopped(
     # SIGTERM reaches process 1 only: both save the same step together and stop.
     multi = tmp_path / "multi"
     processes = start_two_processes(_train_cmd(multi, data_dir, *RUN_ARGS))
-    deadline = time.time() + 600
-    while time.time() < deadline and processes[1].poll() is None:
-        if any(r.get("step", 0) >= 5 for r in reporting.read_metrics(multi)):
-            break
-        time.sleep(0.05)
+    _wait_while_running(processes[1], lambda: _logged_past(multi, 5))
     processes[1].send_signal(signal.SIGTERM)
     outputs = finish(processes, returncode=128 + signal.SIGTERM)
     assert "saving a checkpoint at the next logging step" in outputs[1]
