@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mmrec_jax import metrics, runtime, sharding
+from mmrec_jax import metrics, runtime, schema, sharding
 
 # Row fields gathered beside the logits, where the batch has them, for metrics.
 _ROW_FIELDS = ("label", "weight", "user_index")
@@ -19,8 +19,10 @@ def make_predict_fn(model: Any, param_shardings: Any) -> Callable:
 
     The batch's `label`, `weight` and `user_index` come back beside the logits where it
     has them. Outputs stay split over the `data` axis; `predict_batches` gathers them to
-    the host.
+    the host. Compiled with `runtime.compiler_options` for a content forward pass where
+    the model runs BERT or the image or audio tower on the batch.
     """
+    content = schema.content_in_step(model.config.towers, model.config.text.mode)
 
     def predict(params, batch):
         logits = model.apply({"params": params}, batch, train=False)
@@ -30,7 +32,7 @@ def make_predict_fn(model: Any, param_shardings: Any) -> Callable:
     return jax.jit(
         predict,
         in_shardings=(param_shardings, None),
-        compiler_options=runtime.compiler_options(model.config.dtype),
+        compiler_options=runtime.compiler_options(model.config.dtype, content),
     )
 
 

@@ -62,8 +62,20 @@ MiniLM fine-tuned at 32 tokens, the embedded default config's 31% less; inferenc
 unchanged. It also turns on region analysis in copy insertion, which leaves out buffer
 copies around the donated train state's in-place updates: the MiniLM fine-tuning step
 3-4% faster, the frozen one 2.5%, the default config's unchanged (interleaved, idle).
-Pass them to `jax.jit(compiler_options=...)`. Only for float32 compute: with
-bfloat16, XLA 0.10.2 aborted compiling the seed's training step under these options.
+Forward passes that run a content network, BERT or the image or audio tower
+(`compiler_options(..., content_forward=True)`), take oneDNN's matrix multiplies instead
+of YNNPACK's, whose product fused with the ReLU after it ran at about half speed on the
+image tower's wide dense layer (512 x 25088 by 25088 x 512: 114 ms against 67-71 ms).
+Measured on the 2-core AMD machine, each program compiled both ways in one process and
+called in turn: the MiniLM forward pass of configs/seed.py at 32 tokens, batch 32,
+157.8-160.1 ms against 169.3-176.2 (three runs; 8-14% less on an Intel Xeon); encoding
+512 items of configs/seed.py 2.34 s against 3.30 with MiniLM, 0.57 against 1.32 with the
+text tower frozen; the embedded default config's forward pass at batch 1024 287-334 ms
+against 336-371. Training steps were not faster with it, and an evaluation of the
+embedded default run with every program compiled so was slower (on the Intel Xeon), so
+the training steps and the programs that score encoded items keep the options above.
+Pass them to `jax.jit(compiler_options=...)`. Only for float32 compute: with bfloat16,
+XLA 0.10.2 aborted compiling the seed's training step under these options.
 
 Compute dtype. `config.model.dtype = "auto"` (the configs' default) computes in bfloat16
 on GPU and TPU, whose matrix units run it at several times their float32 rate, and in
@@ -344,6 +356,14 @@ CPU_COMPILER_OPTIONS = {
     "xla_cpu_copy_insertion_use_region_analysis": True,
 }
 
+# For the forward-only programs that run the content networks (see the module docstring):
+# oneDNN's matrix multiplies in place of YNNPACK's, which keeps the reductions.
+CONTENT_FORWARD_CPU_COMPILER_OPTIONS = {
+    **CPU_COMPILER_OPTIONS,
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+    "xla_cpu_use_onednn": True,
+}
+
 
 # What `config.model.dtype` may name; "auto" is the platform's (`compute_dtype`).
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -382,7 +402,9 @@ def compute_dtype(name: str, platform: str | None = None) -> str:
 
 
 @functools.cache
-def compiler_options(compute_dtype_name: str = "float32") -> dict[str, str | bool] | None:
+def compiler_options(
+    compute_dtype_name: str = "float32", content_forward: bool = False
+) -> dict[str, str | bool] | None:
     """XLA compiler options for jitting the model's steps on the default backend.
 
     Args:
@@ -390,19 +412,27 @@ def compiler_options(compute_dtype_name: str = "float32") -> dict[str, str | boo
         allowed). The options are for float32 only: with bfloat16 compute, XLA 0.10.2's
         YNNPACK emitter aborted the process compiling the seed's training step under
         them.
+      content_forward: the program is a forward pass of the model that runs a content
+        network, BERT or the image or audio tower (scoring a batch, encoding items):
+        `CONTENT_FORWARD_CPU_COMPILER_OPTIONS`, with oneDNN's matrix multiplies. Not for
+        training steps, nor for the small products of scoring encoded items, which it
+        did not speed up.
 
     Returns:
-      On the CPU backend with float32 compute, the options of `CPU_COMPILER_OPTIONS`
-      this jaxlib accepts (each checked once by compiling a tiny function); None
-      elsewhere or when it accepts none of them (XLA's defaults).
+      On the CPU backend with float32 compute, the options of `CPU_COMPILER_OPTIONS` (or
+      `CONTENT_FORWARD_CPU_COMPILER_OPTIONS`) this jaxlib accepts, each checked once by
+      compiling a tiny function; the plain CPU options for a content forward pass when
+      this jaxlib has no oneDNN option; None elsewhere or when it accepts none of them
+      (XLA's defaults).
     """
     import jax
     import numpy as np
 
     if jax.default_backend() != "cpu" or compute_dtype(compute_dtype_name) != "float32":
         return None
+    wanted = CONTENT_FORWARD_CPU_COMPILER_OPTIONS if content_forward else CPU_COMPILER_OPTIONS
     accepted = {}
-    for name, value in CPU_COMPILER_OPTIONS.items():
+    for name, value in wanted.items():
         try:
             jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
                 np.zeros((2,), np.float32)
@@ -410,6 +440,8 @@ def compiler_options(compute_dtype_name: str = "float32") -> dict[str, str | boo
         except (TypeError, ValueError, jax.errors.JaxRuntimeError):  # an XLA without it
             continue
         accepted[name] = value
+    if content_forward and "xla_cpu_use_onednn" not in accepted:
+        return compiler_options(compute_dtype_name)  # no oneDNN: YNNPACK's products
     return accepted or None
 
 

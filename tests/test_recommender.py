@@ -574,14 +574,54 @@ def test_predict_batches_scores_rows_without_metric_fields():
     out = predict.predict_batches(predict_fn, variables["params"], [rows, rows], mesh)
     assert sorted(out) == ["logit"]
     expected = np.asarray(apply(variables, batch))
-    # predict's program is compiled with the CPU compiler options (runtime.compiler_options),
-    # so its sums may round differently (1e-7 apart with jax 0.12).
+    # predict's program is compiled with the CPU compiler options for a content forward
+    # pass (oneDNN's products), so its sums may round differently (1e-7 apart).
     np.testing.assert_allclose(
         out["logit"], np.concatenate([expected, expected]), rtol=1e-5, atol=1e-6
     )
     padded = {**batch, "weight": np.array([1, 1, 0, 1, 0], np.float32)}  # 2 padding rows
     out = predict.predict_batches(predict_fn, variables["params"], [padded], mesh)
     np.testing.assert_array_equal(out["user_index"], [0, 1, 3])
+
+
+@pytest.mark.parametrize(
+    "towers, text_mode, content",
+    [
+        ("image,id,history", "frozen", True),
+        ("text,id", "frozen", False),
+        ("text,id", "finetune", True),
+    ],
+)
+def test_forward_programs_take_the_content_options_where_a_content_network_runs(
+    towers, text_mode, content, monkeypatch
+):
+    from mmrec_jax import evaluate, predict, runtime
+
+    asked = []
+    real = runtime.compiler_options
+
+    def spy(dtype="float32", content_forward=False):
+        asked.append(content_forward)
+        return real(dtype, content_forward)
+
+    monkeypatch.setattr(runtime, "compiler_options", spy)
+    model = Recommender(tiny_config(towers, text_mode))
+    predict.make_predict_fn(model, None)
+    assert asked == [content]
+    asked.clear()
+    evaluate.programs_of(model)
+    assert sorted(asked) == sorted([False, content])  # scoring encoded items; encoding
+
+
+def test_encoding_with_the_content_options_matches_the_plain_program():
+    from mmrec_jax import evaluate
+
+    model, variables, _ = full_model()
+    items = make_batch(model.config, seed=3)["items"]
+    got = evaluate.programs_of(model).encode(variables["params"], items)
+    plain = jax.jit(functools.partial(model.apply, method="encode_items"))(variables, items)
+    for name in ("tokens", "mask", "embedding"):
+        np.testing.assert_allclose(got[name], plain[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_bfloat16_and_float64_inputs_are_floats_lists_are_named():

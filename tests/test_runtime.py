@@ -148,6 +148,24 @@ def test_compiler_options_follow_the_resolved_dtype():
     assert runtime.compiler_options("bfloat16") is None
 
 
+def test_content_forward_options_take_onednn_or_else_the_plain_options(monkeypatch):
+    plain = runtime.compiler_options("float32")
+    runtime.compiler_options.cache_clear()
+    content = runtime.compiler_options("float32", content_forward=True)
+    # All of them where this jaxlib has the oneDNN option (jaxlib 0.10 does).
+    assert content in (runtime.CONTENT_FORWARD_CPU_COMPILER_OPTIONS, plain)
+    assert content != plain or "xla_cpu_use_onednn" not in content
+    assert runtime.compiler_options("bfloat16", content_forward=True) is None
+    # A jaxlib without the oneDNN option: the products stay YNNPACK's.
+    without = {**runtime.CONTENT_FORWARD_CPU_COMPILER_OPTIONS, "xla_cpu_use_onednn": "no"}
+    monkeypatch.setattr(runtime, "CONTENT_FORWARD_CPU_COMPILER_OPTIONS", without)
+    runtime.compiler_options.cache_clear()
+    try:
+        assert runtime.compiler_options("float32", content_forward=True) == plain
+    finally:
+        runtime.compiler_options.cache_clear()
+
+
 # Runs a jitted program with a 96 MiB temporary buffer (above glibc's 64 MiB per-thread
 # heaps) a few times, inline or on JAX's worker threads, and reports the page faults of
 # a run once the heap has settled (its first runs still grow it): the median of 7 runs,
