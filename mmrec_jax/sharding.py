@@ -32,7 +32,9 @@ def maybe_initialize_distributed() -> bool:
 
     Reads JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
     JAX_PROCESS_ID. On CPU it selects the gloo collectives so jitted collectives work
-    across processes. Must run before anything touches a JAX device.
+    across processes. Must run before anything touches a JAX device. Once JAX's
+    distributed runtime is up, later calls in the process only report it (a script may
+    call `evaluate.main` and then `export.main`, each of which calls this).
 
     Returns:
       True when this is a multi-process run.
@@ -54,6 +56,8 @@ def maybe_initialize_distributed() -> bool:
         process_id = int(os.environ["JAX_PROCESS_ID"])
     except ValueError as error:
         raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers.") from error
+    if jax.distributed.is_initialized():
+        return True
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
