@@ -240,10 +240,6 @@ class Programs:
 def _programs(handle: _ByIdentity) -> Programs:
     model = handle.model
     jit = functools.partial(jax.jit, compiler_options=runtime.compiler_options(model.config.dtype))
-    # Encoding runs the content networks over the items (where the model has them);
-    # scoring the encoded items never does.
-    content = schema.content_in_step(model.config.towers, model.config.text.mode)
-    encode_options = runtime.compiler_options(model.config.dtype, content)
 
     def encode(params, items):
         return model.apply({"params": params}, items, method="encode_items")
@@ -267,7 +263,8 @@ def _programs(handle: _ByIdentity) -> Programs:
         }
 
     return Programs(
-        encode=jax.jit(encode, compiler_options=encode_options),
+        # Encoding runs the content networks over the items; scoring them never does.
+        encode=jax.jit(encode, compiler_options=predict.forward_compiler_options(model)),
         grid=jit(grid),
         rank=jit(rank, static_argnames="top"),
         split_rows=jit(split_rows),

@@ -14,15 +14,20 @@ from mmrec_jax import metrics, runtime, schema, sharding
 _ROW_FIELDS = ("label", "weight", "user_index")
 
 
+def forward_compiler_options(model: Any) -> dict[str, str | bool] | None:
+    """`runtime.compiler_options` for a forward pass of `model` over a batch or an item
+    block: those of a content forward pass where it runs BERT or the image or audio tower."""
+    content = schema.content_in_step(model.config.towers, model.config.text.mode)
+    return runtime.compiler_options(model.config.dtype, content)
+
+
 def make_predict_fn(model: Any, param_shardings: Any) -> Callable:
     """A jitted `(params, batch) -> {"logit", "label", "weight", "user_index"}`.
 
     The batch's `label`, `weight` and `user_index` come back beside the logits where it
     has them. Outputs stay split over the `data` axis; `predict_batches` gathers them to
-    the host. Compiled with `runtime.compiler_options` for a content forward pass where
-    the model runs BERT or the image or audio tower on the batch.
+    the host. Compiled with `forward_compiler_options`.
     """
-    content = schema.content_in_step(model.config.towers, model.config.text.mode)
 
     def predict(params, batch):
         logits = model.apply({"params": params}, batch, train=False)
@@ -32,7 +37,7 @@ def make_predict_fn(model: Any, param_shardings: Any) -> Callable:
     return jax.jit(
         predict,
         in_shardings=(param_shardings, None),
-        compiler_options=runtime.compiler_options(model.config.dtype, content),
+        compiler_options=forward_compiler_options(model),
     )
 
 
