@@ -5,26 +5,29 @@ each, one process.
         --config.model.text.model=sentence-transformers/all-MiniLM-L6-v2 \\
         --config.train.batch_size=32 \\
         --variant 'onednn={"xla_cpu_use_onednn": true}' [--variant NAME=JSON ...] \\
-        [--plain dense] [--plain max_pool] [--inference] [--steps 10]
+        [--plain dense] [--plain max_pool] [--inference | --encode [--items N]] [--steps 10]
 
 Compiles the config's train step (with `--inference`, the forward pass of
-`mmrec_jax.predict`) on one random batch under the options the library uses
-(`runtime.CPU_COMPILER_OPTIONS`, as "library") and under each `--variant`: the library's
-options updated with the variant's JSON object (a null value removes an option), and
-under each `--plain` fast path: the library's options with that fast path of
-`mmrec_jax.models.layers` swapped for its plain form (`dense`: `dense_product` as
-`lax.dot_general`, whose kernel gradient autodiff computes; `max_pool`: `flax.linen.max_pool`),
-as "plain_NAME". Then
-calls the programs in turn, so that each is timed under the same machine state: on a
-shared 2-core machine separate runs of one program differ by 10-30%, more than most
-option changes. An option the installed XLA does not accept is an error. Prints one JSON
-line last: each variant's options and its step's median and minimum milliseconds.
+`mmrec_jax.predict` over one random batch; with `--encode`, evaluation's item encoding,
+`mmrec_jax.evaluate.make_encode_fn`, over a random block of `--items` items) under the
+options the library gives that program (`runtime.compiler_options`; a forward pass through
+a content network has `runtime.CONTENT_FORWARD_CPU_COMPILER_OPTIONS`), as "library", and
+under each `--variant`: the library's options updated with the variant's JSON object (a
+null value removes an option), and under each `--plain` fast path: the library's
+options with that fast path of `mmrec_jax.models.layers` swapped for its plain form
+(`dense`: `dense_product` as `lax.dot_general`, whose kernel gradient autodiff computes;
+`max_pool`: `flax.linen.max_pool`), as "plain_NAME". Then calls the programs in turn, so
+that each is timed under the same machine state: on a shared 2-core machine separate runs
+of one program differ by 10-30%, more than most option changes. An option the installed
+XLA does not accept is an error. Prints one JSON line last: each variant's options and its
+call's median and minimum milliseconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -34,8 +37,9 @@ from unittest import mock
 import common
 import flax.linen as nn
 import jax
+import numpy as np
 
-from mmrec_jax import cli, predict, runtime, sharding, train_step
+from mmrec_jax import cli, evaluate, predict, runtime, sharding, train_step
 from mmrec_jax.config import split_overrides
 from mmrec_jax.models import layers, recommender
 
@@ -93,33 +97,42 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="a fast path of the model's layers to compile in its plain form (repeatable)",
     )
-    parser.add_argument(
+    program = parser.add_mutually_exclusive_group()
+    program.add_argument(
         "--inference", action="store_true", help="the forward pass instead of the train step"
+    )
+    program.add_argument(
+        "--encode", action="store_true", help="evaluation's item encoding instead of it"
+    )
+    parser.add_argument(
+        "--items",
+        type=common.at_least(1),
+        default=evaluate.ITEMS_PER_CALL,
+        help=f"items a --encode call encodes (default {evaluate.ITEMS_PER_CALL}, evaluation's)",
     )
     return parser
 
 
-def variant_options(changes: dict) -> dict:
-    """The library's CPU options updated with `changes` (a None value removes one)."""
-    options = dict(runtime.CPU_COMPILER_OPTIONS)
-    options.update(changes)
+def variant_options(library: dict, changes: dict) -> dict:
+    """The library's options updated with `changes` (a None value removes one)."""
+    options = {**library, **changes}
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _compile(make_fn, options: dict, plain: str | None, dtype: str, args_of_call):
-    """(`make_fn()` built while the library's options are `options` and, when `plain`
-    names one, that fast path is its plain form, lowered and compiled; the options the
-    jitted function was given)."""
-    library = runtime.CPU_COMPILER_OPTIONS
-    runtime.CPU_COMPILER_OPTIONS = options
+def _compile(make_fn, options_of, options: dict, plain: str | None, args_of_call):
+    """(`make_fn()` built while the library's compiler options, all of them, are
+    `options` and, when `plain` names one, that fast path is its plain form, lowered and
+    compiled; the options `options_of()`, the library's choice for the program, gave it)."""
+    saved = runtime.CPU_COMPILER_OPTIONS, runtime.CONTENT_FORWARD_CPU_COMPILER_OPTIONS
+    runtime.CPU_COMPILER_OPTIONS = runtime.CONTENT_FORWARD_CPU_COMPILER_OPTIONS = options
     runtime.compiler_options.cache_clear()  # it caches the options it found accepted
     try:
-        used = runtime.compiler_options(dtype) or {}
+        used = options_of() or {}
         refused = sorted(set(options) - set(used))
         if refused:
             sys.exit(
                 f"error: this XLA ({jax.__version__}, {jax.default_backend()}) does not accept "
-                f"the option(s) {', '.join(refused)} for {dtype} compute; the library's "
+                f"the option(s) {', '.join(refused)} for this program; the library's "
                 "options apply on the CPU with float32 compute only."
             )
         swap = contextlib.nullcontext()
@@ -128,7 +141,7 @@ def _compile(make_fn, options: dict, plain: str | None, dtype: str, args_of_call
         with swap:
             return make_fn().lower(*args_of_call).compile(), used
     finally:
-        runtime.CPU_COMPILER_OPTIONS = library
+        runtime.CPU_COMPILER_OPTIONS, runtime.CONTENT_FORWARD_CPU_COMPILER_OPTIONS = saved
         runtime.compiler_options.cache_clear()
 
 
@@ -141,39 +154,48 @@ def main(argv=None) -> None:
     if len(set(names)) != len(names):
         sys.exit(f"error: --variant names must differ; got {', '.join(names)}.")
     mesh, rows = common.set_up_random_steps(config)
+    if args.encode:
+        if args.items % mesh.size:
+            sys.exit(f"error: --items {args.items} does not split over {mesh.size} devices.")
+        config.model.num_items = max(config.model.num_items, args.items)
     local = common.random_batch(config, rows, rows)
     batch = sharding.global_batch(mesh, local)
     model = recommender.build_model(config.model)
     setup = train_step.build_train_state(config, model, mesh, batch, 10 * args.steps)
     state = setup.state
-    if args.inference:
-
-        def make_fn():
-            return predict.make_predict_fn(model, setup.shardings["params"])
-
-        call_args = (state["params"], batch)
+    if args.inference or args.encode:
+        if args.inference:
+            make_fn = functools.partial(predict.make_predict_fn, model, setup.shardings["params"])
+            data = batch
+        else:
+            make_fn = functools.partial(evaluate.make_encode_fn, model)
+            items = common.random_batch(config, 1, args.items, seed=1)["items"]
+            items["item_id"] = np.arange(1, args.items + 1, dtype=np.int32)
+            data = sharding.global_batch(mesh, items)
+        options_of = functools.partial(predict.forward_compiler_options, model)
+        call_args = (state["params"], data)
     else:
-
-        def make_fn():
-            return train_step.jit_train_step(model, setup, mesh, local, config.model.dtype)
-
+        make_fn = functools.partial(
+            train_step.jit_train_step, model, setup, mesh, local, config.model.dtype
+        )
+        options_of = functools.partial(runtime.compiler_options, config.model.dtype)
         call_args = (state, batch)
 
-    library = dict(runtime.CPU_COMPILER_OPTIONS)
+    library = dict(options_of() or {})
     wanted = {LIBRARY: (library, None)}
-    wanted.update((name, (variant_options(changes), None)) for name, changes in args.variant)
+    wanted.update(
+        (name, (variant_options(library, changes), None)) for name, changes in args.variant
+    )
     wanted.update((f"plain_{name}", (library, name)) for name in args.plain)
     compiled, options = {}, {}
     for name, (opts, plain) in wanted.items():
-        compiled[name], options[name] = _compile(
-            make_fn, opts, plain, config.model.dtype, call_args
-        )
+        compiled[name], options[name] = _compile(make_fn, options_of, opts, plain, call_args)
     wall = {name: [] for name in compiled}
     for call in range(args.warmup + args.steps):
         for name, program in compiled.items():  # each train step continues the last state
             start = time.perf_counter()
-            if args.inference:
-                jax.block_until_ready(program(state["params"], batch))
+            if args.inference or args.encode:
+                jax.block_until_ready(program(*call_args))
             else:
                 state, _ = jax.block_until_ready(program(state, batch))
             if call >= args.warmup:
@@ -183,9 +205,9 @@ def main(argv=None) -> None:
         "benchmark": "compiler_options",
         "config": args.config,
         "overrides": split_overrides(argv)[1],
-        "mode": "inference" if args.inference else "train",
+        "mode": "encode" if args.encode else "inference" if args.inference else "train",
         "dtype": config.model.dtype,
-        "rows": rows,
+        "rows": args.items if args.encode else rows,
         "steps": args.steps,
         "options": options,
         "plain": {name: plain for name, (_, plain) in wanted.items() if plain is not None},

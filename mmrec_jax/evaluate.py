@@ -236,13 +236,22 @@ class Programs:
     split_rows: Callable
 
 
+def make_encode_fn(model: Any) -> Callable:
+    """A jitted `(params, item block) -> encode_items' output`, the program that encodes
+    items for evaluation and export. It runs the content networks over the items, so it
+    compiles with `predict.forward_compiler_options`; the programs that score encoded
+    items never run them."""
+
+    def encode(params, items):
+        return model.apply({"params": params}, items, method="encode_items")
+
+    return jax.jit(encode, compiler_options=predict.forward_compiler_options(model))
+
+
 @functools.lru_cache(maxsize=8)
 def _programs(handle: _ByIdentity) -> Programs:
     model = handle.model
     jit = functools.partial(jax.jit, compiler_options=runtime.compiler_options(model.config.dtype))
-
-    def encode(params, items):
-        return model.apply({"params": params}, items, method="encode_items")
 
     def grid(params, encoded, users):
         return grid_logits(model, params, encoded, users)
@@ -263,8 +272,7 @@ def _programs(handle: _ByIdentity) -> Programs:
         }
 
     return Programs(
-        # Encoding runs the content networks over the items; scoring them never does.
-        encode=jax.jit(encode, compiler_options=predict.forward_compiler_options(model)),
+        encode=make_encode_fn(model),
         grid=jit(grid),
         rank=jit(rank, static_argnames="top"),
         split_rows=jit(split_rows),

@@ -15,7 +15,7 @@ from _processes import xla_flags
 from _profile_trace import traced_steps
 from _tiny_bert import WORDS, make_tiny_bert
 
-from mmrec_jax import profiling
+from mmrec_jax import profiling, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,6 +337,38 @@ def test_compiler_options_compiles_each_variant_and_refuses_an_unknown_option(mo
     with pytest.raises(SystemExit):
         module.main([*tiny, "--variant", "library={}"])
     assert "a name other than 'library'" in capsys.readouterr().err
+
+
+def test_compiler_options_varies_the_options_a_content_forward_pass_is_given(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module("compiler_options")
+    given = []  # (program, the compiler options its jax.jit was given)
+    jit = jax.jit
+
+    def recording_jit(fun, **kwargs):
+        if fun.__name__ in ("predict", "encode"):
+            given.append((fun.__name__, kwargs.get("compiler_options")))
+        return jit(fun, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    tiny = ["--config", str(ROOT / "configs" / "tiny.py"), "--steps", "1", "--warmup", "0"]
+    tiny.append("--config.model.towers=image,id")  # the image tower: a content forward pass
+    onednn = "xla_cpu_use_onednn"
+    library = runtime.compiler_options("float32", content_forward=True)
+    assert library[onednn] is True  # this jaxlib has oneDNN: the variant below removes it
+    for mode, program, extra in (("inference", "predict", []), ("encode", "encode", ["16"])):
+        given.clear()
+        flags = [f"--{mode}", *(["--items", *extra] if extra else [])]
+        module.main([*tiny, *flags, "--variant", f'no_onednn={{"{onednn}": null}}'])
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["mode"] == mode and out["rows"] == (16 if extra else 32)
+        # The library's program got the library's content forward options, the variant's
+        # program those without oneDNN, and the report names what each was given.
+        assert out["options"] == {"library": library, "no_onednn": given[1][1]}
+        assert given == [(program, library), (program, given[1][1])]
+        assert onednn not in given[1][1] and given[1][1] != library
+    with pytest.raises(SystemExit, match="--items 12 does not split over 8 devices"):
+        module.main([*tiny, "--encode", "--items", "12", "--variant", "same={}"])
 
 
 def test_compiler_options_traces_each_plain_fast_path_for_its_own_variant(monkeypatch, capsys):
